@@ -1,0 +1,920 @@
+"""Tests for microticks.py, in the order of its sections.
+
+Every HTTP test talks to a real server on 127.0.0.1: a thread running the app
+in our own server, or a subprocess (`serve`, gunicorn, Apache). Tests that
+need a tool this machine lacks (Apache) are skipped, except under CI (CI=true),
+where a missing tool is a failure: .ci/run installs them.
+"""
+
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+import microticks
+
+HERE = Path(__file__).resolve().parent
+README = (HERE / "README.md").read_text(encoding="utf-8")
+ON_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_tool(path, why):
+    """Skip when `path` is missing, except under CI, where it must be there."""
+    if not shutil.which(path) and not os.path.exists(path):
+        if ON_CI:
+            pytest.fail(f"{path} is missing on CI: {why}")
+        pytest.skip(f"{path} is not installed: {why}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, proc=None, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+###############################################################################
+# An HTTP client that shows everything ########################################
+###############################################################################
+
+class Reply:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    @property
+    def json(self):
+        assert self.headers.get("content-type", "").startswith("application/json"), self.headers
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"<Reply {self.status} {self.body[:300]!r}>"
+
+
+class Client:
+    """Talks HTTP to a server at `base` (e.g. http://127.0.0.1:8080/microticks/api)."""
+
+    def __init__(self, base, key=None):
+        parts = urllib.parse.urlsplit(base)
+        self.host, self.port, self.prefix = parts.hostname, parts.port, parts.path.rstrip("/")
+        self.key = key
+
+    def request(self, method, path, body=b"", headers=None):
+        headers = dict(headers or {})
+        if self.key and "X-Microticks-Key" not in headers:
+            headers["X-Microticks-Key"] = self.key
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            conn.request(method, self.prefix + path, body=body if body or method == "POST" else None,
+                         headers=headers)
+            resp = conn.getresponse()
+            return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()},
+                         resp.read().decode("utf-8", "replace"))
+        finally:
+            conn.close()
+
+    def form(self, path, fields, headers=None):
+        """A POST exactly as the first frontends' jQuery sent it."""
+        headers = {"Content-Type": "application/x-www-form-urlencoded; charset=UTF-8", **(headers or {})}
+        return self.request("POST", path, urllib.parse.urlencode(fields), headers)
+
+    def post_json(self, path, value, content_type="application/json"):
+        return self.request("POST", path, json.dumps(value), {"Content-Type": content_type})
+
+    def get(self, path, **params):
+        query = ("?" + urllib.parse.urlencode(params)) if params else ""
+        return self.request("GET", path + query)
+
+    # The three calls a kiosk makes, asserting success.
+    def start(self, consumer_key, ts="2017-08-25T17:09:19.438Z"):
+        reply = self.form("/sessions", {"consumer_key": consumer_key, "ts": ts, "token": ""})
+        assert reply.status == 200, reply
+        return reply.json["token"]
+
+    def event(self, token, action="click", data='{"target":"box","clickX":406,"clickY":300}',
+              ts="2017-08-25T17:09:20.000Z"):
+        reply = self.form("/events", {"token": token, "action": action, "data": data, "ts": ts})
+        assert reply.status == 200, reply
+        return reply.json["event_id"]
+
+
+###############################################################################
+# Fixtures ####################################################################
+###############################################################################
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "microticks.db")
+
+
+@pytest.fixture
+def consumer_key(db_path):
+    return microticks.create_consumer(microticks.connect(db_path), "kiosk1")
+
+
+@pytest.fixture
+def start_server(db_path):
+    """Start the real app in our own server on a free port; returns a Client."""
+    servers = []
+
+    def start(**settings):
+        settings.setdefault("db_path", db_path)
+        app = microticks.make_app(microticks.Settings(**settings))
+        server = microticks.make_http_server(app, "127.0.0.1", 0, threads=8)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return Client(f"http://127.0.0.1:{server.server_port}", key=settings.get("api_key"))
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def client(start_server, consumer_key):
+    return start_server()
+
+
+def stored(db_path, sql, params=()):
+    conn = sqlite3.connect(db_path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def event_count(db_path):
+    return stored(db_path, "SELECT count(*) FROM events")[0][0]
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+def test_settings_come_from_environment_then_wsgi_environ_then_flags(monkeypatch):
+    monkeypatch.setenv("MICROTICKS_DB", "/env.db")
+    monkeypatch.setenv("MICROTICKS_PORT", "9000")
+    monkeypatch.setenv("FLASK_LOG_LEVEL", "debug")
+    monkeypatch.delenv("MICROTICKS_LOG_LEVEL", raising=False)
+    assert microticks.load_settings().db_path == "/env.db"
+    assert microticks.load_settings().port == 9000
+    assert microticks.load_settings().log_level == "DEBUG"
+    from_apache = microticks.load_settings({"MICROTICKS_DB": "/apache.db", "HTTP_X": "y"})
+    assert from_apache.db_path == "/apache.db"
+    assert microticks.load_settings({"MICROTICKS_DB": "/apache.db"}, db_path="/flag.db").db_path == "/flag.db"
+    assert microticks.load_settings(db_path=None).db_path == "/env.db"
+
+
+def test_settings_default_database_lives_beside_the_module(monkeypatch):
+    monkeypatch.delenv("MICROTICKS_DB", raising=False)
+    assert microticks.load_settings().db_path == str(HERE / "microticks.db")
+
+
+def test_bad_settings_fall_back_with_a_warning(monkeypatch):
+    monkeypatch.setenv("MICROTICKS_PORT", "eighty")
+    monkeypatch.setenv("MICROTICKS_LOG_LEVEL", "loud")
+    settings = microticks.load_settings()
+    assert settings.port == 8080 and settings.log_level == "INFO"
+    assert len(settings.warnings) == 2
+
+
+def test_cors_origins_are_a_comma_separated_list(monkeypatch):
+    monkeypatch.setenv("MICROTICKS_CORS_ORIGINS", "https://a.example, http://b.example")
+    assert microticks.load_settings().cors_origins == ("https://a.example", "http://b.example")
+
+
+###############################################################################
+# Database ####################################################################
+###############################################################################
+
+def make_first_generation_db(path):
+    """A database file as the first (Flask) Microticks left it."""
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE consumers (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
+            key TEXT NOT NULL, ip_filter TEXT, created_at TEXT NOT NULL, deleted_at TEXT);
+        CREATE TABLE sessions (id INTEGER PRIMARY KEY AUTOINCREMENT, token TEXT NOT NULL,
+            ip TEXT NOT NULL, started_at TEXT NOT NULL, stopped_at TEXT, consumer_id INTEGER NOT NULL);
+        CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, session_id INTEGER NOT NULL,
+            time TEXT NOT NULL, action TEXT NOT NULL, data TEXT);
+        INSERT INTO consumers VALUES (3, 'touchtable', 'oldkey0123456789abcdef0123456789', NULL,
+            '2017-05-01 10:00:00', NULL);
+        INSERT INTO consumers VALUES (4, 'gone', 'revokedkey', NULL, '2017-05-01 10:00:00',
+            '2017-06-01 10:00:00');
+        INSERT INTO sessions VALUES (1327, 'aaaabbbbccccddddeeeeffff00001111', '10.0.0.5',
+            '2017-05-22T11:21:16.000Z', '2017-05-22T11:23:18.473Z', 3);
+        INSERT INTO sessions VALUES (1329, 'openopenopenopenopenopenopen0000', '10.0.0.5',
+            '2017-05-22T11:34:04.000Z', NULL, 3);
+        INSERT INTO events VALUES (25323, 1327, '2017-05-22T11:21:17.316Z', 'click',
+            '{"clickX":132,"clickY":1012,"prevSubject":"main","subject":"main:infopage"}');
+        INSERT INTO events VALUES (25325, 1327, '2017-05-22T11:23:18.473Z', 'stopSession',
+            '{"reason": "timeout"}');
+        INSERT INTO events VALUES (25332, 1329, '2017-05-22T11:34:05.211Z', 'click', 'plain text');
+    """)
+    conn.commit()
+    conn.close()
+
+
+def test_first_generation_database_is_upgraded_in_place_losing_nothing(db_path, start_server):
+    make_first_generation_db(db_path)
+    before = {t: stored(db_path, f"SELECT * FROM {t} ORDER BY id") for t in ("consumers", "sessions", "events")}
+    client = start_server()
+
+    # The old open session goes on with its old token; the old key starts new ones.
+    event_id = client.event("openopenopenopenopenopenopen0000", ts="2017-05-22T11:34:06.000Z")
+    assert event_id == 25333  # AUTOINCREMENT carries on after the old ids
+    assert client.start("oldkey0123456789abcdef0123456789")
+    assert client.form("/sessions", {"consumer_key": "revokedkey", "ts": "2017-05-22T11:00:00Z"}).status == 403
+    assert client.form("/events", {"token": "aaaabbbbccccddddeeeeffff00001111", "action": "click",
+                                   "ts": "2017-05-22T11:24:00Z"}).status == 409
+
+    assert stored(db_path, "PRAGMA user_version")[0][0] == microticks.SCHEMA_VERSION
+    for table, rows in before.items():
+        width = len(rows[0])
+        after = [row[:width] for row in stored(db_path, f"SELECT * FROM {table} ORDER BY id")]
+        assert after[:len(rows)] == rows, table
+
+    events = client.get("/events").json["events"]
+    assert [e["id"] for e in events] == [25323, 25325, 25332, 25333]
+    assert events[0]["data"]["subject"] == "main:infopage"
+    assert events[2]["data"] == "plain text"
+    assert stored(db_path, "SELECT time_utc FROM events WHERE id = 25323") == [("2017-05-22T11:21:17.316Z",)]
+    assert stored(db_path, "SELECT stop_reason FROM sessions WHERE id = 1327") == [("client",)]
+
+
+def test_upgrade_is_idempotent_and_survives_concurrent_openers(db_path):
+    make_first_generation_db(db_path)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: microticks.connect(db_path).close(), range(8)))
+    assert stored(db_path, "SELECT count(*) FROM events")[0][0] == 3
+    assert stored(db_path, "PRAGMA user_version")[0][0] == microticks.SCHEMA_VERSION
+
+
+def test_token_lookup_uses_an_index(db_path):
+    conn = microticks.connect(db_path)
+    plan = " ".join(row[3] for row in conn.execute(
+        "EXPLAIN QUERY PLAN SELECT id, stopped_at FROM sessions WHERE token = ?", ("x",)))
+    assert "USING INDEX sessions_token" in plan
+
+
+def test_database_uses_wal_and_full_sync(db_path):
+    conn = microticks.connect(db_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+###############################################################################
+# Validation ##################################################################
+###############################################################################
+
+@pytest.mark.parametrize("text, utc", [
+    ("2017-08-25T17:09:19.438Z", "2017-08-25T17:09:19.438Z"),
+    ("2017-08-25T17:09:19Z", "2017-08-25T17:09:19.000Z"),
+    ("2017-08-25T17:09Z", "2017-08-25T17:09:00.000Z"),
+    ("2017-08-25T19:09:19.438+02:00", "2017-08-25T17:09:19.438Z"),
+    ("2017-08-25T12:09:19-0500", "2017-08-25T17:09:19.000Z"),
+    ("2017-08-25 17:09:19.438123456z", "2017-08-25T17:09:19.438Z"),
+    ("2017-08-25T17:09:19,5+01", "2017-08-25T16:09:19.500Z"),
+])
+def test_timestamps_accepted(text, utc):
+    assert microticks.format_utc(microticks.parse_timestamp(text)) == utc
+
+
+@pytest.mark.parametrize("text", [
+    "", "yesterday", "2017-08-25", "2017-08-25T17:09:19", "2017-13-01T00:00:00Z",
+    "2017-02-30T00:00:00Z", "2017-08-25T24:00:00Z", "2017-08-25T17:60:00Z", "2017-08-25T17:09:61Z",
+    "2017-08-25T17:09:19+24:00", "2017-08-25T17:09:19.Z", "0000-01-01T00:00:00Z",
+    "2017-08-25T17:09:19Z trailing", "１２３４-08-25T17:09:19Z", "1504000000",
+])
+def test_timestamps_refused(text):
+    with pytest.raises(ValueError):
+        microticks.parse_timestamp(text)
+
+
+@pytest.mark.parametrize("form_value, stored_text, read_back", [
+    ('{"target":"box","clickX":406}', '{"target":"box","clickX":406}', {"target": "box", "clickX": 406}),
+    ("plain words", '"plain words"', "plain words"),
+    ("NaN", '"NaN"', "NaN"),
+    ("1e999", '"1e999"', "1e999"),
+    ("[1, 2]", "[1, 2]", [1, 2]),
+])
+def test_form_data_is_stored_as_valid_json_and_read_back_as_sent(form_value, stored_text, read_back):
+    text = microticks.clean_event({"token": "t", "action": "a", "data": form_value,
+                                   "ts": "2017-08-25T17:09:19Z"}, from_form=True)["data"]
+    assert text == stored_text
+    assert microticks.decode_data(text) == read_back
+
+
+def test_deep_json_is_refused():
+    with pytest.raises(ValueError):
+        microticks.parse_json("[" * 40 + "]" * 40)
+    with pytest.raises(ValueError):
+        microticks.parse_json("[" * 100000)  # beyond Python's recursion limit
+
+
+###############################################################################
+# HTTP: the write API #########################################################
+###############################################################################
+
+def test_first_frontend_session_as_jquery_sent_it(client, consumer_key, db_path):
+    token = client.start(consumer_key)
+    assert re.fullmatch(r"[0-9a-f]{32}", token)
+    event_id = client.event(token)
+    assert isinstance(event_id, int)
+    stop_event = client.event(token, "stopSession", '{"reason":"timeout"}', "2017-08-25T17:11:20.000Z")
+    reply = client.form("/sessions/stop", {"token": token, "ts": "2017-08-25T17:11:20.100Z"})
+    assert reply.status == 200 and reply.json["stopped"] is True
+
+    events = client.get("/events").json
+    assert events["count"] == 2
+    assert events["events"] == [
+        {"id": event_id, "session_id": 1, "time": "2017-08-25T17:09:20.000Z", "action": "click",
+         "data": {"target": "box", "clickX": 406, "clickY": 300}},
+        {"id": stop_event, "session_id": 1, "time": "2017-08-25T17:11:20.000Z",
+         "action": "stopSession", "data": {"reason": "timeout"}},
+    ]
+    session = client.get("/sessions").json["sessions"][0]
+    assert session["started_at"] == "2017-08-25T17:09:19.438Z"
+    assert session["stopped_at"] == "2017-08-25T17:11:20.100Z"
+    assert (session["clicks"], session["last_action"], session["stop_reason"]) == (1, "stopSession", "client")
+    # The server's own receive time is kept beside the client's.
+    received = stored(db_path, "SELECT received_at FROM events")
+    assert all(re.fullmatch(r"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r[0]) for r in received)
+
+
+def test_json_bodies_take_any_json_data(client, consumer_key):
+    reply = client.post_json("/sessions", {"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"})
+    token = reply.json["token"]
+    for data in ({"nested": {"list": [1, 2.5, None, True]}}, [1, 2], "text", 42, "ünïcødé ✓"):
+        reply = client.post_json("/events", {"token": token, "action": "custom", "data": data,
+                                             "ts": "2017-08-25T17:09:20Z"})
+        assert reply.status == 200, reply
+    assert [e["data"] for e in client.get("/events").json["events"]] == [
+        {"nested": {"list": [1, 2.5, None, True]}}, [1, 2], "text", 42, "ünïcødé ✓"]
+
+
+def test_text_plain_json_body_is_accepted(client, consumer_key):
+    token = client.start(consumer_key)
+    reply = client.post_json("/events", {"token": token, "action": "beacon", "ts": "2017-08-25T17:09:20Z"},
+                             content_type="text/plain;charset=UTF-8")
+    assert reply.status == 200, reply
+
+
+def test_stopping_twice_is_harmless_and_events_after_stop_are_refused(client, consumer_key):
+    token = client.start(consumer_key)
+    assert client.form("/sessions/stop", {"token": token, "ts": "2017-08-25T17:10:00Z"}).json["already_stopped"] is False
+    again = client.form("/sessions/stop", {"token": token, "ts": "2017-08-25T17:12:00Z"})
+    assert again.status == 200 and again.json["already_stopped"] is True
+    late = client.form("/events", {"token": token, "action": "click", "ts": "2017-08-25T17:13:00Z"})
+    assert late.status == 409 and late.json["error"] == "Session was already stopped."
+    assert client.get("/sessions").json["sessions"][0]["stopped_at"] == "2017-08-25T17:10:00Z"
+
+
+def test_sessions_without_events_are_listed(client, consumer_key):
+    client.start(consumer_key)
+    sessions = client.get("/sessions").json
+    assert sessions["count"] == 1
+    assert sessions["sessions"][0]["events"] == 0 and sessions["sessions"][0]["last_action"] is None
+
+
+def test_revoked_consumer_cannot_start_sessions(client, consumer_key, db_path):
+    microticks.revoke_consumer(microticks.connect(db_path), "kiosk1")
+    reply = client.form("/sessions", {"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"})
+    assert reply.status == 403 and "revoked" in reply.json["error"]
+
+
+GOOD_EVENT = {"action": "click", "data": '{"a":1}', "ts": "2017-08-25T17:09:20Z"}
+
+# (description, request as (path, content type, body), expected status, word in the error)
+BAD_REQUESTS = [
+    ("no token", ("/events", "form", {**GOOD_EVENT}), 400, 'No "token" parameter provided'),
+    ("unknown token", ("/events", "form", {**GOOD_EVENT, "token": "nope"}), 404, "Could not find session"),
+    ("no action", ("/events", "form", {**GOOD_EVENT, "token": "TOKEN", "action": ""}), 400, '"action"'),
+    ("long action", ("/events", "form", {**GOOD_EVENT, "token": "TOKEN", "action": "x" * 101}), 400, "longer"),
+    ("no ts", ("/events", "form", {"token": "TOKEN", "action": "click"}), 400, 'No "ts" parameter provided'),
+    ("bad ts", ("/events", "form", {**GOOD_EVENT, "token": "TOKEN", "ts": "2017-02-30T10:00:00Z"}), 400, "real date"),
+    ("naive ts", ("/events", "form", {**GOOD_EVENT, "token": "TOKEN", "ts": "2017-08-25T17:09:19"}), 400, "zone"),
+    ("big data", ("/events", "form", {**GOOD_EVENT, "token": "TOKEN", "data": "x" * 70000}), 400, "larger"),
+    ("deep data", ("/events", "json", {**GOOD_EVENT, "token": "TOKEN", "data": json.loads("[" * 40 + "]" * 40)}), 400, "deeper"),
+    ("number action", ("/events", "json", {**GOOD_EVENT, "token": "TOKEN", "action": 7}), 400, "string"),
+    ("json array body", ("/events", "raw-json", b"[1,2]"), 400, "object"),
+    ("malformed json", ("/events", "raw-json", b'{"token": '), 400, "not valid JSON"),
+    ("NaN in json", ("/events", "raw-json", b'{"token": "TOKEN", "action": "a", "data": NaN, "ts": "2017-08-25T17:09:20Z"}'), 400, "not valid JSON"),
+    ("deep json body", ("/events", "raw-json", b"[" * 200000), 400, "not valid JSON"),
+    ("invalid utf-8 body", ("/events", "raw-json", b'{"token": "\xff"}'), 400, "UTF-8"),
+    ("invalid utf-8 escape", ("/events", "raw-form", b"token=%ff%fe&action=a"), 400, "UTF-8"),
+    ("xml body", ("/events", "application/xml", b"<event/>"), 415, "Content-Type"),
+    ("unknown consumer", ("/sessions", "form", {"consumer_key": "nope", "ts": "2017-08-25T17:09:19Z"}), 403, "Unknown consumer"),
+    ("no consumer key", ("/sessions", "form", {"ts": "2017-08-25T17:09:19Z"}), 400, "consumer_key"),
+    ("stop without token", ("/sessions/stop", "form", {"ts": "2017-08-25T17:09:19Z"}), 400, "token"),
+    ("stop unknown token", ("/sessions/stop", "form", {"token": "x", "ts": "2017-08-25T17:09:19Z"}), 404, "Could not find"),
+    ("too many form fields", ("/events", "raw-form", "&".join(f"f{i}=1" for i in range(200)).encode()), 400, "too many"),
+]
+
+
+@pytest.mark.parametrize("description, req, status, words", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_is_refused_clearly_and_changes_nothing(client, consumer_key, db_path, description, req, status, words):
+    token = client.start(consumer_key)
+    client.event(token)
+    before = stored(db_path, "SELECT * FROM events"), stored(db_path, "SELECT * FROM sessions")
+    path, kind, body = req
+    if isinstance(body, dict):
+        body = {k: (token if v == "TOKEN" else v) for k, v in body.items()}
+    if kind == "form":
+        reply = client.form(path, body)
+    elif kind == "json":
+        reply = client.post_json(path, body)
+    elif kind == "raw-json":
+        reply = client.request("POST", path, body, {"Content-Type": "application/json"})
+    elif kind == "raw-form":
+        reply = client.request("POST", path, body, {"Content-Type": "application/x-www-form-urlencoded"})
+    else:
+        reply = client.request("POST", path, body, {"Content-Type": kind})
+    assert reply.status == status, reply
+    assert words in reply.json["error"], reply.json
+    assert reply.json["status"] == status
+    assert reply.headers["access-control-allow-origin"] == "*"
+    assert (stored(db_path, "SELECT * FROM events"), stored(db_path, "SELECT * FROM sessions")) == before
+
+
+def test_field_errors_are_listed_per_field(client):
+    reply = client.form("/events", {"action": "x" * 101, "ts": "soon"})
+    assert reply.status == 400
+    assert set(reply.json["errors"]) == {"token", "action", "ts"}
+
+
+def test_oversized_body_is_413_before_it_is_read(client, consumer_key):
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=10)
+    conn.putrequest("POST", "/events")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(50 * 1024 * 1024))
+    conn.endheaders()
+    conn.send(b"{" * 1000)
+    reply = conn.getresponse()
+    assert reply.status == 413
+    assert "at most" in json.loads(reply.read())["error"]
+
+
+def test_body_just_over_the_limit_is_413(client):
+    body = b'{"pad": "' + b"x" * microticks.MAX_BODY_BYTES + b'"}'
+    reply = client.request("POST", "/events", body, {"Content-Type": "application/json"})
+    assert reply.status == 413, reply
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"Transfer-Encoding": "chunked"}, 411),
+    ({"Content-Length": "abc"}, 400),
+])
+def test_odd_length_headers_are_refused(client, headers, status):
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=10)
+    conn.putrequest("POST", "/events", skip_accept_encoding=True)
+    for name, value in headers.items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    if "Transfer-Encoding" in headers:
+        conn.send(b"5\r\nhello\r\n0\r\n\r\n")
+    reply = conn.getresponse()
+    assert reply.status == status
+    assert json.loads(reply.read())["status"] == status
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/nowhere", 404), ("DELETE", "/events", 405), ("PUT", "/sessions", 405),
+    ("GET", "/sessions/stop", 405), ("GET", "/../../etc/passwd", 404), ("GET", "/events%00", 404),
+])
+def test_unknown_routes_answer_json(client, method, path, status):
+    reply = client.request(method, path)
+    assert reply.status == status
+    assert reply.json["status"] == status
+
+
+###############################################################################
+# HTTP: API key, CORS, caching ################################################
+###############################################################################
+
+SECRET = "s3cret-kiosk-key"
+
+
+@pytest.mark.parametrize("how", ["query", "bearer", "header"])
+def test_api_key_is_accepted_in_three_ways(start_server, consumer_key, how):
+    client = start_server(api_key=SECRET)
+    client.key = None
+    path, headers = "/events", {}
+    if how == "query":
+        path += "?key=" + SECRET
+    elif how == "bearer":
+        headers["Authorization"] = "Bearer " + SECRET
+    else:
+        headers["X-Microticks-Key"] = SECRET
+    assert client.request("GET", path, headers=headers).status == 200
+
+
+@pytest.mark.parametrize("path, headers", [
+    ("/events", {}),
+    ("/events?key=wrong", {}),
+    ("/events?key=" + SECRET[:-1], {}),
+    ("/events", {"Authorization": "Basic " + SECRET}),
+    ("/events", {"X-Microticks-Key": SECRET + "x"}),
+    ("/sessions", {"Authorization": "Bearer "}),
+    ("/nowhere", {}),
+])
+def test_api_key_guards_every_request(start_server, consumer_key, db_path, path, headers):
+    client = start_server(api_key=SECRET)
+    client.key = None
+    reply = client.request("GET", path, headers=headers)
+    assert reply.status == 401 and "API key" in reply.json["error"]
+    assert reply.headers["www-authenticate"].startswith("Bearer")
+    refused = client.form("/sessions?key=wrong", {"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"})
+    assert refused.status == 401
+    assert stored(db_path, "SELECT count(*) FROM sessions")[0][0] == 0
+
+
+def test_write_api_with_key_works_end_to_end(start_server, consumer_key):
+    client = start_server(api_key=SECRET)
+    token = client.start(consumer_key)
+    client.event(token)
+    assert client.get("/events").json["count"] == 1
+
+
+def test_preflight_and_health_need_no_key(start_server):
+    client = start_server(api_key=SECRET)
+    client.key = None
+    preflight = client.request("OPTIONS", "/events", headers={
+        "Origin": "null", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,x-microticks-key"})
+    assert preflight.status == 204
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert "X-Microticks-Key" in preflight.headers["access-control-allow-headers"]
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert client.request("GET", "/health").status == 200
+
+
+def test_every_answer_has_cors_and_no_store(client, consumer_key):
+    replies = [client.get("/events"), client.get("/nowhere"), client.form("/events", {}),
+               client.form("/sessions", {"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"})]
+    for reply in replies:
+        assert reply.headers["access-control-allow-origin"] == "*", reply
+        assert reply.headers["cache-control"] == "no-store", reply
+
+
+def test_cors_can_be_limited_to_origins(start_server):
+    client = start_server(cors_origins=("https://museum.example",))
+    allowed = client.request("GET", "/events", headers={"Origin": "https://museum.example"})
+    assert allowed.headers["access-control-allow-origin"] == "https://museum.example"
+    assert "Origin" in allowed.headers["vary"]
+    other = client.request("GET", "/events", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+###############################################################################
+# HTTP: reads #################################################################
+###############################################################################
+
+def test_reads_page_with_limit_and_offset_and_count_all_matches(client, consumer_key):
+    token = client.start(consumer_key)
+    ids = [client.event(token, ts=f"2017-08-25T17:09:{i:02d}Z") for i in range(5)]
+    page = client.get("/events", limit=2, offset=1).json
+    assert page["count"] == 5
+    assert [e["id"] for e in page["events"]] == ids[1:3]
+    assert client.get("/events", limit=0).json["events"] == []
+
+
+@pytest.mark.parametrize("params, name", [
+    ({"limit": "abc"}, "limit"), ({"limit": "-1"}, "limit"), ({"limit": "10001"}, "limit"),
+    ({"offset": "1.5"}, "offset"), ({"limit": "٣"}, "limit"), ({"sort": "id; DROP TABLE events"}, "sort"),
+])
+def test_bad_read_parameters_are_400_naming_them(client, params, name):
+    for path in ("/events", "/sessions"):
+        reply = client.get(path, **params)
+        assert reply.status == 400, reply
+        assert name in reply.json["error"] and name in reply.json["errors"]
+
+
+###############################################################################
+# HTTP: concurrency and failure ###############################################
+###############################################################################
+
+def post_events_concurrently(client, consumer_key, clients, per_client):
+    """Each client posts a session of events; returns the acknowledged ids."""
+    def run(n):
+        token = client.start(consumer_key)
+        return [client.event(token, data=json.dumps({"client": n, "i": i})) for i in range(per_client)]
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        return [i for ids in pool.map(run, range(clients)) for i in ids]
+
+
+def test_concurrent_clients_lose_nothing_in_the_threaded_server(client, consumer_key, db_path):
+    acked = post_events_concurrently(client, consumer_key, clients=16, per_client=25)
+    assert len(acked) == len(set(acked)) == 400
+    assert sorted(r[0] for r in stored(db_path, "SELECT id FROM events")) == sorted(acked)
+
+
+def test_a_slow_client_does_not_block_others(client, consumer_key):
+    slow = socket.create_connection(("127.0.0.1", client.port))
+    slow.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")  # and then nothing
+    try:
+        started = time.monotonic()
+        token = client.start(consumer_key)
+        client.event(token)
+        assert time.monotonic() - started < 5
+    finally:
+        slow.close()
+
+
+def test_unwritable_database_answers_503_not_500(start_server, consumer_key, db_path):
+    client = start_server()
+    token = client.start(consumer_key)
+    locker = sqlite3.connect(db_path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    original = microticks.BUSY_TIMEOUT
+    try:
+        microticks.BUSY_TIMEOUT = 0.2
+        blocked = start_server()  # new server, new connections with the short timeout
+        reply = blocked.form("/events", {"token": token, "action": "click", "ts": "2017-08-25T17:09:20Z"})
+    finally:
+        microticks.BUSY_TIMEOUT = original
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert reply.status == 503, reply
+    assert reply.headers["retry-after"] and "try again" in reply.json["error"]
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+def run_cli(*args, env=None, cwd=None, python=(sys.executable,), check=True):
+    proc = subprocess.run([*python, str(HERE / "microticks.py"), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=60)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def subcommands():
+    parser = microticks.build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+def test_every_subcommand_has_help_and_is_in_the_readme():
+    names = subcommands()
+    assert {"initdb", "createconsumer", "consumers", "revokeconsumer", "serve"} <= set(names)
+    top = run_cli("--help").stdout
+    for name in names:
+        assert name in top
+        assert "usage:" in run_cli(name, "--help").stdout
+        assert f"microticks.py {name}" in README, f"README does not document `{name}`"
+
+
+def test_cli_administers_consumers(tmp_path):
+    db = str(tmp_path / "new" / "admin.db")
+    os.mkdir(tmp_path / "new")
+    assert "schema version" in run_cli("initdb", "--db", db).stdout
+    assert "schema version" in run_cli("initdb", "--db", db).stdout  # idempotent
+    out = run_cli("createconsumer", "Lobby table", "--db", db).stdout
+    key = re.fullmatch(r"Consumer key: ([0-9a-f]{32})\n", out).group(1)
+    duplicate = run_cli("createconsumer", "Lobby table", "--db", db, check=False)
+    assert duplicate.returncode == 1 and "exists already" in duplicate.stderr
+    listing = run_cli("consumers", "--db", db).stdout
+    assert "Lobby table" in listing and "active" in listing and key not in listing
+    run_cli("revokeconsumer", "Lobby table", "--db", db)
+    assert "revoked" in run_cli("consumers", "--db", db).stdout
+    missing = run_cli("revokeconsumer", "nobody", "--db", db, check=False)
+    assert missing.returncode == 1 and "No consumer named" in missing.stderr
+
+
+def test_cli_reads_the_database_from_the_environment_and_the_flag_wins(tmp_path):
+    env_db, flag_db = str(tmp_path / "env.db"), str(tmp_path / "flag.db")
+    run_cli("createconsumer", "a", env={"MICROTICKS_DB": env_db})
+    run_cli("createconsumer", "b", "--db", flag_db, env={"MICROTICKS_DB": env_db})
+    assert stored(env_db, "SELECT name FROM consumers") == [("a",)]
+    assert stored(flag_db, "SELECT name FROM consumers") == [("b",)]
+
+
+def test_cli_explains_a_missing_directory(tmp_path):
+    proc = run_cli("initdb", "--db", str(tmp_path / "no" / "such" / "x.db"), check=False)
+    assert proc.returncode == 1 and "directory does not exist" in proc.stderr
+
+
+@pytest.fixture
+def served(tmp_path):
+    """`python microticks.py serve` as a subprocess; yields (Client, process)."""
+    procs = []
+
+    def serve(*args, env=None, cwd=None, python=(sys.executable,), script=HERE / "microticks.py"):
+        port = free_port()
+        proc = subprocess.Popen([*python, str(script), "serve", "--port", str(port), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **(env or {})}, cwd=cwd or tmp_path)
+        procs.append(proc)
+        wait_for_port(port, proc)
+        return Client(f"http://127.0.0.1:{port}"), proc
+
+    yield serve
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_serve_creates_the_database_and_says_where(served, tmp_path):
+    db = tmp_path / "fresh.db"
+    client, proc = served("--db", str(db))
+    lines = iter(proc.stdout.readline, "")
+    announcement = next(line for line in lines if "listening" in line)
+    assert f"listening on http://127.0.0.1:{client.port}/" in announcement and str(db) in announcement
+    assert db.exists()
+    assert client.get("/health").json["status"] == "ok"
+
+
+def test_serve_logs_requests_without_the_key(served, tmp_path):
+    client, proc = served("--db", str(tmp_path / "x.db"), env={"MICROTICKS_KEY": SECRET})
+    client.request("GET", f"/events?key={SECRET}")
+    proc.terminate()
+    output = proc.communicate(timeout=10)[0]
+    assert "GET /events 200" in output
+    assert SECRET not in output
+
+
+def test_module_copied_with_bottle_py_runs_offline_and_without_it_says_why(tmp_path, served):
+    import bottle
+    kiosk = tmp_path / "kiosk"
+    kiosk.mkdir()
+    shutil.copy(HERE / "microticks.py", kiosk)
+    # -I -S: no site-packages, as on a kiosk PC where pip never ran.
+    isolated = (sys.executable, "-I", "-S")
+    proc = subprocess.run([*isolated, str(kiosk / "microticks.py"), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "pip install bottle" in proc.stderr and "bottle.py" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+    shutil.copy(bottle.__file__, kiosk / "bottle.py")
+    client, _ = served(python=isolated, script=kiosk / "microticks.py", cwd=kiosk)
+    assert client.get("/health").status == 200
+    assert (kiosk / "microticks.db").exists()  # the default: beside the module
+
+
+###############################################################################
+# Deployment: gunicorn, CGI, Apache mod_wsgi ##################################
+###############################################################################
+
+def test_gunicorn_with_four_workers_stores_every_acknowledged_event_once(tmp_path, db_path, consumer_key):
+    require_tool("gunicorn", "pip install gunicorn")
+    port = free_port()
+    proc = subprocess.Popen(
+        ["gunicorn", "-w", "4", "--no-control-socket", "-b", f"127.0.0.1:{port}", "microticks:application"],
+        cwd=HERE, env={**os.environ, "MICROTICKS_DB": db_path}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(port, proc)
+        client = Client(f"http://127.0.0.1:{port}")
+        acked = post_events_concurrently(client, consumer_key, clients=16, per_client=40)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+    assert len(acked) == len(set(acked)) == 640, output
+    assert sorted(r[0] for r in stored(db_path, "SELECT id FROM events")) == sorted(acked)
+    assert "database is locked" not in output
+
+
+def readme_block(name):
+    """The README's code block that follows the marker <!-- name -->."""
+    match = re.search(rf"<!-- {name} -->\s*```\w*\n(.*?)```", README, re.S)
+    assert match, f"README has no block marked {name}"
+    return match.group(1)
+
+
+APACHE_MODULES = "/usr/lib/apache2/modules"
+
+
+@pytest.fixture(scope="module")
+def apache():
+    """Apache on a private config with the README's mod_wsgi and CGI snippets,
+    serving a copy of microticks.py and bottle.py from a fresh directory."""
+    require_tool("/usr/sbin/apache2", "apt-get install apache2 libapache2-mod-wsgi-py3")
+    require_tool(f"{APACHE_MODULES}/mod_wsgi.so", "apt-get install libapache2-mod-wsgi-py3")
+    import bottle
+    root = Path(tempfile.mkdtemp(prefix="microticks-apache-"))
+    app_dir, data_dir, htdocs = root / "srv", root / "srv" / "data", root / "htdocs"
+    for d in (app_dir, data_dir, htdocs):
+        d.mkdir()
+    shutil.copy(HERE / "microticks.py", app_dir)
+    shutil.copy(bottle.__file__, app_dir / "bottle.py")
+    os.chmod(root, 0o755)
+    os.chmod(app_dir / "microticks.py", 0o755)
+    db = data_dir / "microticks.db"
+    key = microticks.create_consumer(microticks.connect(str(db)), "apache kiosk")
+    run_as = ""
+    if os.geteuid() == 0:
+        # Apache's children run as www-data, which must write the data directory.
+        shutil.chown(data_dir, "www-data", "www-data")
+        for f in data_dir.iterdir():
+            shutil.chown(f, "www-data", "www-data")
+        run_as = "User www-data\nGroup www-data\n"
+    port = free_port()
+    snippets = (readme_block("apache-mod-wsgi") + readme_block("apache-cgi")).replace("/srv/microticks", str(app_dir))
+    conf = root / "httpd.conf"
+    conf.write_text(f"""
+ServerName 127.0.0.1
+Listen 127.0.0.1:{port}
+PidFile {root}/httpd.pid
+ErrorLog {root}/error.log
+LogLevel warn
+DefaultRuntimeDir {root}
+Mutex file:{root}
+{run_as}
+LoadModule mpm_event_module {APACHE_MODULES}/mod_mpm_event.so
+LoadModule authz_core_module {APACHE_MODULES}/mod_authz_core.so
+LoadModule alias_module {APACHE_MODULES}/mod_alias.so
+LoadModule env_module {APACHE_MODULES}/mod_env.so
+LoadModule cgid_module {APACHE_MODULES}/mod_cgid.so
+LoadModule wsgi_module {APACHE_MODULES}/mod_wsgi.so
+ScriptSock {root}/cgid.sock
+WSGISocketPrefix {root}/wsgi
+DocumentRoot {htdocs}
+<Directory {htdocs}>
+    Require all granted
+</Directory>
+{snippets}
+""")
+    # A PATH without pyenv: Apache's children (www-data) find Debian's python3.
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    proc = subprocess.Popen(["/usr/sbin/apache2", "-f", str(conf), "-DFOREGROUND"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        try:
+            wait_for_port(port, proc)
+        except (RuntimeError, TimeoutError) as error:
+            log_file = root / "error.log"
+            raise RuntimeError(f"{error}\n{log_file.read_text() if log_file.exists() else ''}") from None
+        yield {"port": port, "key": key, "db": str(db), "root": root}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log_text = (root / "error.log").read_text() if (root / "error.log").exists() else ""
+        shutil.rmtree(root, ignore_errors=True)
+        if "Traceback" in log_text:
+            print(log_text)
+
+
+def apache_key():
+    match = re.search(r"SetEnv MICROTICKS_KEY (\S+)", readme_block("apache-mod-wsgi"))
+    return match.group(1)
+
+
+@pytest.mark.parametrize("mount", ["/microticks/api", "/microticks/cgi"])
+def test_apache_serves_the_write_api_under_a_sub_path(apache, mount):
+    client = Client(f"http://127.0.0.1:{apache['port']}{mount}")
+    # The key as Authorization: Bearer proves Apache passes that header on.
+    headers = {"Authorization": "Bearer " + apache_key()}
+    reply = client.form("/sessions", {"consumer_key": apache["key"], "ts": "2017-08-25T17:09:19.438Z", "token": ""},
+                        headers=headers)
+    assert reply.status == 200, reply
+    token = reply.json["token"]
+    ids = []
+    for i in range(3):
+        reply = client.form("/events", {"token": token, "action": "click", "data": json.dumps({"i": i}),
+                                        "ts": f"2017-08-25T17:09:2{i}Z"}, headers=headers)
+        assert reply.status == 200, reply
+        ids.append(reply.json["event_id"])
+    assert client.form("/sessions/stop", {"token": token, "ts": "2017-08-25T17:10:00Z"}, headers=headers).status == 200
+    assert client.form("/events", {"token": token, "action": "click", "ts": "2017-08-25T17:10:01Z"},
+                       headers=headers).status == 409
+    assert client.request("GET", "/events").status == 401
+    assert client.request("OPTIONS", "/events").status == 204
+    stored_ids = [r[0] for r in stored(apache["db"], "SELECT id FROM events WHERE session_id ="
+                                       " (SELECT id FROM sessions WHERE token = ?)", (token,))]
+    assert stored_ids == ids
+    missing = client.request("GET", "/nowhere", headers=headers)
+    assert missing.status == 404 and missing.json["status"] == 404
