@@ -799,7 +799,11 @@ def make_app(settings):
             except bottle.HTTPResponse:
                 raise
             except sqlite3.Error as error:
+                # Not the client's fault, and the operator must hear of it
+                # (a full disk, a file that lost its write permission).
                 log.error("database error on %s %s: %s", request.method, request.path, error)
+                if sentry:
+                    sentry.capture_exception(error)
                 raise MicroticksError(503, f"The database is unavailable ({error}); try again later",
                                       headers={"Retry-After": "5"}) from None
             except Exception as error:
@@ -987,9 +991,16 @@ def cmd_serve(args, settings):
         finally:
             server.server_close()
         return
+    if settings.server not in bottle.server_names:
+        raise MicroticksError(400, f"Unknown server {settings.server!r}; choose threads or one of: "
+                                   + ", ".join(sorted(bottle.server_names)))
     print(f"Microticks {__version__} starting {settings.server} on {where} "
           f"(database: {os.path.abspath(settings.db_path)})", flush=True)
-    bottle.run(app, server=settings.server, host=settings.host, port=settings.port, quiet=True)
+    try:
+        bottle.run(app, server=settings.server, host=settings.host, port=settings.port, quiet=True)
+    except ImportError as error:
+        raise MicroticksError(400, f"The {settings.server} server is not installed ({error}): "
+                                   f"pip install {settings.server}, or use --server threads") from None
 
 
 def build_parser():

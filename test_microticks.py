@@ -7,7 +7,9 @@ where a missing tool is a failure: .ci/run installs them.
 """
 
 import concurrent.futures
+import gzip
 import http.client
+import http.server
 import json
 import os
 import re
@@ -764,6 +766,55 @@ def test_serve_logs_requests_without_the_key(served, tmp_path):
     assert SECRET not in output
 
 
+@pytest.mark.parametrize("server", ["waitress", "gunicorn"])
+def test_serve_runs_other_servers_bottle_supports(served, tmp_path, server):
+    client, proc = served("--db", str(tmp_path / "x.db"), "--server", server)
+    assert client.get("/health").json["status"] == "ok"
+
+
+def test_serve_refuses_unknown_or_missing_servers(tmp_path):
+    unknown = run_cli("serve", "--db", str(tmp_path / "x.db"), "--server", "nginx", check=False)
+    assert unknown.returncode == 1 and "Unknown server 'nginx'" in unknown.stderr
+    missing = run_cli("serve", "--db", str(tmp_path / "x.db"), "--server", "bjoern", "--port", str(free_port()),
+                      check=False)
+    assert missing.returncode == 1 and "pip install bjoern" in missing.stderr
+
+
+class SentryIngest(http.server.BaseHTTPRequestHandler):
+    """A stand-in for sentry.io on 127.0.0.1 that keeps what it is sent."""
+    received = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        SentryIngest.received.append(body.decode("utf-8", "replace"))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_database_failures_reach_sentry(served, tmp_path):
+    pytest.importorskip("sentry_sdk")
+    ingest = http.server.HTTPServer(("127.0.0.1", 0), SentryIngest)
+    threading.Thread(target=ingest.serve_forever, daemon=True).start()
+    db = tmp_path / "x.db"
+    dsn = f"http://publickey@127.0.0.1:{ingest.server_port}/42"
+    try:
+        client, proc = served("--db", str(db), env={"MICROTICKS_SENTRY_DSN": dsn})
+        db.write_bytes(b"this is no longer a database" * 100)  # a file clobbered under the service
+        reply = client.get("/events")
+        assert reply.status == 503 and "database" in reply.json["error"]
+        deadline = time.monotonic() + 10
+        while not SentryIngest.received and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        ingest.shutdown()
+    assert any("DatabaseError" in body for body in SentryIngest.received)
+
+
 def test_module_copied_with_bottle_py_runs_offline_and_without_it_says_why(tmp_path, served):
     import bottle
     kiosk = tmp_path / "kiosk"
@@ -777,9 +828,12 @@ def test_module_copied_with_bottle_py_runs_offline_and_without_it_says_why(tmp_p
     assert len(proc.stderr.strip().splitlines()) == 1
 
     shutil.copy(bottle.__file__, kiosk / "bottle.py")
-    client, _ = served(python=isolated, script=kiosk / "microticks.py", cwd=kiosk)
+    client, proc = served(python=isolated, script=kiosk / "microticks.py", cwd=kiosk,
+                          env={"MICROTICKS_SENTRY_DSN": "http://k@127.0.0.1:9/1"})
     assert client.get("/health").status == 200
     assert (kiosk / "microticks.db").exists()  # the default: beside the module
+    proc.terminate()
+    assert "sentry_sdk package is not installed" in proc.communicate(timeout=10)[0]
 
 
 ###############################################################################
