@@ -31,6 +31,8 @@ CGI, Apache's SetEnv works too):
     MICROTICKS_LOG_LEVEL     DEBUG, INFO, WARNING or ERROR (default: INFO;
                              the first Microticks' FLASK_LOG_LEVEL is read too)
     MICROTICKS_SENTRY_DSN    report errors to Sentry (needs the sentry_sdk package)
+    MICROTICKS_TZ            time zone of statistics and date filters, e.g.
+                             Europe/Berlin (default: the server's zone)
 
 Needs Python 3.9 or newer and Bottle 0.13 (`pip install bottle`, or Bottle's
 single file bottle.py copied beside this one).
@@ -38,6 +40,9 @@ single file bottle.py copied beside this one).
 
 import argparse
 import contextlib
+import csv
+import io
+import hashlib
 import hmac
 import json
 import logging
@@ -48,8 +53,10 @@ import sqlite3
 import sys
 import threading
 import time
+import zoneinfo
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qsl
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -115,6 +122,8 @@ class Settings:
     threads: int = 8
     log_level: str = "INFO"
     sentry_dsn: str = ""
+    #: The zone statistics and date filters are read in ("" = the server's).
+    tz: str = ""
     #: Problems found while reading the environment, reported at start-up.
     warnings: tuple = field(default=(), compare=False)
 
@@ -155,9 +164,19 @@ def load_settings(wsgi_environ=None, **overrides):
         threads=max(1, integer("MICROTICKS_THREADS", 8)),
         log_level=level,
         sentry_dsn=env.get("MICROTICKS_SENTRY_DSN", ""),
+        tz=timezone_setting(env.get("MICROTICKS_TZ", ""), warnings),
         warnings=tuple(warnings),
     )
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def timezone_setting(name, warnings):
+    try:
+        load_timezone(name.strip())
+        return name.strip()
+    except ValueError as error:
+        warnings.append(f"MICROTICKS_TZ: {error}; using the server's zone")
+        return ""
 
 
 def running_as_cgi():
@@ -253,6 +272,10 @@ MIGRATIONS = [
         "CREATE INDEX IF NOT EXISTS events_session ON events (session_id, id)",
         "CREATE INDEX IF NOT EXISTS events_time_utc ON events (time_utc)",
     ]),
+    ("a record of imported files", [
+        "CREATE TABLE imports (id INTEGER PRIMARY KEY AUTOINCREMENT, sha256 TEXT NOT NULL UNIQUE,"
+        " source TEXT NOT NULL, imported_at TEXT NOT NULL, events INTEGER NOT NULL)",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -282,6 +305,35 @@ def _utc_or_none(text):
         return None
 
 
+@lru_cache(maxsize=32)
+def load_timezone(name):
+    """The zone called `name` (an IANA name like Europe/Berlin), or the
+    server's own zone for ''. ValueError for an unknown name."""
+    if name:
+        try:
+            return zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {name!r}; use a name like Europe/Berlin or UTC") from None
+    # The system's zone by name, so that daylight saving time is right.
+    link = os.path.realpath("/etc/localtime")
+    if "zoneinfo/" in link:
+        with contextlib.suppress(zoneinfo.ZoneInfoNotFoundError, ValueError):
+            return zoneinfo.ZoneInfo(link.split("zoneinfo/", 1)[1])
+    return datetime.now().astimezone().tzinfo
+
+
+def _local_parts(utc_text, tz_name):
+    """SQL function mt_local(): 'YYYY-MM-DD HH W' (W: 0 is Monday) of a UTC
+    time in a zone, or NULL."""
+    if not isinstance(utc_text, str):
+        return None
+    try:
+        moment = parse_timestamp(utc_text).astimezone(load_timezone(tz_name or ""))
+    except (ValueError, OverflowError):
+        return None
+    return moment.strftime("%Y-%m-%d %H ") + str(moment.weekday())
+
+
 def connect(path):
     """Open the database at `path`, creating and upgrading it as needed."""
     if path != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
@@ -301,6 +353,7 @@ def connect(path):
         # about 3x in raw SQLite speed, far above what HTTP can deliver.
         conn.execute("PRAGMA synchronous=FULL")
         conn.create_function("mt_utc", 1, _utc_or_none, deterministic=True)
+        conn.create_function("mt_local", 2, _local_parts, deterministic=True)
         migrate(conn)
     except Exception:
         conn.close()
@@ -460,29 +513,346 @@ def decode_data(text):
         return text
 
 
-def list_events(conn, limit, offset):
-    """A page of events in the first Microticks' shape, and how many match."""
-    count = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-    rows = conn.execute(
-        "SELECT id, session_id, time, action, data FROM events ORDER BY id LIMIT ? OFFSET ?",
-        (limit, offset))
-    events = [{"id": r["id"], "session_id": r["session_id"], "time": r["time"],
-               "action": r["action"], "data": decode_data(r["data"])} for r in rows]
-    return {"events": events, "count": count}
+#: What a read may return and sort by, mapped to SQL. Nothing a client sends
+#: reaches SQL as text: names are looked up here, values are bound.
+EVENT_COLUMNS = {
+    "id": "e.id", "session_id": "e.session_id", "time": "e.time", "action": "e.action",
+    # Valid JSON text for every row: old frontends stored plain strings.
+    "data": "CASE WHEN json_valid(e.data) THEN e.data ELSE json_quote(e.data) END",
+    "time_utc": "e.time_utc", "received_at": "e.received_at",
+    "ip": "s.ip", "consumer_id": "s.consumer_id", "consumer": "c.name",
+}
+#: The first Microticks' event shape, which analysis scripts read.
+EVENT_DEFAULT_FIELDS = ("id", "session_id", "time", "action", "data")
+EVENT_SORTS = {
+    "id": ("e.id",), "session_id": ("e.session_id", "e.id"), "time": ("e.time_utc", "e.id"),
+    "time_utc": ("e.time_utc", "e.id"), "received_at": ("e.received_at", "e.id"),
+    "action": ("e.action", "e.id"),
+}
+
+_SESSION_LAST_EVENT = "(SELECT max(x.time_utc) FROM events x WHERE x.session_id = s.id)"
+SESSION_COLUMNS = {
+    "id": "s.id", "consumer_id": "s.consumer_id", "consumer": "c.name", "ip": "s.ip",
+    "started_at": "s.started_at", "stopped_at": "s.stopped_at", "stop_reason": "s.stop_reason",
+    "received_at": "s.received_at", "started_utc": "s.started_utc", "stopped_utc": "s.stopped_utc",
+    "events": "(SELECT count(*) FROM events x WHERE x.session_id = s.id)",
+    "clicks": "(SELECT count(*) FROM events x WHERE x.session_id = s.id AND x.action = 'click')",
+    "last_action": "(SELECT x.action FROM events x WHERE x.session_id = s.id ORDER BY x.id DESC LIMIT 1)",
+    "last_event_at": _SESSION_LAST_EVENT,
+    # Seconds from the start to the stop, or to the last event while open.
+    "duration": f"round((julianday(coalesce(s.stopped_utc, {_SESSION_LAST_EVENT}, s.started_utc))"
+                " - julianday(s.started_utc)) * 86400, 3)",
+}
+SESSION_DEFAULT_FIELDS = tuple(SESSION_COLUMNS)
+SESSION_SORTS = {
+    "id": ("s.id",), "consumer_id": ("s.consumer_id", "s.id"), "ip": ("s.ip", "s.id"),
+    "started_at": ("s.started_utc", "s.id"), "stopped_at": ("s.stopped_utc", "s.id"),
+    "events": ("events", "s.id"), "clicks": ("clicks", "s.id"), "duration": ("duration", "s.id"),
+    "last_event_at": ("last_event_at", "s.id"),
+}
 
 
-def list_sessions(conn, limit, offset):
-    """A page of sessions, those without any event included, and how many match."""
-    count = conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
-    rows = conn.execute(
-        "SELECT s.id, s.consumer_id, c.name AS consumer, s.ip, s.started_at, s.stopped_at,"
-        " s.stop_reason, s.received_at,"
-        " (SELECT count(*) FROM events e WHERE e.session_id = s.id) AS events,"
-        " (SELECT count(*) FROM events e WHERE e.session_id = s.id AND e.action = 'click') AS clicks,"
-        " (SELECT e.action FROM events e WHERE e.session_id = s.id ORDER BY e.id DESC LIMIT 1) AS last_action"
-        " FROM sessions s LEFT JOIN consumers c ON c.id = s.consumer_id"
-        " ORDER BY s.id LIMIT ? OFFSET ?", (limit, offset))
-    return {"sessions": [dict(r) for r in rows], "count": count}
+def _filters(query):
+    """The WHERE clauses and parameters of a clean ReadQuery."""
+    events = query.kind == "events"
+    clauses, params = [], []
+
+    def where(clause, *values):
+        clauses.append(clause)
+        params.extend(values)
+
+    time_column = "e.time_utc" if events else "s.started_utc"
+    if query.start_utc:
+        where(f"{time_column} >= ?", query.start_utc)
+    if query.end_utc:
+        where(f"{time_column} < ?", query.end_utc)
+    if query.date:  # the first Microticks' filter: sessions started that (UTC) day
+        where("s.started_utc >= ? AND s.started_utc < ?", *query.date)
+    if query.ip:
+        where("s.ip = ?", query.ip)
+    if query.consumer_id is not None:
+        where("s.consumer_id = ?", query.consumer_id)
+    if query.consumer_name:
+        where("s.consumer_id IN (SELECT id FROM consumers WHERE name = ?)", query.consumer_name)
+    if query.action:
+        where("e.action = ?" if events else
+              "EXISTS (SELECT 1 FROM events x WHERE x.session_id = s.id AND x.action = ?)", query.action)
+    if query.session_id is not None:
+        where("e.session_id = ?" if events else "s.id = ?", query.session_id)
+    return clauses, params
+
+
+def _select(query, fields, count=False):
+    """The SQL and parameters for a ReadQuery: the rows, or their count."""
+    events = query.kind == "events"
+    columns = EVENT_COLUMNS if events else SESSION_COLUMNS
+    clauses, params = _filters(query)
+    table = "events e JOIN sessions s ON s.id = e.session_id" if events else "sessions s"
+    needs_session = any(f in ("ip", "consumer_id", "consumer") for f in fields) or any(
+        getattr(query, f) for f in ("date", "ip", "consumer_name")) or query.consumer_id is not None
+    if events and not needs_session:
+        table = "events e"  # a join per row costs a third of an export's time
+    if "consumer" in fields:
+        table += " LEFT JOIN consumers c ON c.id = s.consumer_id"
+    if count:
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        return f"SELECT count(*) FROM {table}{where}", params
+    id_column = "e.id" if events else "s.id"
+    if query.after_id is not None:
+        clauses.append(f"{id_column} {'<' if query.descending else '>'} ?")
+        params.append(query.after_id)
+    select = [f"{columns[f]} AS {f}" for f in fields]
+    select += ["json_extract(CASE WHEN json_valid(e.data) THEN e.data END, ?)"] * len(query.data_keys)
+    params = [f'$."{key}"' for key in query.data_keys] + params  # the select list's come first
+    order = [columns.get(part, part) for part in (EVENT_SORTS if events else SESSION_SORTS)[query.sort]]
+    direction = " DESC" if query.descending else ""
+    sql = (f"SELECT {', '.join(select)} FROM {table}"
+           + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
+           + " ORDER BY " + ", ".join(column + direction for column in order))
+    if query.limit is not None or query.offset:
+        sql += " LIMIT ? OFFSET ?"
+        params += [-1 if query.limit is None else query.limit, query.offset]
+    return sql, params
+
+
+def read_page(conn, query):
+    """A page of events or sessions and how many match in all (paging
+    parameters aside): {"events": [...], "count": N}."""
+    fields = query.fields
+    sql, params = _select(query, fields)
+    rows = [dict(zip(fields, row)) for row in conn.execute(sql, params)]
+    if "data" in fields:
+        for row in rows:
+            row["data"] = json.loads(row["data"]) if row["data"] is not None else None
+    count_sql, count_params = _select(query, fields, count=True)
+    count = conn.execute(count_sql, count_params).fetchone()[0]
+    return {query.kind: rows, "count": count}
+
+
+def export_chunks(conn, query):
+    """The rows of a ReadQuery as CSV or NDJSON text, in chunks, reading the
+    database as it goes: memory stays flat whatever the number of rows."""
+    fields = query.fields
+    sql, params = _select(query, fields)
+    cursor = conn.execute(sql, params)
+    data_at = fields.index("data") if "data" in fields else -1
+    if query.format == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        # The byte order mark makes spreadsheets read the file as UTF-8.
+        writer.writerow([("\ufeff" if i == 0 else "") + name for i, name in
+                         enumerate(list(fields) + [f"data.{key}" for key in query.data_keys])])
+    while True:
+        rows = cursor.fetchmany(2000)
+        if not rows:
+            break
+        if query.format == "csv":
+            writer.writerows(rows)
+            chunk = buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+        else:
+            # data is already JSON text: spliced in, not parsed and dumped again.
+            chunk = "".join(
+                "{" + ", ".join(f'"{name}": {(value or "null") if i == data_at else json.dumps(value)}'
+                                for i, (name, value) in enumerate(zip(fields, row))) + "}\n"
+                for row in rows)
+        yield chunk
+    if query.format == "csv" and buffer.getvalue():
+        yield buffer.getvalue()
+
+
+DURATION_BUCKETS = [(0, "0-10s"), (10, "10-30s"), (30, "30-60s"), (60, "1-2min"), (120, "2-5min"),
+                    (300, "5-10min"), (600, "10-30min"), (1800, "30min+")]
+EVENT_COUNT_BUCKETS = [(0, "0"), (1, "1"), (2, "2-5"), (6, "6-10"), (11, "11-20"), (21, "21-50"), (51, "51+")]
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+
+
+def _distribution(values, buckets):
+    counts = [0] * len(buckets)
+    for value in values:
+        counts[max(i for i, (low, _) in enumerate(buckets) if value >= low)] += 1
+    return [{"bucket": label, "sessions": n} for (_, label), n in zip(buckets, counts)]
+
+
+def _summary(values):
+    ordered = sorted(values)
+    if not ordered:
+        return {"min": None, "median": None, "mean": None, "max": None}
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return {"min": ordered[0], "median": round(median, 3),
+            "mean": round(sum(ordered) / len(ordered), 3), "max": ordered[-1]}
+
+
+def compute_stats(conn, query, tz_name, data_key, bin_size):
+    """What researchers compute by hand from an export, for the sessions a
+    ReadQuery selects, in SQL: per day, hour and weekday (local time in
+    `tz_name`), durations, events per session and per action, and for the
+    data key (the screen): visits, picks, time spent, page turns and click
+    heatmaps."""
+    clauses, params = _filters(replace(query, kind="sessions"))
+    selected = ("WITH sel AS (SELECT s.id, s.started_utc, s.stopped_utc FROM sessions s"
+                + (f" WHERE {' AND '.join(clauses)}" if clauses else "") + ")")
+    events_of_selected = (", ev AS (SELECT e.id, e.session_id, e.time_utc, e.action,"
+                          " CASE WHEN json_valid(e.data) THEN e.data END AS data"
+                          " FROM events e JOIN sel ON sel.id = e.session_id)")
+
+    per_day, per_hour, per_weekday = {}, [0] * 24, [0] * 7
+    for parts, n in conn.execute(selected + " SELECT mt_local(started_utc, ?) AS parts, count(*)"
+                                 " FROM sel GROUP BY parts", [*params, tz_name]):
+        if parts is None:
+            continue
+        day, hour, weekday = parts.split(" ")
+        per_day[day] = per_day.get(day, 0) + n
+        per_hour[int(hour)] += n
+        per_weekday[int(weekday)] += n
+
+    sessions = conn.execute(
+        selected + ", counts AS (SELECT sel.id, sel.started_utc, sel.stopped_utc, count(e.id) AS n,"
+        " max(e.time_utc) AS last FROM sel LEFT JOIN events e ON e.session_id = sel.id GROUP BY sel.id)"
+        " SELECT n, round((julianday(coalesce(stopped_utc, last, started_utc)) - julianday(started_utc))"
+        " * 86400, 3) FROM counts", params).fetchall()
+    event_counts = [n for n, _ in sessions]
+    durations = [d for _, d in sessions if d is not None]
+
+    actions = [{"action": a, "events": n} for a, n in conn.execute(
+        selected + events_of_selected + " SELECT action, count(*) AS n FROM ev GROUP BY action"
+        " ORDER BY n DESC, action", params)]
+
+    key_path, prev_path = f'$."{data_key}"', f'$."prev{data_key[:1].upper()}{data_key[1:]}"'
+    values = {}
+    for value, n_events, clicks, turns, n_sessions in conn.execute(
+            selected + events_of_selected + ", valued AS (SELECT *, json_extract(data, ?) AS value FROM ev)"
+            " SELECT value, count(*), sum(action = 'click'), sum(action = 'pageChange'),"
+            " count(DISTINCT session_id) FROM valued WHERE value IS NOT NULL GROUP BY value",
+            [*params, key_path]):
+        values[value] = {"value": value, "events": n_events, "clicks": clicks, "page_turns": turns,
+                         "sessions": n_sessions, "visits": 0, "first": 0, "second": 0, "third": 0,
+                         "time_spent": {"min": None, "mean": None, "max": None, "measured": 0}}
+    # A visit is a run of events with the same value in a session; it lasts
+    # until the next event that carries another value (or none, like stopSession).
+    for value, visits, first, second, third, measured, low, mean, high in conn.execute(
+            selected + events_of_selected +
+            ", valued AS (SELECT id, session_id, time_utc, json_extract(data, ?) AS value FROM ev),"
+            " marked AS (SELECT *, value IS NOT lag(value) OVER w AS new_run FROM valued"
+            "  WINDOW w AS (PARTITION BY session_id ORDER BY time_utc, id)),"
+            " runs AS (SELECT session_id, value, time_utc, id,"
+            "  lead(time_utc) OVER (PARTITION BY session_id ORDER BY time_utc, id) AS next_time"
+            "  FROM marked WHERE new_run),"
+            " picks AS (SELECT *, row_number() OVER (PARTITION BY session_id ORDER BY time_utc, id) AS n,"
+            "  (julianday(next_time) - julianday(time_utc)) * 86400 AS spent"
+            "  FROM runs WHERE value IS NOT NULL)"
+            " SELECT value, count(*), sum(n = 1), sum(n = 2), sum(n = 3), count(spent),"
+            " min(spent), avg(spent), max(spent) FROM picks GROUP BY value",
+            [*params, key_path]):
+        entry = values.get(value)
+        if entry is None:
+            continue
+        entry.update(visits=visits, first=first, second=second, third=third)
+        entry["time_spent"] = {"min": _round(low), "mean": _round(mean), "max": _round(high),
+                               "measured": measured}
+
+    heatmaps, width, height = {}, 0, 0
+    for screen, x, y, n, max_x, max_y in conn.execute(
+            selected + events_of_selected +
+            ", points AS (SELECT coalesce(json_extract(data, ?), json_extract(data, ?)) AS screen,"
+            "  json_extract(data, '$.clickX') AS x, json_extract(data, '$.clickY') AS y FROM ev"
+            "  WHERE json_type(data, '$.clickX') IN ('integer', 'real')"
+            "  AND json_type(data, '$.clickY') IN ('integer', 'real'))"
+            " SELECT screen, CAST(x / ? AS INTEGER) * ?, CAST(y / ? AS INTEGER) * ?, count(*), max(x), max(y)"
+            " FROM points GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            [*params, prev_path, key_path, bin_size, bin_size, bin_size, bin_size]):
+        screen = "" if screen is None else str(screen)
+        heatmap = heatmaps.setdefault(screen, {"points": 0, "bins": []})
+        heatmap["points"] += n
+        heatmap["bins"].append([x, y, n])
+        width, height = max(width, max_x), max(height, max_y)
+
+    return {
+        "sessions": len(sessions),
+        "events": sum(event_counts),
+        "timezone": tz_name or str(load_timezone("")),
+        "sessions_per_day": [{"day": day, "sessions": n} for day, n in sorted(per_day.items())],
+        "sessions_per_hour": [{"hour": h, "sessions": n} for h, n in enumerate(per_hour)],
+        "sessions_per_weekday": [{"weekday": WEEKDAYS[d], "sessions": n} for d, n in enumerate(per_weekday)],
+        "duration": {**_summary(durations), "unit": "seconds",
+                     "distribution": _distribution(durations, DURATION_BUCKETS)},
+        "events_per_session": {**_summary(event_counts),
+                               "distribution": _distribution(event_counts, EVENT_COUNT_BUCKETS)},
+        "actions": actions,
+        "data_key": data_key,
+        "values": sorted(values.values(), key=lambda v: (-v["events"], str(v["value"]))),
+        "heatmaps": {"bin": bin_size, "width": width, "height": height, "screens": heatmaps},
+    }
+
+
+def _round(value):
+    return None if value is None else round(value, 3)
+
+
+def import_events(conn, records, source, digest, consumer_name):
+    """Load exported events (the GET /events shape: id, session_id, time,
+    action, data) with their ids, sessions and times, in one transaction.
+    A file is imported once (by its SHA-256); an event already present with
+    the same content is skipped, one that differs stops the import."""
+    with write_transaction(conn):
+        done = conn.execute("SELECT imported_at FROM imports WHERE sha256 = ?", (digest,)).fetchone()
+        if done:
+            raise MicroticksError(409, f"{source} was imported already, on {done[0]}")
+        consumer = conn.execute("SELECT id FROM consumers WHERE name = ?", (consumer_name,)).fetchone()
+        if consumer is None:
+            # A consumer for the data only: its key is never shown, so it starts no sessions.
+            consumer_id = conn.execute(
+                "INSERT INTO consumers (name, key, created_at) VALUES (?, ?, ?)",
+                (consumer_name, secrets.token_hex(16), datetime.now().strftime("%Y-%m-%d %H:%M:%S"))).lastrowid
+        else:
+            consumer_id = consumer[0]
+        sessions, added, skipped = {}, 0, 0
+        now = utc_now()
+        for number, record in enumerate(records, 1):
+            event = clean_exported_event(record, number)
+            existing = conn.execute("SELECT session_id, time, action, data FROM events WHERE id = ?",
+                                    (event["id"],)).fetchone()
+            if existing is not None:
+                if (existing[0], existing[1], existing[2], decode_data(existing[3])) != (
+                        event["session_id"], event["time"], event["action"], decode_data(event["data"])):
+                    raise MicroticksError(409, f"event {event['id']} (record {number}) is in the database"
+                                               " already with other content; import into a new database (--db)")
+                skipped += 1
+                continue
+            conn.execute("INSERT INTO events (id, session_id, time, action, data, received_at, time_utc)"
+                         " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (event["id"], event["session_id"], event["time"], event["action"], event["data"],
+                          now, event["time_utc"]))
+            added += 1
+            span = sessions.setdefault(event["session_id"], [event, event, None])
+            if event["time_utc"] < span[0]["time_utc"]:
+                span[0] = event
+            if event["time_utc"] > span[1]["time_utc"]:
+                span[1] = event
+            if event["action"] == "stopSession":
+                span[2] = event
+        for session_id, (first, last, stop) in sessions.items():
+            end = stop or last
+            row = conn.execute("SELECT started_utc, stopped_utc FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO sessions (id, token, ip, started_at, stopped_at, consumer_id, received_at,"
+                    " started_utc, stopped_utc, stop_reason) VALUES (?, ?, '', ?, ?, ?, ?, ?, ?, ?)",
+                    (session_id, secrets.token_hex(16), first["time"], end["time"], consumer_id, now,
+                     first["time_utc"], end["time_utc"], "client" if stop else "import"))
+            else:  # a session split across two export files
+                conn.execute(
+                    "UPDATE sessions SET started_at = CASE WHEN ? < started_utc THEN ? ELSE started_at END,"
+                    " started_utc = min(started_utc, ?),"
+                    " stopped_at = CASE WHEN ? > coalesce(stopped_utc, '') THEN ? ELSE stopped_at END,"
+                    " stopped_utc = max(coalesce(stopped_utc, ''), ?) WHERE id = ?",
+                    (first["time_utc"], first["time"], first["time_utc"], end["time_utc"], end["time"],
+                     end["time_utc"], session_id))
+        conn.execute("INSERT INTO imports (sha256, source, imported_at, events) VALUES (?, ?, ?, ?)",
+                     (digest, source, now, added))
+    return {"events": added, "skipped": skipped, "sessions": len(sessions)}
 
 
 def check_writable(conn):
@@ -621,7 +991,8 @@ def _check(fields, checks):
         try:
             clean[name] = check(fields, name)
         except ValueError as error:
-            errors[name] = [str(error)]
+            message = str(error)
+            errors[name] = [message if f'"{name}"' in message else f'"{name}": {message}']
     if errors:
         raise MicroticksError(400, next(iter(errors.values()))[0], errors)
     return clean
@@ -644,26 +1015,234 @@ def clean_session_stop(fields):
                            "ts": _timestamp})
 
 
-def _whole_number(query, name, default, maximum):
-    text = query.get(name)
-    if text is None or text == "":
-        return default
-    if not text.isascii() or not text.isdigit() or int(text) > maximum:
-        raise ValueError(f'"{name}" must be a whole number from 0 to {maximum}')
-    return int(text)
+#: Filters every read takes; `key` is the API key, not a filter.
+READ_FILTERS = ("from", "to", "date", "ip", "consumer", "consumer_name", "action", "session", "key")
+PAGE_PARAMETERS = ("after_id", "sort", "sort.desc", "limit", "offset", "format", "fields", "data_keys")
+STATS_PARAMETERS = ("data_key", "bin", "tz")
+EXPORT_FORMATS = ("json", "csv", "ndjson")
+_DATA_KEY = re.compile(r"[A-Za-z0-9_:-]{1,64}", re.ASCII)
+_DAY = re.compile(r"(\d{4})-(\d\d)-(\d\d)", re.ASCII)
+_LOCAL_TIME = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d([.,]\d{1,9})?)?", re.ASCII)
 
 
-def clean_page(query, allowed=()):
-    """limit and offset of a read, refusing parameters the endpoint lacks."""
-    known = {"limit", "offset", "key", *allowed}
-    unknown = sorted(set(query) - known)
+@dataclass(frozen=True)
+class ReadQuery:
+    """A validated read of events or sessions: filters, order and page."""
+    kind: str = "events"
+    start_utc: str = None
+    end_utc: str = None
+    date: tuple = None
+    ip: str = None
+    consumer_id: int = None
+    consumer_name: str = None
+    action: str = None
+    session_id: int = None
+    after_id: int = None
+    sort: str = "id"
+    descending: bool = False
+    limit: int = DEFAULT_PAGE_LIMIT
+    offset: int = 0
+    format: str = "json"
+    fields: tuple = EVENT_DEFAULT_FIELDS
+    data_keys: tuple = ()
+
+
+def time_bound(text, tz_name, end=False):
+    """A from/to value as a UTC string: a day (YYYY-MM-DD; as `to`, the
+    whole day is included), or a time, read in `tz_name` when it has no zone."""
+    text = text.strip()
+    zone = load_timezone(tz_name)
+    day = _DAY.fullmatch(text)
+    if day:
+        try:
+            moment = datetime(*map(int, day.groups()))
+        except ValueError:
+            raise ValueError(f"{text!r} is not a real date") from None
+        if end:
+            moment += timedelta(days=1)
+        return format_utc(moment.replace(tzinfo=zone))
+    if _LOCAL_TIME.fullmatch(text):
+        try:
+            moment = datetime.fromisoformat(text.replace(",", ".")[:26])
+        except ValueError:
+            raise ValueError(f"{text!r} is not a real date and time") from None
+        return format_utc(moment.replace(tzinfo=zone))
+    return format_utc(parse_timestamp(text))
+
+
+def _positive_integer(name):
+    def check(params, key):
+        text = params.get(key)
+        if text is None or text == "":
+            return None
+        if not text.isascii() or not text.isdigit() or len(text) > 18:
+            raise ValueError(f'"{name}" must be a whole number')
+        return int(text)
+    return check
+
+
+def clean_read_query(params, kind, tz_name="", export=False):
+    """Turn query parameters (a dict of strings, from a URL or the CLI) into
+    a ReadQuery, or refuse with a 400 that names the parameter and what is
+    allowed. With export=True there is no default limit."""
+    allowed = READ_FILTERS + PAGE_PARAMETERS
+    unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise MicroticksError(400, f"Unknown parameter {unknown[0]!r}; allowed: {', '.join(sorted(known))}",
+        raise MicroticksError(400, f"Unknown parameter {unknown[0]!r}; allowed: {', '.join(allowed)}",
                               {name: ["unknown parameter"] for name in unknown})
-    return _check(query, {
-        "limit": lambda q, n: _whole_number(q, n, DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT),
-        "offset": lambda q, n: _whole_number(q, n, 0, 2**62),
+    events = kind == "events"
+    columns = EVENT_COLUMNS if events else SESSION_COLUMNS
+    sorts = EVENT_SORTS if events else SESSION_SORTS
+
+    def bound(end):
+        def check(p, name):
+            if not p.get(name):
+                return None
+            try:
+                return time_bound(p[name], tz_name, end)
+            except ValueError as error:
+                raise ValueError(f'"{name}": {error}; use YYYY-MM-DD or an ISO 8601 time') from None
+        return check
+
+    def date(p, name):
+        text = p.get(name)
+        if not text:
+            return None
+        if not _DAY.fullmatch(text):
+            raise ValueError('"date" must be a day as YYYY-MM-DD')
+        try:
+            day = datetime(*map(int, text.split("-")), tzinfo=timezone.utc)
+        except ValueError:
+            raise ValueError(f'"date" {text!r} is not a real date') from None
+        return format_utc(day), format_utc(day + timedelta(days=1))
+
+    def text(limit):
+        def check(p, name):
+            value = p.get(name) or None
+            if value is not None and len(value) > limit:
+                raise ValueError(f'"{name}" is longer than {limit} characters')
+            return value
+        return check
+
+    def sort(p, name):
+        ascending, descending = p.get("sort"), p.get("sort.desc")
+        if ascending and descending:
+            raise ValueError('give "sort" or "sort.desc", not both')
+        column = ascending or descending or "id"
+        if column not in sorts:
+            raise ValueError(f'cannot sort by {column!r}; sort by one of: {", ".join(sorts)}')
+        return column, bool(descending)
+
+    def limit(p, name):
+        value = p.get(name)
+        if value is None or value == "":
+            return None if export else DEFAULT_PAGE_LIMIT
+        if not value.isascii() or not value.isdigit() or int(value) > (2**62 if export else MAX_PAGE_LIMIT):
+            raise ValueError(f'"limit" must be a whole number from 0 to {MAX_PAGE_LIMIT}'
+                             + (" (exports have none by default)" if not export else ""))
+        return int(value)
+
+    def output_format(p, name):
+        value = p.get(name) or "json"
+        if value not in EXPORT_FORMATS:
+            raise ValueError(f'"format" must be one of: {", ".join(EXPORT_FORMATS)}')
+        return value
+
+    def fields(p, name):
+        value = p.get(name)
+        if not value:
+            return EVENT_DEFAULT_FIELDS if events else SESSION_DEFAULT_FIELDS
+        if value == "all":
+            return tuple(columns)
+        names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+        wrong = [n for n in names if n not in columns]
+        if wrong or not names:
+            raise ValueError(f'unknown field {wrong[0] if wrong else value!r}; choose from: '
+                             f'{", ".join(columns)} (or all)')
+        return names
+
+    def data_keys(p, name):
+        value = p.get(name)
+        if not value:
+            return ()
+        if not events:
+            raise ValueError('"data_keys" applies to events only')
+        keys = tuple(k.strip() for k in value.split(",") if k.strip())
+        wrong = [k for k in keys if not _DATA_KEY.fullmatch(k)]
+        if wrong or len(keys) > 20:
+            raise ValueError('"data_keys" is a comma-separated list of up to 20 keys of'
+                             ' letters, digits, _, : and -')
+        return keys
+
+    clean = _check(params, {
+        "from": bound(False), "to": bound(True), "date": date, "ip": text(64),
+        "consumer": _positive_integer("consumer"), "consumer_name": text(200),
+        "action": text(MAX_ACTION_CHARS), "session": _positive_integer("session"),
+        "after_id": _positive_integer("after_id"), "sort": sort, "limit": limit,
+        "offset": _positive_integer("offset"), "format": output_format, "fields": fields,
+        "data_keys": data_keys,
     })
+    column, descending = clean["sort"]
+    if clean["after_id"] is not None and column != "id":
+        raise MicroticksError(400, '"after_id" pages by id: drop "sort" or sort by id',
+                              {"after_id": ["needs sort by id"]})
+    return ReadQuery(
+        kind=kind, start_utc=clean["from"], end_utc=clean["to"], date=clean["date"], ip=clean["ip"],
+        consumer_id=clean["consumer"], consumer_name=clean["consumer_name"], action=clean["action"],
+        session_id=clean["session"], after_id=clean["after_id"], sort=column, descending=descending,
+        limit=clean["limit"], offset=clean["offset"] or 0, format=clean["format"],
+        fields=clean["fields"], data_keys=clean["data_keys"])
+
+
+def clean_stats_query(params, settings_tz):
+    """The filters of a statistics request, the data key, the heatmap bin
+    size in pixels and the time zone."""
+    stats_params = {k: v for k, v in params.items() if k in STATS_PARAMETERS}
+    filters = {k: v for k, v in params.items() if k not in STATS_PARAMETERS}
+    unknown = sorted(set(filters) - set(READ_FILTERS))
+    if unknown:
+        allowed = READ_FILTERS + STATS_PARAMETERS
+        raise MicroticksError(400, f"Unknown parameter {unknown[0]!r}; allowed: {', '.join(allowed)}",
+                              {name: ["unknown parameter"] for name in unknown})
+
+    def tz(p, name):
+        value = p.get(name, settings_tz) or ""
+        load_timezone(value)
+        return value
+
+    def data_key(p, name):
+        value = p.get(name) or "subject"
+        if not _DATA_KEY.fullmatch(value):
+            raise ValueError('"data_key" is a key of letters, digits, _, : and -, like subject or target')
+        return value
+
+    def bin_size(p, name):
+        value = p.get(name) or "50"
+        if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 10000:
+            raise ValueError('"bin" must be a whole number of pixels from 1 to 10000')
+        return int(value)
+
+    extra = _check(stats_params, {"tz": tz, "data_key": data_key, "bin": bin_size})
+    query = clean_read_query(filters, "sessions", extra["tz"], export=True)
+    return query, extra["tz"], extra["data_key"], extra["bin"]
+
+
+def clean_exported_event(record, number):
+    """One event of an export file, ready to insert; ValueError names the record."""
+    if not isinstance(record, dict):
+        raise MicroticksError(400, f"record {number} is not an object")
+    problems = [k for k in ("id", "session_id") if not isinstance(record.get(k), int) or record[k] < 1]
+    problems += [k for k in ("time", "action") if not isinstance(record.get(k), str) or not record[k]]
+    if problems:
+        raise MicroticksError(400, f"record {number} lacks a valid {problems[0]!r}")
+    try:
+        time_utc = format_utc(parse_timestamp(record["time"]))
+    except (ValueError, OverflowError) as error:
+        raise MicroticksError(400, f"record {number}: time {error}") from None
+    data = record.get("data")
+    return {"id": record["id"], "session_id": record["session_id"], "time": record["time"],
+            "action": record["action"], "time_utc": time_utc,
+            "data": None if data is None else json.dumps(data, ensure_ascii=False, separators=(",", ":"))}
 
 
 ###############################################################################
@@ -716,6 +1295,20 @@ def request_fields(request):
         return value, False
     raise MicroticksError(415, f"Unsupported Content-Type {content_type!r}: send "
                                "application/x-www-form-urlencoded or application/json")
+
+
+def query_params(request):
+    """The query string as a dict of strings (the last of repeated names)."""
+    try:
+        return dict(parse_qsl(request.query_string, keep_blank_values=True, errors="strict",
+                              max_num_fields=50))
+    except UnicodeDecodeError:
+        raise MicroticksError(400, "The query string holds percent-escapes that are not UTF-8") from None
+    except ValueError:
+        raise MicroticksError(400, "The query string has too many parameters") from None
+
+
+EXPORT_CONTENT_TYPES = {"csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
 
 
 def supplied_api_key(request):
@@ -840,7 +1433,7 @@ def make_app(settings):
     def index():
         return {"name": "Microticks", "version": __version__, "status": 200,
                 "endpoints": ["POST /sessions", "POST /events", "POST /sessions/stop",
-                              "GET /events", "GET /sessions", "GET /health"]}
+                              "GET /events", "GET /sessions", "GET /stats", "GET /health"]}
 
     @app.get("/health")
     def health():
@@ -871,15 +1464,29 @@ def make_app(settings):
         stopped = stop_session(db.connection(), clean["token"], clean["ts"])
         return {"stopped": True, "already_stopped": not stopped, "status": 200}
 
+    def read(kind):
+        query = clean_read_query(query_params(request), kind, settings.tz,
+                                 export=request.query.get("format") in ("csv", "ndjson"))
+        conn = db.connection()
+        if query.format == "json":
+            return dict(read_page(conn, query), status=200)
+        response.content_type = EXPORT_CONTENT_TYPES[query.format]
+        response.set_header("Content-Disposition", f'attachment; filename="microticks-{kind}-'
+                            f'{datetime.now().strftime("%Y%m%d-%H%M%S")}.{query.format}"')
+        return export_chunks(conn, query)
+
     @app.get("/events")
     def get_events():
-        page = clean_page(request.query)
-        return dict(list_events(db.connection(), page["limit"], page["offset"]), status=200)
+        return read("events")
 
     @app.get("/sessions")
     def get_sessions():
-        page = clean_page(request.query)
-        return dict(list_sessions(db.connection(), page["limit"], page["offset"]), status=200)
+        return read("sessions")
+
+    @app.get("/stats")
+    def get_stats():
+        query, tz_name, data_key, bin_size = clean_stats_query(query_params(request), settings.tz)
+        return dict(compute_stats(db.connection(), query, tz_name, data_key, bin_size), status=200)
 
     app.config["microticks.settings"] = settings
     app.config["microticks.db"] = db
@@ -973,6 +1580,133 @@ def cmd_revokeconsumer(args, settings):
     print(f"Consumer {args.name!r} revoked: its key starts no new sessions; its data stays.")
 
 
+def read_params(args):
+    """The read filters given on the command line, as the query parameters
+    the HTTP API takes, so both are validated by the same function."""
+    names = {"from_": "from", "to": "to", "date": "date", "ip": "ip", "consumer": "consumer",
+             "consumer_name": "consumer_name", "action": "action", "session": "session",
+             "after_id": "after_id", "limit": "limit", "offset": "offset", "format": "format",
+             "fields": "fields", "data_keys": "data_keys"}
+    params = {param: str(getattr(args, attr)) for attr, param in names.items()
+              if getattr(args, attr, None) is not None}
+    if getattr(args, "sort", None):
+        params["sort.desc" if args.desc else "sort"] = args.sort
+    return params
+
+
+def write_export(conn, query, stream):
+    for chunk in export_chunks(conn, query):
+        stream.write(chunk)
+
+
+def cmd_read(args, settings):
+    """`events` and `sessions`: a page as JSON, like the HTTP API, or every
+    matching row as CSV or NDJSON (`export`)."""
+    params = read_params(args)
+    export = args.command == "export" or params.get("format") in ("csv", "ndjson")
+    if args.command == "export":
+        params.setdefault("format", "csv")
+    kind = getattr(args, "kind", None) or args.command
+    query = clean_read_query(params, kind, settings.tz, export=export)
+    conn = open_database(settings)
+    if query.format == "json":
+        json.dump(read_page(conn, query), sys.stdout, indent=2, ensure_ascii=False)
+        print()
+        return
+    if args.output:
+        with open(args.output, "w", encoding="utf-8", newline="") as stream:
+            write_export(conn, query, stream)
+        print(f"Wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.reconfigure(newline="")  # csv writes its own \r\n
+        write_export(conn, query, sys.stdout)
+
+
+def read_export_file(path):
+    """The events of an export file: GET /events JSON ({"events": [...]})
+    or NDJSON, one event a line (read line by line)."""
+    with open(path, "rb") as stream:
+        first = stream.readline()
+        try:
+            first_record = json.loads(first)
+            one_per_line = isinstance(first_record, dict) and "events" not in first_record
+        except ValueError:
+            one_per_line = False
+        stream.seek(0)
+        if not one_per_line:
+            try:
+                document = json.load(stream)
+            except ValueError as error:
+                raise MicroticksError(400, f"{path} is neither a JSON export nor NDJSON: {error}") from None
+            if not isinstance(document, dict) or not isinstance(document.get("events"), list):
+                raise MicroticksError(400, f'{path} has no "events" list (the GET /events shape)')
+            yield from document["events"]
+            return
+        for number, line in enumerate(stream, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    raise MicroticksError(400, f"{path} line {number} is not JSON") from None
+
+
+def cmd_import(args, settings):
+    with open(args.file, "rb") as stream:
+        digest = hashlib.file_digest(stream, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
+            else hashlib.sha256(stream.read()).hexdigest()
+    result = import_events(open_database(settings), read_export_file(args.file), os.path.basename(args.file),
+                           digest, args.consumer)
+    print(f"Imported {result['events']} events in {result['sessions']} sessions from {args.file}"
+          + (f" ({result['skipped']} already present, skipped)" if result["skipped"] else "")
+          + f" as consumer {args.consumer!r}")
+
+
+def cmd_stats(args, settings):
+    params = read_params(args)
+    params.update({k: str(v) for k, v in (("data_key", args.data_key), ("bin", args.bin), ("tz", args.tz))
+                   if v is not None})
+    query, tz_name, data_key, bin_size = clean_stats_query(params, settings.tz)
+    stats = compute_stats(open_database(settings), query, tz_name, data_key, bin_size)
+    if args.json:
+        json.dump(stats, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+        return
+    print_stats(stats)
+
+
+def print_stats(stats):
+    def table(title, rows, header):
+        print(f"\n{title}")
+        widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)] if rows else []
+        for row in [header, *rows]:
+            print("  " + "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
+                                   for i, (x, w) in enumerate(zip(row, widths))))
+
+    duration, per_session = stats["duration"], stats["events_per_session"]
+    print(f"{stats['sessions']} sessions, {stats['events']} events (times in {stats['timezone']})")
+    print(f"Session duration: median {duration['median']} s, mean {duration['mean']} s, "
+          f"max {duration['max']} s")
+    print(f"Events per session: median {per_session['median']}, mean {per_session['mean']}, "
+          f"max {per_session['max']}")
+    table("Sessions per day", [(d["day"], d["sessions"]) for d in stats["sessions_per_day"]], ("day", "sessions"))
+    table("Sessions per weekday", [(d["weekday"], d["sessions"]) for d in stats["sessions_per_weekday"]],
+          ("weekday", "sessions"))
+    table("Sessions per hour", [(f"{d['hour']:02d}:00", d["sessions"]) for d in stats["sessions_per_hour"]
+                                if d["sessions"]], ("hour", "sessions"))
+    table("Session duration", [(d["bucket"], d["sessions"]) for d in duration["distribution"]],
+          ("duration", "sessions"))
+    table("Events per action", [(a["action"], a["events"]) for a in stats["actions"]], ("action", "events"))
+    table(f"Per {stats['data_key']}", [
+        (v["value"], v["events"], v["clicks"], v["visits"], v["sessions"], v["first"], v["second"], v["third"],
+         v["time_spent"]["mean"] if v["time_spent"]["mean"] is not None else "-", v["page_turns"])
+        for v in stats["values"]],
+        (stats["data_key"], "events", "clicks", "visits", "sessions", "1st", "2nd", "3rd", "mean s", "pages"))
+    screens = stats["heatmaps"]["screens"]
+    table("Touch points per screen (GET /stats has the heatmap bins)",
+          sorted(((screen or "(none)", h["points"]) for screen, h in screens.items()), key=lambda r: -r[1]),
+          ("screen", "points"))
+
+
 def cmd_serve(args, settings):
     # Create or upgrade the file now, so that a problem shows at start-up;
     # the app opens its own connections (per thread, after any fork).
@@ -1025,6 +1759,45 @@ def build_parser():
     command("consumers", cmd_consumers, "list the consumers")
     sub = command("revokeconsumer", cmd_revokeconsumer, "stop a consumer's key from starting sessions")
     sub.add_argument("name", help="the consumer's name")
+    def read_filters(sub, formats=True):
+        group = sub.add_argument_group("filters (as the HTTP API's query parameters)")
+        group.add_argument("--from", dest="from_", metavar="TIME",
+                           help="from this day (YYYY-MM-DD) or ISO 8601 time on")
+        group.add_argument("--to", metavar="TIME", help="up to this day (included) or time (excluded)")
+        group.add_argument("--date", help="sessions started on this UTC day, YYYY-MM-DD")
+        group.add_argument("--ip", help="sessions from this client address")
+        group.add_argument("--consumer", type=int, help="consumer id")
+        group.add_argument("--consumer-name", help="consumer name")
+        group.add_argument("--action", help="events with this action (sessions: having one)")
+        group.add_argument("--session", type=int, help="session id")
+        if formats:
+            group.add_argument("--sort", help="column to sort by (default: id)")
+            group.add_argument("--desc", action="store_true", help="sort descending")
+            group.add_argument("--limit", type=int, help="at most this many rows")
+            group.add_argument("--offset", type=int, help="skip this many rows")
+            group.add_argument("--after-id", type=int, help="rows after this id (cursor paging)")
+            group.add_argument("--fields", help="comma-separated fields, or all")
+            group.add_argument("--data-keys", help="CSV: add columns for these data keys, e.g. subject,clickX")
+            sub.add_argument("--format", choices=EXPORT_FORMATS, help="json (a page, default), csv or ndjson (every row)")
+            sub.add_argument("--output", "-o", metavar="FILE", help="write CSV or NDJSON here, not to stdout")
+
+    read_filters(command("events", cmd_read, "list events as the HTTP API does (JSON, CSV or NDJSON)"))
+    read_filters(command("sessions", cmd_read, "list sessions as the HTTP API does (JSON, CSV or NDJSON)"))
+    sub = command("export", cmd_read, "write every matching event or session as CSV (default) or NDJSON")
+    sub.add_argument("kind", nargs="?", choices=("events", "sessions"), default="events",
+                     help="what to export (default: events)")
+    read_filters(sub)
+    sub = command("import", cmd_import, "load a GET /events JSON export or an NDJSON export, "
+                                        "keeping ids, sessions, times and data; a file loads once")
+    sub.add_argument("file", help="the export file")
+    sub.add_argument("--consumer", default="import", help="consumer the sessions belong to "
+                                                          "(created if missing; default: %(default)s)")
+    sub = command("stats", cmd_stats, "print the statistics of GET /stats as readable tables")
+    read_filters(sub, formats=False)
+    sub.add_argument("--data-key", help="the data key naming screens (default: subject)")
+    sub.add_argument("--bin", type=int, help="heatmap bin size in pixels (default: 50)")
+    sub.add_argument("--tz", help="time zone, e.g. Europe/Berlin (default: $MICROTICKS_TZ, else the server's)")
+    sub.add_argument("--json", action="store_true", help="print the JSON that GET /stats answers")
     sub = command("serve", cmd_serve, "run the HTTP service")
     sub.add_argument("--host", help="address to listen on (default: $MICROTICKS_HOST, else 127.0.0.1;"
                                     " 0.0.0.0 for every network)")

@@ -972,3 +972,290 @@ def test_apache_serves_the_write_api_under_a_sub_path(apache, mount):
     assert stored_ids == ids
     missing = client.request("GET", "/nowhere", headers=headers)
     assert missing.status == 404 and missing.json["status"] == 404
+
+
+###############################################################################
+# Read side: queries, exports, import, statistics ##############################
+###############################################################################
+
+SAMPLE = HERE.parent / "shared" / "data" / "kiosk-sample-events.json"
+
+
+@pytest.fixture(scope="module")
+def sample_events():
+    if not SAMPLE.exists():
+        pytest.fail(f"the sample week is missing: {SAMPLE}")
+    return json.loads(SAMPLE.read_text(encoding="utf-8"))["events"]
+
+
+@pytest.fixture
+def sample_client(start_server, db_path):
+    """A server on a database holding the sample week, imported with the CLI."""
+    out = run_cli("import", str(SAMPLE), "--db", db_path, "--consumer", "touchtable").stdout
+    assert "Imported 1628 events in 83 sessions" in out
+    return start_server(tz="UTC")
+
+
+def all_events(client, **params):
+    return client.get("/events", limit=10000, **params).json
+
+
+def test_import_round_trips_the_first_microticks_export_exactly(sample_client, sample_events, db_path):
+    assert all_events(sample_client)["events"] == sample_events
+    again = run_cli("import", str(SAMPLE), "--db", db_path, check=False)
+    assert again.returncode == 1 and "imported already" in again.stderr
+    assert event_count(db_path) == 1628
+
+
+def test_ndjson_export_round_trips_through_import(sample_client, sample_events, tmp_path):
+    export = sample_client.get("/events", format="ndjson")
+    assert export.status == 200 and export.headers["content-type"] == "application/x-ndjson"
+    assert "attachment; filename=" in export.headers["content-disposition"]
+    path = tmp_path / "week.ndjson"
+    path.write_text(export.body, encoding="utf-8")
+    other = str(tmp_path / "other.db")
+    run_cli("import", str(path), "--db", other)
+    page = microticks.read_page(microticks.connect(other), microticks.ReadQuery(limit=None))
+    assert page["events"] == sample_events
+
+
+def test_import_refuses_conflicting_and_malformed_files(tmp_path, db_path):
+    bad = tmp_path / "bad.json"
+    for text, words in [('{"events": [{"id": 1}]}', "lacks a valid"), ("[1, 2]", 'no "events" list'),
+                        ("not json", "neither"), ('{"events": [{"id": 1, "session_id": 1, "time": "x",'
+                                                  ' "action": "a"}]}', "time")]:
+        bad.write_text(text)
+        proc = run_cli("import", str(bad), "--db", db_path, check=False)
+        assert proc.returncode == 1 and words in proc.stderr, (text, proc.stderr)
+    first = tmp_path / "a.ndjson"
+    first.write_text('{"id": 5, "session_id": 2, "time": "2017-05-22T11:00:00Z", "action": "click", "data": {"a": 1}}\n')
+    run_cli("import", str(first), "--db", db_path)
+    clash = tmp_path / "b.ndjson"
+    clash.write_text('{"id": 5, "session_id": 2, "time": "2017-05-22T11:00:00Z", "action": "click", "data": {"a": 2}}\n'
+                     '{"id": 6, "session_id": 2, "time": "2017-05-22T11:00:01Z", "action": "click", "data": null}\n')
+    proc = run_cli("import", str(clash), "--db", db_path, check=False)
+    assert proc.returncode == 1 and "other content" in proc.stderr
+    assert event_count(db_path) == 1  # the whole file or nothing
+
+
+def expected_filter(sample_events, name, value):
+    sessions = {}
+    for e in sample_events:
+        sessions.setdefault(e["session_id"], []).append(e)
+    if name == "action":
+        return [e for e in sample_events if e["action"] == value]
+    if name == "session":
+        return [e for e in sample_events if e["session_id"] == int(value)]
+    if name == "from":
+        return [e for e in sample_events if e["time"] >= value]
+    if name == "to":  # a day: the whole day included
+        return [e for e in sample_events if e["time"][:10] <= value]
+    if name == "date":  # sessions that started (first event) on that day
+        return [e for e in sample_events if min(x["time"] for x in sessions[e["session_id"]])[:10] == value]
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("action", "pageChange"), ("action", "stopSession"), ("session", "1327"), ("from", "2017-05-28T00:00:00.000Z"),
+    ("to", "2017-05-23"), ("date", "2017-05-24"),
+])
+def test_event_filters_match_an_independent_selection(sample_client, sample_events, name, value):
+    expected = expected_filter(sample_events, name, value)
+    answer = all_events(sample_client, **{name: value})
+    assert answer["count"] == len(expected) > 0
+    assert answer["events"] == expected
+
+
+def test_filters_combine_and_consumer_filters_work(sample_client, sample_events):
+    answer = all_events(sample_client, action="click", to="2017-05-22", consumer_name="touchtable")
+    assert answer["events"] == [e for e in sample_events if e["action"] == "click" and e["time"] < "2017-05-23"]
+    assert all_events(sample_client, consumer_name="nobody")["count"] == 0
+    consumer_id = sample_client.get("/sessions", limit=1).json["sessions"][0]["consumer_id"]
+    assert all_events(sample_client, consumer=consumer_id)["count"] == 1628
+    assert all_events(sample_client, ip="10.9.9.9")["count"] == 0
+
+
+def test_cursor_paging_walks_every_event_once(sample_client, sample_events):
+    seen, after = [], 0
+    while True:
+        page = sample_client.get("/events", limit=500, after_id=after).json
+        assert page["count"] == 1628  # the filter's matches, not the page
+        if not page["events"]:
+            break
+        seen += page["events"]
+        after = page["events"][-1]["id"]
+    assert seen == sample_events
+
+
+def test_sorting_uses_whitelisted_columns(sample_client, sample_events):
+    newest = sample_client.get("/events", **{"sort.desc": "time", "limit": 3}).json["events"]
+    assert newest == sorted(sample_events, key=lambda e: (e["time"], e["id"]), reverse=True)[:3]
+    by_action = sample_client.get("/events", sort="action", limit=1).json["events"][0]
+    assert by_action["action"] == "click"
+    longest = sample_client.get("/sessions", **{"sort.desc": "duration", "limit": 1}).json["sessions"][0]
+    assert longest["duration"] == max(s["duration"] for s in sample_client.get("/sessions").json["sessions"])
+
+
+def test_sessions_report_counts_durations_and_endings(sample_client, sample_events):
+    sessions = sample_client.get("/sessions").json
+    assert sessions["count"] == 83
+    by_id = {s["id"]: s for s in sessions["sessions"]}
+    first = by_id[1327]
+    assert (first["events"], first["clicks"], first["last_action"], first["stop_reason"]) == (3, 2, "stopSession", "client")
+    assert first["duration"] == pytest.approx(121.157)
+    assert first["consumer"] == "touchtable"
+    unstopped = [s for s in sessions["sessions"] if s["stop_reason"] != "client"]
+    assert len(unstopped) == 1  # the week has one session without a stopSession event
+    assert sum(s["events"] for s in sessions["sessions"]) == 1628
+
+
+def test_csv_export_opens_cleanly(sample_client, sample_events):
+    import csv
+    import io
+    reply = sample_client.get("/events", format="csv", data_keys="subject,clickX")
+    assert reply.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(reply.body.encode("utf-8").decode("utf-8-sig"))))
+    assert len(rows) == 1628
+    assert list(rows[0]) == ["id", "session_id", "time", "action", "data", "data.subject", "data.clickX"]
+    for row, event in zip(rows, sample_events):
+        assert int(row["id"]) == event["id"] and json.loads(row["data"]) == event["data"]
+        assert row["data.subject"] == str(event["data"].get("subject", ""))
+        assert row["data.clickX"] == str(event["data"].get("clickX", ""))
+
+
+def test_cli_export_matches_the_http_export(sample_client, db_path):
+    http_csv = sample_client.get("/events", format="csv", action="click").body
+    cli_csv = run_cli("export", "--format", "csv", "--action", "click", "--db", db_path).stdout
+    assert cli_csv == http_csv.replace("\r\n", "\n")  # run_cli reads text mode
+    sessions = run_cli("export", "sessions", "--format", "ndjson", "--db", db_path).stdout.splitlines()
+    assert len(sessions) == 83 and json.loads(sessions[0])["id"] == 1327
+    page = json.loads(run_cli("events", "--limit", "2", "--desc", "--sort", "id", "--db", db_path).stdout)
+    assert page["count"] == 1628 and [e["id"] for e in page["events"]] == [page["events"][0]["id"], page["events"][1]["id"]]
+    assert page["events"][0]["id"] > page["events"][1]["id"]
+
+
+@pytest.mark.parametrize("path, params, name", [
+    ("/events", {"colour": "red"}, "colour"),
+    ("/events", {"from": "last week"}, "from"),
+    ("/events", {"to": "2017-02-30"}, "to"),
+    ("/events", {"date": "22.05.2017"}, "date"),
+    ("/events", {"limit": "many"}, "limit"),
+    ("/events", {"format": "xlsx"}, "format"),
+    ("/events", {"sort": "data) --"}, "sort"),
+    ("/events", {"sort": "time", "sort.desc": "id"}, "sort"),
+    ("/events", {"fields": "id,password"}, "fields"),
+    ("/events", {"data_keys": "a'b"}, "data_keys"),
+    ("/events", {"after_id": "5", "sort": "time"}, "after_id"),
+    ("/sessions", {"sort": "token"}, "sort"),
+    ("/sessions", {"data_keys": "subject"}, "data_keys"),
+    ("/stats", {"tz": "Mars/Olympus"}, "tz"),
+    ("/stats", {"bin": "0"}, "bin"),
+    ("/stats", {"data_key": "$.x"}, "data_key"),
+    ("/stats", {"limit": "5"}, "limit"),
+    ("/events", {"consumer": "touchtable"}, "consumer"),
+])
+def test_bad_read_queries_are_400_naming_the_parameter(sample_client, path, params, name):
+    reply = sample_client.get(path, **params)
+    assert reply.status == 400, reply
+    assert name in reply.json["errors"], reply.json
+    assert name in reply.json["error"] or "allowed" in reply.json["error"]
+
+
+def test_query_strings_that_are_not_utf8_are_400(sample_client):
+    reply = sample_client.request("GET", "/events?action=%ff")
+    assert reply.status == 400 and "UTF-8" in reply.json["error"]
+
+
+def independent_stats(events):
+    """The figures researchers compute by hand, in plain Python, from the export."""
+    from datetime import datetime
+    from statistics import mean, median
+    sessions = {}
+    for e in events:
+        sessions.setdefault(e["session_id"], []).append(e)
+
+    def t(text):
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    starts = {sid: min(t(e["time"]) for e in evs) for sid, evs in sessions.items()}
+    ends = {sid: t(next((e["time"] for e in evs if e["action"] == "stopSession"), max(e["time"] for e in evs)))
+            for sid, evs in sessions.items()}
+    per_day = {}
+    for start in starts.values():
+        per_day[start.date().isoformat()] = per_day.get(start.date().isoformat(), 0) + 1
+    durations = [(ends[s] - starts[s]).total_seconds() for s in sessions]
+    values, picks, spent = {}, {}, {}
+    for sid, evs in sessions.items():
+        evs = sorted(evs, key=lambda e: (e["time"], e["id"]))
+        runs = []
+        for e in evs:
+            value = e["data"].get("subject") if isinstance(e["data"], dict) else None
+            if value is not None:
+                values.setdefault(value, {"events": 0, "clicks": 0})
+                values[value]["events"] += 1
+                values[value]["clicks"] += e["action"] == "click"
+            if not runs or runs[-1][0] != value:
+                runs.append((value, t(e["time"])))
+        valued = [r for r in runs if r[0] is not None]
+        for n, (value, _) in enumerate(valued[:3]):
+            picks.setdefault(value, [0, 0, 0])[n] += 1
+        for (value, start), (_, following) in zip(runs, runs[1:]):
+            if value is not None:
+                spent.setdefault(value, []).append((following - start).total_seconds())
+    heat_main = sum(1 for e in events if isinstance(e["data"], dict) and "clickX" in e["data"]
+                    and (e["data"].get("prevSubject") or e["data"].get("subject")) == "main")
+    return {"sessions": len(sessions), "events": len(events), "per_day": per_day,
+            "median_duration": median(durations), "mean_duration": mean(durations),
+            "values": values, "picks": picks, "spent": {v: mean(x) for v, x in spent.items()},
+            "heat_main": heat_main}
+
+
+def test_stats_equal_an_independent_computation_over_the_sample_week(sample_client, sample_events):
+    stats = sample_client.get("/stats", tz="UTC").json
+    expected = independent_stats(sample_events)
+    assert (stats["sessions"], stats["events"]) == (expected["sessions"], expected["events"]) == (83, 1628)
+    assert {d["day"]: d["sessions"] for d in stats["sessions_per_day"]} == expected["per_day"]
+    busiest = max(stats["sessions_per_day"], key=lambda d: d["sessions"])
+    assert busiest == {"day": "2017-05-23", "sessions": 30}
+    assert sum(h["sessions"] for h in stats["sessions_per_hour"]) == 83
+    assert sum(d["sessions"] for d in stats["sessions_per_weekday"]) == 83
+    assert stats["duration"]["median"] == pytest.approx(expected["median_duration"], abs=0.001)
+    assert stats["duration"]["mean"] == pytest.approx(expected["mean_duration"], abs=0.001)
+    assert sum(b["sessions"] for b in stats["duration"]["distribution"]) == 83
+    assert {a["action"]: a["events"] for a in stats["actions"]} == {
+        "click": 1271, "pageChange": 239, "stopSession": 82, "swipe": 36}
+    by_value = {v["value"]: v for v in stats["values"]}
+    assert stats["values"][0]["value"] == "year:2017"  # the top screen
+    for value, counts in expected["values"].items():
+        assert (by_value[value]["events"], by_value[value]["clicks"]) == (counts["events"], counts["clicks"])
+    for value, (first, second, third) in expected["picks"].items():
+        assert (by_value[value]["first"], by_value[value]["second"], by_value[value]["third"]) == (first, second, third)
+    for value, mean_spent in expected["spent"].items():
+        assert by_value[value]["time_spent"]["mean"] == pytest.approx(mean_spent, abs=0.001)
+    assert stats["heatmaps"]["screens"]["main"]["points"] == expected["heat_main"] > 0
+    assert stats["heatmaps"]["width"] == 1919
+
+
+def test_stats_follow_the_time_zone_and_filters(sample_client):
+    utc = sample_client.get("/stats", tz="UTC").json
+    tokyo = sample_client.get("/stats", tz="Asia/Tokyo").json
+    assert utc["sessions_per_hour"] != tokyo["sessions_per_hour"]
+    shifted = {h["hour"]: h["sessions"] for h in tokyo["sessions_per_hour"]}
+    assert all(shifted[(h["hour"] + 9) % 24] == h["sessions"] for h in utc["sessions_per_hour"])
+    one_day = sample_client.get("/stats", tz="UTC", **{"from": "2017-05-23", "to": "2017-05-23"}).json
+    assert one_day["sessions"] == 30 and [d["day"] for d in one_day["sessions_per_day"]] == ["2017-05-23"]
+    target = sample_client.get("/stats", data_key="currentPage", bin=100).json
+    assert target["data_key"] == "currentPage" and target["heatmaps"]["bin"] == 100
+
+
+def test_stats_on_an_empty_database(client):
+    stats = client.get("/stats").json
+    assert stats["sessions"] == 0 and stats["values"] == [] and stats["duration"]["median"] is None
+
+
+def test_cli_stats_prints_readable_tables(sample_client, db_path):
+    out = run_cli("stats", "--tz", "UTC", "--db", db_path).stdout
+    assert "83 sessions, 1628 events" in out
+    assert re.search(r"2017-05-23\s+30", out)
+    assert "year:2017" in out
+    as_json = json.loads(run_cli("stats", "--tz", "UTC", "--json", "--db", db_path).stdout)
+    assert as_json["sessions"] == 83
