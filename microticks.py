@@ -265,6 +265,10 @@ MIGRATIONS = [
         "UPDATE sessions SET started_utc = mt_utc(started_at), stopped_utc = mt_utc(stopped_at),"
         " stop_reason = CASE WHEN stopped_at IS NOT NULL THEN 'client' END",
         "UPDATE events SET time_utc = mt_utc(time)",
+        # Old frontends sometimes sent plain text as data. Stored as a JSON
+        # string it reads back the same, and every row is valid JSON, so
+        # queries can use SQLite's JSON functions without a guard per row.
+        "UPDATE events SET data = json_quote(data) WHERE data IS NOT NULL AND NOT json_valid(data)",
         # Not UNIQUE: a first-generation file could hold a repeated token, and
         # an upgrade must never fail on old data. New tokens are random.
         "CREATE INDEX IF NOT EXISTS sessions_token ON sessions (token)",
@@ -517,8 +521,7 @@ def decode_data(text):
 #: reaches SQL as text: names are looked up here, values are bound.
 EVENT_COLUMNS = {
     "id": "e.id", "session_id": "e.session_id", "time": "e.time", "action": "e.action",
-    # Valid JSON text for every row: old frontends stored plain strings.
-    "data": "CASE WHEN json_valid(e.data) THEN e.data ELSE json_quote(e.data) END",
+    "data": "e.data",  # valid JSON text in every row (see the migrations)
     "time_utc": "e.time_utc", "received_at": "e.received_at",
     "ip": "s.ip", "consumer_id": "s.consumer_id", "consumer": "c.name",
 }
@@ -602,7 +605,7 @@ def _select(query, fields, count=False):
         clauses.append(f"{id_column} {'<' if query.descending else '>'} ?")
         params.append(query.after_id)
     select = [f"{columns[f]} AS {f}" for f in fields]
-    select += ["json_extract(CASE WHEN json_valid(e.data) THEN e.data END, ?)"] * len(query.data_keys)
+    select += ["json_extract(e.data, ?)"] * len(query.data_keys)
     params = [f'$."{key}"' for key in query.data_keys] + params  # the select list's come first
     order = [columns.get(part, part) for part in (EVENT_SORTS if events else SESSION_SORTS)[query.sort]]
     direction = " DESC" if query.descending else ""
@@ -690,60 +693,72 @@ def compute_stats(conn, query, tz_name, data_key, bin_size):
     ReadQuery selects, in SQL: per day, hour and weekday (local time in
     `tz_name`), durations, events per session and per action, and for the
     data key (the screen): visits, picks, time spent, page turns and click
-    heatmaps."""
+    heatmaps. A session's events are taken in the order they were stored."""
     clauses, params = _filters(replace(query, kind="sessions"))
-    selected = ("WITH sel AS (SELECT s.id, s.started_utc, s.stopped_utc FROM sessions s"
-                + (f" WHERE {' AND '.join(clauses)}" if clauses else "") + ")")
-    events_of_selected = (", ev AS (SELECT e.id, e.session_id, e.time_utc, e.action,"
-                          " CASE WHEN json_valid(e.data) THEN e.data END AS data"
-                          " FROM events e JOIN sel ON sel.id = e.session_id)")
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    if clauses:
+        selected = [f"sel AS (SELECT s.id FROM sessions s{where})"]
+        events_table = "events e JOIN sel ON sel.id = e.session_id"
+    else:  # everything: no join
+        selected, events_table = [], "events e"
 
+    def with_(*ctes):
+        ctes = selected + list(ctes)
+        return f"WITH {', '.join(ctes)} " if ctes else ""
+
+    # Grouped by UTC minute in SQL; the zone's offset is looked up once an
+    # hour in Python (zones change offset on whole UTC hours or half-hours).
+    zone, offsets = load_timezone(tz_name), {}
     per_day, per_hour, per_weekday = {}, [0] * 24, [0] * 7
-    for parts, n in conn.execute(selected + " SELECT mt_local(started_utc, ?) AS parts, count(*)"
-                                 " FROM sel GROUP BY parts", [*params, tz_name]):
-        if parts is None:
+    for minute, n in conn.execute(f"SELECT substr(s.started_utc, 1, 16) AS m, count(*) FROM sessions s{where}"
+                                  " GROUP BY m", params):
+        try:
+            utc = datetime(int(minute[:4]), int(minute[5:7]), int(minute[8:10]), int(minute[11:13]),
+                           int(minute[14:16]), tzinfo=timezone.utc)
+        except (TypeError, ValueError):
             continue
-        day, hour, weekday = parts.split(" ")
+        hour_key = minute[:13] + minute[14]
+        if hour_key not in offsets:
+            offsets[hour_key] = utc.astimezone(zone).utcoffset()
+        local = utc + offsets[hour_key]
+        day = f"{local.year:04d}-{local.month:02d}-{local.day:02d}"
         per_day[day] = per_day.get(day, 0) + n
-        per_hour[int(hour)] += n
-        per_weekday[int(weekday)] += n
+        per_hour[local.hour] += n
+        per_weekday[local.weekday()] += n
 
     sessions = conn.execute(
-        selected + ", counts AS (SELECT sel.id, sel.started_utc, sel.stopped_utc, count(e.id) AS n,"
-        " max(e.time_utc) AS last FROM sel LEFT JOIN events e ON e.session_id = sel.id GROUP BY sel.id)"
-        " SELECT n, round((julianday(coalesce(stopped_utc, last, started_utc)) - julianday(started_utc))"
-        " * 86400, 3) FROM counts", params).fetchall()
+        "SELECT (SELECT count(*) FROM events x WHERE x.session_id = s.id),"
+        " round((julianday(coalesce(s.stopped_utc, (SELECT max(x.time_utc) FROM events x"
+        " WHERE x.session_id = s.id), s.started_utc)) - julianday(s.started_utc)) * 86400, 3)"
+        f" FROM sessions s{where}", params).fetchall()
     event_counts = [n for n, _ in sessions]
     durations = [d for _, d in sessions if d is not None]
 
     actions = [{"action": a, "events": n} for a, n in conn.execute(
-        selected + events_of_selected + " SELECT action, count(*) AS n FROM ev GROUP BY action"
-        " ORDER BY n DESC, action", params)]
+        f"{with_()}SELECT e.action, count(*) AS n FROM {events_table} GROUP BY e.action"
+        " ORDER BY n DESC, e.action", params)]
 
     key_path, prev_path = f'$."{data_key}"', f'$."prev{data_key[:1].upper()}{data_key[1:]}"'
     values = {}
     for value, n_events, clicks, turns, n_sessions in conn.execute(
-            selected + events_of_selected + ", valued AS (SELECT *, json_extract(data, ?) AS value FROM ev)"
-            " SELECT value, count(*), sum(action = 'click'), sum(action = 'pageChange'),"
-            " count(DISTINCT session_id) FROM valued WHERE value IS NOT NULL GROUP BY value",
-            [*params, key_path]):
+            f"{with_()}SELECT e.data ->> ? AS value, count(*), sum(e.action = 'click'),"
+            f" sum(e.action = 'pageChange'), count(DISTINCT e.session_id) FROM {events_table}"
+            " WHERE value IS NOT NULL GROUP BY value", [*params, key_path]):
         values[value] = {"value": value, "events": n_events, "clicks": clicks, "page_turns": turns,
                          "sessions": n_sessions, "visits": 0, "first": 0, "second": 0, "third": 0,
                          "time_spent": {"min": None, "mean": None, "max": None, "measured": 0}}
     # A visit is a run of events with the same value in a session; it lasts
     # until the next event that carries another value (or none, like stopSession).
     for value, visits, first, second, third, measured, low, mean, high in conn.execute(
-            selected + events_of_selected +
-            ", valued AS (SELECT id, session_id, time_utc, json_extract(data, ?) AS value FROM ev),"
-            " marked AS (SELECT *, value IS NOT lag(value) OVER w AS new_run FROM valued"
-            "  WINDOW w AS (PARTITION BY session_id ORDER BY time_utc, id)),"
-            " runs AS (SELECT session_id, value, time_utc, id,"
-            "  lead(time_utc) OVER (PARTITION BY session_id ORDER BY time_utc, id) AS next_time"
-            "  FROM marked WHERE new_run),"
-            " picks AS (SELECT *, row_number() OVER (PARTITION BY session_id ORDER BY time_utc, id) AS n,"
-            "  (julianday(next_time) - julianday(time_utc)) * 86400 AS spent"
-            "  FROM runs WHERE value IS NOT NULL)"
-            " SELECT value, count(*), sum(n = 1), sum(n = 2), sum(n = 3), count(spent),"
+            with_(f"valued AS (SELECT e.id, e.session_id, e.time_utc, e.data ->> ? AS value FROM {events_table})",
+                  "marked AS (SELECT *, value IS NOT lag(value) OVER (PARTITION BY session_id ORDER BY id)"
+                  " AS new_run FROM valued)",
+                  "runs AS (SELECT session_id, id, value, time_utc, lead(time_utc) OVER"
+                  " (PARTITION BY session_id ORDER BY id) AS next_time FROM marked WHERE new_run)",
+                  "picks AS (SELECT value, row_number() OVER (PARTITION BY session_id ORDER BY id) AS n,"
+                  " (julianday(next_time) - julianday(time_utc)) * 86400 AS spent FROM runs"
+                  " WHERE value IS NOT NULL)")
+            + "SELECT value, count(*), sum(n = 1), sum(n = 2), sum(n = 3), count(spent),"
             " min(spent), avg(spent), max(spent) FROM picks GROUP BY value",
             [*params, key_path]):
         entry = values.get(value)
@@ -755,13 +770,12 @@ def compute_stats(conn, query, tz_name, data_key, bin_size):
 
     heatmaps, width, height = {}, 0, 0
     for screen, x, y, n, max_x, max_y in conn.execute(
-            selected + events_of_selected +
-            ", points AS (SELECT coalesce(json_extract(data, ?), json_extract(data, ?)) AS screen,"
-            "  json_extract(data, '$.clickX') AS x, json_extract(data, '$.clickY') AS y FROM ev"
-            "  WHERE json_type(data, '$.clickX') IN ('integer', 'real')"
-            "  AND json_type(data, '$.clickY') IN ('integer', 'real'))"
-            " SELECT screen, CAST(x / ? AS INTEGER) * ?, CAST(y / ? AS INTEGER) * ?, count(*), max(x), max(y)"
-            " FROM points GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            with_(f"points AS (SELECT e.data ->> '$.clickX' AS x, e.data ->> '$.clickY' AS y,"
+                  f" e.data AS data FROM {events_table} WHERE x IS NOT NULL)")
+            + "SELECT coalesce(data ->> ?, data ->> ?) AS screen, CAST(x / ? AS INTEGER) * ?,"
+            " CAST(y / ? AS INTEGER) * ?, count(*), max(x), max(y) FROM points"
+            " WHERE typeof(x) IN ('integer', 'real') AND typeof(y) IN ('integer', 'real')"
+            " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
             [*params, prev_path, key_path, bin_size, bin_size, bin_size, bin_size]):
         screen = "" if screen is None else str(screen)
         heatmap = heatmaps.setdefault(screen, {"points": 0, "bins": []})
@@ -772,7 +786,7 @@ def compute_stats(conn, query, tz_name, data_key, bin_size):
     return {
         "sessions": len(sessions),
         "events": sum(event_counts),
-        "timezone": tz_name or str(load_timezone("")),
+        "timezone": tz_name or str(zone),
         "sessions_per_day": [{"day": day, "sessions": n} for day, n in sorted(per_day.items())],
         "sessions_per_hour": [{"hour": h, "sessions": n} for h, n in enumerate(per_hour)],
         "sessions_per_weekday": [{"weekday": WEEKDAYS[d], "sessions": n} for d, n in enumerate(per_weekday)],
