@@ -33,6 +33,9 @@ CGI, Apache's SetEnv works too):
     MICROTICKS_SENTRY_DSN    report errors to Sentry (needs the sentry_sdk package)
     MICROTICKS_TZ            time zone of statistics and date filters, e.g.
                              Europe/Berlin (default: the server's zone)
+    MICROTICKS_SESSION_TIMEOUT  seconds without an event before the server
+                             closes a session (default: 1800)
+    MICROTICKS_RATE_LIMIT    requests a second per client address (default: 50; 0: none)
 
 Needs Python 3.9 or newer and Bottle 0.13 (`pip install bottle`, or Bottle's
 single file bottle.py copied beside this one).
@@ -92,8 +95,13 @@ MAX_ACTION_CHARS = 100
 MAX_TOKEN_CHARS = 64
 MAX_TIMESTAMP_CHARS = 64
 MAX_DATA_BYTES = 64 * 1024
+MAX_DEVICE_CHARS = 100
 #: How deeply `data` may nest: a kiosk's click data is two levels deep.
 MAX_DATA_DEPTH = 32
+#: Events one batch may hold (answered 413 beyond it, as is a body over 1 MiB).
+MAX_BATCH_EVENTS = 1000
+#: Clock offsets below this are network delay, not a wrong clock: not corrected.
+MIN_CLOCK_CORRECTION = timedelta(seconds=2)
 #: Rows one page of GET /events or GET /sessions holds.
 DEFAULT_PAGE_LIMIT = 1000
 MAX_PAGE_LIMIT = 10000
@@ -124,6 +132,10 @@ class Settings:
     sentry_dsn: str = ""
     #: The zone statistics and date filters are read in ("" = the server's).
     tz: str = ""
+    #: Seconds without an event after which the server closes a session.
+    session_timeout: int = 1800
+    #: Requests a second one client address may make (0: no limit).
+    rate_limit: int = 50
     #: Problems found while reading the environment, reported at start-up.
     warnings: tuple = field(default=(), compare=False)
 
@@ -165,6 +177,8 @@ def load_settings(wsgi_environ=None, **overrides):
         log_level=level,
         sentry_dsn=env.get("MICROTICKS_SENTRY_DSN", ""),
         tz=timezone_setting(env.get("MICROTICKS_TZ", ""), warnings),
+        session_timeout=max(1, integer("MICROTICKS_SESSION_TIMEOUT", 1800)),
+        rate_limit=max(0, integer("MICROTICKS_RATE_LIMIT", 50)),
         warnings=tuple(warnings),
     )
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
@@ -280,6 +294,23 @@ MIGRATIONS = [
         "CREATE TABLE imports (id INTEGER PRIMARY KEY AUTOINCREMENT, sha256 TEXT NOT NULL UNIQUE,"
         " source TEXT NOT NULL, imported_at TEXT NOT NULL, events INTEGER NOT NULL)",
     ]),
+    ("client ids for retries, event order, devices", [
+        # uuid: chosen by the client, so that a retried request stores nothing twice.
+        # seq: the event's number in its session; boot: the page load that sent it.
+        "ALTER TABLE events ADD COLUMN uuid TEXT",
+        "ALTER TABLE events ADD COLUMN seq INTEGER",
+        "ALTER TABLE events ADD COLUMN boot TEXT",
+        "CREATE UNIQUE INDEX events_uuid ON events (uuid) WHERE uuid IS NOT NULL",
+        "ALTER TABLE sessions ADD COLUMN uuid TEXT",
+        "ALTER TABLE sessions ADD COLUMN device_id INTEGER",
+        "CREATE UNIQUE INDEX sessions_uuid ON sessions (uuid) WHERE uuid IS NOT NULL",
+        # The server closes idle sessions: finding the open ones must not scan.
+        "CREATE INDEX sessions_open ON sessions (id) WHERE stopped_at IS NULL",
+        "CREATE TABLE devices (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " consumer_id INTEGER NOT NULL, name TEXT NOT NULL, app_version TEXT, ip TEXT,"
+        " first_seen_at TEXT NOT NULL, last_seen_at TEXT NOT NULL, last_heartbeat_at TEXT,"
+        " queue_depth INTEGER, UNIQUE (consumer_id, name))",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -351,7 +382,7 @@ def connect(path):
     try:
         # WAL: readers never block the writer, and several processes
         # (gunicorn workers, CGI requests) can share the file.
-        conn.execute("PRAGMA journal_mode=WAL")
+        _use_wal(conn)
         # FULL: an acknowledged event survives a power cut too, not only a
         # crashed process; a kiosk gets unplugged at closing time. It costs
         # about 3x in raw SQLite speed, far above what HTTP can deliver.
@@ -363,6 +394,25 @@ def connect(path):
         conn.close()
         raise
     return conn
+
+
+def _use_wal(conn):
+    """Switch the file to WAL (it stays so). The switch needs the file to
+    itself and SQLite does not wait for that, so two processes opening a
+    first-generation file at once retry here."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+            continue
+        if mode != "wal":  # e.g. a file system without shared memory
+            log.warning("the database cannot use WAL (journal mode stays %s): "
+                        "concurrent writers will wait longer", mode)
+        return
 
 
 def schema_version(conn):
@@ -453,57 +503,145 @@ def revoke_consumer(conn, name):
                          (datetime.now().strftime("%Y-%m-%d %H:%M:%S"), row["id"]))
 
 
-def start_session(conn, consumer_key, ts, ip):
-    """Open a session for the consumer owning `consumer_key`; returns its token."""
-    token = secrets.token_hex(16)
+def _consumer_for_key(conn, consumer_key):
+    consumer = conn.execute("SELECT id, deleted_at FROM consumers WHERE key = ?", (consumer_key,)).fetchone()
+    if consumer is None:
+        raise MicroticksError(403, "Unknown consumer key: create one with "
+                                   "`python microticks.py createconsumer NAME`")
+    if consumer["deleted_at"] is not None:
+        raise MicroticksError(403, "This consumer key was revoked")
+    return consumer["id"]
+
+
+def _record_device(conn, consumer_id, device, app_version, ip, now, queue_depth=None, heartbeat=False):
+    """Note that a kiosk was seen; returns the device's id (None without a name)."""
+    if not device:
+        return None
+    conn.execute(
+        "INSERT INTO devices (consumer_id, name, app_version, ip, first_seen_at, last_seen_at,"
+        " last_heartbeat_at, queue_depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (consumer_id, name) DO UPDATE SET"
+        " app_version = coalesce(excluded.app_version, app_version), ip = excluded.ip,"
+        " last_seen_at = excluded.last_seen_at,"
+        " last_heartbeat_at = coalesce(excluded.last_heartbeat_at, last_heartbeat_at),"
+        " queue_depth = coalesce(excluded.queue_depth, queue_depth)",
+        (consumer_id, device, app_version, ip, now, now, now if heartbeat else None, queue_depth))
+    return conn.execute("SELECT id FROM devices WHERE consumer_id = ? AND name = ?",
+                        (consumer_id, device)).fetchone()[0]
+
+
+def start_session(conn, consumer_key, ts, ip, uuid=None, device=None, app_version=None):
+    """Open a session for the consumer owning `consumer_key`; returns its
+    token and whether it existed already. A session id chosen by the client
+    (`uuid`) makes a retried start return the same token."""
+    token, now = secrets.token_hex(16), utc_now()
     with write_transaction(conn):
-        consumer = conn.execute("SELECT id, deleted_at FROM consumers WHERE key = ?",
-                                (consumer_key,)).fetchone()
-        if consumer is None:
-            raise MicroticksError(403, "Unknown consumer key: create one with "
-                                       "`python microticks.py createconsumer NAME`")
-        if consumer["deleted_at"] is not None:
-            raise MicroticksError(403, "This consumer key was revoked")
+        consumer_id = _consumer_for_key(conn, consumer_key)
+        if uuid:
+            existing = conn.execute("SELECT token, consumer_id FROM sessions WHERE uuid = ?", (uuid,)).fetchone()
+            if existing is not None:
+                if existing["consumer_id"] != consumer_id:
+                    raise MicroticksError(409, "This session uuid belongs to another consumer")
+                return existing["token"], True
+        device_id = _record_device(conn, consumer_id, device, app_version, ip, now)
         conn.execute(
-            "INSERT INTO sessions (token, ip, started_at, consumer_id, received_at, started_utc)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (token, ip, ts.text, consumer["id"], utc_now(), ts.utc))
-    return token
+            "INSERT INTO sessions (token, ip, started_at, consumer_id, received_at, started_utc, uuid, device_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (token, ip, ts.text, consumer_id, now, ts.utc, uuid, device_id))
+    return token, False
 
 
-def _open_session(conn, token):
+def record_heartbeat(conn, consumer_key, device, app_version, queue_depth, ip):
+    """A kiosk's sign of life: its device's last heartbeat and queue depth."""
+    with write_transaction(conn):
+        consumer_id = _consumer_for_key(conn, consumer_key)
+        return _record_device(conn, consumer_id, device, app_version, ip, utc_now(), queue_depth, heartbeat=True)
+
+
+def _session_for_token(conn, token):
     """The session a token names, refused when unknown."""
-    session = conn.execute("SELECT id, stopped_at FROM sessions WHERE token = ?", (token,)).fetchone()
+    session = conn.execute("SELECT id, stopped_utc, stop_reason FROM sessions WHERE token = ?",
+                           (token,)).fetchone()
     if session is None:
         raise MicroticksError(404, "Could not find session: start one with POST /sessions")
     return session
 
 
-def store_event(conn, token, action, data, ts):
-    """Store one event of an open session; returns its id."""
+def store_events(conn, events):
+    """Store events in one transaction; one result per event, in order:
+    {"event_id": N} (plus "duplicate": true when its uuid was stored before)
+    or {"error": ..., "status": ...} (a MicroticksError from validation, or
+    a refusal here). A late event for a session the server closed for
+    inactivity is stored and moves that session's stop; a client's stop is final."""
+    results, sessions, now = [], {}, utc_now()
     with write_transaction(conn):
-        session = _open_session(conn, token)
-        if session["stopped_at"] is not None:
-            raise MicroticksError(409, "Session was already stopped.")
-        cursor = conn.execute(
-            "INSERT INTO events (session_id, time, action, data, received_at, time_utc)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (session["id"], ts.text, action, data, utc_now(), ts.utc))
-    return cursor.lastrowid
+        for event in events:
+            if isinstance(event, MicroticksError):
+                results.append({"error": event.message, "status": event.status_code})
+                continue
+            try:
+                if event["uuid"]:
+                    stored = conn.execute("SELECT id FROM events WHERE uuid = ?", (event["uuid"],)).fetchone()
+                    if stored is not None:
+                        results.append({"event_id": stored[0], "duplicate": True})
+                        continue
+                session = sessions.get(event["token"]) or _session_for_token(conn, event["token"])
+                sessions[event["token"]] = session
+                if session["stop_reason"] not in (None, "timeout"):
+                    raise MicroticksError(409, "Session was already stopped.")
+            except MicroticksError as error:
+                results.append({"error": error.message, "status": error.status_code})
+                continue
+            ts = event["ts"]
+            cursor = conn.execute(
+                "INSERT INTO events (session_id, time, action, data, received_at, time_utc, uuid, seq, boot)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (session["id"], ts.text, event["action"], event["data"], now, ts.utc,
+                 event["uuid"], event["seq"], event["boot"]))
+            if session["stop_reason"] == "timeout" and ts.utc > session["stopped_utc"]:
+                conn.execute("UPDATE sessions SET stopped_at = ?, stopped_utc = ? WHERE id = ?",
+                             (ts.text, ts.utc, session["id"]))
+                sessions[event["token"]] = dict(session, stopped_utc=ts.utc)
+            results.append({"event_id": cursor.lastrowid})
+    return results
 
 
 def stop_session(conn, token, ts):
     """Close a session at the client's time. Stopping a stopped session
-    changes nothing, so that a client may retry."""
+    changes nothing, so that a client may retry; a client's stop replaces
+    the server's provisional one."""
     with write_transaction(conn):
-        session = _open_session(conn, token)
-        if session["stopped_at"] is not None:
+        session = _session_for_token(conn, token)
+        if session["stop_reason"] not in (None, "timeout"):
             return False
         conn.execute(
             "UPDATE sessions SET stopped_at = ?, stopped_utc = ?, stop_received_at = ?,"
             " stop_reason = 'client' WHERE id = ?",
             (ts.text, ts.utc, utc_now(), session["id"]))
     return True
+
+
+# The newest event of a session: its time closes the session; its arrival
+# tells how long the session has been idle.
+_LAST_EVENT = "FROM events x WHERE x.session_id = sessions.id ORDER BY x.id DESC LIMIT 1"
+_IDLE_SINCE = (f"coalesce((SELECT x.received_at {_LAST_EVENT}), sessions.received_at,"
+               f" (SELECT x.time_utc {_LAST_EVENT}), sessions.started_utc)")
+
+
+def close_idle_sessions(conn, timeout):
+    """Close the sessions without an event for `timeout` seconds (by the
+    server's clock) at their last event's time, reason 'timeout'. Cheap when
+    there is nothing to close: one read over the open sessions."""
+    cutoff = format_utc(datetime.now(timezone.utc) - timedelta(seconds=timeout))
+    idle = f"stopped_at IS NULL AND {_IDLE_SINCE} < ?"
+    if conn.execute(f"SELECT 1 FROM sessions WHERE {idle} LIMIT 1", (cutoff,)).fetchone() is None:
+        return 0
+    with write_transaction(conn):
+        return conn.execute(
+            "UPDATE sessions SET"
+            f" stopped_at = coalesce((SELECT x.time {_LAST_EVENT}), started_at),"
+            f" stopped_utc = coalesce((SELECT x.time_utc {_LAST_EVENT}), started_utc),"
+            f" stop_received_at = ?, stop_reason = 'timeout' WHERE {idle}", (utc_now(), cutoff)).rowcount
 
 
 def decode_data(text):
@@ -890,6 +1028,12 @@ class Timestamp:
     text: str
     utc: str
 
+    def shifted(self, offset):
+        """The same client time, its UTC form corrected by a clock offset."""
+        if not offset:
+            return self
+        return Timestamp(self.text, format_utc(parse_timestamp(self.utc) + offset))
+
 
 def parse_timestamp(text):
     """An ISO 8601 date and time with a zone ('Z' or an offset), seconds and
@@ -1012,21 +1156,96 @@ def _check(fields, checks):
     return clean
 
 
-def clean_session_start(fields):
+def clean_session_start(fields, received):
+    clean = _check(fields, {"consumer_key": lambda f, n: _text(f, n, MAX_TOKEN_CHARS * 2),
+                            "ts": _timestamp, "uuid": _client_id, "sent_at": _optional_timestamp,
+                            "device": lambda f, n: _text(f, n, MAX_DEVICE_CHARS, required=False),
+                            "app_version": lambda f, n: _text(f, n, MAX_DEVICE_CHARS, required=False)})
+    clean["ts"] = clean["ts"].shifted(clock_offset(clean.pop("sent_at"), received))
+    return clean
+
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}", re.ASCII)
+
+
+def _client_id(fields, name):
+    """A client-chosen id (uuid, boot): up to 64 letters, digits and ._:-"""
+    value = fields.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not _CLIENT_ID.fullmatch(value):
+        raise ValueError(f'"{name}" must be up to 64 letters, digits, dots, colons, dashes or underscores')
+    return value
+
+
+def _sequence_number(fields, name):
+    value = fields.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 16:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
+        raise ValueError(f'"{name}" must be a whole number from 0')
+    return value
+
+
+def _optional_timestamp(fields, name):
+    return _timestamp(fields, name) if fields.get(name) not in (None, "") else None
+
+
+def clock_offset(sent_at, received):
+    """How far the client's clock is behind the server's, from the time the
+    client says it sent a request and the time it arrived (None: unknown or
+    too small to be more than network delay)."""
+    if sent_at is None:
+        return None
+    offset = received - parse_timestamp(sent_at.utc)
+    return offset if abs(offset) >= MIN_CLOCK_CORRECTION else None
+
+
+def clean_event(fields, from_form, offset=None):
+    """One event's fields, validated, its time corrected by `offset`."""
+    clean = _check(fields, {"token": lambda f, n: _text(f, n, MAX_TOKEN_CHARS),
+                            "action": lambda f, n: _text(f, n, MAX_ACTION_CHARS),
+                            "data": lambda f, n: _data(f, n, from_form),
+                            "ts": _timestamp, "uuid": _client_id, "seq": _sequence_number,
+                            "boot": _client_id})
+    clean["ts"] = clean["ts"].shifted(offset)
+    return clean
+
+
+def clean_batch(body, received):
+    """A batch {"events": [...], "sent_at": ...}: a list with, per event,
+    its clean fields or the MicroticksError that refuses it alone."""
+    events = body["events"]
+    if len(events) > MAX_BATCH_EVENTS:
+        raise MicroticksError(413, f"A batch holds at most {MAX_BATCH_EVENTS} events; this one has "
+                                   f"{len(events)}: send it in parts")
+    offset = clock_offset(_check(body, {"sent_at": _optional_timestamp})["sent_at"], received)
+    cleaned = []
+    for number, event in enumerate(events):
+        if not isinstance(event, dict):
+            cleaned.append(MicroticksError(400, f"Event {number} is not an object of fields"))
+            continue
+        try:
+            cleaned.append(clean_event(event, from_form=False, offset=offset))
+        except MicroticksError as error:
+            cleaned.append(error)
+    return cleaned
+
+
+def clean_heartbeat(fields):
     return _check(fields, {"consumer_key": lambda f, n: _text(f, n, MAX_TOKEN_CHARS * 2),
-                           "ts": _timestamp})
+                           "device": lambda f, n: _text(f, n, MAX_DEVICE_CHARS),
+                           "app_version": lambda f, n: _text(f, n, MAX_DEVICE_CHARS, required=False),
+                           "queue": _sequence_number})
 
 
-def clean_event(fields, from_form):
-    return _check(fields, {"token": lambda f, n: _text(f, n, MAX_TOKEN_CHARS),
-                           "action": lambda f, n: _text(f, n, MAX_ACTION_CHARS),
-                           "data": lambda f, n: _data(f, n, from_form),
-                           "ts": _timestamp})
-
-
-def clean_session_stop(fields):
-    return _check(fields, {"token": lambda f, n: _text(f, n, MAX_TOKEN_CHARS),
-                           "ts": _timestamp})
+def clean_session_stop(fields, received):
+    clean = _check(fields, {"token": lambda f, n: _text(f, n, MAX_TOKEN_CHARS),
+                            "ts": _timestamp, "sent_at": _optional_timestamp})
+    clean["ts"] = clean["ts"].shifted(clock_offset(clean.pop("sent_at"), received))
+    return clean
 
 
 #: Filters every read takes; `key` is the API key, not a filter.
@@ -1360,6 +1579,28 @@ def cors_headers(settings, origin):
     return headers
 
 
+class RateLimiter:
+    """Requests per second per client address, with bursts of four seconds'
+    worth: a runaway kiosk cannot flood the box. Per process (a gunicorn
+    worker or mod_wsgi daemon each count on their own; CGI counts nothing)."""
+
+    def __init__(self, rate):
+        self.rate, self.burst = float(rate), 4.0 * rate
+        self.buckets = {}  # address -> (tokens, when)
+        self.lock = threading.Lock()
+
+    def allow(self, address):
+        now = time.monotonic()
+        with self.lock:
+            if len(self.buckets) > 10000:  # forget idle addresses
+                self.buckets = {a: b for a, b in self.buckets.items() if now - b[1] < 60}
+            tokens, then = self.buckets.get(address, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - then) * self.rate)
+            allowed = tokens >= 1
+            self.buckets[address] = (tokens - 1 if allowed else tokens, now)
+            return allowed
+
+
 def make_app(settings):
     """The WSGI application for `settings`."""
     configure_logging(settings)
@@ -1368,6 +1609,7 @@ def make_app(settings):
     app = bottle.Bottle()
     request, response = bottle.request, bottle.response
     api_key = settings.api_key.encode("utf-8")
+    rate_limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
 
     def common_headers():
         headers = cors_headers(settings, request.get_header("Origin"))
@@ -1428,7 +1670,12 @@ def make_app(settings):
         if request.method == "OPTIONS":
             # CORS preflights carry no credentials, whatever the path.
             raise bottle.HTTPResponse(status=204, headers=common_headers())
-        if not api_key or request.path == "/health":
+        if request.path == "/health":
+            return
+        if rate_limiter and not rate_limiter.allow(request.environ.get("REMOTE_ADDR", "")):
+            raise MicroticksError(429, f"Too many requests from this address: at most {settings.rate_limit}"
+                                       " a second; send events in batches", headers={"Retry-After": "1"})
+        if not api_key:
             return
         if not hmac.compare_digest(supplied_api_key(request), api_key):
             raise MicroticksError(401, "Missing or wrong API key: send it as ?key=, "
@@ -1446,7 +1693,7 @@ def make_app(settings):
     @app.get("/")
     def index():
         return {"name": "Microticks", "version": __version__, "status": 200,
-                "endpoints": ["POST /sessions", "POST /events", "POST /sessions/stop",
+                "endpoints": ["POST /sessions", "POST /events", "POST /sessions/stop", "POST /heartbeat",
                               "GET /events", "GET /sessions", "GET /stats", "GET /health"]}
 
     @app.get("/health")
@@ -1454,33 +1701,54 @@ def make_app(settings):
         check_writable(db.connection())
         return {"status": "ok", "version": __version__}
 
+    def client_ip():
+        # REMOTE_ADDR, not request.remote_addr: that one trusts X-Forwarded-For.
+        return request.environ.get("REMOTE_ADDR") or "unknown"
+
+    def close_idle():
+        close_idle_sessions(db.connection(), settings.session_timeout)
+
     @app.post("/sessions")
     def post_session():
+        received = datetime.now(timezone.utc)
         fields, _ = request_fields(request)
-        clean = clean_session_start(fields)
-        # REMOTE_ADDR, not request.remote_addr: that one trusts X-Forwarded-For.
-        ip = request.environ.get("REMOTE_ADDR") or "unknown"
-        token = start_session(db.connection(), clean["consumer_key"], clean["ts"], ip)
-        return {"token": token, "status": 200}
+        clean = clean_session_start(fields, received)
+        close_idle()
+        token, existed = start_session(db.connection(), clean["consumer_key"], clean["ts"], client_ip(),
+                                       clean["uuid"], clean["device"], clean["app_version"])
+        return {"token": token, "status": 200, **({"duplicate": True} if existed else {})}
 
     @app.post("/events")
-    def post_event():
+    def post_events():
+        received = datetime.now(timezone.utc)
         fields, from_form = request_fields(request)
-        clean = clean_event(fields, from_form)
-        event_id = store_event(db.connection(), clean["token"], clean["action"],
-                               clean["data"], clean["ts"])
-        return {"event_id": event_id, "status": 200}
+        if not from_form and isinstance(fields.get("events"), list):
+            return {"results": store_events(db.connection(), clean_batch(fields, received)), "status": 200}
+        offset = clock_offset(_check(fields, {"sent_at": _optional_timestamp})["sent_at"], received)
+        result = store_events(db.connection(), [clean_event(fields, from_form, offset)])[0]
+        if "error" in result:
+            raise MicroticksError(result["status"], result["error"])
+        return {**result, "status": 200}
 
     @app.post("/sessions/stop")
     def post_session_stop():
         fields, _ = request_fields(request)
-        clean = clean_session_stop(fields)
+        clean = clean_session_stop(fields, datetime.now(timezone.utc))
         stopped = stop_session(db.connection(), clean["token"], clean["ts"])
         return {"stopped": True, "already_stopped": not stopped, "status": 200}
+
+    @app.post("/heartbeat")
+    def post_heartbeat():
+        fields, _ = request_fields(request)
+        clean = clean_heartbeat(fields)
+        device_id = record_heartbeat(db.connection(), clean["consumer_key"], clean["device"],
+                                     clean["app_version"], clean["queue"], client_ip())
+        return {"device_id": device_id, "status": 200}
 
     def read(kind):
         query = clean_read_query(query_params(request), kind, settings.tz,
                                  export=request.query.get("format") in ("csv", "ndjson"))
+        close_idle()  # reads show sessions of vanished kiosks closed
         conn = db.connection()
         if query.format == "json":
             return dict(read_page(conn, query), status=200)
@@ -1500,6 +1768,7 @@ def make_app(settings):
     @app.get("/stats")
     def get_stats():
         query, tz_name, data_key, bin_size = clean_stats_query(query_params(request), settings.tz)
+        close_idle()
         return dict(compute_stats(db.connection(), query, tz_name, data_key, bin_size), status=200)
 
     app.config["microticks.settings"] = settings

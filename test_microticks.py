@@ -148,6 +148,7 @@ def start_server(db_path):
 
     def start(**settings):
         settings.setdefault("db_path", db_path)
+        settings.setdefault("rate_limit", 0)  # load tests play a building of kiosks from one address
         app = microticks.make_app(microticks.Settings(**settings))
         server = microticks.make_http_server(app, "127.0.0.1", 0, threads=8)
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -848,7 +849,7 @@ def test_gunicorn_with_four_workers_stores_every_acknowledged_event_once(tmp_pat
     port = free_port()
     proc = subprocess.Popen(
         ["gunicorn", "-w", "4", "--no-control-socket", "-b", f"127.0.0.1:{port}", "microticks:application"],
-        cwd=HERE, env={**os.environ, "MICROTICKS_DB": db_path}, stdout=subprocess.PIPE,
+        cwd=HERE, env={**os.environ, "MICROTICKS_DB": db_path, "MICROTICKS_RATE_LIMIT": "0"}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_port(port, proc)
