@@ -662,6 +662,7 @@ EVENT_COLUMNS = {
     "data": "e.data",  # valid JSON text in every row (see the migrations)
     "time_utc": "e.time_utc", "received_at": "e.received_at",
     "ip": "s.ip", "consumer_id": "s.consumer_id", "consumer": "c.name",
+    "uuid": "e.uuid", "seq": "e.seq", "boot": "e.boot",
 }
 #: The first Microticks' event shape, which analysis scripts read.
 EVENT_DEFAULT_FIELDS = ("id", "session_id", "time", "action", "data")
@@ -669,6 +670,8 @@ EVENT_SORTS = {
     "id": ("e.id",), "session_id": ("e.session_id", "e.id"), "time": ("e.time_utc", "e.id"),
     "time_utc": ("e.time_utc", "e.id"), "received_at": ("e.received_at", "e.id"),
     "action": ("e.action", "e.id"),
+    # A session's events in the order the tracker numbered them.
+    "seq": ("e.session_id", "e.seq", "e.id"),
 }
 
 _SESSION_LAST_EVENT = "(SELECT max(x.time_utc) FROM events x WHERE x.session_id = s.id)"
@@ -683,13 +686,19 @@ SESSION_COLUMNS = {
     # Seconds from the start to the stop, or to the last event while open.
     "duration": f"round((julianday(coalesce(s.stopped_utc, {_SESSION_LAST_EVENT}, s.started_utc))"
                 " - julianday(s.started_utc)) * 86400, 3)",
+    # Numbers the tracker gave (1, 2, 3...) that never arrived: lost events,
+    # which no clock reset can hide.
+    "missing_events": "(SELECT max(0, max(x.seq) - count(DISTINCT x.seq)) FROM events x"
+                      " WHERE x.session_id = s.id AND x.seq IS NOT NULL)",
+    "uuid": "s.uuid",
+    "device": "(SELECT d.name FROM devices d WHERE d.id = s.device_id)",
 }
 SESSION_DEFAULT_FIELDS = tuple(SESSION_COLUMNS)
 SESSION_SORTS = {
     "id": ("s.id",), "consumer_id": ("s.consumer_id", "s.id"), "ip": ("s.ip", "s.id"),
     "started_at": ("s.started_utc", "s.id"), "stopped_at": ("s.stopped_utc", "s.id"),
     "events": ("events", "s.id"), "clicks": ("clicks", "s.id"), "duration": ("duration", "s.id"),
-    "last_event_at": ("last_event_at", "s.id"),
+    "last_event_at": ("last_event_at", "s.id"), "missing_events": ("missing_events", "s.id"),
 }
 
 
@@ -831,7 +840,8 @@ def compute_stats(conn, query, tz_name, data_key, bin_size):
     ReadQuery selects, in SQL: per day, hour and weekday (local time in
     `tz_name`), durations, events per session and per action, and for the
     data key (the screen): visits, picks, time spent, page turns and click
-    heatmaps. A session's events are taken in the order they were stored."""
+    heatmaps. A session's events are taken in the tracker's order (seq), else
+    in the order they were stored."""
     clauses, params = _filters(replace(query, kind="sessions"))
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
     if clauses:
@@ -888,12 +898,12 @@ def compute_stats(conn, query, tz_name, data_key, bin_size):
     # A visit is a run of events with the same value in a session; it lasts
     # until the next event that carries another value (or none, like stopSession).
     for value, visits, first, second, third, measured, low, mean, high in conn.execute(
-            with_(f"valued AS (SELECT e.id, e.session_id, e.time_utc, e.data ->> ? AS value FROM {events_table})",
-                  "marked AS (SELECT *, value IS NOT lag(value) OVER (PARTITION BY session_id ORDER BY id)"
+            with_(f"valued AS (SELECT e.id, e.seq, e.session_id, e.time_utc, e.data ->> ? AS value FROM {events_table})",
+                  "marked AS (SELECT *, value IS NOT lag(value) OVER (PARTITION BY session_id ORDER BY seq, id)"
                   " AS new_run FROM valued)",
-                  "runs AS (SELECT session_id, id, value, time_utc, lead(time_utc) OVER"
-                  " (PARTITION BY session_id ORDER BY id) AS next_time FROM marked WHERE new_run)",
-                  "picks AS (SELECT value, row_number() OVER (PARTITION BY session_id ORDER BY id) AS n,"
+                  "runs AS (SELECT session_id, seq, id, value, time_utc, lead(time_utc) OVER"
+                  " (PARTITION BY session_id ORDER BY seq, id) AS next_time FROM marked WHERE new_run)",
+                  "picks AS (SELECT value, row_number() OVER (PARTITION BY session_id ORDER BY seq, id) AS n,"
                   " (julianday(next_time) - julianday(time_utc)) * 86400 AS spent FROM runs"
                   " WHERE value IS NOT NULL)")
             + "SELECT value, count(*), sum(n = 1), sum(n = 2), sum(n = 3), count(spent),"
@@ -1990,6 +2000,12 @@ def print_stats(stats):
           ("screen", "points"))
 
 
+def cmd_closestale(args, settings):
+    timeout = args.timeout or settings.session_timeout
+    closed = close_idle_sessions(open_database(settings), timeout)
+    print(f"Closed {closed} session{'s' if closed != 1 else ''} without an event for {timeout} seconds.")
+
+
 def cmd_serve(args, settings):
     # Create or upgrade the file now, so that a problem shows at start-up;
     # the app opens its own connections (per thread, after any fork).
@@ -2081,6 +2097,10 @@ def build_parser():
     sub.add_argument("--bin", type=int, help="heatmap bin size in pixels (default: 50)")
     sub.add_argument("--tz", help="time zone, e.g. Europe/Berlin (default: $MICROTICKS_TZ, else the server's)")
     sub.add_argument("--json", action="store_true", help="print the JSON that GET /stats answers")
+    sub = command("closestale", cmd_closestale, "close sessions without an event for a while (the "
+                                                "service does this too, on requests; this is for cron)")
+    sub.add_argument("--timeout", type=int, help="seconds without an event "
+                                                 "(default: $MICROTICKS_SESSION_TIMEOUT, else 1800)")
     sub = command("serve", cmd_serve, "run the HTTP service")
     sub.add_argument("--host", help="address to listen on (default: $MICROTICKS_HOST, else 127.0.0.1;"
                                     " 0.0.0.0 for every network)")

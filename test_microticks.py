@@ -1263,3 +1263,155 @@ def test_cli_stats_prints_readable_tables(sample_client, db_path):
     assert "year:2017" in out
     as_json = json.loads(run_cli("stats", "--tz", "UTC", "--json", "--db", db_path).stdout)
     assert as_json["sessions"] == 83
+
+
+###############################################################################
+# Ingest: batches, retries, beacons, clocks, sessions the server closes ########
+###############################################################################
+
+def batch_event(token, i, **extra):
+    return {"token": token, "action": "click", "data": {"i": i}, "ts": f"2017-08-25T17:09:{i % 60:02d}.000Z",
+            "uuid": f"ev-{token[:8]}-{i}", "seq": i + 1, "boot": "boot-1", **extra}
+
+
+def test_a_batch_stores_the_good_events_and_refuses_the_bad_alone(client, consumer_key, db_path):
+    token = client.start(consumer_key)
+    stopped = client.start(consumer_key)
+    client.form("/sessions/stop", {"token": stopped, "ts": "2017-08-25T17:10:00Z"})
+    events = [batch_event(token, 0), {"token": token, "action": "", "ts": "2017-08-25T17:09:00Z"},
+              batch_event(token, 1), {"token": "unknown", "action": "a", "ts": "2017-08-25T17:09:00Z"},
+              "not an object", batch_event(stopped, 2), batch_event(token, 3, ts="yesterday")]
+    reply = client.post_json("/events", {"events": events, "sent_at": microticks.utc_now()})
+    assert reply.status == 200, reply
+    results = reply.json["results"]
+    assert len(results) == 7
+    assert "event_id" in results[0] and "event_id" in results[2]
+    assert [r.get("status") for r in results[1:]] == [400, None, 404, 400, 409, 400]
+    assert "action" in results[1]["error"] and "Could not find session" in results[3]["error"]
+    assert "already stopped" in results[5]["error"] and "ts" in results[6]["error"]
+    assert sorted(r[0] for r in stored(db_path, "SELECT id FROM events")) == [results[0]["event_id"], results[2]["event_id"]]
+    row = stored(db_path, "SELECT uuid, seq, boot FROM events WHERE id = ?", (results[2]["event_id"],))
+    assert row == [(f"ev-{token[:8]}-1", 2, "boot-1")]
+
+
+def test_the_same_batch_posted_three_times_stores_each_event_once(client, consumer_key, db_path):
+    token = client.start(consumer_key)
+    batch = {"events": [batch_event(token, i) for i in range(50)]}
+    answers = [client.post_json("/events", batch).json["results"] for _ in range(3)]
+    first_ids = [r["event_id"] for r in answers[0]]
+    assert not any(r.get("duplicate") for r in answers[0])
+    for again in answers[1:]:
+        assert [r["event_id"] for r in again] == first_ids and all(r["duplicate"] for r in again)
+    assert event_count(db_path) == 50
+    # A single post with a stored uuid is a duplicate too.
+    single = client.form("/events", {"token": token, "action": "click", "ts": "2017-08-25T17:09:00Z",
+                                     "uuid": f"ev-{token[:8]}-0"})
+    assert single.json == {"event_id": first_ids[0], "duplicate": True, "status": 200}
+    assert event_count(db_path) == 50
+
+
+def test_a_retried_session_start_returns_the_same_token(client, consumer_key, db_path):
+    start = {"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z", "uuid": "session-abc",
+             "device": "lobby-1", "app_version": "2.1"}
+    first, second = client.post_json("/sessions", start), client.post_json("/sessions", start)
+    assert first.json["token"] == second.json["token"] and second.json["duplicate"] is True
+    assert stored(db_path, "SELECT count(*) FROM sessions")[0][0] == 1
+    session = client.get("/sessions").json["sessions"][0]
+    assert (session["uuid"], session["device"]) == ("session-abc", "lobby-1")
+
+
+def test_a_beacon_batch_in_text_plain_is_stored(start_server, consumer_key, db_path):
+    client = start_server(api_key=SECRET)
+    token = client.start(consumer_key)
+    client.key = None  # a beacon cannot send headers: the key rides in the URL
+    body = json.dumps({"events": [batch_event(token, i) for i in range(3)]})
+    reply = client.request("POST", f"/events?key={SECRET}", body, {"Content-Type": "text/plain;charset=UTF-8"})
+    assert reply.status == 200 and len(reply.json["results"]) == 3
+    assert event_count(db_path) == 3
+
+
+def test_batches_over_the_limit_are_413(client, consumer_key):
+    token = client.start(consumer_key)
+    reply = client.post_json("/events", {"events": [batch_event(token, i) for i in range(1001)]})
+    assert reply.status == 413 and "at most 1000" in reply.json["error"]
+
+
+def test_a_client_clock_an_hour_ahead_is_corrected(client, consumer_key, db_path):
+    from datetime import datetime, timedelta, timezone
+    token = client.start(consumer_key)
+    now = datetime.now(timezone.utc)
+    ahead = now + timedelta(hours=1)
+    event_time = ahead - timedelta(minutes=5)  # happened five minutes before the send
+    reply = client.post_json("/events", {"sent_at": microticks.format_utc(ahead), "events": [
+        {"token": token, "action": "click", "ts": microticks.format_utc(event_time)}]})
+    event_id = reply.json["results"][0]["event_id"]
+    time_sent, corrected, received = stored(db_path, "SELECT time, time_utc, received_at FROM events WHERE id = ?",
+                                            (event_id,))[0]
+    assert time_sent == microticks.format_utc(event_time)  # as the client sent it
+    off = microticks.parse_timestamp(corrected) - (now - timedelta(minutes=5))
+    assert abs(off.total_seconds()) < 2  # shifted back by the hour
+    assert abs((microticks.parse_timestamp(received) - now).total_seconds()) < 2
+    # Without sent_at nothing is corrected; a small offset (network delay) neither.
+    client.post_json("/events", {"events": [{"token": token, "action": "a", "ts": "2017-08-25T17:09:00Z"}],
+                                 "sent_at": microticks.utc_now()})
+    assert stored(db_path, "SELECT time_utc FROM events WHERE action = 'a'") == [("2017-08-25T17:09:00.000Z",)]
+
+
+def test_idle_sessions_are_closed_by_the_server_and_late_events_move_the_stop(start_server, consumer_key, db_path):
+    client = start_server(session_timeout=1)
+    idle = client.start(consumer_key, ts="2017-08-25T17:00:00.000Z")
+    client.event(idle, ts="2017-08-25T17:00:05.000Z")
+    empty = client.start(consumer_key, ts="2017-08-25T17:00:00.000Z")
+    explicit = client.start(consumer_key, ts="2017-08-25T17:00:00.000Z")
+    client.form("/sessions/stop", {"token": explicit, "ts": "2017-08-25T17:00:09Z"})
+    time.sleep(1.2)
+    sessions = {s["id"]: s for s in client.get("/sessions").json["sessions"]}
+    assert sessions[1]["stop_reason"] == "timeout" and sessions[1]["stopped_at"] == "2017-08-25T17:00:05.000Z"
+    assert sessions[2]["stop_reason"] == "timeout" and sessions[2]["stopped_at"] == "2017-08-25T17:00:00.000Z"
+    assert sessions[3]["stop_reason"] == "client"
+    # An offline kiosk's backlog arrives: stored, and the stop moves to it.
+    late = client.form("/events", {"token": idle, "action": "click", "ts": "2017-08-25T17:20:00.000Z"})
+    assert late.status == 200
+    assert client.get("/sessions", session=1).json["sessions"][0]["stopped_at"] == "2017-08-25T17:20:00.000Z"
+    # Only a client's stop is final.
+    assert client.form("/sessions/stop", {"token": idle, "ts": "2017-08-25T17:21:00Z"}).json["already_stopped"] is False
+    assert client.form("/events", {"token": idle, "action": "click", "ts": "2017-08-25T17:22:00Z"}).status == 409
+    assert client.form("/events", {"token": explicit, "action": "click", "ts": "2017-08-25T17:22:00Z"}).status == 409
+
+
+def test_closestale_closes_idle_sessions_from_cron(client, consumer_key, db_path):
+    client.start(consumer_key)
+    assert "Closed 0 sessions" in run_cli("closestale", "--db", db_path).stdout
+    time.sleep(1.1)
+    assert "Closed 1 session " in run_cli("closestale", "--timeout", "1", "--db", db_path).stdout
+    assert stored(db_path, "SELECT stop_reason FROM sessions") == [("timeout",)]
+
+
+def test_sessions_report_events_that_never_arrived(client, consumer_key):
+    token = client.start(consumer_key)
+    client.post_json("/events", {"events": [batch_event(token, i) for i in (0, 1, 3, 6)]})  # seq 1, 2, 4, 7
+    session = client.get("/sessions").json["sessions"][0]
+    assert session["missing_events"] == 3
+    ordered = client.get("/events", session=session["id"], sort="seq", fields="seq").json["events"]
+    assert [e["seq"] for e in ordered] == [1, 2, 4, 7]
+
+
+def test_heartbeats_record_devices_without_sessions(client, consumer_key, db_path):
+    reply = client.post_json("/heartbeat", {"consumer_key": consumer_key, "device": "lobby-1",
+                                            "app_version": "2.1", "queue": 12})
+    assert reply.status == 200
+    client.post_json("/heartbeat", {"consumer_key": consumer_key, "device": "lobby-1", "queue": 0})
+    assert stored(db_path, "SELECT name, app_version, queue_depth FROM devices") == [("lobby-1", "2.1", 0)]
+    assert stored(db_path, "SELECT count(*) FROM sessions")[0][0] == 0
+    assert client.post_json("/heartbeat", {"consumer_key": "wrong", "device": "x"}).status == 403
+    assert client.post_json("/heartbeat", {"consumer_key": consumer_key}).status == 400
+
+
+def test_a_runaway_client_gets_429(start_server, consumer_key):
+    client = start_server(rate_limit=5)
+    statuses = [client.get("/events").status for _ in range(40)]
+    assert statuses[:20] == [200] * 20  # a burst of four seconds' worth
+    assert 429 in statuses
+    refused = client.get("/events")
+    assert refused.status == 429 and refused.headers["retry-after"] == "1" and "batches" in refused.json["error"]
+    assert client.get("/health").status == 200  # monitoring is never throttled
