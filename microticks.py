@@ -111,6 +111,8 @@ MAX_PAGE_LIMIT = 10000
 bottle.BaseRequest.MEMFILE_MAX = MAX_BODY_BYTES
 
 DEFAULT_DB_PATH = os.path.join(_HERE, "microticks.db")
+#: The browser tracker and its demo, served at /examples/ when present.
+EXAMPLES_DIR = os.path.join(_HERE, "examples")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -1680,8 +1682,8 @@ def make_app(settings):
         if request.method == "OPTIONS":
             # CORS preflights carry no credentials, whatever the path.
             raise bottle.HTTPResponse(status=204, headers=common_headers())
-        if request.path == "/health":
-            return
+        if request.path == "/health" or request.path.startswith("/examples/"):
+            return  # monitoring, and pages that hold no data (they ask for the key themselves)
         if rate_limiter and not rate_limiter.allow(request.environ.get("REMOTE_ADDR", "")):
             raise MicroticksError(429, f"Too many requests from this address: at most {settings.rate_limit}"
                                        " a second; send events in batches", headers={"Retry-After": "1"})
@@ -1705,6 +1707,21 @@ def make_app(settings):
         return {"name": "Microticks", "version": __version__, "status": 200,
                 "endpoints": ["POST /sessions", "POST /events", "POST /sessions/stop", "POST /heartbeat",
                               "GET /events", "GET /sessions", "GET /stats", "GET /health"]}
+
+    @app.get("/examples")
+    @app.get("/examples/")
+    def examples_index():
+        bottle.redirect(request.script_name + "examples/index.html")
+
+    @app.get("/examples/<filename:path>")
+    def examples(filename):
+        # static_file refuses paths that leave the folder (404 JSON otherwise).
+        answer = bottle.static_file(filename, root=EXAMPLES_DIR)
+        if isinstance(answer, bottle.HTTPError):
+            raise MicroticksError(answer.status_code, f"No such example file: {filename}"
+                                  + ("" if os.path.isdir(EXAMPLES_DIR) else
+                                     " (the examples/ folder is not beside microticks.py)"))
+        return answer
 
     @app.get("/health")
     def health():

@@ -1415,3 +1415,212 @@ def test_a_runaway_client_gets_429(start_server, consumer_key):
     refused = client.get("/events")
     assert refused.status == 429 and refused.headers["retry-after"] == "1" and "batches" in refused.json["error"]
     assert client.get("/health").status == 200  # monitoring is never throttled
+
+
+###############################################################################
+# The browser tracker and its demo, in headless Chromium ######################
+###############################################################################
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    require_tool(CHROMIUM, "apt-get install chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if ON_CI:
+            pytest.fail("playwright is missing on CI: pip install playwright")
+        pytest.skip("playwright is not installed")
+    home = tmp_path_factory.mktemp("chromium-home")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, env={**os.environ, "HOME": str(home)},
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic"])
+        yield chromium
+        chromium.close()
+
+
+class RestartableServer:
+    """The app in our server on a fixed port, which a test can stop and start
+    again (a kiosk's server going down and coming back)."""
+
+    def __init__(self, db_path, **settings):
+        self.settings = microticks.Settings(db_path=db_path, rate_limit=0, **settings)
+        self.port = free_port()
+        self.server = None
+
+    def start(self):
+        app = microticks.make_app(self.settings)
+        self.server = microticks.make_http_server(app, "127.0.0.1", self.port)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.server = None
+
+
+@pytest.fixture
+def api(db_path, consumer_key):
+    server = RestartableServer(db_path)
+    server.start()
+    yield server
+    if server.server:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def pages_server():
+    """The demo served from another origin than the API (as kiosk pages often
+    are), so that a test can stop the API and still reload the page."""
+    import functools
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(HERE / "examples"))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture
+def demo(browser, pages_server, api, consumer_key):
+    """The demo page in a fresh browser context, tracking into `api`."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+
+    def open_demo(**params):
+        query = urllib.parse.urlencode({"consumerKey": consumer_key, "host": f"http://127.0.0.1:{api.port}",
+                                        "flush": 200, **params})
+        page.goto(f"{pages_server}/index.html?{query}")
+        page.wait_for_function("window.tracker !== undefined")
+        return page
+
+    yield open_demo
+    context.close()
+    assert not errors, errors
+
+
+def wait_until_sent(page, timeout=30):
+    page.wait_for_function("window.tracker.pending() === 0", timeout=timeout * 1000)
+
+
+def stored_events(db_path):
+    conn = sqlite3.connect(db_path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM events ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def touch(page, marker, times=1):
+    for _ in range(times):
+        page.click(f"[data-microticks='{marker}']")
+
+
+def test_demo_clicks_arrive_in_the_database(demo, db_path):
+    page = demo()
+    touch(page, "year:2017")
+    touch(page, "ebook:Meyer_award_news.pdf")
+    touch(page, "next-page", 2)
+    wait_until_sent(page)
+    events = stored_events(db_path)
+    assert [e["action"] for e in events] == ["click", "click", "click", "pageChange", "click", "pageChange"]
+    data = [json.loads(e["data"]) for e in events]
+    assert [d.get("target") for d in data[:3]] == ["year:2017", "ebook:Meyer_award_news.pdf", "next-page"]
+    assert data[0]["subject"] == "main" and data[1]["subject"] == "year:2017"
+    assert data[3] == {"subject": "ebook:Meyer_award_news.pdf", "currentPage": 2, "prevPage": 1}
+    assert all(isinstance(d["clickX"], int) and isinstance(d["clickY"], int) for d in data if "target" in d)
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6]
+    assert len({e["uuid"] for e in events}) == 6 and len({e["session_id"] for e in events}) == 1
+    assert stored(db_path, "SELECT d.name FROM sessions s JOIN devices d ON d.id = s.device_id") == [("demo-table",)]
+
+
+def test_clicks_while_the_server_is_down_arrive_once_it_is_back(demo, api, db_path):
+    page = demo()
+    touch(page, "year:2016")
+    wait_until_sent(page)
+    api.stop()
+    touch(page, "ebook:Wiles_ModularEllipticCurves.pdf")
+    touch(page, "next-page", 4)
+    page.wait_for_timeout(1500)  # several failed tries
+    assert page.evaluate("window.tracker.pending()") == 9
+    api.start()
+    wait_until_sent(page)
+    events = stored_events(db_path)
+    assert len(events) == 10 and len({e["uuid"] for e in events}) == 10
+    assert [e["seq"] for e in events] == list(range(1, 11))
+
+
+def test_a_reload_mid_queue_loses_nothing_and_duplicates_nothing(demo, api, db_path):
+    page = demo()
+    touch(page, "year:2015")
+    wait_until_sent(page)
+    api.stop()
+    touch(page, "ebook:Nash_EquilibriumPoints.pdf")
+    touch(page, "next-page", 3)
+    page.reload()  # the page goes away with 7 events queued (the beacon cannot reach the server)
+    page.wait_for_function("window.tracker !== undefined")
+    assert page.evaluate("window.tracker.pending()") == 7
+    touch(page, "year:2014")  # the same session goes on after the reload
+    api.start()
+    wait_until_sent(page)
+    events = stored_events(db_path)
+    assert len(events) == 9 and len({e["uuid"] for e in events}) == 9
+    assert [e["seq"] for e in events] == list(range(1, 10))
+    assert len({e["session_id"] for e in events}) == 1 and len({e["boot"] for e in events}) == 2
+
+
+def test_a_reload_while_the_server_is_up_sends_each_event_once(demo, db_path):
+    page = demo()
+    touch(page, "year:2017")
+    touch(page, "ebook:Meyer_award_news.pdf")
+    page.reload()  # the beacon and the next load may both send what is queued
+    page.wait_for_function("window.tracker !== undefined")
+    wait_until_sent(page)
+    page.wait_for_timeout(300)
+    events = stored_events(db_path)
+    assert len(events) == len({e["uuid"] for e in events}) == 2
+
+
+def test_idle_timeout_posts_stop_session_and_stops_the_session(demo, db_path):
+    page = demo(idle=1)
+    touch(page, "year:2017")
+    page.wait_for_function("window.tracker.pending() === 0 && !window.tracker.state.session", timeout=15000)
+    events = stored_events(db_path)
+    assert [e["action"] for e in events] == ["click", "stopSession"]
+    assert json.loads(events[1]["data"])["reason"] == "timeout"
+    assert stored(db_path, "SELECT stop_reason, stopped_at IS NOT NULL FROM sessions") == [("client", 1)]
+
+
+def test_the_tracker_speaks_to_a_first_generation_server(demo, api, db_path, consumer_key):
+    page = demo()
+    page.evaluate("""([host, key]) => {
+        window.legacy = Microticks.start({host, consumerKey: key, legacy: true, storageKey: "legacy-test",
+                                          flushInterval: 100, heartbeatInterval: 0});
+        window.legacy.track("click", {target: "old"}).track("click", {target: "older"});
+    }""", [f"http://127.0.0.1:{api.port}", consumer_key])
+    page.wait_for_function("window.legacy.pending() === 0")
+    events = stored_events(db_path)
+    assert [json.loads(e["data"])["target"] for e in events] == ["old", "older"]
+    assert all(e["uuid"] is None for e in events)  # plain form posts, as jQuery sent
+
+
+def test_dry_run_sends_nothing_and_the_module_form_loads(demo, db_path):
+    page = demo()
+    sent = page.evaluate("""async () => {
+        const sent = [];
+        const dry = Microticks.start({consumerKey: "none", dryRun: true, storageKey: "dry", heartbeatInterval: 0,
+                                      onSend: (path) => sent.push(path)});
+        dry.track("click", {a: 1});
+        await dry.flush();
+        const module = await import("./microticks.mjs");
+        return {sent, moduleStart: typeof module.default.start};
+    }""")
+    assert sent == {"sent": ["/sessions", "/events"], "moduleStart": "function"}
+    assert stored_events(db_path) == []
