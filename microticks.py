@@ -47,6 +47,7 @@ import csv
 import io
 import hashlib
 import hmac
+import html
 import json
 import logging
 import os
@@ -1553,6 +1554,8 @@ def query_params(request):
         raise MicroticksError(400, "The query string has too many parameters") from None
 
 
+#: Paths that need no API key: a health check and pages without data.
+PUBLIC_PATHS = ("/health", "/", "/dash", "/openapi.json", "/favicon.ico")
 EXPORT_CONTENT_TYPES = {"csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
 
 
@@ -1682,7 +1685,7 @@ def make_app(settings):
         if request.method == "OPTIONS":
             # CORS preflights carry no credentials, whatever the path.
             raise bottle.HTTPResponse(status=204, headers=common_headers())
-        if request.path == "/health" or request.path.startswith("/examples/"):
+        if request.path in PUBLIC_PATHS or request.path.startswith("/examples/"):
             return  # monitoring, and pages that hold no data (they ask for the key themselves)
         if rate_limiter and not rate_limiter.allow(request.environ.get("REMOTE_ADDR", "")):
             raise MicroticksError(429, f"Too many requests from this address: at most {settings.rate_limit}"
@@ -1702,11 +1705,35 @@ def make_app(settings):
         log.info("%s %s %s %d %.1fms", request.environ.get("REMOTE_ADDR", "-"), request.method,
                  request.path, response.status_code, (time.perf_counter() - started) * 1000)
 
+    def page(text, nonce=None):
+        response.content_type = "text/html; charset=utf-8"
+        policy = PAGE_SECURITY + (f"; script-src 'nonce-{nonce}'" if nonce else "")
+        response.set_header("Content-Security-Policy", policy)
+        response.set_header("X-Content-Type-Options", "nosniff")
+        return text
+
     @app.get("/")
-    def index():
-        return {"name": "Microticks", "version": __version__, "status": 200,
-                "endpoints": ["POST /sessions", "POST /events", "POST /sessions/stop", "POST /heartbeat",
-                              "GET /events", "GET /sessions", "GET /stats", "GET /health"]}
+    def documentation():
+        base = request.urlparts.scheme + "://" + request.urlparts.netloc + request.script_name.rstrip("/")
+        return page(render_docs(openapi_spec(), base))
+
+    @app.get("/openapi.json")
+    def openapi():
+        return openapi_spec()
+
+    @app.get("/dash")
+    def dashboard():
+        # A fresh nonce per answer: only our own script may run on the page.
+        nonce = secrets.token_urlsafe(16)
+        return page(DASHBOARD_HTML.replace("__NONCE__", nonce), nonce)
+
+    @app.get("/favicon.ico")
+    def favicon():
+        response.status = 204  # none; saves a 404 line in the log per page view
+
+    @app.get("/consumers")
+    def consumers():
+        return {"consumers": list_consumers(db.connection()), "status": 200}
 
     @app.get("/examples")
     @app.get("/examples/")
@@ -1852,6 +1879,676 @@ def make_http_server(app, host, port, threads=8):
     server = server_class((host, port), QuietRequestHandler)
     server.set_app(app)
     return server
+
+
+###############################################################################
+# API description and pages ###################################################
+###############################################################################
+
+def openapi_spec():
+    """The OpenAPI 3.1 description of every endpoint (GET /openapi.json);
+    the documentation page at / is rendered from it."""
+    def ref(name):
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def answer(description, schema=None, content_type="application/json"):
+        body = {"description": description}
+        if schema is not None:
+            body["content"] = {content_type: {"schema": schema}}
+        return body
+
+    def errors(*codes):
+        reasons = {400: "A field or parameter is missing or malformed; `errors` names each.",
+                   401: "MICROTICKS_KEY is set and the request does not carry it.",
+                   403: "Unknown or revoked consumer key.",
+                   404: "Unknown session token.",
+                   409: "The session was stopped by its client.",
+                   411: "A chunked body: send a Content-Length.",
+                   413: f"A body over {MAX_BODY_BYTES} bytes or a batch over {MAX_BATCH_EVENTS} events.",
+                   415: "A body that is neither a form nor JSON.",
+                   429: "Too many requests from this address (MICROTICKS_RATE_LIMIT); see Retry-After.",
+                   503: "The database is busy or cannot be written; see Retry-After."}
+        return {str(c): answer(reasons[c], ref("Error")) for c in codes}
+
+    def body(schema, required=True):
+        return {"required": required, "description": "A form, or JSON (text/plain is read as JSON: "
+                                                     "navigator.sendBeacon sends that)", "content": {
+            "application/x-www-form-urlencoded": {"schema": schema},
+            "application/json": {"schema": schema},
+            "text/plain": {"schema": schema}}}
+
+    def param(name, description, schema=None, location="query"):
+        return {"name": name, "in": location, "required": location == "path", "description": description,
+                "schema": schema or {"type": "string"}}
+
+    timestamp = {"type": "string", "maxLength": MAX_TIMESTAMP_CHARS, "examples": ["2017-08-25T17:09:19.438Z"],
+                 "description": "ISO 8601 with a zone (Z or an offset); seconds and fractions optional"}
+    client_id = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"}
+    filters = [
+        param("from", "From this day (YYYY-MM-DD) or time on (events: their time; sessions: their start)"),
+        param("to", "Up to this day (included) or time (excluded)"),
+        param("date", "Sessions started on this UTC day, YYYY-MM-DD", {"type": "string", "format": "date"}),
+        param("ip", "Sessions from this client address"),
+        param("consumer", "Consumer id", {"type": "integer", "minimum": 0}),
+        param("consumer_name", "Consumer name"),
+        param("action", "Events with this action (sessions: having one)"),
+        param("session", "One session's id", {"type": "integer", "minimum": 0}),
+    ]
+    paging = [
+        param("after_id", "Rows after this id (cursor paging; sort by id)", {"type": "integer", "minimum": 0}),
+        param("limit", f"Rows in a page, 0 to {MAX_PAGE_LIMIT} (default {DEFAULT_PAGE_LIMIT}; exports: all)",
+              {"type": "integer", "minimum": 0, "maximum": MAX_PAGE_LIMIT}),
+        param("offset", "Rows to skip", {"type": "integer", "minimum": 0}),
+        param("format", "json (a page), csv or ndjson (a download of every matching row)",
+              {"type": "string", "enum": list(EXPORT_FORMATS)}),
+    ]
+
+    def read_params(sorts, columns):
+        return filters + paging + [
+            param("sort", "Sort ascending by", {"type": "string", "enum": list(sorts)}),
+            param("sort.desc", "Sort descending by", {"type": "string", "enum": list(sorts)}),
+            param("fields", f"Comma-separated fields, or all: {', '.join(columns)}"),
+        ]
+
+    exports = {"text/csv": {"schema": {"type": "string"}}, "application/x-ndjson": {"schema": {"type": "string"}}}
+    event_fields = {
+        "token": {"type": "string", "maxLength": MAX_TOKEN_CHARS, "description": "From POST /sessions"},
+        "action": {"type": "string", "minLength": 1, "maxLength": MAX_ACTION_CHARS, "examples": ["click"]},
+        "data": {"description": f"Forms: a JSON string (plain text is kept as a string). JSON bodies: any"
+                                f" JSON value. At most {MAX_DATA_BYTES} bytes, {MAX_DATA_DEPTH} levels deep."},
+        "ts": timestamp,
+        "uuid": dict(client_id, description="Chosen by the client: a retry with the same uuid stores nothing twice"),
+        "seq": {"type": "integer", "minimum": 0, "description": "The event's number in its session: 1, 2, 3..."},
+        "boot": dict(client_id, description="The page load that sent the event"),
+        "sent_at": dict(timestamp, description="The client's clock when sending: corrects a wrong clock"),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Microticks", "version": __version__,
+                 "description": "Simple analytics for kiosk and touch-table apps. With MICROTICKS_KEY set, every "
+                                "request but OPTIONS, /health and the pages needs the key.",
+                 "license": {"name": "MIT", "identifier": "MIT"}},
+        "components": {
+            "securitySchemes": {
+                "queryKey": {"type": "apiKey", "in": "query", "name": "key"},
+                "headerKey": {"type": "apiKey", "in": "header", "name": "X-Microticks-Key"},
+                "bearer": {"type": "http", "scheme": "bearer"},
+            },
+            "schemas": {
+                "Error": {"type": "object", "required": ["error", "status"], "properties": {
+                    "error": {"type": "string"}, "status": {"type": "integer"},
+                    "errors": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}}}},
+                "SessionStart": {"type": "object", "required": ["consumer_key", "ts"], "properties": {
+                    "consumer_key": {"type": "string", "maxLength": MAX_TOKEN_CHARS * 2},
+                    "ts": timestamp, "uuid": event_fields["uuid"], "sent_at": event_fields["sent_at"],
+                    "device": {"type": "string", "maxLength": MAX_DEVICE_CHARS},
+                    "app_version": {"type": "string", "maxLength": MAX_DEVICE_CHARS}}},
+                "Event": {"type": "object", "required": ["token", "action", "ts"], "properties": event_fields},
+                "Batch": {"type": "object", "required": ["events"], "properties": {
+                    "events": {"type": "array", "maxItems": MAX_BATCH_EVENTS, "items": ref("Event")},
+                    "sent_at": event_fields["sent_at"]}},
+                "Stored": {"type": "object", "required": ["event_id"], "properties": {
+                    "event_id": {"type": "integer"}, "duplicate": {"type": "boolean"}}},
+                "BatchResults": {"type": "object", "required": ["results"], "properties": {
+                    "results": {"type": "array", "items": {"oneOf": [ref("Stored"), ref("Error")]}},
+                    "status": {"type": "integer"}}},
+                "Stop": {"type": "object", "required": ["token", "ts"], "properties": {
+                    "token": event_fields["token"], "ts": timestamp, "sent_at": event_fields["sent_at"]}},
+                "Heartbeat": {"type": "object", "required": ["consumer_key", "device"], "properties": {
+                    "consumer_key": {"type": "string"}, "device": {"type": "string", "maxLength": MAX_DEVICE_CHARS},
+                    "app_version": {"type": "string"}, "queue": {"type": "integer", "minimum": 0}}},
+                "EventsPage": {"type": "object", "required": ["events", "count"], "properties": {
+                    "events": {"type": "array", "items": {"type": "object", "properties": {
+                        "id": {"type": "integer"}, "session_id": {"type": "integer"}, "time": {"type": "string"},
+                        "action": {"type": "string"}, "data": {}}}},
+                    "count": {"type": "integer", "description": "Rows matching the filters, not the page length"},
+                    "status": {"type": "integer"}}},
+                "SessionsPage": {"type": "object", "required": ["sessions", "count"], "properties": {
+                    "sessions": {"type": "array", "items": {"type": "object", "properties": {
+                        name: {} for name in SESSION_COLUMNS}}},
+                    "count": {"type": "integer"}, "status": {"type": "integer"}}},
+                "Stats": {"type": "object", "required": ["sessions", "events"], "properties": {
+                    "sessions": {"type": "integer"}, "events": {"type": "integer"}, "timezone": {"type": "string"},
+                    "sessions_per_day": {"type": "array"}, "sessions_per_hour": {"type": "array"},
+                    "sessions_per_weekday": {"type": "array"}, "duration": {"type": "object"},
+                    "events_per_session": {"type": "object"}, "actions": {"type": "array"},
+                    "data_key": {"type": "string"}, "values": {"type": "array"}, "heatmaps": {"type": "object"},
+                    "status": {"type": "integer"}}},
+            },
+        },
+        "security": [{}, {"queryKey": []}, {"headerKey": []}, {"bearer": []}],
+        "paths": {
+            "/sessions": {
+                "post": {"summary": "Start a session", "operationId": "startSession",
+                         "description": "Answers the session's token. A retried start with the same uuid answers"
+                                        " the same token.",
+                         "requestBody": body(ref("SessionStart")),
+                         "responses": {"200": answer("The session's token", {"type": "object", "required": ["token"],
+                                                     "properties": {"token": {"type": "string"},
+                                                                    "duplicate": {"type": "boolean"},
+                                                                    "status": {"type": "integer"}}}),
+                                       **errors(400, 401, 403, 409, 411, 413, 415, 429, 503)}},
+                "get": {"summary": "List sessions", "operationId": "listSessions",
+                        "parameters": read_params(SESSION_SORTS, SESSION_COLUMNS),
+                        "responses": {"200": {"description": "A page of sessions, or a CSV/NDJSON download",
+                                              "content": {"application/json": {"schema": ref("SessionsPage")},
+                                                          **exports}},
+                                      **errors(400, 401, 429, 503)}},
+            },
+            "/events": {
+                "post": {"summary": "Store an event, or a batch of events", "operationId": "storeEvents",
+                         "description": "A batch is a JSON object with an events list: each event is stored or"
+                                        " refused on its own. An event whose uuid was stored before is answered"
+                                        " with the first one's id and duplicate: true.",
+                         "requestBody": body({"oneOf": [ref("Event"), ref("Batch")]}),
+                         "responses": {"200": answer("The event's id, or one result per event of a batch",
+                                                     {"oneOf": [ref("Stored"), ref("BatchResults")]}),
+                                       **errors(400, 401, 404, 409, 411, 413, 415, 429, 503)}},
+                "get": {"summary": "List events", "operationId": "listEvents",
+                        "parameters": read_params(EVENT_SORTS, EVENT_COLUMNS) + [
+                            param("data_keys", "CSV/NDJSON: a column per data key, e.g. subject,clickX")],
+                        "responses": {"200": {"description": "A page of events, or a CSV/NDJSON download",
+                                              "content": {"application/json": {"schema": ref("EventsPage")},
+                                                          **exports}},
+                                      **errors(400, 401, 429, 503)}},
+            },
+            "/sessions/stop": {
+                "post": {"summary": "Stop a session", "operationId": "stopSession",
+                         "description": "Stopping a stopped session changes nothing (already_stopped: true).",
+                         "requestBody": body(ref("Stop")),
+                         "responses": {"200": answer("Stopped", {"type": "object", "properties": {
+                             "stopped": {"type": "boolean"}, "already_stopped": {"type": "boolean"},
+                             "status": {"type": "integer"}}}),
+                             **errors(400, 401, 404, 411, 413, 415, 429, 503)}},
+            },
+            "/heartbeat": {
+                "post": {"summary": "Report that a kiosk is alive", "operationId": "heartbeat",
+                         "requestBody": body(ref("Heartbeat")),
+                         "responses": {"200": answer("Recorded", {"type": "object", "properties": {
+                             "device_id": {"type": "integer"}, "status": {"type": "integer"}}}),
+                             **errors(400, 401, 403, 411, 413, 415, 429, 503)}},
+            },
+            "/stats": {
+                "get": {"summary": "Statistics of the selected sessions", "operationId": "stats",
+                        "parameters": filters + [
+                            param("data_key", "The data key naming screens (default subject)"),
+                            param("bin", "Heatmap bin size in pixels (default 50)",
+                                  {"type": "integer", "minimum": 1, "maximum": 10000}),
+                            param("tz", "Time zone, e.g. Europe/Berlin (default MICROTICKS_TZ)")],
+                        "responses": {"200": answer("The statistics", ref("Stats")), **errors(400, 401, 429, 503)}},
+            },
+            "/consumers": {
+                "get": {"summary": "List consumers", "operationId": "listConsumers",
+                        "responses": {"200": answer("The consumers", {"type": "object", "properties": {
+                            "consumers": {"type": "array"}, "status": {"type": "integer"}}}),
+                            **errors(401, 429, 503)}},
+            },
+            "/health": {
+                "get": {"summary": "Whether the service can write its database (no key needed)",
+                        "operationId": "health", "security": [{}],
+                        "responses": {"200": answer("Healthy", {"type": "object", "properties": {
+                            "status": {"const": "ok"}, "version": {"type": "string"}}}), **errors(503)}},
+            },
+            "/openapi.json": {
+                "get": {"summary": "This description", "operationId": "openapi", "security": [{}],
+                        "responses": {"200": answer("OpenAPI 3.1", {"type": "object"})}},
+            },
+            "/": {
+                "get": {"summary": "The API documentation (HTML)", "operationId": "documentation", "security": [{}],
+                        "responses": {"200": answer("HTML", {"type": "string"}, "text/html")}},
+            },
+            "/dash": {
+                "get": {"summary": "The dashboard (HTML; it asks for the key itself)", "operationId": "dashboard",
+                        "security": [{}],
+                        "responses": {"200": answer("HTML", {"type": "string"}, "text/html")}},
+            },
+            "/favicon.ico": {
+                "get": {"summary": "No icon (answers 204 to spare the log)", "operationId": "favicon",
+                        "security": [{}], "responses": {"204": answer("No content")}},
+            },
+        },
+    }
+
+
+def render_docs(spec, base):
+    """The API documentation page (GET /), rendered from the OpenAPI
+    description so that the two never disagree. Everything is escaped."""
+    e = html.escape
+    out = [DOCS_HEAD.replace("__BASE__", e(base)).replace("__VERSION__", e(__version__))]
+    out.append('<h2 id="endpoints">Endpoints</h2>')
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            out.append(f'<section class="endpoint"><h3><span class="method">{e(method.upper())}</span> '
+                       f'<code>{e(path)}</code> <small>{e(operation["summary"])}</small></h3>')
+            if operation.get("description"):
+                out.append(f"<p>{e(operation['description'])}</p>")
+            if operation.get("parameters"):
+                out.append("<table><tr><th>Parameter</th><th>Meaning</th></tr>")
+                for parameter in operation["parameters"]:
+                    out.append(f"<tr><td><code>{e(parameter['name'])}</code></td>"
+                               f"<td>{e(parameter.get('description', ''))}</td></tr>")
+                out.append("</table>")
+            if operation.get("requestBody"):
+                schema = next(iter(operation["requestBody"]["content"].values()))["schema"]
+                out.append("<p>Body: a form (<code>application/x-www-form-urlencoded</code>) or JSON"
+                           " (<code>application/json</code>, or <code>text/plain</code> from sendBeacon).</p>")
+                for name in _schema_names(schema):
+                    fields = spec["components"]["schemas"][name]
+                    out.append(f"<table><tr><th>{e(name)} field</th><th>Required</th><th>Meaning</th></tr>")
+                    for field_name, field_schema in fields["properties"].items():
+                        meaning = field_schema.get("description") or field_schema.get("type", "")
+                        if "$ref" in field_schema.get("items", {}):
+                            meaning = "a list of " + field_schema["items"]["$ref"].rsplit("/", 1)[1]
+                        out.append(f"<tr><td><code>{e(field_name)}</code></td>"
+                                   f"<td>{'yes' if field_name in fields.get('required', ()) else ''}</td>"
+                                   f"<td>{e(str(meaning))}</td></tr>")
+                    out.append("</table>")
+            out.append("<table><tr><th>Answer</th><th>When</th></tr>")
+            for code, response in operation["responses"].items():
+                out.append(f"<tr><td><code>{e(code)}</code></td><td>{e(response['description'])}</td></tr>")
+            out.append("</table></section>")
+    out.append("</main></body></html>")
+    return "\n".join(out)
+
+
+def _schema_names(schema):
+    """The component names a request schema refers to."""
+    refs = [schema] if "$ref" in schema else schema.get("oneOf", [])
+    return [r["$ref"].rsplit("/", 1)[1] for r in refs if "$ref" in r]
+
+
+PAGE_SECURITY = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+                 "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+DOCS_HEAD = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Microticks API</title>
+<style>
+  body { margin: 0; font: 15px/1.5 system-ui, sans-serif; color: #1f2937; background: #f8fafc; }
+  main { max-width: 980px; margin: 0 auto; padding: 24px; }
+  h1 { margin-bottom: 0; } h2 { margin-top: 36px; border-bottom: 1px solid #e5e7eb; padding-bottom: 4px; }
+  h3 { font-size: 16px; } h3 small { color: #6b7280; font-weight: normal; }
+  .method { display: inline-block; min-width: 48px; padding: 1px 6px; border-radius: 4px; background: #2563eb;
+            color: #fff; font-size: 12px; text-align: center; }
+  code { background: #eef2f7; padding: 1px 4px; border-radius: 3px; }
+  pre { background: #0f172a; color: #e2e8f0; padding: 12px; border-radius: 8px; overflow-x: auto; }
+  pre code { background: none; padding: 0; }
+  table { border-collapse: collapse; width: 100%; margin: 8px 0; font-size: 14px; }
+  th, td { text-align: left; vertical-align: top; padding: 4px 8px; border-bottom: 1px solid #e5e7eb; }
+  .endpoint { background: #fff; border: 1px solid #e5e7eb; border-radius: 10px; padding: 4px 16px 12px; margin: 12px 0; }
+  nav a { margin-right: 16px; }
+</style></head><body><main>
+<h1>Microticks API</h1>
+<p>Version __VERSION__. Simple analytics for kiosk and touch-table apps: a frontend starts a session on the
+first touch, posts events, and stops the session when nobody has touched the screen for a while.</p>
+<nav><a href="dash">Dashboard</a><a href="openapi.json">OpenAPI description</a>
+<a href="examples/">Tracker demo</a><a href="#endpoints">Endpoints</a></nav>
+
+<h2>Quick start</h2>
+<p>Register the frontend once on the server: <code>python microticks.py createconsumer lobby-table</code>
+prints its consumer key. Then, from the kiosk:</p>
+<pre><code>curl -d 'consumer_key=KEY&amp;ts=2017-08-25T17:09:19.438Z' __BASE__/sessions
+# {"token": "TOKEN", "status": 200}
+curl -d 'token=TOKEN&amp;action=click&amp;data={"target":"map"}&amp;ts=2017-08-25T17:09:21.000Z' __BASE__/events
+# {"event_id": 1, "status": 200}
+curl -H 'Content-Type: application/json'      -d '{"events": [{"token": "TOKEN", "action": "click", "data": {"subject": "main"}, "ts": "2017-08-25T17:09:22Z", "uuid": "e-1"}]}'      __BASE__/events
+# {"results": [{"event_id": 2}], "status": 200}
+curl -d 'token=TOKEN&amp;ts=2017-08-25T17:11:00.000Z' __BASE__/sessions/stop
+curl '__BASE__/events?from=2017-08-25&amp;action=click&amp;limit=10'
+curl -o week.csv '__BASE__/events?format=csv&amp;from=2017-08-21&amp;to=2017-08-27'</code></pre>
+<p>From a page, with <code>fetch</code> (or use the tracker, <code>examples/microticks.js</code>, which queues,
+batches and retries for you):</p>
+<pre><code>const started = await fetch("__BASE__/sessions", {method: "POST",
+  body: new URLSearchParams({consumer_key: KEY, ts: new Date().toISOString()})}).then((r) =&gt; r.json());
+await fetch("__BASE__/events", {method: "POST", body: new URLSearchParams({
+  token: started.token, action: "click", data: JSON.stringify({target: "map"}), ts: new Date().toISOString()})});</code></pre>
+
+<h2>Keys</h2>
+<p>When the server has <code>MICROTICKS_KEY</code> set, every request except <code>OPTIONS</code>,
+<code>/health</code> and the pages (this one, <code>/dash</code>, <code>/openapi.json</code>, <code>/examples/</code>)
+needs it: <code>?key=KEY</code>, <code>X-Microticks-Key: KEY</code> or <code>Authorization: Bearer KEY</code>.
+The consumer key (<code>consumer_key</code>) is another thing: it tells which frontend a session belongs to.</p>
+
+<h2>Answers and errors</h2>
+<p>Every answer is JSON with CORS headers for any origin (configurable) and <code>Cache-Control: no-store</code>.
+An error is <code>{"error": "what is wrong", "status": 400}</code>, with <code>"errors": {"field": ["..."]}</code>
+when fields were wrong; a refused request changes nothing stored. 503 and 429 answers carry
+<code>Retry-After</code>: retry them; other 4xx answers will not change on a retry.</p>
+<p>Times are ISO 8601 with a zone, as <code>new Date().toISOString()</code> gives. The server keeps the
+client's time as sent, its own receive time, and a UTC time corrected for the client's clock when the request
+carried <code>sent_at</code>.</p>
+"""
+
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Microticks dashboard</title>
+<style>
+  :root { --ink: #1f2937; --muted: #6b7280; --line: #e5e7eb; --paper: #f8fafc; --card: #fff;
+          --accent: #2563eb; --accent-soft: #dbeafe; --warm: #c2410c; }
+  * { box-sizing: border-box; }
+  body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--ink); background: var(--paper); }
+  header { display: flex; flex-wrap: wrap; gap: 12px 24px; align-items: end; padding: 16px 24px;
+           background: var(--card); border-bottom: 1px solid var(--line); position: sticky; top: 0; z-index: 2; }
+  header h1 { font-size: 20px; margin: 0 12px 4px 0; }
+  header h1 a { color: inherit; text-decoration: none; }
+  label { display: flex; flex-direction: column; font-size: 12px; color: var(--muted); gap: 2px; }
+  input, select, button { font: inherit; padding: 6px 8px; border: 1px solid #cbd5e1; border-radius: 6px; background: #fff; color: var(--ink); }
+  button { background: var(--accent); color: #fff; border-color: var(--accent); cursor: pointer; }
+  main { padding: 20px 24px 40px; max-width: 1800px; margin: 0 auto; }
+  .cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(160px, 1fr)); gap: 12px; margin-bottom: 16px; }
+  .card { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 12px 16px; }
+  .card .value { font-size: 28px; font-weight: 650; display: block; }
+  .card .label { color: var(--muted); font-size: 13px; }
+  .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 460px), 1fr)); gap: 16px; }
+  section { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 14px 16px; min-width: 0; }
+  section h2 { font-size: 15px; margin: 0 0 10px; }
+  section.wide { grid-column: 1 / -1; }
+  svg { width: 100%; height: auto; display: block; }
+  svg .bar { fill: var(--accent); }
+  svg .value { font-size: 11px; fill: var(--ink); text-anchor: middle; }
+  svg .axis { font-size: 11px; fill: var(--muted); text-anchor: middle; }
+  .bars { display: grid; grid-template-columns: minmax(80px, max-content) 1fr max-content; gap: 4px 10px; align-items: center; font-size: 13px; }
+  .bars .name { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; max-width: 40vw; }
+  .bars .track { background: var(--accent-soft); border-radius: 3px; height: 14px; }
+  .bars .fill { background: var(--accent); border-radius: 3px; height: 14px; }
+  table { border-collapse: collapse; width: 100%; font-size: 13px; }
+  th, td { text-align: right; padding: 5px 6px; border-bottom: 1px solid var(--line); white-space: nowrap; }
+  th:first-child, td:first-child { text-align: left; white-space: normal; overflow-wrap: anywhere; min-width: 12em; }
+  th { color: var(--muted); font-weight: 600; }
+  .scroll { overflow-x: auto; }
+  .heat-controls { display: flex; flex-wrap: wrap; gap: 10px; margin-bottom: 10px; align-items: end; }
+  .heat-controls label, .heat-controls select { max-width: 100%; }
+  canvas { width: 100%; max-width: 960px; height: auto; background: #0f172a; border-radius: 6px; display: block; }
+  .note { color: var(--muted); font-size: 13px; }
+  #live ol { list-style: none; padding: 0; margin: 0; }
+  #live li.session { border-bottom: 1px solid var(--line); padding: 8px 0; }
+  #live .head { display: flex; flex-wrap: wrap; gap: 4px 12px; font-size: 13px; }
+  #live .badge { border-radius: 10px; padding: 0 8px; font-size: 12px; background: #dcfce7; color: #166534; }
+  #live .badge.closed { background: #f1f5f9; color: var(--muted); }
+  #live .events { margin: 4px 0 0; padding-left: 14px; font: 12px/1.4 ui-monospace, monospace; color: #334155;
+                  max-height: 140px; overflow: auto; word-break: break-all; }
+  #error { display: none; margin: 0 0 12px; padding: 10px 14px; border-radius: 8px; background: #fee2e2; color: #991b1b; }
+  #keyform { display: none; position: fixed; inset: 0; background: rgba(15,23,42,.55); z-index: 5; align-items: center; justify-content: center; }
+  #keyform form { background: #fff; padding: 24px; border-radius: 12px; width: min(420px, 92vw); display: grid; gap: 12px; }
+  @media (max-width: 600px) { header, main { padding-left: 12px; padding-right: 12px; } .card .value { font-size: 22px; } }
+</style>
+</head>
+<body>
+<header>
+  <h1><a href="./">Microticks</a></h1>
+  <label>From <input type="date" id="from"></label>
+  <label>To <input type="date" id="to"></label>
+  <label>Consumer <select id="consumer"><option value="">All consumers</option></select></label>
+  <label>Screens are named by <input id="data_key" value="subject" size="10"></label>
+  <button id="apply">Show</button>
+  <span class="note" id="updated"></span>
+</header>
+<main>
+  <div id="error" role="alert"></div>
+  <div class="cards">
+    <div class="card"><span class="value" data-figure="sessions">–</span><span class="label">sessions</span></div>
+    <div class="card"><span class="value" data-figure="events">–</span><span class="label">events</span></div>
+    <div class="card"><span class="value" data-figure="median-duration">–</span><span class="label">median session</span></div>
+    <div class="card"><span class="value" data-figure="median-events">–</span><span class="label">median events per session</span></div>
+    <div class="card"><span class="value" data-figure="busiest-day-sessions">–</span><span class="label">sessions on the busiest day, <span data-figure="busiest-day">–</span></span></div>
+    <div class="card"><span class="value" data-figure="top-screen" style="font-size:18px;word-break:break-all">–</span><span class="label">most used screen</span></div>
+  </div>
+  <div class="grid">
+    <section class="wide"><h2>Sessions per day</h2><div id="per-day"></div></section>
+    <section><h2>Sessions by hour of day (<span id="tz"></span>)</h2><div id="per-hour"></div></section>
+    <section><h2>Sessions by weekday</h2><div id="per-weekday"></div></section>
+    <section><h2>Session duration</h2><div id="durations"></div></section>
+    <section><h2>Events per session</h2><div id="per-session"></div></section>
+    <section><h2>Top actions</h2><div id="actions" class="bars"></div></section>
+    <section class="wide"><h2>Screens</h2><p class="note">Visits count repeated touches on the same screen once; 1st, 2nd and 3rd: how often people picked it first, second, third in a session; time: seconds until they moved on.</p>
+      <div class="scroll"><table id="screens"><thead><tr><th>Screen</th><th>Events</th><th>Visits</th><th>Sessions</th><th>1st</th><th>2nd</th><th>3rd</th><th>Mean time (s)</th><th>Page turns</th></tr></thead><tbody></tbody></table></div></section>
+    <section class="wide"><h2>Touches on a screen</h2>
+      <div class="heat-controls">
+        <label>Screen <select id="heat-screen"></select></label>
+        <label>Width (px) <input type="number" id="heat-width" min="1" style="width:90px"></label>
+        <label>Height (px) <input type="number" id="heat-height" min="1" style="width:90px"></label>
+        <span class="note"><span data-figure="heatmap-points">0</span> touch points</span>
+      </div>
+      <canvas id="heatmap" width="960" height="540"></canvas></section>
+    <section class="wide" id="live"><h2>Latest sessions (live)</h2><ol></ol></section>
+  </div>
+</main>
+<div id="keyform"><form>
+  <strong>This Microticks needs its API key</strong>
+  <span class="note" id="keynote">It is kept for this browser tab only.</span>
+  <input type="password" id="key" autocomplete="current-password" placeholder="API key" required>
+  <button type="submit">Open the dashboard</button>
+</form></div>
+<script nonce="__NONCE__">
+"use strict";
+// Everything from the server is put on the page with textContent or as SVG
+// text: data a kiosk sent can never become markup.
+const BASE = location.pathname.replace(/\/dash\/?$/, "");
+const NS = "http://www.w3.org/2000/svg";
+const $ = (id) => document.getElementById(id);
+let key = sessionStorage.getItem("microticks-key") || "";
+let stats = null;
+
+function el(tag, attrs, text) {
+  const node = tag.startsWith("svg:") ? document.createElementNS(NS, tag.slice(4)) : document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+function figure(name, value) {
+  for (const node of document.querySelectorAll(`[data-figure="${name}"]`)) node.textContent = value;
+}
+
+async function api(path, params) {
+  const query = new URLSearchParams(Object.entries(params || {}).filter(([, v]) => v !== "" && v !== undefined));
+  const response = await fetch(`${BASE}${path}?${query}`, {headers: key ? {"X-Microticks-Key": key} : {}, cache: "no-store"});
+  if (response.status === 401) { askForKey(Boolean(key)); throw new Error("The API key is needed"); }
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
+  return body;
+}
+
+function askForKey(wrong) {
+  $("keynote").textContent = wrong ? "That key was not accepted; try again." : "It is kept for this browser tab only.";
+  $("keyform").style.display = "flex";
+  $("key").focus();
+}
+
+$("keyform").querySelector("form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  key = $("key").value.trim();
+  sessionStorage.setItem("microticks-key", key);
+  $("keyform").style.display = "none";
+  start();
+});
+
+function showError(error) {
+  $("error").textContent = error ? String(error.message || error) : "";
+  $("error").style.display = error ? "block" : "none";
+}
+
+function filters() {
+  return {from: $("from").value, to: $("to").value, consumer: $("consumer").value};
+}
+
+function columnChart(target, items, options) {
+  options = Object.assign({height: 190}, options);
+  // Drawn at the size it is shown, so that its text reads like the page's.
+  const width = Math.max(280, target.clientWidth || 480), top = 18, bottom = 34, height = options.height;
+  const longest = Math.max(1, ...items.map((i) => Math.max(String(i.label).length, String(i.sub || "").length)));
+  options.labelEvery = Math.max(1, Math.ceil((longest * 6.5 + 6) * items.length / width));
+  const max = Math.max(1, ...items.map((i) => i.value));
+  const slot = width / Math.max(1, items.length), bar = Math.max(4, slot * 0.7);
+  const chart = el("svg:svg", {viewBox: `0 0 ${width} ${height}`, role: "img"});
+  items.forEach((item, n) => {
+    const h = (height - top - bottom) * item.value / max, x = n * slot + (slot - bar) / 2;
+    const rect = el("svg:rect", {class: "bar", x, y: height - bottom - h, width: bar, height: Math.max(h, item.value ? 1 : 0), rx: 2});
+    rect.appendChild(el("svg:title", {}, `${item.label}: ${item.value}`));
+    chart.appendChild(rect);
+    if (item.value) chart.appendChild(el("svg:text", {class: "value", x: x + bar / 2, y: height - bottom - h - 4}, item.value));
+    if (n % options.labelEvery === 0) chart.appendChild(el("svg:text", {class: "axis", x: x + bar / 2, y: height - bottom + 14}, item.label));
+    if (item.sub && n % options.labelEvery === 0) chart.appendChild(el("svg:text", {class: "axis", x: x + bar / 2, y: height - bottom + 27}, item.sub));
+  });
+  target.replaceChildren(chart);
+}
+
+function barList(target, items) {
+  const max = Math.max(1, ...items.map((i) => i.value));
+  target.replaceChildren();
+  for (const item of items) {
+    const fill = el("div", {class: "fill", style: `width:${(100 * item.value / max).toFixed(1)}%`});
+    const track = el("div", {class: "track"});
+    track.appendChild(fill);
+    target.append(el("span", {class: "name", title: item.label}, item.label), track, el("span", {}, item.value));
+  }
+}
+
+function seconds(value) {
+  if (value === null || value === undefined) return "–";
+  if (value < 90) return `${Math.round(value)} s`;
+  return `${(value / 60).toFixed(1)} min`;
+}
+
+function render(data) {
+  stats = data;
+  figure("sessions", data.sessions);
+  figure("events", data.events);
+  figure("median-duration", seconds(data.duration.median));
+  figure("median-events", data.events_per_session.median ?? "–");
+  const busiest = data.sessions_per_day.reduce((best, d) => (!best || d.sessions > best.sessions ? d : best), null);
+  figure("busiest-day", busiest ? busiest.day : "–");
+  figure("busiest-day-sessions", busiest ? busiest.sessions : "–");
+  figure("top-screen", data.values.length ? data.values[0].value : "–");
+  $("tz").textContent = data.timezone;
+  const days = data.sessions_per_day.map((d) => ({label: d.day.slice(5), sub: new Date(d.day + "T12:00:00Z").toLocaleDateString("en", {weekday: "short", timeZone: "UTC"}), value: d.sessions}));
+  columnChart($("per-day"), days);
+  columnChart($("per-hour"), data.sessions_per_hour.map((h) => ({label: String(h.hour).padStart(2, "0"), value: h.sessions})));
+  columnChart($("per-weekday"), data.sessions_per_weekday.map((d) => ({label: d.weekday.slice(0, 3), value: d.sessions})));
+  columnChart($("durations"), data.duration.distribution.map((b) => ({label: b.bucket, value: b.sessions})));
+  columnChart($("per-session"), data.events_per_session.distribution.map((b) => ({label: b.bucket, value: b.sessions})));
+  barList($("actions"), data.actions.slice(0, 12).map((a) => ({label: a.action, value: a.events})));
+  const body = $("screens").querySelector("tbody");
+  body.replaceChildren();
+  for (const v of data.values.slice(0, 25)) {
+    const row = el("tr");
+    for (const cell of [v.value, v.events, v.visits, v.sessions, v.first, v.second, v.third,
+                        v.time_spent.mean === null ? "–" : v.time_spent.mean.toFixed(1), v.page_turns]) {
+      row.appendChild(el("td", {}, cell));
+    }
+    body.appendChild(row);
+  }
+  const screens = Object.entries(data.heatmaps.screens).sort((a, b) => b[1].points - a[1].points);
+  const select = $("heat-screen"), previous = select.value;
+  select.replaceChildren();
+  for (const [name, heat] of screens) select.appendChild(el("option", {value: name}, `${name || "(no screen)"} (${heat.points})`));
+  if (screens.some(([name]) => name === previous)) select.value = previous;
+  if (!$("heat-width").dataset.set) $("heat-width").value = roundUp(data.heatmaps.width);
+  if (!$("heat-height").dataset.set) $("heat-height").value = roundUp(data.heatmaps.height);
+  drawHeatmap();
+  $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
+}
+
+function roundUp(size) { return size ? Math.ceil(size / 10) * 10 : 1920; }
+
+function drawHeatmap() {
+  const canvas = $("heatmap"), context = canvas.getContext("2d");
+  const width = Number($("heat-width").value) || 1920, height = Number($("heat-height").value) || 1080;
+  canvas.width = 960;
+  canvas.height = Math.max(60, Math.round(960 * height / width));
+  context.fillStyle = "#0f172a";
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  const heat = stats && stats.heatmaps.screens[$("heat-screen").value];
+  figure("heatmap-points", heat ? heat.points : 0);
+  if (!heat) return;
+  const bin = stats.heatmaps.bin, scale = canvas.width / width;
+  const max = Math.max(...heat.bins.map((b) => b[2]));
+  for (const [x, y, n] of heat.bins) {
+    const strength = Math.sqrt(n / max);
+    context.fillStyle = `hsla(${Math.round(50 - 50 * strength)}, 100%, 55%, ${0.25 + 0.75 * strength})`;
+    context.fillRect(x * scale, y * scale, Math.max(1, bin * scale), Math.max(1, bin * scale));
+  }
+}
+
+let resizeTimer = null;
+window.addEventListener("resize", () => {
+  clearTimeout(resizeTimer);
+  resizeTimer = setTimeout(() => stats && render(stats), 200);
+});
+
+for (const id of ["heat-width", "heat-height"]) {
+  $(id).addEventListener("input", () => { $(id).dataset.set = "1"; drawHeatmap(); });
+}
+$("heat-screen").addEventListener("change", drawHeatmap);
+
+async function loadStats() {
+  try {
+    render(await api("/stats", Object.assign(filters(), {data_key: $("data_key").value.trim(), bin: 20})));
+    showError(null);
+  } catch (error) { showError(error); }
+}
+
+async function loadLive() {
+  try {
+    const page = await api("/sessions", {limit: 10, "sort.desc": "id", consumer: $("consumer").value,
+                                         fields: "id,consumer,device,started_utc,stopped_at,stop_reason,events,missing_events"});
+    const list = $("live").querySelector("ol");
+    const items = await Promise.all(page.sessions.map(async (session) => {
+      const events = await api("/events", {session: session.id, sort: "seq", limit: 30, fields: "time_utc,action,data"});
+      const item = el("li", {class: "session", "data-session": session.id});
+      const head = el("div", {class: "head"});
+      head.append(el("strong", {}, `#${session.id}`),
+                  el("span", {}, new Date(session.started_utc).toLocaleString()),
+                  el("span", {}, session.consumer || ""), el("span", {}, session.device || ""),
+                  el("span", {}, `${session.events} events`),
+                  el("span", {class: session.stop_reason ? "badge closed" : "badge"},
+                     session.stop_reason ? `closed (${session.stop_reason})` : "open"));
+      if (session.missing_events) head.appendChild(el("span", {class: "badge closed"}, `${session.missing_events} missing`));
+      const lines = el("ol", {class: "events"});
+      for (const event of events.events) {
+        lines.appendChild(el("li", {}, `${event.time_utc ? event.time_utc.slice(11, 19) : ""} ${event.action} ${JSON.stringify(event.data)}`));
+      }
+      item.append(head, lines);
+      return item;
+    }));
+    list.replaceChildren(...items);
+  } catch (error) { showError(error); }
+}
+
+async function loadConsumers() {
+  const answer = await api("/consumers");
+  const select = $("consumer"), chosen = select.value;
+  select.replaceChildren(el("option", {value: ""}, "All consumers"));
+  for (const consumer of answer.consumers) select.appendChild(el("option", {value: consumer.id}, consumer.name));
+  select.value = chosen;
+}
+
+let liveTimer = null;
+async function start() {
+  try { await loadConsumers(); } catch (error) { showError(error); return; }
+  const wanted = new URLSearchParams(location.search).get("consumer");
+  if (wanted) $("consumer").value = wanted;
+  await Promise.all([loadStats(), loadLive()]);
+  clearInterval(liveTimer);
+  liveTimer = setInterval(loadLive, 3000);
+}
+
+function isoDay(date) { return new Date(date.getTime() - date.getTimezoneOffset() * 60000).toISOString().slice(0, 10); }
+const params = new URLSearchParams(location.search);
+const today = new Date();
+$("to").value = params.get("to") || isoDay(today);
+$("from").value = params.get("from") || isoDay(new Date(today.getTime() - 6 * 86400000));
+$("data_key").value = params.get("data_key") || "subject";
+$("apply").addEventListener("click", () => { loadStats(); loadLive(); });
+start();
+</script>
+</body>
+</html>
+"""
 
 
 ###############################################################################

@@ -1624,3 +1624,132 @@ def test_dry_run_sends_nothing_and_the_module_form_loads(demo, db_path):
     }""")
     assert sent == {"sent": ["/sessions", "/events"], "moduleStart": "function"}
     assert stored_events(db_path) == []
+
+
+###############################################################################
+# Dashboard and self-documentation ############################################
+###############################################################################
+
+def test_openapi_description_is_valid_and_covers_every_route(client):
+    from openapi_spec_validator import validate
+    spec = client.get("/openapi.json").json
+    validate(spec)
+    app = microticks.make_app(microticks.Settings(db_path=":memory:"))
+    routes = {(r.method.lower(), re.sub(r"<(\w+)(:[^>]*)?>", r"{\1}", r.rule)) for r in app.routes}
+    documented = {(method, path) for path, operations in spec["paths"].items() for method in operations}
+    undocumented = {r for r in routes if not r[1].startswith("/examples")} - documented
+    assert not undocumented, undocumented
+
+
+def test_documentation_page_lists_every_endpoint_with_examples(start_server):
+    client = start_server(api_key=SECRET)
+    client.key = None  # the pages need no key
+    docs = client.request("GET", "/")
+    assert docs.status == 200 and docs.headers["content-type"].startswith("text/html")
+    spec = client.get("/openapi.json").json
+    for path, operations in spec["paths"].items():
+        for method in operations:
+            assert f'{method.upper()}</span> <code>{path}</code>' in docs.body, (method, path)
+    assert f"curl -d 'consumer_key=KEY&amp;ts=" in docs.body and "fetch(" in docs.body
+    assert f"http://127.0.0.1:{client.port}/sessions" in docs.body  # examples name this server
+    assert "default-src 'none'" in docs.headers["content-security-policy"]
+
+
+@pytest.fixture
+def dash_page(browser):
+    contexts = []
+
+    def open_page(url, width=1280, height=900):
+        # bypass_csp: Playwright's waits evaluate strings, which the page's
+        # policy forbids; escaping is then tested without that second line of defence.
+        context = browser.new_context(viewport={"width": width, "height": height}, bypass_csp=True)
+        contexts.append(context)
+        page = context.new_page()
+        page.errors = []
+        page.on("pageerror", lambda error: page.errors.append(str(error)))
+        page.goto(url)
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()
+
+
+def dash_figure(page, name):
+    return page.text_content(f'[data-figure="{name}"]')
+
+
+def test_dashboard_figures_equal_the_stats_and_an_independent_computation(sample_client, sample_events, dash_page,
+                                                                          tmp_path):
+    page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-29")
+    page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "83"')
+    stats = sample_client.get("/stats", **{"from": "2017-05-22", "to": "2017-05-29", "bin": 20}).json
+    expected = independent_stats(sample_events)
+    busiest = max(expected["per_day"].items(), key=lambda d: d[1])
+    assert dash_figure(page, "events") == str(stats["events"]) == "1628"
+    assert dash_figure(page, "busiest-day") == busiest[0] == "2017-05-23"
+    assert dash_figure(page, "busiest-day-sessions") == str(busiest[1]) == "30"
+    assert dash_figure(page, "top-screen") == stats["values"][0]["value"] == "year:2017"
+    assert dash_figure(page, "median-events") == str(stats["events_per_session"]["median"])
+    page.select_option("#heat-screen", "main")
+    assert dash_figure(page, "heatmap-points") == str(expected["heat_main"]) == str(stats["heatmaps"]["screens"]["main"]["points"])
+    table = page.inner_text("#screens tbody")
+    assert "ebook:2017Meyer_award_news.pdf" in table
+    bars = page.query_selector_all("#per-day svg rect")
+    assert len(bars) == 8  # one per day of the week
+    assert not page.errors
+    for width, height, name in [(1920, 1080, "desktop"), (390, 844, "phone")]:
+        page.set_viewport_size({"width": width, "height": height})
+        page.wait_for_timeout(400)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width, f"{name}: the page scrolls sideways"
+        shots = os.environ.get("MICROTICKS_SCREENSHOTS")
+        page.screenshot(path=str(Path(shots) if shots else tmp_path) + f"/dash-{name}.png", full_page=True)
+
+
+def test_dashboard_live_list_shows_a_new_session_within_seconds(sample_client, dash_page, consumer_key):
+    page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash")
+    page.wait_for_selector("#live li.session")
+    token = sample_client.start(consumer_key, ts=microticks.utc_now())
+    sample_client.event(token, action="touch-live", ts=microticks.utc_now())
+    session_id = sample_client.get("/sessions", **{"sort.desc": "id", "limit": 1}).json["sessions"][0]["id"]
+    started = time.monotonic()
+    page.wait_for_selector(f'#live li[data-session="{session_id}"]', timeout=8000)
+    assert time.monotonic() - started < 8
+    assert "touch-live" in page.inner_text(f'#live li[data-session="{session_id}"]')
+    assert page.url.endswith("/dash")  # refreshed in place, not reloaded
+
+
+HOSTILE = {"subject": "<script>window.pwned = 1</script>", "note": '"><img src=x onerror="window.pwned = 2">'}
+
+
+def test_dashboard_shows_hostile_data_as_text(client, consumer_key, dash_page):
+    token = client.start(consumer_key, ts=microticks.utc_now())
+    client.post_json("/events", {"token": token, "action": "<b>bold</b>", "data": HOSTILE, "ts": microticks.utc_now()})
+    page = dash_page(f"http://127.0.0.1:{client.port}/dash")
+    page.wait_for_selector("#live li.session")
+    page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "1"')
+    live = page.inner_text("#live")
+    assert HOSTILE["subject"] in live and "<b>bold</b>" in live and "onerror" in live
+    assert HOSTILE["subject"] in page.inner_text("#screens")
+    assert page.inner_text('[data-figure="top-screen"]') == HOSTILE["subject"]
+    assert page.evaluate("window.pwned") is None
+    assert page.query_selector_all("main img, main b, main script") == []
+
+
+def test_dashboard_asks_for_the_key_once_and_keeps_it_out_of_urls(sample_client, start_server, db_path, dash_page):
+    client = start_server(api_key=SECRET, tz="UTC")
+    page = dash_page(f"http://127.0.0.1:{client.port}/dash?from=2017-05-22&to=2017-05-29")
+    urls = []
+    page.on("request", lambda request: urls.append(request.url))
+    page.wait_for_selector("#keyform form", state="visible")
+    page.fill("#key", "wrong key")
+    page.click("#keyform button")
+    page.wait_for_function('document.getElementById("keynote").textContent.includes("not accepted")')
+    page.fill("#key", SECRET)
+    page.click("#keyform button")
+    page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "83"')
+    page.reload()  # kept for the tab: no second prompt
+    page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "83"')
+    assert not page.is_visible("#keyform form")
+    assert urls and not any(SECRET in url for url in urls)
+    assert SECRET not in page.url
