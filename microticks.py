@@ -36,6 +36,11 @@ CGI, Apache's SetEnv works too):
     MICROTICKS_SESSION_TIMEOUT  seconds without an event before the server
                              closes a session (default: 1800)
     MICROTICKS_RATE_LIMIT    requests a second per client address (default: 50; 0: none)
+    MICROTICKS_STORE_IP      what is kept of client addresses: truncated (the /24
+                             or /48 network; default), full or none
+    MICROTICKS_RETENTION_DAYS  delete sessions older than this (default: 0, never)
+    MICROTICKS_SILENT_HOURS  hours after which `status` and /metrics call a
+                             consumer or kiosk silent (default: 24)
 
 Needs Python 3.9 or newer and Bottle 0.13 (`pip install bottle`, or Bottle's
 single file bottle.py copied beside this one).
@@ -48,6 +53,7 @@ import io
 import hashlib
 import hmac
 import html
+import ipaddress
 import json
 import logging
 import os
@@ -139,6 +145,12 @@ class Settings:
     session_timeout: int = 1800
     #: Requests a second one client address may make (0: no limit).
     rate_limit: int = 50
+    #: What is kept of a client's address: full, truncated (its network) or none.
+    store_ip: str = "truncated"
+    #: Sessions older than this many days are deleted (0: kept for ever).
+    retention_days: int = 0
+    #: Hours without a sign of life after which `status` calls a kiosk silent.
+    silent_hours: int = 24
     #: Problems found while reading the environment, reported at start-up.
     warnings: tuple = field(default=(), compare=False)
 
@@ -164,6 +176,13 @@ def load_settings(wsgi_environ=None, **overrides):
             warnings.append(f"{name}={text!r} is not a whole number; using {default}")
             return default
 
+    def choice(name, choices):
+        value = env.get(name, "").strip().lower() or choices[0]
+        if value not in choices:
+            warnings.append(f"{name}={value!r} is not one of {', '.join(choices)}; using {choices[0]}")
+            return choices[0]
+        return value
+
     level = (env.get("MICROTICKS_LOG_LEVEL") or env.get("FLASK_LOG_LEVEL") or "INFO").upper()
     if level not in LOG_LEVELS:
         warnings.append(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}; using INFO")
@@ -182,6 +201,9 @@ def load_settings(wsgi_environ=None, **overrides):
         tz=timezone_setting(env.get("MICROTICKS_TZ", ""), warnings),
         session_timeout=max(1, integer("MICROTICKS_SESSION_TIMEOUT", 1800)),
         rate_limit=max(0, integer("MICROTICKS_RATE_LIMIT", 50)),
+        store_ip=choice("MICROTICKS_STORE_IP", ("truncated", "full", "none")),
+        retention_days=max(0, integer("MICROTICKS_RETENTION_DAYS", 0)),
+        silent_hours=max(1, integer("MICROTICKS_SILENT_HOURS", 24)),
         warnings=tuple(warnings),
     )
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
@@ -314,6 +336,16 @@ MIGRATIONS = [
         " first_seen_at TEXT NOT NULL, last_seen_at TEXT NOT NULL, last_heartbeat_at TEXT,"
         " queue_depth INTEGER, UNIQUE (consumer_id, name))",
     ]),
+    ("consumer keys stored hashed, last event per consumer", [
+        # A stolen database file must not hand out working keys. The old
+        # plaintext keys are hashed in place and keep working.
+        "UPDATE consumers SET key = mt_key_hash(key) WHERE key NOT LIKE 'sha256:%'",
+        "CREATE UNIQUE INDEX consumers_key ON consumers (key)",
+        "ALTER TABLE consumers ADD COLUMN last_event_at TEXT",
+        "UPDATE consumers SET last_event_at = (SELECT max(e.received_at) FROM events e"
+        " JOIN sessions s ON s.id = e.session_id WHERE s.consumer_id = consumers.id)",
+        "CREATE INDEX sessions_started_at ON sessions (started_at)",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -331,6 +363,11 @@ def format_utc(moment):
     m = moment.astimezone(timezone.utc)
     return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
             f".{m.microsecond // 1000:03d}Z")
+
+
+def key_hash(key):
+    """How a consumer key is stored: its SHA-256, never the key itself."""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 def _utc_or_none(text):
@@ -386,12 +423,16 @@ def connect(path):
         # WAL: readers never block the writer, and several processes
         # (gunicorn workers, CGI requests) can share the file.
         _use_wal(conn)
+        if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None:
+            # A new file: purges can then give space back without a full VACUUM.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         # FULL: an acknowledged event survives a power cut too, not only a
         # crashed process; a kiosk gets unplugged at closing time. It costs
         # about 3x in raw SQLite speed, far above what HTTP can deliver.
         conn.execute("PRAGMA synchronous=FULL")
         conn.create_function("mt_utc", 1, _utc_or_none, deterministic=True)
         conn.create_function("mt_local", 2, _local_parts, deterministic=True)
+        conn.create_function("mt_key_hash", 1, key_hash, deterministic=True)
         migrate(conn)
     except Exception:
         conn.close()
@@ -473,15 +514,19 @@ class Database:
             self._local.conn = None
 
 
-def create_consumer(conn, name):
-    """Register a frontend; returns its new consumer key."""
-    key = secrets.token_hex(16)
+def _local_now():
     # Local time, as the first Microticks wrote it.
-    created_at = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def create_consumer(conn, name, allowed_networks=None):
+    """Register a frontend; returns its new consumer key (stored hashed:
+    it cannot be shown again)."""
+    key = secrets.token_hex(16)
     try:
         with write_transaction(conn):
-            conn.execute("INSERT INTO consumers (name, key, created_at) VALUES (?, ?, ?)",
-                         (name, key, created_at))
+            conn.execute("INSERT INTO consumers (name, key, ip_filter, created_at) VALUES (?, ?, ?, ?)",
+                         (name, key_hash(key), allowed_networks or None, _local_now()))
     except sqlite3.IntegrityError:
         raise MicroticksError(409, f"A consumer named {name!r} exists already") from None
     return key
@@ -489,30 +534,65 @@ def create_consumer(conn, name):
 
 def list_consumers(conn):
     rows = conn.execute(
-        "SELECT c.id, c.name, c.created_at, c.deleted_at,"
+        "SELECT c.id, c.name, c.created_at, c.deleted_at, c.ip_filter AS allowed_networks, c.last_event_at,"
         " (SELECT count(*) FROM sessions s WHERE s.consumer_id = c.id) AS sessions"
         " FROM consumers c ORDER BY c.id").fetchall()
     return [dict(row) for row in rows]
 
 
+def _consumer_named(conn, name):
+    row = conn.execute("SELECT id, deleted_at FROM consumers WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise MicroticksError(404, f"No consumer named {name!r}")
+    return row
+
+
 def revoke_consumer(conn, name):
     """Refuse new sessions from a consumer; its data stays."""
     with write_transaction(conn):
-        row = conn.execute("SELECT id, deleted_at FROM consumers WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            raise MicroticksError(404, f"No consumer named {name!r}")
+        row = _consumer_named(conn, name)
         if row["deleted_at"] is None:
-            conn.execute("UPDATE consumers SET deleted_at = ? WHERE id = ?",
-                         (datetime.now().strftime("%Y-%m-%d %H:%M:%S"), row["id"]))
+            conn.execute("UPDATE consumers SET deleted_at = ? WHERE id = ?", (_local_now(), row["id"]))
 
 
-def _consumer_for_key(conn, consumer_key):
-    consumer = conn.execute("SELECT id, deleted_at FROM consumers WHERE key = ?", (consumer_key,)).fetchone()
+def rotate_consumer_key(conn, name):
+    """A new key for a consumer; the old one stops working, the data stays."""
+    key = secrets.token_hex(16)
+    with write_transaction(conn):
+        row = _consumer_named(conn, name)
+        conn.execute("UPDATE consumers SET key = ?, deleted_at = NULL WHERE id = ?", (key_hash(key), row["id"]))
+    return key
+
+
+def rename_consumer(conn, name, new_name):
+    try:
+        with write_transaction(conn):
+            row = _consumer_named(conn, name)
+            conn.execute("UPDATE consumers SET name = ? WHERE id = ?", (new_name, row["id"]))
+    except sqlite3.IntegrityError:
+        raise MicroticksError(409, f"A consumer named {new_name!r} exists already") from None
+
+
+def set_allowed_networks(conn, name, networks):
+    """Restrict a consumer to client addresses in `networks` (None: any)."""
+    with write_transaction(conn):
+        row = _consumer_named(conn, name)
+        conn.execute("UPDATE consumers SET ip_filter = ? WHERE id = ?", (networks or None, row["id"]))
+
+
+def _consumer_for_key(conn, consumer_key, ip):
+    """The consumer a key belongs to, refused when unknown, revoked, or
+    restricted to networks that `ip` is not in. Looked up by the key's hash:
+    the comparison never touches the key itself."""
+    consumer = conn.execute("SELECT id, deleted_at, ip_filter FROM consumers WHERE key = ?",
+                            (key_hash(consumer_key),)).fetchone()
     if consumer is None:
         raise MicroticksError(403, "Unknown consumer key: create one with "
                                    "`python microticks.py createconsumer NAME`")
     if consumer["deleted_at"] is not None:
         raise MicroticksError(403, "This consumer key was revoked")
+    if consumer["ip_filter"] and not address_allowed(ip, consumer["ip_filter"]):
+        raise MicroticksError(403, f"This consumer key is not allowed from {ip}")
     return consumer["id"]
 
 
@@ -533,19 +613,21 @@ def _record_device(conn, consumer_id, device, app_version, ip, now, queue_depth=
                         (consumer_id, device)).fetchone()[0]
 
 
-def start_session(conn, consumer_key, ts, ip, uuid=None, device=None, app_version=None):
+def start_session(conn, consumer_key, ts, ip, uuid=None, device=None, app_version=None, store_ip="truncated"):
     """Open a session for the consumer owning `consumer_key`; returns its
     token and whether it existed already. A session id chosen by the client
-    (`uuid`) makes a retried start return the same token."""
+    (`uuid`) makes a retried start return the same token. The client's
+    address is kept as `store_ip` says (full, truncated or none)."""
     token, now = secrets.token_hex(16), utc_now()
     with write_transaction(conn):
-        consumer_id = _consumer_for_key(conn, consumer_key)
+        consumer_id = _consumer_for_key(conn, consumer_key, ip)
         if uuid:
             existing = conn.execute("SELECT token, consumer_id FROM sessions WHERE uuid = ?", (uuid,)).fetchone()
             if existing is not None:
                 if existing["consumer_id"] != consumer_id:
                     raise MicroticksError(409, "This session uuid belongs to another consumer")
                 return existing["token"], True
+        ip = kept_address(ip, store_ip)
         device_id = _record_device(conn, consumer_id, device, app_version, ip, now)
         conn.execute(
             "INSERT INTO sessions (token, ip, started_at, consumer_id, received_at, started_utc, uuid, device_id)"
@@ -554,17 +636,21 @@ def start_session(conn, consumer_key, ts, ip, uuid=None, device=None, app_versio
     return token, False
 
 
-def record_heartbeat(conn, consumer_key, device, app_version, queue_depth, ip):
+def record_heartbeat(conn, consumer_key, device, app_version, queue_depth, ip, store_ip="truncated"):
     """A kiosk's sign of life: its device's last heartbeat and queue depth."""
     with write_transaction(conn):
-        consumer_id = _consumer_for_key(conn, consumer_key)
-        return _record_device(conn, consumer_id, device, app_version, ip, utc_now(), queue_depth, heartbeat=True)
+        consumer_id = _consumer_for_key(conn, consumer_key, ip)
+        return _record_device(conn, consumer_id, device, app_version, kept_address(ip, store_ip), utc_now(),
+                              queue_depth, heartbeat=True)
 
 
 def _session_for_token(conn, token):
     """The session a token names, refused when unknown."""
-    session = conn.execute("SELECT id, stopped_utc, stop_reason FROM sessions WHERE token = ?",
-                           (token,)).fetchone()
+    session = conn.execute(
+        "SELECT id, stopped_utc, stop_reason, consumer_id,"
+        # Stopped for good: by its client (a stop without a reason is an old client's).
+        " stopped_at IS NOT NULL AND coalesce(stop_reason, 'client') != 'timeout' AS final"
+        " FROM sessions WHERE token = ?", (token,)).fetchone()
     if session is None:
         raise MicroticksError(404, "Could not find session: start one with POST /sessions")
     return session
@@ -590,7 +676,7 @@ def store_events(conn, events):
                         continue
                 session = sessions.get(event["token"]) or _session_for_token(conn, event["token"])
                 sessions[event["token"]] = session
-                if session["stop_reason"] not in (None, "timeout"):
+                if session["final"]:
                     raise MicroticksError(409, "Session was already stopped.")
             except MicroticksError as error:
                 results.append({"error": error.message, "status": error.status_code})
@@ -606,6 +692,9 @@ def store_events(conn, events):
                              (ts.text, ts.utc, session["id"]))
                 sessions[event["token"]] = dict(session, stopped_utc=ts.utc)
             results.append({"event_id": cursor.lastrowid})
+        consumers = {session["consumer_id"] for session in sessions.values()}
+        if consumers and any("event_id" in r and not r.get("duplicate") for r in results):
+            conn.executemany("UPDATE consumers SET last_event_at = ? WHERE id = ?", [(now, c) for c in consumers])
     return results
 
 
@@ -615,7 +704,7 @@ def stop_session(conn, token, ts):
     the server's provisional one."""
     with write_transaction(conn):
         session = _session_for_token(conn, token)
-        if session["stop_reason"] not in (None, "timeout"):
+        if session["final"]:
             return False
         conn.execute(
             "UPDATE sessions SET stopped_at = ?, stopped_utc = ?, stop_received_at = ?,"
@@ -751,17 +840,22 @@ def _select(query, fields, count=False):
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         return f"SELECT count(*) FROM {table}{where}", params
     id_column = "e.id" if events else "s.id"
-    if query.after_id is not None:
-        clauses.append(f"{id_column} {'<' if query.descending else '>'} ?")
+    if query.after_id is not None:  # cursor paging when sorted by id; a filter otherwise
+        backwards = query.sort[0] == ("id", True)
+        clauses.append(f"{id_column} {'<' if backwards else '>'} ?")
         params.append(query.after_id)
     select = [f"{columns[f]} AS {f}" for f in fields]
     select += ["json_extract(e.data, ?)"] * len(query.data_keys)
     params = [f'$."{key}"' for key in query.data_keys] + params  # the select list's come first
-    order = [columns.get(part, part) for part in (EVENT_SORTS if events else SESSION_SORTS)[query.sort]]
-    direction = " DESC" if query.descending else ""
+    order = []
+    for name, descending in query.sort:
+        for part in (EVENT_SORTS if events else SESSION_SORTS)[name]:
+            term = columns.get(part, part) + (" DESC" if descending else "")
+            if term not in order and term.replace(" DESC", "") not in [t.replace(" DESC", "") for t in order]:
+                order.append(term)
     sql = (f"SELECT {', '.join(select)} FROM {table}"
            + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
-           + " ORDER BY " + ", ".join(column + direction for column in order))
+           + " ORDER BY " + ", ".join(order))
     if query.limit is not None or query.offset:
         sql += " LIMIT ? OFFSET ?"
         params += [-1 if query.limit is None else query.limit, query.offset]
@@ -967,10 +1061,11 @@ def import_events(conn, records, source, digest, consumer_name):
             raise MicroticksError(409, f"{source} was imported already, on {done[0]}")
         consumer = conn.execute("SELECT id FROM consumers WHERE name = ?", (consumer_name,)).fetchone()
         if consumer is None:
-            # A consumer for the data only: its key is never shown, so it starts no sessions.
+            # A consumer for the data only: revoked, so it starts no sessions
+            # and `status` does not wait for it to speak.
             consumer_id = conn.execute(
-                "INSERT INTO consumers (name, key, created_at) VALUES (?, ?, ?)",
-                (consumer_name, secrets.token_hex(16), datetime.now().strftime("%Y-%m-%d %H:%M:%S"))).lastrowid
+                "INSERT INTO consumers (name, key, created_at, deleted_at) VALUES (?, ?, ?, ?)",
+                (consumer_name, key_hash(secrets.token_hex(16)), _local_now(), _local_now())).lastrowid
         else:
             consumer_id = consumer[0]
         sessions, added, skipped = {}, 0, 0
@@ -1020,6 +1115,117 @@ def import_events(conn, records, source, digest, consumer_name):
     return {"events": added, "skipped": skipped, "sessions": len(sessions)}
 
 
+def delete_sessions(conn, session_ids):
+    """Erase sessions and their events (an erasure request); returns the
+    numbers of sessions and events removed."""
+    with write_transaction(conn):
+        marks = ",".join("?" * len(session_ids))
+        events = conn.execute(f"DELETE FROM events WHERE session_id IN ({marks})", session_ids).rowcount
+        sessions = conn.execute(f"DELETE FROM sessions WHERE id IN ({marks})", session_ids).rowcount
+    return sessions, events
+
+
+def backup_database(conn, target_path):
+    """A consistent copy of the live database (SQLite's online backup: the
+    service keeps writing meanwhile). Written beside the target, then moved
+    in place, so an interrupted backup never leaves half a file."""
+    partial = target_path + ".partial"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(partial)
+    target = sqlite3.connect(partial)
+    try:
+        conn.backup(target, pages=1024, sleep=0.005)  # in steps: writers wait only a moment
+        target.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+        ok = target.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        target.close()
+    if ok != "ok":
+        raise MicroticksError(500, f"The copy failed its integrity check: {ok}")
+    os.replace(partial, target_path)
+    return os.path.getsize(target_path)
+
+
+def restore_database(conn, backup_path):
+    """Replace the database's content with a backup's (checked first)."""
+    source = sqlite3.connect(f"file:{backup_path}?mode=ro", uri=True)
+    try:
+        ok = source.execute("PRAGMA integrity_check").fetchone()[0]
+        if ok != "ok":
+            raise MicroticksError(400, f"{backup_path} fails its integrity check: {ok}")
+        source.backup(conn)
+    except sqlite3.DatabaseError as error:
+        raise MicroticksError(400, f"{backup_path} is not a Microticks backup: {error}") from None
+    finally:
+        source.close()
+    migrate(conn)
+
+
+def purge_older_than(conn, cutoff_utc, chunk=2000, max_chunks=None):
+    """Delete sessions started before `cutoff_utc`, and their events, a chunk
+    of sessions per transaction so that ingest waits a moment at most.
+    Returns the numbers of sessions and events removed."""
+    sessions = events = chunks = 0
+    while max_chunks is None or chunks < max_chunks:
+        with write_transaction(conn):
+            ids = [r[0] for r in conn.execute(
+                "SELECT id FROM sessions WHERE coalesce(started_utc, started_at) < ? LIMIT ?", (cutoff_utc, chunk))]
+            if not ids:
+                break
+            marks = ",".join("?" * len(ids))
+            events += conn.execute(f"DELETE FROM events WHERE session_id IN ({marks})", ids).rowcount
+            sessions += conn.execute(f"DELETE FROM sessions WHERE id IN ({marks})", ids).rowcount
+        chunks += 1
+    return sessions, events
+
+
+def shrink_database(conn):
+    """Give the space of deleted rows back to the file system."""
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # incremental
+        conn.execute("PRAGMA incremental_vacuum")
+    else:
+        conn.execute("VACUUM")  # rewrites the file; it uses incremental mode from then on
+
+
+def database_status(conn, path, silent_after):
+    """What an operator on the phone needs: sizes, counts, open sessions,
+    each consumer's and kiosk's last sign of life, and which are silent."""
+    now = datetime.now(timezone.utc)
+
+    def age(stamp):
+        try:
+            return round((now - parse_timestamp(stamp)).total_seconds())
+        except (TypeError, ValueError, AttributeError):
+            return None
+
+    def size(file):
+        with contextlib.suppress(OSError):
+            return os.path.getsize(file)
+        return 0
+
+    consumers = [dict(r) for r in conn.execute(
+        "SELECT name, deleted_at, last_event_at FROM consumers ORDER BY name")]
+    devices = [dict(r) for r in conn.execute(
+        "SELECT c.name AS consumer, d.name AS device, d.app_version, d.last_seen_at, d.last_heartbeat_at,"
+        " d.queue_depth FROM devices d JOIN consumers c ON c.id = d.consumer_id ORDER BY c.name, d.name")]
+    limit = silent_after.total_seconds()
+    for consumer in consumers:
+        consumer["last_event_age_s"] = age(consumer["last_event_at"])
+        consumer["silent"] = consumer["deleted_at"] is None and (
+            consumer["last_event_age_s"] is None or consumer["last_event_age_s"] > limit)
+    for device in devices:
+        device["last_seen_age_s"] = age(device["last_seen_at"])
+        device["silent"] = device["last_seen_age_s"] is None or device["last_seen_age_s"] > limit
+    return {
+        "database": os.path.abspath(path), "database_bytes": size(path), "wal_bytes": size(path + "-wal"),
+        "schema_version": schema_version(conn),
+        "events": conn.execute("SELECT count(*) FROM events").fetchone()[0],
+        "sessions": conn.execute("SELECT count(*) FROM sessions").fetchone()[0],
+        "open_sessions": conn.execute("SELECT count(*) FROM sessions WHERE stopped_at IS NULL").fetchone()[0],
+        "last_event_at": conn.execute("SELECT max(last_event_at) FROM consumers").fetchone()[0],
+        "consumers": consumers, "devices": devices, "silent_after_s": round(limit),
+    }
+
+
 def check_writable(conn):
     """Raise unless a write transaction can be started (for /health)."""
     with write_transaction(conn):
@@ -1045,7 +1251,10 @@ class Timestamp:
         """The same client time, its UTC form corrected by a clock offset."""
         if not offset:
             return self
-        return Timestamp(self.text, format_utc(parse_timestamp(self.utc) + offset))
+        try:
+            return Timestamp(self.text, format_utc(parse_timestamp(self.utc) + offset))
+        except OverflowError:  # a clock thousands of years off: nothing sensible to correct to
+            return self
 
 
 def parse_timestamp(text):
@@ -1091,6 +1300,11 @@ def parse_json(text):
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise ValueError(f"nests deeper than {MAX_DATA_DEPTH} levels") from None
+    if "\\u" in text:  # an escape can name half a surrogate pair, which no database can store
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("holds a \\u escape of half a surrogate pair (not a character)") from None
     if json_depth(value) > MAX_DATA_DEPTH:
         raise ValueError(f"nests deeper than {MAX_DATA_DEPTH} levels")
     return value
@@ -1195,7 +1409,9 @@ def _sequence_number(fields, name):
     value = fields.get(name)
     if value is None or value == "":
         return None
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 16:
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 16:
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():  # JSON Schema counts 3.0 as an integer
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
         raise ValueError(f'"{name}" must be a whole number from 0')
@@ -1222,7 +1438,8 @@ def clean_event(fields, from_form, offset=None):
                             "action": lambda f, n: _text(f, n, MAX_ACTION_CHARS),
                             "data": lambda f, n: _data(f, n, from_form),
                             "ts": _timestamp, "uuid": _client_id, "seq": _sequence_number,
-                            "boot": _client_id})
+                            "boot": _client_id, "sent_at": _optional_timestamp})
+    del clean["sent_at"]  # checked; the request's (or batch's) sent_at measured the offset
     clean["ts"] = clean["ts"].shifted(offset)
     return clean
 
@@ -1245,6 +1462,50 @@ def clean_batch(body, received):
         except MicroticksError as error:
             cleaned.append(error)
     return cleaned
+
+
+def clean_networks(text):
+    """A comma-separated list of addresses or networks (10.0.0.0/24,
+    2001:db8::/48), normalised; ValueError otherwise."""
+    networks = []
+    for part in (p.strip() for p in (text or "").split(",")):
+        if part:
+            try:
+                networks.append(str(ipaddress.ip_network(part, strict=False)))
+            except ValueError:
+                raise ValueError(f"{part!r} is not an IP address or network") from None
+    return ",".join(networks)
+
+
+def address_allowed(ip, networks):
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(n) for n in networks.split(",") if n)
+
+
+def kept_address(ip, mode):
+    """What is stored of a client address: all of it, its network (/24 for
+    IPv4, /48 for IPv6: still tells sites apart, no longer a person), or nothing."""
+    if mode == "full":
+        return ip
+    if mode == "none":
+        return ""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ""
+    return str(ipaddress.ip_network(f"{address}/{24 if address.version == 4 else 48}", strict=False))
+
+
+def parse_age(text):
+    """An age like 365d, 12w, 2y or 48h, as a timedelta; ValueError otherwise."""
+    match = re.fullmatch(r"\s*(\d{1,6})\s*([hdwy]?)\s*", text or "", re.ASCII)
+    if not match:
+        raise ValueError(f"{text!r} is not an age like 365d, 12w, 2y or 48h")
+    number, unit = int(match.group(1)), match.group(2) or "d"
+    return timedelta(hours=number) if unit == "h" else timedelta(days=number * {"d": 1, "w": 7, "y": 365}[unit])
 
 
 def clean_heartbeat(fields):
@@ -1284,8 +1545,8 @@ class ReadQuery:
     action: str = None
     session_id: int = None
     after_id: int = None
-    sort: str = "id"
-    descending: bool = False
+    #: (column, descending) pairs, most significant first.
+    sort: tuple = (("id", False),)
     limit: int = DEFAULT_PAGE_LIMIT
     offset: int = 0
     format: str = "json"
@@ -1371,13 +1632,12 @@ def clean_read_query(params, kind, tz_name="", export=False):
         return check
 
     def sort(p, name):
-        ascending, descending = p.get("sort"), p.get("sort.desc")
-        if ascending and descending:
-            raise ValueError('give "sort" or "sort.desc", not both')
-        column = ascending or descending or "id"
-        if column not in sorts:
-            raise ValueError(f'cannot sort by {column!r}; sort by one of: {", ".join(sorts)}')
-        return column, bool(descending)
+        """sort=a (ascending), sort.desc=b (descending); both: by a, then b."""
+        order = tuple((p[key], key == "sort.desc") for key in ("sort", "sort.desc") if p.get(key))
+        for column, _ in order:
+            if column not in sorts:
+                raise ValueError(f'cannot sort by {column!r}; sort by one of: {", ".join(sorts)}')
+        return order or (("id", False),)
 
     def limit(p, name):
         value = p.get(name)
@@ -1428,14 +1688,10 @@ def clean_read_query(params, kind, tz_name="", export=False):
         "offset": _positive_integer("offset"), "format": output_format, "fields": fields,
         "data_keys": data_keys,
     })
-    column, descending = clean["sort"]
-    if clean["after_id"] is not None and column != "id":
-        raise MicroticksError(400, '"after_id" pages by id: drop "sort" or sort by id',
-                              {"after_id": ["needs sort by id"]})
     return ReadQuery(
         kind=kind, start_utc=clean["from"], end_utc=clean["to"], date=clean["date"], ip=clean["ip"],
         consumer_id=clean["consumer"], consumer_name=clean["consumer_name"], action=clean["action"],
-        session_id=clean["session"], after_id=clean["after_id"], sort=column, descending=descending,
+        session_id=clean["session"], after_id=clean["after_id"], sort=clean["sort"],
         limit=clean["limit"], offset=clean["offset"] or 0, format=clean["format"],
         fields=clean["fields"], data_keys=clean["data_keys"])
 
@@ -1594,6 +1850,42 @@ def cors_headers(settings, origin):
     return headers
 
 
+def prometheus_metrics(status, counters):
+    """The status and this process's counters in Prometheus' text format."""
+    def label(value):
+        return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    lines = []
+
+    def metric(name, kind, help_text, samples):
+        lines.extend([f"# HELP microticks_{name} {help_text}", f"# TYPE microticks_{name} {kind}"])
+        for labels, value in samples:
+            where = ",".join(f'{k}="{label(v)}"' for k, v in labels.items())
+            lines.append(f"microticks_{name}{{{where}}} {value}" if where else f"microticks_{name} {value}")
+
+    for name, help_text in [("events_stored", "Events stored by this process."),
+                            ("events_refused", "Events refused by this process (bad input, unknown session)."),
+                            ("events_duplicate", "Events answered as duplicates (retries) by this process."),
+                            ("requests_refused", "Requests answered 4xx by this process."),
+                            ("database_errors", "Requests answered 503 (database busy, full or unwritable).")]:
+        metric(f"{name}_total", "counter", help_text, [({}, counters[name])])
+    metric("events", "gauge", "Events in the database.", [({}, status["events"])])
+    metric("sessions", "gauge", "Sessions in the database.", [({}, status["sessions"])])
+    metric("sessions_open", "gauge", "Sessions not stopped yet.", [({}, status["open_sessions"])])
+    metric("database_bytes", "gauge", "Size of the database file.", [({}, status["database_bytes"])])
+    metric("wal_bytes", "gauge", "Size of the write-ahead log.", [({}, status["wal_bytes"])])
+    metric("consumer_last_event_age_seconds", "gauge", "Seconds since a consumer's last event (-1: never).",
+           [({"consumer": c["name"]}, -1 if c["last_event_age_s"] is None else c["last_event_age_s"])
+            for c in status["consumers"] if c["deleted_at"] is None])
+    metric("device_last_seen_age_seconds", "gauge", "Seconds since a kiosk was last heard from.",
+           [({"consumer": d["consumer"], "device": d["device"]}, d["last_seen_age_s"]) for d in status["devices"]])
+    metric("device_queue_depth", "gauge", "Events waiting in a kiosk's queue at its last heartbeat.",
+           [({"consumer": d["consumer"], "device": d["device"]}, d["queue_depth"] or 0) for d in status["devices"]])
+    metric("silent", "gauge", f"Consumers and kiosks silent for over {status['silent_after_s']} seconds.",
+           [({}, sum(c["silent"] for c in status["consumers"]) + sum(d["silent"] for d in status["devices"]))])
+    return "\n".join(lines) + "\n"
+
+
 class RateLimiter:
     """Requests per second per client address, with bursts of four seconds'
     worth: a runaway kiosk cannot flood the box. Per process (a gunicorn
@@ -1625,6 +1917,9 @@ def make_app(settings):
     request, response = bottle.request, bottle.response
     api_key = settings.api_key.encode("utf-8")
     rate_limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
+    #: This process's counters for /metrics (each worker process counts its own).
+    counters = {"events_stored": 0, "events_refused": 0, "events_duplicate": 0, "requests_refused": 0,
+                "database_errors": 0}
 
     def common_headers():
         headers = cors_headers(settings, request.get_header("Origin"))
@@ -1646,6 +1941,10 @@ def make_app(settings):
             message = f"No such endpoint: {request.method} {request.path}"
         else:
             message = STATUS_MESSAGES.get(status, error.status_line)
+        if 400 <= status < 500:
+            counters["requests_refused"] += 1
+        elif status == 503:
+            counters["database_errors"] += 1
         body = {"error": message, "status": status}
         if getattr(error, "errors", None):
             body["errors"] = error.errors
@@ -1735,6 +2034,18 @@ def make_app(settings):
     def consumers():
         return {"consumers": list_consumers(db.connection()), "status": 200}
 
+    @app.get("/status")
+    def status():
+        close_idle()
+        return dict(database_status(db.connection(), settings.db_path, timedelta(hours=settings.silent_hours)),
+                    status=200)
+
+    @app.get("/metrics")
+    def metrics():
+        response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        return prometheus_metrics(
+            database_status(db.connection(), settings.db_path, timedelta(hours=settings.silent_hours)), counters)
+
     @app.get("/examples")
     @app.get("/examples/")
     def examples_index():
@@ -1762,14 +2073,29 @@ def make_app(settings):
     def close_idle():
         close_idle_sessions(db.connection(), settings.session_timeout)
 
+    def apply_retention():
+        """One chunk of old sessions per session start: retention keeps up
+        without ever holding up ingest for long (`purge` does the rest)."""
+        if settings.retention_days:
+            cutoff = format_utc(datetime.now(timezone.utc) - timedelta(days=settings.retention_days))
+            purge_older_than(db.connection(), cutoff, chunk=500, max_chunks=1)
+
+    def count(results):
+        for result in results:
+            key = "events_refused" if "error" in result else \
+                "events_duplicate" if result.get("duplicate") else "events_stored"
+            counters[key] += 1
+        return results
+
     @app.post("/sessions")
     def post_session():
         received = datetime.now(timezone.utc)
         fields, _ = request_fields(request)
         clean = clean_session_start(fields, received)
         close_idle()
+        apply_retention()
         token, existed = start_session(db.connection(), clean["consumer_key"], clean["ts"], client_ip(),
-                                       clean["uuid"], clean["device"], clean["app_version"])
+                                       clean["uuid"], clean["device"], clean["app_version"], settings.store_ip)
         return {"token": token, "status": 200, **({"duplicate": True} if existed else {})}
 
     @app.post("/events")
@@ -1777,9 +2103,9 @@ def make_app(settings):
         received = datetime.now(timezone.utc)
         fields, from_form = request_fields(request)
         if not from_form and isinstance(fields.get("events"), list):
-            return {"results": store_events(db.connection(), clean_batch(fields, received)), "status": 200}
+            return {"results": count(store_events(db.connection(), clean_batch(fields, received))), "status": 200}
         offset = clock_offset(_check(fields, {"sent_at": _optional_timestamp})["sent_at"], received)
-        result = store_events(db.connection(), [clean_event(fields, from_form, offset)])[0]
+        result = count(store_events(db.connection(), [clean_event(fields, from_form, offset)]))[0]
         if "error" in result:
             raise MicroticksError(result["status"], result["error"])
         return {**result, "status": 200}
@@ -1796,7 +2122,7 @@ def make_app(settings):
         fields, _ = request_fields(request)
         clean = clean_heartbeat(fields)
         device_id = record_heartbeat(db.connection(), clean["consumer_key"], clean["device"],
-                                     clean["app_version"], clean["queue"], client_ip())
+                                     clean["app_version"], clean["queue"], client_ip(), settings.store_ip)
         return {"device_id": device_id, "status": 200}
 
     def read(kind):
@@ -1910,35 +2236,47 @@ def openapi_spec():
                    503: "The database is busy or cannot be written; see Retry-After."}
         return {str(c): answer(reasons[c], ref("Error")) for c in codes}
 
-    def body(schema, required=True):
-        return {"required": required, "description": "A form, or JSON (text/plain is read as JSON: "
-                                                     "navigator.sendBeacon sends that)", "content": {
-            "application/x-www-form-urlencoded": {"schema": schema},
+    def body(schema, form_name):
+        return {"required": True, "description": "A form, or JSON (text/plain is read as JSON: "
+                                                 "navigator.sendBeacon sends that)", "content": {
+            "application/x-www-form-urlencoded": {"schema": ref(form_name + "Form")},
             "application/json": {"schema": schema},
             "text/plain": {"schema": schema}}}
 
     def param(name, description, schema=None, location="query"):
+        # An empty value counts as absent, as HTML forms send them.
         return {"name": name, "in": location, "required": location == "path", "description": description,
-                "schema": schema or {"type": "string"}}
+                "schema": {"anyOf": [schema, {"const": ""}]} if schema else {"type": "string"}}
 
-    timestamp = {"type": "string", "maxLength": MAX_TIMESTAMP_CHARS, "examples": ["2017-08-25T17:09:19.438Z"],
+    whole = {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}
+    day_or_time = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]}
+
+    def optional(schema, description=None):
+        """An optional field: null and "" count as absent."""
+        described = {"description": description} if description else {}
+        return {"anyOf": [schema, {"type": "null"}, {"const": ""}], **described}
+
+    timestamp = {"type": "string", "format": "date-time", "maxLength": MAX_TIMESTAMP_CHARS,
+                 "examples": ["2017-08-25T17:09:19.438Z"],
                  "description": "ISO 8601 with a zone (Z or an offset); seconds and fractions optional"}
     client_id = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"}
     filters = [
-        param("from", "From this day (YYYY-MM-DD) or time on (events: their time; sessions: their start)"),
-        param("to", "Up to this day (included) or time (excluded)"),
+        param("from", "From this day (YYYY-MM-DD) or time on (events: their time; sessions: their start)",
+              day_or_time),
+        param("to", "Up to this day (included) or time (excluded)", day_or_time),
         param("date", "Sessions started on this UTC day, YYYY-MM-DD", {"type": "string", "format": "date"}),
-        param("ip", "Sessions from this client address"),
-        param("consumer", "Consumer id", {"type": "integer", "minimum": 0}),
-        param("consumer_name", "Consumer name"),
-        param("action", "Events with this action (sessions: having one)"),
-        param("session", "One session's id", {"type": "integer", "minimum": 0}),
+        param("ip", "Sessions from this client address", {"type": "string", "maxLength": 64}),
+        param("consumer", "Consumer id", whole),
+        param("consumer_name", "Consumer name", {"type": "string", "maxLength": 200}),
+        param("action", "Events with this action (sessions: having one)",
+              {"type": "string", "maxLength": MAX_ACTION_CHARS}),
+        param("session", "One session's id", whole),
     ]
     paging = [
-        param("after_id", "Rows after this id (cursor paging; sort by id)", {"type": "integer", "minimum": 0}),
+        param("after_id", "Rows with a larger id (with sort.desc=id: smaller): cursor paging", whole),
         param("limit", f"Rows in a page, 0 to {MAX_PAGE_LIMIT} (default {DEFAULT_PAGE_LIMIT}; exports: all)",
               {"type": "integer", "minimum": 0, "maximum": MAX_PAGE_LIMIT}),
-        param("offset", "Rows to skip", {"type": "integer", "minimum": 0}),
+        param("offset", "Rows to skip", whole),
         param("format", "json (a page), csv or ndjson (a download of every matching row)",
               {"type": "string", "enum": list(EXPORT_FORMATS)}),
     ]
@@ -1946,23 +2284,25 @@ def openapi_spec():
     def read_params(sorts, columns):
         return filters + paging + [
             param("sort", "Sort ascending by", {"type": "string", "enum": list(sorts)}),
-            param("sort.desc", "Sort descending by", {"type": "string", "enum": list(sorts)}),
-            param("fields", f"Comma-separated fields, or all: {', '.join(columns)}"),
+            param("sort.desc", "Sort descending by (after sort, if both)", {"type": "string", "enum": list(sorts)}),
+            param("fields", f"Comma-separated fields, or all: {', '.join(columns)}",
+                  {"type": "string", "pattern": f"^(all|({'|'.join(columns)})(,({'|'.join(columns)}))*)$"}),
         ]
 
     exports = {"text/csv": {"schema": {"type": "string"}}, "application/x-ndjson": {"schema": {"type": "string"}}}
     event_fields = {
-        "token": {"type": "string", "maxLength": MAX_TOKEN_CHARS, "description": "From POST /sessions"},
+        "token": {"type": "string", "minLength": 1, "maxLength": MAX_TOKEN_CHARS, "description": "From POST /sessions"},
         "action": {"type": "string", "minLength": 1, "maxLength": MAX_ACTION_CHARS, "examples": ["click"]},
         "data": {"description": f"Forms: a JSON string (plain text is kept as a string). JSON bodies: any"
                                 f" JSON value. At most {MAX_DATA_BYTES} bytes, {MAX_DATA_DEPTH} levels deep."},
         "ts": timestamp,
-        "uuid": dict(client_id, description="Chosen by the client: a retry with the same uuid stores nothing twice"),
-        "seq": {"type": "integer", "minimum": 0, "description": "The event's number in its session: 1, 2, 3..."},
-        "boot": dict(client_id, description="The page load that sent the event"),
-        "sent_at": dict(timestamp, description="The client's clock when sending: corrects a wrong clock"),
+        "uuid": optional(client_id, "Chosen by the client: a retry with the same uuid stores nothing twice"),
+        "seq": optional({"type": "integer", "minimum": 0, "maximum": 2**53 - 1},
+                        "The event's number in its session: 1, 2, 3..."),
+        "boot": optional(client_id, "The page load that sent the event"),
+        "sent_at": optional(timestamp, "The client's clock when sending: corrects a wrong clock"),
     }
-    return {
+    spec = {
         "openapi": "3.1.0",
         "info": {"title": "Microticks", "version": __version__,
                  "description": "Simple analytics for kiosk and touch-table apps. With MICROTICKS_KEY set, every "
@@ -1979,13 +2319,15 @@ def openapi_spec():
                     "error": {"type": "string"}, "status": {"type": "integer"},
                     "errors": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}}}},
                 "SessionStart": {"type": "object", "required": ["consumer_key", "ts"], "properties": {
-                    "consumer_key": {"type": "string", "maxLength": MAX_TOKEN_CHARS * 2},
+                    "consumer_key": {"type": "string", "minLength": 1, "maxLength": MAX_TOKEN_CHARS * 2},
                     "ts": timestamp, "uuid": event_fields["uuid"], "sent_at": event_fields["sent_at"],
-                    "device": {"type": "string", "maxLength": MAX_DEVICE_CHARS},
-                    "app_version": {"type": "string", "maxLength": MAX_DEVICE_CHARS}}},
+                    "device": optional({"type": "string", "maxLength": MAX_DEVICE_CHARS}),
+                    "app_version": optional({"type": "string", "maxLength": MAX_DEVICE_CHARS})}},
                 "Event": {"type": "object", "required": ["token", "action", "ts"], "properties": event_fields},
                 "Batch": {"type": "object", "required": ["events"], "properties": {
-                    "events": {"type": "array", "maxItems": MAX_BATCH_EVENTS, "items": ref("Event")},
+                    "events": {"type": "array", "maxItems": MAX_BATCH_EVENTS,
+                               "items": {"description": "An Event. Each is checked on its own: a bad one"
+                                                        " (not even an object) gets an error result"}},
                     "sent_at": event_fields["sent_at"]}},
                 "Stored": {"type": "object", "required": ["event_id"], "properties": {
                     "event_id": {"type": "integer"}, "duplicate": {"type": "boolean"}}},
@@ -1995,8 +2337,10 @@ def openapi_spec():
                 "Stop": {"type": "object", "required": ["token", "ts"], "properties": {
                     "token": event_fields["token"], "ts": timestamp, "sent_at": event_fields["sent_at"]}},
                 "Heartbeat": {"type": "object", "required": ["consumer_key", "device"], "properties": {
-                    "consumer_key": {"type": "string"}, "device": {"type": "string", "maxLength": MAX_DEVICE_CHARS},
-                    "app_version": {"type": "string"}, "queue": {"type": "integer", "minimum": 0}}},
+                    "consumer_key": {"type": "string", "minLength": 1, "maxLength": MAX_TOKEN_CHARS * 2},
+                    "device": {"type": "string", "minLength": 1, "maxLength": MAX_DEVICE_CHARS},
+                    "app_version": optional({"type": "string", "maxLength": MAX_DEVICE_CHARS}),
+                    "queue": optional({"type": "integer", "minimum": 0, "maximum": 2**53 - 1})}},
                 "EventsPage": {"type": "object", "required": ["events", "count"], "properties": {
                     "events": {"type": "array", "items": {"type": "object", "properties": {
                         "id": {"type": "integer"}, "session_id": {"type": "integer"}, "time": {"type": "string"},
@@ -2022,7 +2366,7 @@ def openapi_spec():
                 "post": {"summary": "Start a session", "operationId": "startSession",
                          "description": "Answers the session's token. A retried start with the same uuid answers"
                                         " the same token.",
-                         "requestBody": body(ref("SessionStart")),
+                         "requestBody": body(ref("SessionStart"), "SessionStart"),
                          "responses": {"200": answer("The session's token", {"type": "object", "required": ["token"],
                                                      "properties": {"token": {"type": "string"},
                                                                     "duplicate": {"type": "boolean"},
@@ -2040,13 +2384,14 @@ def openapi_spec():
                          "description": "A batch is a JSON object with an events list: each event is stored or"
                                         " refused on its own. An event whose uuid was stored before is answered"
                                         " with the first one's id and duplicate: true.",
-                         "requestBody": body({"oneOf": [ref("Event"), ref("Batch")]}),
+                         "requestBody": body({"oneOf": [ref("Event"), ref("Batch")]}, "Event"),
                          "responses": {"200": answer("The event's id, or one result per event of a batch",
                                                      {"oneOf": [ref("Stored"), ref("BatchResults")]}),
                                        **errors(400, 401, 404, 409, 411, 413, 415, 429, 503)}},
                 "get": {"summary": "List events", "operationId": "listEvents",
                         "parameters": read_params(EVENT_SORTS, EVENT_COLUMNS) + [
-                            param("data_keys", "CSV/NDJSON: a column per data key, e.g. subject,clickX")],
+                            param("data_keys", "CSV/NDJSON: a column per data key, e.g. subject,clickX",
+                                  {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,64}(,[A-Za-z0-9_:-]{1,64}){0,19}$"})],
                         "responses": {"200": {"description": "A page of events, or a CSV/NDJSON download",
                                               "content": {"application/json": {"schema": ref("EventsPage")},
                                                           **exports}},
@@ -2055,7 +2400,7 @@ def openapi_spec():
             "/sessions/stop": {
                 "post": {"summary": "Stop a session", "operationId": "stopSession",
                          "description": "Stopping a stopped session changes nothing (already_stopped: true).",
-                         "requestBody": body(ref("Stop")),
+                         "requestBody": body(ref("Stop"), "Stop"),
                          "responses": {"200": answer("Stopped", {"type": "object", "properties": {
                              "stopped": {"type": "boolean"}, "already_stopped": {"type": "boolean"},
                              "status": {"type": "integer"}}}),
@@ -2063,7 +2408,7 @@ def openapi_spec():
             },
             "/heartbeat": {
                 "post": {"summary": "Report that a kiosk is alive", "operationId": "heartbeat",
-                         "requestBody": body(ref("Heartbeat")),
+                         "requestBody": body(ref("Heartbeat"), "Heartbeat"),
                          "responses": {"200": answer("Recorded", {"type": "object", "properties": {
                              "device_id": {"type": "integer"}, "status": {"type": "integer"}}}),
                              **errors(400, 401, 403, 411, 413, 415, 429, 503)}},
@@ -2071,10 +2416,14 @@ def openapi_spec():
             "/stats": {
                 "get": {"summary": "Statistics of the selected sessions", "operationId": "stats",
                         "parameters": filters + [
-                            param("data_key", "The data key naming screens (default subject)"),
+                            param("data_key", "The data key naming screens (default subject)",
+                                  {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,64}$"}),
                             param("bin", "Heatmap bin size in pixels (default 50)",
                                   {"type": "integer", "minimum": 1, "maximum": 10000}),
-                            param("tz", "Time zone, e.g. Europe/Berlin (default MICROTICKS_TZ)")],
+                            param("tz", "Time zone, e.g. Europe/Berlin (default MICROTICKS_TZ)",
+                                  {"type": "string", "enum": ["UTC", "Europe/Berlin", "America/New_York",
+                                                              "Asia/Tokyo", "Asia/Kolkata"],
+                                   "description": "Any IANA zone name; these are examples"})],
                         "responses": {"200": answer("The statistics", ref("Stats")), **errors(400, 401, 429, 503)}},
             },
             "/consumers": {
@@ -2082,6 +2431,20 @@ def openapi_spec():
                         "responses": {"200": answer("The consumers", {"type": "object", "properties": {
                             "consumers": {"type": "array"}, "status": {"type": "integer"}}}),
                             **errors(401, 429, 503)}},
+            },
+            "/status": {
+                "get": {"summary": "Sizes, counts, open sessions, and each consumer's and kiosk's last sign of life",
+                        "operationId": "status",
+                        "responses": {"200": answer("The status", {"type": "object", "properties": {
+                            "events": {"type": "integer"}, "sessions": {"type": "integer"},
+                            "open_sessions": {"type": "integer"}, "consumers": {"type": "array"},
+                            "devices": {"type": "array"}}}), **errors(401, 429, 503)}},
+            },
+            "/metrics": {
+                "get": {"summary": "The status and this process's counters for Prometheus",
+                        "operationId": "metrics",
+                        "responses": {"200": answer("Prometheus text format", {"type": "string"},
+                                                    "text/plain"), **errors(401, 429, 503)}},
             },
             "/health": {
                 "get": {"summary": "Whether the service can write its database (no key needed)",
@@ -2108,6 +2471,16 @@ def openapi_spec():
             },
         },
     }
+    # Forms cannot say null: their schemas are the JSON ones without it.
+    schemas = spec["components"]["schemas"]
+    for name in ("SessionStart", "Event", "Stop", "Heartbeat"):
+        properties = {}
+        for field_name, field_schema in schemas[name]["properties"].items():
+            if "anyOf" in field_schema:
+                field_schema = dict(field_schema, anyOf=[o for o in field_schema["anyOf"] if o != {"type": "null"}])
+            properties[field_name] = field_schema
+        schemas[name + "Form"] = dict(schemas[name], properties=properties)
+    return spec
 
 
 def render_docs(spec, base):
@@ -2566,7 +2939,7 @@ def cmd_initdb(args, settings):
 
 
 def cmd_createconsumer(args, settings):
-    key = create_consumer(open_database(settings), args.name)
+    key = create_consumer(open_database(settings), args.name, args.allow)
     print(f"Consumer key: {key}")
     print("Give this key to the frontend as consumer_key; it is not shown again.", file=sys.stderr)
 
@@ -2579,6 +2952,8 @@ def cmd_consumers(args, settings):
     print(f"{'ID':>4}  {'NAME':<24} {'CREATED':<19}  {'SESSIONS':>8}  STATUS")
     for c in consumers:
         status = f"revoked {c['deleted_at']}" if c["deleted_at"] else "active"
+        if c["allowed_networks"]:
+            status += f", only from {c['allowed_networks'].replace(',', ', ')}"
         print(f"{c['id']:>4}  {c['name']:<24} {c['created_at']:<19}  {c['sessions']:>8}  {status}")
 
 
@@ -2714,6 +3089,89 @@ def print_stats(stats):
           ("screen", "points"))
 
 
+def cmd_rotatekey(args, settings):
+    key = rotate_consumer_key(open_database(settings), args.name)
+    print(f"Consumer key: {key}")
+    print(f"The old key of {args.name!r} stops working now; its sessions keep their data.", file=sys.stderr)
+
+
+def cmd_renameconsumer(args, settings):
+    rename_consumer(open_database(settings), args.name, args.new_name)
+    print(f"Consumer {args.name!r} is now {args.new_name!r}.")
+
+
+def networks_argument(text):
+    try:
+        return clean_networks(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def cmd_allowips(args, settings):
+    set_allowed_networks(open_database(settings), args.name, args.networks)
+    print(f"Consumer {args.name!r} may start sessions from "
+          + (args.networks.replace(",", ", ") if args.networks else "any address") + ".")
+
+
+def cmd_delete(args, settings):
+    sessions, events = delete_sessions(open_database(settings), args.session)
+    print(f"Deleted {sessions} session{'s' if sessions != 1 else ''} and {events} event{'s' if events != 1 else ''}.")
+
+
+def cmd_backup(args, settings):
+    size = backup_database(open_database(settings), args.file)
+    print(f"Backed up {os.path.abspath(settings.db_path)} to {args.file} ({size:,} bytes, integrity checked).")
+
+
+def cmd_restore(args, settings):
+    if not os.path.exists(args.file):
+        raise MicroticksError(404, f"No such backup: {args.file}")
+    restore_database(open_database(settings), args.file)
+    print(f"Restored {os.path.abspath(settings.db_path)} from {args.file}.")
+
+
+def cmd_purge(args, settings):
+    try:
+        age = parse_age(args.older_than) if args.older_than else timedelta(days=settings.retention_days)
+    except ValueError as error:
+        raise MicroticksError(400, str(error)) from None
+    if not age:
+        raise MicroticksError(400, "Say how old: --older-than 365d (or set MICROTICKS_RETENTION_DAYS)")
+    cutoff = format_utc(datetime.now(timezone.utc) - age)
+    conn = open_database(settings)
+    before = os.path.getsize(settings.db_path)
+    sessions, events = purge_older_than(conn, cutoff)
+    if sessions and not args.no_vacuum:
+        shrink_database(conn)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    print(f"Deleted {sessions} sessions and {events} events started before {cutoff}; "
+          f"the file went from {before:,} to {os.path.getsize(settings.db_path):,} bytes.")
+
+
+def cmd_status(args, settings):
+    silent_after = timedelta(hours=args.silent_hours or settings.silent_hours)
+    status = database_status(open_database(settings), settings.db_path, silent_after)
+    if args.json:
+        json.dump(status, sys.stdout, indent=2)
+        print()
+        return
+    print(f"Database {status['database']}: {status['database_bytes']:,} bytes (+{status['wal_bytes']:,} in the WAL),"
+          f" schema version {status['schema_version']}")
+    print(f"{status['events']:,} events in {status['sessions']:,} sessions, {status['open_sessions']} open;"
+          f" last event {status['last_event_at'] or 'never'}")
+    for consumer in status["consumers"]:
+        state = "revoked" if consumer["deleted_at"] else "SILENT" if consumer["silent"] else "ok"
+        print(f"  consumer {consumer['name']:<24} last event {consumer['last_event_at'] or 'never':<26} {state}")
+    for device in status["devices"]:
+        print(f"  kiosk {device['consumer']}/{device['device']:<20} seen {device['last_seen_at']:<26}"
+              f" queue {device['queue_depth'] if device['queue_depth'] is not None else '-':<6}"
+              f" {'SILENT' if device['silent'] else 'ok'}")
+    silent = [c["name"] for c in status["consumers"] if c["silent"]] + \
+             [f"{d['consumer']}/{d['device']}" for d in status["devices"] if d["silent"]]
+    if silent:
+        print(f"WARNING: silent for over {silent_after.total_seconds() / 3600:g} hours: {', '.join(silent)}")
+
+
 def cmd_closestale(args, settings):
     timeout = args.timeout or settings.session_timeout
     closed = close_idle_sessions(open_database(settings), timeout)
@@ -2769,9 +3227,35 @@ def build_parser():
     command("initdb", cmd_initdb, "create the database, or upgrade it in place; never deletes data")
     sub = command("createconsumer", cmd_createconsumer, "register a frontend and print its consumer key")
     sub.add_argument("name", help="a name for the frontend, e.g. the kiosk's location")
+    sub.add_argument("--allow", type=networks_argument, metavar="NETWORKS",
+                     help="only from these addresses or networks, comma-separated (e.g. 10.1.2.0/24)")
     command("consumers", cmd_consumers, "list the consumers")
     sub = command("revokeconsumer", cmd_revokeconsumer, "stop a consumer's key from starting sessions")
     sub.add_argument("name", help="the consumer's name")
+    sub = command("rotatekey", cmd_rotatekey, "give a consumer a new key; the old one stops working")
+    sub.add_argument("name", help="the consumer's name")
+    sub = command("renameconsumer", cmd_renameconsumer, "rename a consumer")
+    sub.add_argument("name", help="the consumer's name")
+    sub.add_argument("new_name", help="its new name")
+    sub = command("allowips", cmd_allowips, "restrict a consumer to addresses or networks (none given: any)")
+    sub.add_argument("name", help="the consumer's name")
+    sub.add_argument("networks", nargs="?", default="", type=networks_argument,
+                     help="comma-separated addresses or networks, e.g. 10.1.2.0/24,2001:db8::/48")
+    sub = command("delete", cmd_delete, "erase sessions and their events (an erasure request)")
+    sub.add_argument("--session", type=int, action="append", required=True, metavar="ID",
+                     help="a session's id; repeat for more")
+    sub = command("backup", cmd_backup, "write a consistent copy of the database while the service runs")
+    sub.add_argument("file", help="the copy to write (replaced if it exists)")
+    sub = command("restore", cmd_restore, "replace the database's content with a backup's")
+    sub.add_argument("file", help="a file written by backup")
+    sub = command("purge", cmd_purge, "delete sessions (and their events) older than an age; shrink the file")
+    sub.add_argument("--older-than", metavar="AGE", help="e.g. 365d, 52w, 2y, 48h "
+                                                         "(default: $MICROTICKS_RETENTION_DAYS days)")
+    sub.add_argument("--no-vacuum", action="store_true", help="do not shrink the file afterwards")
+    sub = command("status", cmd_status, "sizes, counts, open sessions, last sign of life per consumer and kiosk")
+    sub.add_argument("--silent-hours", type=int, help="call a consumer or kiosk silent after this many hours "
+                                                      "(default: $MICROTICKS_SILENT_HOURS, else 24)")
+    sub.add_argument("--json", action="store_true", help="print the JSON of GET /status")
     def read_filters(sub, formats=True):
         group = sub.add_argument_group("filters (as the HTTP API's query parameters)")
         group.add_argument("--from", dest="from_", metavar="TIME",

@@ -262,6 +262,8 @@ def test_first_generation_database_is_upgraded_in_place_losing_nothing(db_path, 
     assert stored(db_path, "PRAGMA user_version")[0][0] == microticks.SCHEMA_VERSION
     def same_meaning(row):  # plain-text data is stored as a JSON string, which reads back the same
         return tuple(microticks.decode_data(v) if isinstance(v, str) and v[:1] in '{"' else v for v in row)
+    # Consumer keys are stored hashed from now on; the old keys keep working (above).
+    before["consumers"] = [row[:2] + (microticks.key_hash(row[2]),) + row[3:] for row in before["consumers"]]
     for table, rows in before.items():
         width = len(rows[0])
         after = [row[:width] for row in stored(db_path, f"SELECT * FROM {table} ORDER BY id")]
@@ -1753,3 +1755,174 @@ def test_dashboard_asks_for_the_key_once_and_keeps_it_out_of_urls(sample_client,
     assert not page.is_visible("#keyform form")
     assert urls and not any(SECRET in url for url in urls)
     assert SECRET not in page.url
+
+
+###############################################################################
+# Operations: consumers, privacy, backups, retention, status ##################
+###############################################################################
+
+def test_keys_are_stored_hashed_rotated_and_renamed(client, consumer_key, db_path):
+    stored_keys = [r[0] for r in stored(db_path, "SELECT key FROM consumers")]
+    assert stored_keys == [microticks.key_hash(consumer_key)] and consumer_key not in stored_keys[0]
+    token = client.start(consumer_key)
+    client.event(token)
+    new_key = re.search(r"Consumer key: (\w+)", run_cli("rotatekey", "kiosk1", "--db", db_path).stdout).group(1)
+    assert client.form("/sessions", {"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"}).status == 403
+    client.start(new_key)
+    run_cli("renameconsumer", "kiosk1", "Lobby table", "--db", db_path)
+    sessions = client.get("/sessions").json["sessions"]
+    assert [s["consumer"] for s in sessions] == ["Lobby table", "Lobby table"] and sessions[0]["events"] == 1
+
+
+def test_consumers_can_be_restricted_to_networks(client, consumer_key, db_path):
+    run_cli("allowips", "kiosk1", "10.20.0.0/16, 2001:db8::/48", "--db", db_path)
+    refused = client.form("/sessions", {"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"})
+    assert refused.status == 403 and "not allowed from 127.0.0.1" in refused.json["error"]
+    assert client.post_json("/heartbeat", {"consumer_key": consumer_key, "device": "d"}).status == 403
+    run_cli("allowips", "kiosk1", "127.0.0.0/8", "--db", db_path)
+    assert client.start(consumer_key)
+    assert "only from 127.0.0.0/8" in run_cli("consumers", "--db", db_path).stdout
+    bad = run_cli("allowips", "kiosk1", "10.0.0.300", "--db", db_path, check=False)
+    assert bad.returncode == 2 and "not an IP address" in bad.stderr
+
+
+@pytest.mark.parametrize("mode, kept", [("truncated", "127.0.0.0/24"), ("full", "127.0.0.1"), ("none", "")])
+def test_client_addresses_are_kept_as_configured(start_server, consumer_key, db_path, mode, kept):
+    client = start_server(store_ip=mode)
+    client.post_json("/sessions", {"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z", "device": "d"})
+    assert stored(db_path, "SELECT ip FROM sessions") == [(kept,)]
+    assert stored(db_path, "SELECT ip FROM devices") == [(kept,)]
+
+
+def test_truncation_keeps_the_network():
+    assert microticks.kept_address("192.168.17.42", "truncated") == "192.168.17.0/24"
+    assert microticks.kept_address("2001:db8:1:2:3::4", "truncated") == "2001:db8:1::/48"
+
+
+def test_spoofed_forwarding_headers_change_nothing_stored(start_server, consumer_key, db_path):
+    client = start_server(store_ip="full")
+    client.request("POST", "/sessions", urllib.parse.urlencode({"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"}),
+                   {"Content-Type": "application/x-www-form-urlencoded", "X-Forwarded-For": "6.6.6.6",
+                    "X-Real-IP": "6.6.6.6", "Forwarded": "for=6.6.6.6"})
+    assert stored(db_path, "SELECT ip FROM sessions") == [("127.0.0.1",)]
+
+
+def test_erasure_deletes_a_session_and_its_events(client, consumer_key, db_path):
+    keep, erase = client.start(consumer_key), client.start(consumer_key)
+    client.event(keep)
+    client.event(erase)
+    client.event(erase)
+    out = run_cli("delete", "--session", "2", "--db", db_path).stdout
+    assert "Deleted 1 session and 2 events" in out
+    assert stored(db_path, "SELECT session_id FROM events") == [(1,)]
+
+
+def test_backup_while_writing_is_consistent_and_restores(client, consumer_key, db_path, tmp_path):
+    token = client.start(consumer_key)
+    stop = threading.Event()
+    acked = []
+
+    def writer():
+        while not stop.is_set():
+            acked.append(client.event(token))
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        backup = str(tmp_path / "copy.db")
+        out = run_cli("backup", backup, "--db", db_path).stdout
+        assert "integrity checked" in out
+    finally:
+        stop.set()
+        thread.join()
+    in_backup = stored(backup, "SELECT count(*) FROM events")[0][0]
+    assert 0 < in_backup <= len(acked)
+    assert stored(backup, "PRAGMA integrity_check") == [("ok",)]
+    fresh = str(tmp_path / "restored.db")
+    run_cli("restore", backup, "--db", fresh)
+    assert stored(fresh, "SELECT count(*) FROM events")[0][0] == in_backup
+    assert run_cli("restore", str(tmp_path / "nothing.db"), "--db", fresh, check=False).returncode == 1
+
+
+def test_purge_removes_old_sessions_and_shrinks_the_file(sample_client, db_path, consumer_key):
+    token = sample_client.start(consumer_key, ts=microticks.utc_now())
+    sample_client.event(token, ts=microticks.utc_now())
+    before = os.path.getsize(db_path)
+    out = run_cli("purge", "--older-than", "365d", "--db", db_path).stdout
+    assert "Deleted 83 sessions and 1628 events" in out
+    assert stored(db_path, "SELECT count(*) FROM events")[0][0] == 1  # today's stays
+    assert os.path.getsize(db_path) < before
+    assert "Deleted 0 sessions" in run_cli("purge", "--older-than", "52w", "--db", db_path).stdout
+
+
+def test_retention_is_applied_by_the_service(start_server, sample_client, db_path, consumer_key):
+    client = start_server(retention_days=365)
+    for _ in range(2):  # a chunk of 500 sessions per session start: the 83 old ones go at once
+        client.start(consumer_key, ts=microticks.utc_now())
+    assert stored(db_path, "SELECT count(*) FROM sessions")[0][0] == 2
+    assert stored(db_path, "SELECT count(*) FROM events")[0][0] == 0
+
+
+def test_status_and_metrics_tell_an_operator_what_is_going_on(start_server, consumer_key, db_path):
+    client = start_server(silent_hours=1)
+    token = client.start(consumer_key)
+    client.post_json("/events", {"events": [batch_event(token, 0), batch_event(token, 0), {"token": "x"}]})
+    client.post_json("/heartbeat", {"consumer_key": consumer_key, "device": "lobby-1", "queue": 7})
+    microticks.create_consumer(microticks.connect(db_path), "never-heard-of")
+    out = run_cli("status", "--db", db_path).stdout
+    assert "1 events in 1 sessions, 1 open" in out
+    assert re.search(r"consumer kiosk1 .* ok", out) and "kiosk kiosk1/lobby-1" in out
+    assert "WARNING: silent for over 24 hours: never-heard-of" in out
+    status = client.get("/status").json
+    assert status["open_sessions"] == 1 and status["devices"][0]["queue_depth"] == 7
+    metrics = client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    lines = metrics.body.splitlines()
+    for line in lines:
+        assert line.startswith("#") or re.fullmatch(r'microticks_\w+(\{(\w+="[^"]*",?)+\})? -?\d+(\.\d+)?', line), line
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if not line.startswith("#")}
+    assert values["microticks_events_stored_total"] == 1
+    assert values["microticks_events_duplicate_total"] == 1
+    assert values["microticks_events_refused_total"] == 1
+    assert values["microticks_sessions_open"] == 1
+    assert values['microticks_device_queue_depth{consumer="kiosk1",device="lobby-1"}'] == 7
+    assert values['microticks_consumer_last_event_age_seconds{consumer="never-heard-of"}'] == -1
+    assert values["microticks_database_bytes"] > 0
+
+
+def make_database_at_version(path, version):
+    """A database file as this project's schema version `version` left it,
+    with a consumer, an open and a stopped session, and events."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.create_function("mt_utc", 1, microticks._utc_or_none)
+    conn.create_function("mt_key_hash", 1, microticks.key_hash)
+    # Version 0 is the first Microticks: its tables, no version number.
+    for _, statements in microticks.MIGRATIONS[:max(1, version)]:
+        for statement in statements:
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {version}")
+    conn.execute("INSERT INTO consumers (id, name, key, created_at) VALUES (1, 'old', 'plainkey', '2017-05-01 10:00:00')")
+    if version >= 5:
+        conn.execute("UPDATE consumers SET key = ?", (microticks.key_hash("plainkey"),))
+    conn.execute("INSERT INTO sessions (id, token, ip, started_at, consumer_id) VALUES"
+                 " (1, 'opentoken', '10.0.0.1', '2017-05-22T11:00:00.000Z', 1)")
+    conn.execute("INSERT INTO sessions (id, token, ip, started_at, stopped_at, consumer_id) VALUES"
+                 " (2, 'stoppedtoken', '10.0.0.1', '2017-05-22T10:00:00.000Z', '2017-05-22T10:05:00.000Z', 1)")
+    conn.execute("INSERT INTO events (id, session_id, time, action, data) VALUES"
+                 " (7, 1, '2017-05-22T11:00:01.000Z', 'click', '{\"subject\":\"main\"}')")
+    conn.close()
+
+
+@pytest.mark.parametrize("version", range(microticks.SCHEMA_VERSION))
+def test_every_earlier_schema_version_upgrades_losing_nothing(tmp_path, start_server, version):
+    db = str(tmp_path / f"v{version}.db")
+    make_database_at_version(db, version)
+    client = start_server(db_path=db, session_timeout=10**9)
+    assert client.event("opentoken", ts="2017-05-22T11:00:02.000Z") == 8
+    assert client.start("plainkey")
+    assert client.form("/events", {"token": "stoppedtoken", "action": "a", "ts": "2017-05-22T11:00:00Z"}).status == 409
+    events = client.get("/events").json["events"]
+    assert events[0] == {"id": 7, "session_id": 1, "time": "2017-05-22T11:00:01.000Z", "action": "click",
+                         "data": {"subject": "main"}}
+    assert stored(db, "PRAGMA user_version") == [(microticks.SCHEMA_VERSION,)]
+    assert stored(db, "PRAGMA integrity_check") == [("ok",)]
