@@ -2687,6 +2687,9 @@ DASHBOARD_HTML = r"""<!doctype html>
         <span class="note"><span data-figure="heatmap-points">0</span> touch points</span>
       </div>
       <canvas id="heatmap" width="960" height="540"></canvas></section>
+    <section class="wide" id="kiosks"><h2>Kiosks</h2>
+      <div class="scroll"><table><thead><tr><th>Kiosk</th><th>Consumer</th><th>App version</th><th>Last seen</th><th>Queue</th><th>State</th></tr></thead><tbody></tbody></table></div>
+      <p class="note" id="kiosks-note"></p></section>
     <section class="wide" id="live"><h2>Latest sessions (live)</h2><ol></ol></section>
   </div>
 </main>
@@ -2892,6 +2895,20 @@ async function loadLive() {
   } catch (error) { showError(error); }
 }
 
+async function loadKiosks() {
+  const status = await api("/status");
+  const body = $("kiosks").querySelector("tbody");
+  body.replaceChildren();
+  for (const d of status.devices) {
+    const row = el("tr", {"data-device": d.device});
+    for (const cell of [d.device, d.consumer, d.app_version || "", d.last_seen_at ? new Date(d.last_seen_at).toLocaleString() : "",
+                        d.queue_depth ?? "", d.silent ? "silent" : "ok"]) row.appendChild(el("td", {}, cell));
+    body.appendChild(row);
+  }
+  $("kiosks-note").textContent = status.devices.length ? `Silent: no sign of life for over ${status.silent_after_s / 3600} hours.`
+    : "No kiosk has reported a device name yet (the tracker's device option).";
+}
+
 async function loadConsumers() {
   const answer = await api("/consumers");
   const select = $("consumer"), chosen = select.value;
@@ -2905,9 +2922,9 @@ async function start() {
   try { await loadConsumers(); } catch (error) { showError(error); return; }
   const wanted = new URLSearchParams(location.search).get("consumer");
   if (wanted) $("consumer").value = wanted;
-  await Promise.all([loadStats(), loadLive()]);
+  await Promise.all([loadStats(), loadLive(), loadKiosks().catch(showError)]);
   clearInterval(liveTimer);
-  liveTimer = setInterval(loadLive, 3000);
+  liveTimer = setInterval(() => { loadLive(); loadKiosks().catch(showError); }, 3000);
 }
 
 function isoDay(date) { return new Date(date.getTime() - date.getTimezoneOffset() * 60000).toISOString().slice(0, 10); }

@@ -1780,6 +1780,10 @@ def test_dashboard_live_list_shows_a_new_session_within_seconds(sample_client, d
     page.wait_for_selector(f'#live li[data-session="{session_id}"]', timeout=8000)
     assert time.monotonic() - started < 8
     assert "touch-live" in page.inner_text(f'#live li[data-session="{session_id}"]')
+    sample_client.post_json("/heartbeat", {"consumer_key": consumer_key, "device": "lobby-kiosk", "app_version": "3.2",
+                                           "queue": 4})
+    page.wait_for_selector('#kiosks tr[data-device="lobby-kiosk"]', timeout=8000)
+    assert "3.2" in page.inner_text('#kiosks tr[data-device="lobby-kiosk"]')
     assert page.url.endswith("/dash")  # refreshed in place, not reloaded
 
 
