@@ -1,15 +1,28 @@
 #!/usr/bin/env python3
-"""Benchmark Microticks on this machine; prints a table and writes JSON.
+"""Benchmark Microticks on this machine; prints tables and writes JSON.
 
-    python bench_microticks.py                 # everything (several minutes)
-    python bench_microticks.py --only reads    # one part: reads
+    apt-get install wrk                         # the load generator (once)
+    python bench_microticks.py                  # everything (about 5 minutes)
+    python bench_microticks.py --only ingest    # one part: ingest, batches, big, reads
 
-Every figure is reported beside a baseline measured in the same run, as a
-ratio, so that runs on different machines can be compared.
+Every figure stands beside a baseline measured in the same run, as a ratio,
+so that runs on different machines can be compared:
 
-Reads: a database of 1,000,000 events in 50,000 sessions, made by repeating
-the sample week (../shared/data/kiosk-sample-events.json) shifted week by
-week, served by `python microticks.py serve`; timed over HTTP.
+- ingest: single-event form posts (what the first frontends send) at 1, 8
+  and 32 concurrent clients, for `python microticks.py serve` and gunicorn
+  -w 2, each beside a 20-line reference Bottle+SQLite app under the same
+  server, and the reference under the standard library's single-threaded
+  server. A hello-world shows the HTTP ceiling (and that wrk is not the
+  bottleneck). Microticks runs with the API key, validation and CORS on.
+- batches: batches of 100 and 1,000 events over HTTP, beside SQLite's
+  in-process executemany of the same rows.
+- big: the same single-event ingest into a database of 1,000,000 events in
+  50,000 sessions (the sample week repeated, shifted week by week), beside
+  the empty database.
+- reads: /stats and exports on that database; peak memory of `serve`.
+
+The load comes from wrk (C, epoll) on loopback: it drives the hello-world
+at several times Microticks' rate, so the figures are the server's.
 """
 
 import argparse
@@ -21,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -126,11 +140,9 @@ def build_big_database(path, sessions=50_000):
     return event_id, session_id, week
 
 
-def bench_reads(workdir, results):
-    db = workdir / "big.db"
-    started = time.perf_counter()
-    events, sessions, weeks = build_big_database(db)
-    print(f"built {events:,} events in {sessions:,} sessions ({weeks} weeks) in {time.perf_counter() - started:.1f} s")
+def bench_reads(workdir, results, db):
+    events = sqlite3.connect(db).execute("SELECT count(*) FROM events").fetchone()[0]
+    sessions = sqlite3.connect(db).execute("SELECT count(*) FROM sessions").fetchone()[0]
     day = "2017-05-23"
     with Serve(db, env={"MICROTICKS_TZ": "UTC"}) as server:
         rows = []
@@ -164,15 +176,268 @@ def bench_reads(workdir, results):
     rows.append({"read": "CSV export / in-process read", "ratio": round(csv_rate / (n / raw), 3)})
     results["reads"] = {"events": events, "sessions": sessions, "rows": rows}
     for row in rows:
-        print("  " + ", ".join(f"{k}={v}" for k, v in row.items() if v is not None))
+        print_row(row)
 
 
-PARTS = {"reads": bench_reads}
+REFERENCE_APP = '''
+import sqlite3, sys, threading
+import bottle
+
+app, local, DB = bottle.Bottle(), threading.local(), sys.argv[1] if __name__ == "__main__" else None
+
+def db():
+    if not hasattr(local, "conn"):
+        local.conn = sqlite3.connect(DB or __import__("os").environ["REF_DB"], timeout=10, isolation_level=None)
+        local.conn.execute("PRAGMA journal_mode=WAL")
+    return local.conn
+
+@app.post("/events")
+def events():
+    form, conn = bottle.request.forms, db()
+    conn.execute("BEGIN IMMEDIATE")
+    cursor = conn.execute("INSERT INTO events (session_id, time, action, data) VALUES (1, ?, ?, ?)",
+                          (form.ts, form.action, form.data))
+    conn.execute("COMMIT")
+    return {"event_id": cursor.lastrowid}
+
+@app.get("/hello")
+def hello():
+    return "hello"
+
+application = app
+'''
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = %s
+wrk.headers["Content-Type"] = %s
+wrk.headers["X-Microticks-Key"] = "bench-key"
+done = function(summary, latency, requests)
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
+  io.write(string.format('WRK {"requests": %%d, "duration_us": %%d, "errors": %%d, "non2xx": %%d, "p50_us": %%d, "p99_us": %%d}\\n',
+    summary.requests, summary.duration, errors, summary.errors.status, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def lua_string(text):
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def wrk(url, clients, seconds, body="", content_type="application/x-www-form-urlencoded", method="POST"):
+    """Requests/s and p50/p99 latency (ms) of wrk against url."""
+    import shutil
+    if not shutil.which("wrk"):
+        sys.exit("bench: wrk is missing: apt-get install wrk")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT % (lua_string(body), lua_string(content_type)))
+        if method == "GET":
+            script.write('wrk.method = "GET"\nwrk.body = nil\n')
+    try:
+        out = subprocess.run(["wrk", "-t", str(min(clients, 2)), "-c", str(clients), "-d", f"{seconds}s",
+                              "--timeout", "10s", "-s", script.name, url], capture_output=True, text=True, timeout=seconds + 60)
+    finally:
+        os.unlink(script.name)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("WRK ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk failed: {out.stdout} {out.stderr}")
+    figures = json.loads(line[4:])
+    return {"rps": round(figures["requests"] / (figures["duration_us"] / 1e6)), "p50_ms": figures["p50_us"] / 1000,
+            "p99_ms": figures["p99_us"] / 1000, "errors": figures["errors"] + figures["non2xx"],
+            "requests": figures["requests"]}
+
+
+class Process:
+    """A server subprocess on a free port, waited for."""
+
+    def __init__(self, command, env=None, cwd=None, health="/health"):
+        self.port = free_port()
+        command = [c.replace("{port}", str(self.port)) for c in command]
+        self.proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, cwd=cwd,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.url + health, timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.proc.kill()
+        raise RuntimeError(f"{command} did not start")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(15)
+
+
+def microticks_db(path):
+    """A database with a consumer and an open session; returns the token."""
+    conn = microticks.connect(str(path))
+    key = microticks.create_consumer(conn, f"bench-{time.monotonic_ns()}")
+    ts = microticks.Timestamp("2017-08-25T17:09:19.438Z", "2017-08-25T17:09:19.438Z")
+    token, _ = microticks.start_session(conn, key, ts, "127.0.0.1")
+    conn.close()
+    return token
+
+
+def reference_db(path):
+    conn = sqlite3.connect(path)
+    for statement in microticks.FIRST_GENERATION_SCHEMA:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+
+
+def form_body(token):
+    return urllib.parse.urlencode({"token": token, "action": "click", "ts": "2017-08-25T17:09:20.438Z",
+                                   "data": json.dumps({"target": "some_box", "clickX": 406, "clickY": 300})})
+
+
+MICROTICKS_ENV = {"MICROTICKS_KEY": "bench-key", "MICROTICKS_RATE_LIMIT": "0"}
+
+
+def servers(workdir, kind, app, db):
+    """The command (and environment) that runs `app` ("microticks", "reference"
+    or "hello") under server `kind` ("serve", "gunicorn", "stdlib")."""
+    if app == "microticks":
+        env = {**MICROTICKS_ENV, "MICROTICKS_DB": str(db)}
+        if kind == "serve":
+            return [sys.executable, str(HERE / "microticks.py"), "serve", "--port", "{port}"], env, HERE
+        return ["gunicorn", "-w", "2", "--no-control-socket", "-b", "127.0.0.1:{port}", "--backlog", "256",
+                "microticks:application"], env, HERE
+    env = {"REF_DB": str(db), "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if kind == "gunicorn":
+        return ["gunicorn", "-w", "2", "--no-control-socket", "-b", "127.0.0.1:{port}", "--backlog", "256",
+                "reference_app:application"], env, workdir
+    runner = ("import os, reference_app, microticks, bottle; app = reference_app.application;"
+              " port = int(os.environ['PORT']);")
+    if kind == "serve":  # our server, as `serve` runs it
+        runner += " microticks.make_http_server(app, '127.0.0.1', port).serve_forever()"
+    else:  # the standard library's single-threaded server
+        runner += " bottle.run(app, server='wsgiref', host='127.0.0.1', port=port, quiet=True)"
+    return [sys.executable, "-c", runner], env, workdir
+
+
+def run_ingest(workdir, kind, app, clients, seconds, db=None, token=None):
+    db = db or workdir / f"{app}-{kind}-{clients}-{time.monotonic_ns()}.db"
+    if app == "microticks" and token is None:
+        token = microticks_db(db)
+    elif app == "reference":
+        reference_db(db)
+    command, env, cwd = servers(workdir, kind, app, db)
+    health = "/hello" if app != "microticks" else "/health"
+    with _start(command, env, cwd, health) as server:
+        if app == "hello":
+            result = wrk(server.url + "/hello", clients, seconds, method="GET")
+        else:
+            result = wrk(server.url + "/events", clients, seconds, form_body(token or ""))
+        result["peak_rss_mb"] = round(peak_rss_mb(server.proc.pid), 1) if kind == "serve" else None
+    return result
+
+
+def _start(command, env, cwd, health):
+    port = free_port()
+    command = [c.replace("{port}", str(port)) for c in command]
+    process = Process.__new__(Process)
+    process.port, process.url = port, f"http://127.0.0.1:{port}"
+    process.proc = subprocess.Popen(command, env={**os.environ, **env, "PORT": str(port)}, cwd=cwd,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(process.url + health, timeout=1).read()
+            return process
+        except OSError:
+            time.sleep(0.05)
+    process.proc.kill()
+    raise RuntimeError(f"{command} did not start")
+
+
+def bench_ingest(workdir, results, seconds):
+    (workdir / "reference_app.py").write_text(REFERENCE_APP)
+    rows = []
+    for kind in ("serve", "gunicorn"):
+        for clients in (1, 8, 32):
+            mine = run_ingest(workdir, kind, "microticks", clients, seconds)
+            ref = run_ingest(workdir, kind, "reference", clients, seconds)
+            rows.append({"server": kind, "clients": clients, "microticks_rps": mine["rps"], "reference_rps": ref["rps"],
+                         "ratio": round(mine["rps"] / ref["rps"], 3), "p50_ms": mine["p50_ms"], "p99_ms": mine["p99_ms"],
+                         "ref_p99_ms": ref["p99_ms"], "errors": mine["errors"] + ref["errors"],
+                         "peak_rss_mb": mine["peak_rss_mb"]})
+            print_row(rows[-1])
+    for clients in (1, 8, 32):
+        single = run_ingest(workdir, "stdlib", "reference", clients, seconds)
+        serve = next(r for r in rows if r["server"] == "serve" and r["clients"] == clients)
+        rows.append({"server": "stdlib single-threaded (reference app)", "clients": clients, "reference_rps": single["rps"],
+                     "p50_ms": single["p50_ms"], "p99_ms": single["p99_ms"], "errors": single["errors"],
+                     "microticks_serve_over_this": round(serve["microticks_rps"] / single["rps"], 3)})
+        print_row(rows[-1])
+    for kind in ("gunicorn", "serve"):
+        hello = run_ingest(workdir, kind, "hello", 8, seconds)
+        rows.append({"server": f"{kind} (hello world: the HTTP ceiling)", "clients": 8, "reference_rps": hello["rps"],
+                     "p99_ms": hello["p99_ms"], "errors": hello["errors"]})
+        print_row(rows[-1])
+    results["ingest"] = rows
+
+
+def bench_batches(workdir, results, seconds):
+    rows = []
+    for size in (100, 1000):
+        db = workdir / f"batch-{size}.db"
+        token = microticks_db(db)
+        events = [{"token": token, "action": "click", "data": {"target": "box", "clickX": i, "clickY": 300},
+                   "ts": "2017-08-25T17:09:20.438Z"} for i in range(size)]
+        body = json.dumps({"events": events, "sent_at": microticks.utc_now()})
+        command, env, cwd = servers(workdir, "serve", "microticks", db)
+        with _start(command, env, cwd, "/health") as server:
+            result = wrk(server.url + "/events", 8, seconds, body, "application/json")
+        http_rate = result["rps"] * size
+        # The ceiling: the same rows through executemany, in-process, one transaction.
+        conn = microticks.connect(str(workdir / f"executemany-{size}.db"))
+        rows_in = [(1, "2017-08-25T17:09:20.438Z", "click", json.dumps(e["data"]), microticks.utc_now(),
+                    "2017-08-25T17:09:20.438Z") for e in events] * max(1, 100_000 // size)
+        started = time.perf_counter()
+        with microticks.write_transaction(conn):
+            conn.executemany("INSERT INTO events (session_id, time, action, data, received_at, time_utc)"
+                             " VALUES (?, ?, ?, ?, ?, ?)", rows_in)
+        ceiling = len(rows_in) / (time.perf_counter() - started)
+        conn.close()
+        rows.append({"batch": size, "clients": 8, "events_per_s": http_rate, "executemany_rows_per_s": round(ceiling),
+                     "ratio": round(http_rate / ceiling, 3), "p99_ms": result["p99_ms"], "errors": result["errors"]})
+        print_row(rows[-1])
+    results["batches"] = rows
+
+
+def bench_big(workdir, results, seconds):
+    db = workdir / "big.db"
+    started = time.perf_counter()
+    events, sessions, weeks = build_big_database(db)
+    print(f"  built {events:,} events in {sessions:,} sessions ({weeks} weeks) in {time.perf_counter() - started:.1f} s")
+    token = microticks_db(db)
+    empty = run_ingest(workdir, "serve", "microticks", 8, seconds)
+    big = run_ingest(workdir, "serve", "microticks", 8, seconds, db=db, token=token)
+    row = {"clients": 8, "empty_rps": empty["rps"], "million_rps": big["rps"], "ratio": round(big["rps"] / empty["rps"], 3),
+           "p99_ms_empty": empty["p99_ms"], "p99_ms_million": big["p99_ms"]}
+    print_row(row)
+    results["big"] = row
+    bench_reads(workdir, results, db=db)
+
+
+def print_row(row):
+    print("  " + ", ".join(f"{k}={v}" for k, v in row.items() if v is not None), flush=True)
+
+
+PARTS = {"ingest": bench_ingest, "batches": bench_batches, "big": bench_big}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=sorted(PARTS), action="append", help="run only this part")
+    parser.add_argument("--only", choices=sorted(PARTS), action="append", help="run only this part (big includes reads)")
+    parser.add_argument("--seconds", type=int, default=4, help="length of each load run (default: %(default)s)")
     parser.add_argument("--json", default="bench_results.json", help="where to write the figures (default: %(default)s)")
     args = parser.parse_args()
     results = {"machine": {"python": platform.python_version(), "platform": platform.platform(),
@@ -181,7 +446,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="microticks-bench-") as workdir:
         for name in args.only or PARTS:
             print(f"\n== {name}")
-            PARTS[name](Path(workdir), results)
+            PARTS[name](Path(workdir), results, args.seconds)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.json}")
 

@@ -57,8 +57,11 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import re
 import secrets
+import selectors
+import socket
 import sqlite3
 import sys
 import threading
@@ -69,7 +72,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qsl
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 # mod_wsgi does not put the script's directory on sys.path; a bottle.py copied
 # beside this file (the offline install) must be found there too.
@@ -847,12 +850,16 @@ def _select(query, fields, count=False):
     select = [f"{columns[f]} AS {f}" for f in fields]
     select += ["json_extract(e.data, ?)"] * len(query.data_keys)
     params = [f'$."{key}"' for key in query.data_keys] + params  # the select list's come first
-    order = []
+    order, ordered = [], set()
     for name, descending in query.sort:
         for part in (EVENT_SORTS if events else SESSION_SORTS)[name]:
-            term = columns.get(part, part) + (" DESC" if descending else "")
-            if term not in order and term.replace(" DESC", "") not in [t.replace(" DESC", "") for t in order]:
-                order.append(term)
+            if part == id_column and name != "id":
+                continue  # a tie-breaker: it goes last
+            if part not in ordered:
+                ordered.add(part)
+                order.append(columns.get(part, part) + (" DESC" if descending else ""))
+    if id_column not in ordered:
+        order.append(id_column)
     sql = (f"SELECT {', '.join(select)} FROM {table}"
            + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
            + " ORDER BY " + ", ".join(order))
@@ -2156,38 +2163,105 @@ def make_app(settings):
     return app
 
 
-class PooledWSGIServer(WSGIServer):
-    """The standard library's WSGI server with a fixed pool of threads: one
-    slow kiosk does not block the others, and a pool avoids the cost of a
-    thread per request."""
+class _BodyReader:
+    """wsgi.input of one request on a kept-alive connection: reads no further
+    than its Content-Length, so the next request's bytes stay unread."""
 
-    #: The listen backlog; the stdlib's 5 drops connections under 8 clients.
-    request_queue_size = 128
-    threads = 8
+    def __init__(self, stream, length):
+        self.stream, self.left = stream, length
 
-    def server_activate(self):
-        super().server_activate()
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="microticks")
+    def read(self, size=-1):
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.stream.read(size) if size else b""
+        self.left -= len(data)
+        return data
 
-    def process_request(self, request, client_address):
-        self.pool.submit(self._process_in_pool, request, client_address)
+    def readline(self, size=-1):
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.stream.readline(size) if size else b""
+        self.left -= len(data)
+        return data
 
-    def _process_in_pool(self, request, client_address):
+    def readlines(self, hint=-1):
+        return list(iter(self.readline, b""))
+
+    def __iter__(self):
+        return iter(self.readline, b"")
+
+
+class _ResponseWriter(ServerHandler):
+    """wsgiref's response writer, noting whether the response said its
+    length (then the connection can carry another request)."""
+
+    http_version = "1.1"
+    length_known = False
+
+    def close(self):
+        self.length_known = self.headers is not None and "Content-Length" in self.headers
+        super().close()  # forgets the headers
+
+
+class ConnectionHandler(WSGIRequestHandler):
+    """One client connection, answering requests one at a time (HTTP/1.1
+    keep-alive). The server hands it to a worker thread whenever the client
+    has sent something, so an idle connection holds no thread."""
+
+    protocol_version = "HTTP/1.1"
+    #: Seconds a client may take to send a request it has started.
+    timeout = 15
+    #: A buffered response goes out in one packet when flushed; unbuffered,
+    #: its headers and body leave as two, and Nagle's algorithm holds the
+    #: second until the client's delayed ACK: 40 ms per request.
+    wbufsize = 64 * 1024
+
+    def __init__(self, request, client_address, server):
+        # Not BaseRequestHandler's __init__, which would handle the request at once.
+        self.request, self.client_address, self.server = request, client_address, server
+        self.setup()
+        with contextlib.suppress(OSError):
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle_next(self):
+        """Answer one request; True when the connection stays open."""
+        self.close_connection = True
+        self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline:
+            return False
+        if len(self.raw_requestline) > 65536:
+            self.requestline, self.request_version, self.command = "", "", ""
+            self.send_error(414)
+            return False
+        if not self.parse_request():  # answers malformed requests itself
+            return False
         try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
+            length = max(0, int(self.headers.get("Content-Length") or 0))
+        except ValueError:
+            length = 0  # the app answers 400; the connection closes
+            self.close_connection = True
+        body = _BodyReader(self.rfile, length)
+        environ = self.get_environ()
+        environ["wsgi.input"] = body
+        handler = _ResponseWriter(body, self.wfile, self.get_stderr(), environ, multithread=True)
+        handler.request_handler = self
+        handler.run(self.server.get_app())
+        if not handler.length_known:
+            self.close_connection = True  # the body's end is the connection's end
+        elif body.left:  # what the app did not read, unless it is too much to bother
+            if body.left > 65536 or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                self.close_connection = True
+            else:
+                body.read()
+        return not self.close_connection
+
+    def has_pending_input(self):
+        """Whether the next request is already here (read ahead, or pipelined)."""
+        self.connection.setblocking(False)
+        try:
+            return bool(self.rfile.peek(1))
+        except OSError:
+            return False
         finally:
-            self.shutdown_request(request)
-
-    def server_close(self):
-        super().server_close()
-        self.pool.shutdown(wait=False)
-
-
-class QuietRequestHandler(WSGIRequestHandler):
-    #: Seconds a client may stay silent before its thread is freed.
-    timeout = 30
+            self.connection.settimeout(self.timeout)
 
     def address_string(self):  # no reverse DNS lookup per request
         return self.client_address[0]
@@ -2196,13 +2270,110 @@ class QuietRequestHandler(WSGIRequestHandler):
         pass  # the app logs each request, without the query string (it may carry the key)
 
 
+class PooledWSGIServer(WSGIServer):
+    """The standard library's WSGI server, made fit for a building of kiosks:
+    HTTP/1.1 keep-alive, a fixed pool of worker threads (a pool, not a thread
+    per request, whose threads fight over the GIL), and one selector thread
+    that watches idle connections, so that neither idle nor slow clients stall
+    the others."""
+
+    #: The listen backlog; the stdlib's 5 drops connections under 8 clients.
+    request_queue_size = 128
+    threads = 8
+    #: Seconds a kept-alive connection may stay idle.
+    idle_timeout = 30
+
+    def server_activate(self):
+        super().server_activate()
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="microticks")
+        self.selector = selectors.DefaultSelector()
+        self.returned = queue.SimpleQueue()  # connections the workers hand back
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_reader.setblocking(False)
+        self.stopping = threading.Event()
+        self.stopped = threading.Event()
+
+    def serve_forever(self, poll_interval=0.5):
+        self.selector.register(self.socket, selectors.EVENT_READ, None)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
+        idle = {}
+        try:
+            while not self.stopping.is_set():
+                for key, _ in self.selector.select(poll_interval):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data == "wake":
+                        with contextlib.suppress(BlockingIOError):
+                            self.wake_reader.recv(4096)
+                    else:
+                        self.selector.unregister(key.fileobj)
+                        idle.pop(key.data, None)
+                        self.pool.submit(self._serve_connection, key.data)
+                now = time.monotonic()
+                while not self.returned.empty():
+                    connection = self.returned.get()
+                    self.selector.register(connection.connection, selectors.EVENT_READ, connection)
+                    idle[connection] = now
+                for connection, since in list(idle.items()):
+                    if now - since > self.idle_timeout:
+                        self.selector.unregister(connection.connection)
+                        del idle[connection]
+                        self._close(connection)
+        finally:
+            for connection in idle:
+                self._close(connection)
+            self.stopped.set()
+
+    def _accept(self):
+        try:
+            sock, address = self.socket.accept()
+        except OSError:
+            return
+        try:
+            connection = ConnectionHandler(sock, address, self)
+        except OSError:
+            sock.close()
+            return
+        self.pool.submit(self._serve_connection, connection)
+
+    def _serve_connection(self, connection):
+        try:
+            while connection.handle_next():
+                connection.wfile.flush()
+                if not connection.has_pending_input():
+                    self.returned.put(connection)  # wait for the next request without a thread
+                    self.wake_writer.send(b"\0")
+                    return
+        except (OSError, ValueError):
+            pass  # the client went away, or timed out mid-request
+        except Exception:
+            self.handle_error(connection.request, connection.client_address)
+        self._close(connection)
+
+    def _close(self, connection):
+        with contextlib.suppress(Exception):
+            connection.finish()
+        self.shutdown_request(connection.connection)
+
+    def shutdown(self):
+        self.stopping.set()
+        with contextlib.suppress(OSError):
+            self.wake_writer.send(b"\0")
+        self.stopped.wait(10)
+
+    def server_close(self):
+        super().server_close()
+        self.pool.shutdown(wait=False)
+        for sock in (self.wake_reader, self.wake_writer):
+            sock.close()
+
+
 def make_http_server(app, host, port, threads=8):
     """Our default server, bound and ready for serve_forever()."""
     server_class = type("Server", (PooledWSGIServer,), {"threads": threads})
     if ":" in host:
-        import socket
         server_class.address_family = socket.AF_INET6
-    server = server_class((host, port), QuietRequestHandler)
+    server = server_class((host, port), ConnectionHandler)
     server.set_app(app)
     return server
 
