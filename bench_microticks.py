@@ -297,7 +297,10 @@ def form_body(token):
                                    "data": json.dumps({"target": "some_box", "clickX": 406, "clickY": 300})})
 
 
-MICROTICKS_ENV = {"MICROTICKS_KEY": "bench-key", "MICROTICKS_RATE_LIMIT": "0"}
+# The API key, validation and CORS on; the rate limit off (wrk plays a building
+# of kiosks from one address); the access log off, as the reference app has
+# none (its cost is measured on its own).
+MICROTICKS_ENV = {"MICROTICKS_KEY": "bench-key", "MICROTICKS_RATE_LIMIT": "0", "MICROTICKS_LOG_LEVEL": "WARNING"}
 
 
 def servers(workdir, kind, app, db):
@@ -322,13 +325,14 @@ def servers(workdir, kind, app, db):
     return [sys.executable, "-c", runner], env, workdir
 
 
-def run_ingest(workdir, kind, app, clients, seconds, db=None, token=None):
+def run_ingest(workdir, kind, app, clients, seconds, db=None, token=None, extra_env=None):
     db = db or workdir / f"{app}-{kind}-{clients}-{time.monotonic_ns()}.db"
     if app == "microticks" and token is None:
         token = microticks_db(db)
     elif app == "reference":
         reference_db(db)
     command, env, cwd = servers(workdir, kind, app, db)
+    env = {**env, **(extra_env or {})}
     health = "/hello" if app != "microticks" else "/health"
     with _start(command, env, cwd, health) as server:
         if app == "hello":
@@ -376,6 +380,12 @@ def bench_ingest(workdir, results, seconds):
                      "p50_ms": single["p50_ms"], "p99_ms": single["p99_ms"], "errors": single["errors"],
                      "microticks_serve_over_this": round(serve["microticks_rps"] / single["rps"], 3)})
         print_row(rows[-1])
+    logged = run_ingest(workdir, "serve", "microticks", 8, seconds, extra_env={"MICROTICKS_LOG_LEVEL": "INFO"})
+    quiet = next(r for r in rows if r["server"] == "serve" and r["clients"] == 8)
+    rows.append({"server": "serve with the access log (INFO)", "clients": 8, "microticks_rps": logged["rps"],
+                 "ratio_to_no_log": round(logged["rps"] / quiet["microticks_rps"], 3), "p99_ms": logged["p99_ms"],
+                 "errors": logged["errors"]})
+    print_row(rows[-1])
     for kind in ("gunicorn", "serve"):
         hello = run_ingest(workdir, kind, "hello", 8, seconds)
         rows.append({"server": f"{kind} (hello world: the HTTP ceiling)", "clients": 8, "reference_rps": hello["rps"],
