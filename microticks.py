@@ -516,6 +516,11 @@ class Database:
     def __init__(self, path):
         self.path = path
         self._local = threading.local()
+        #: The events of concurrent requests, committed together.
+        self.commits = CommitGroup()
+
+    def store_events(self, events):
+        return self.commits.store(self.connection(), events)
 
     def connection(self):
         conn = getattr(self._local, "conn", None)
@@ -715,6 +720,49 @@ def store_events(conn, events):
                 sessions[event["token"]] = dict(session, stopped_utc=ts.utc)
             results.append({"event_id": cursor.lastrowid})
     return results
+
+
+class CommitGroup:
+    """Events that arrive together are stored together: while one thread
+    commits, the events of other requests gather, and the next of them to
+    run commits them all in one transaction, one fsync for all. Under 8
+    concurrent kiosks this multiplies what one SQLite file takes in; alone,
+    a request commits at once as before."""
+
+    def __init__(self):
+        self.condition = threading.Condition()
+        self.pending = []
+        self.writing = False
+
+    def store(self, conn, events):
+        """store_events for this request's events, committed with others'."""
+        mine = {"events": events, "done": False, "results": None, "error": None}
+        with self.condition:
+            self.pending.append(mine)
+            while self.writing and not mine["done"]:
+                self.condition.wait()
+            if mine["done"]:
+                if mine["error"]:
+                    raise mine["error"]
+                return mine["results"]
+            self.writing = True
+            group, self.pending = self.pending, []
+        try:
+            results = store_events(conn, [event for request in group for event in request["events"]])
+            for request in group:
+                request["results"], results = results[:len(request["events"])], results[len(request["events"]):]
+        except Exception as error:  # a database error: every request of the group hears of it
+            for request in group:
+                request["error"] = error
+        finally:
+            with self.condition:
+                self.writing = False
+                for request in group:
+                    request["done"] = True
+                self.condition.notify_all()
+        if mine["error"]:
+            raise mine["error"]
+        return mine["results"]
 
 
 def stop_session(conn, token, ts):
@@ -2131,9 +2179,9 @@ def make_app(settings):
         received = datetime.now(timezone.utc)
         fields, from_form = request_fields(request)
         if not from_form and isinstance(fields.get("events"), list):
-            return {"results": count(store_events(db.connection(), clean_batch(fields, received))), "status": 200}
+            return {"results": count(db.store_events(clean_batch(fields, received))), "status": 200}
         offset = clock_offset(_check(fields, {"sent_at": _optional_timestamp})["sent_at"], received)
-        result = count(store_events(db.connection(), [clean_event(fields, from_form, offset)]))[0]
+        result = count(db.store_events([clean_event(fields, from_form, offset)]))[0]
         if "error" in result:
             raise MicroticksError(result["status"], result["error"])
         return {**result, "status": 200}
@@ -2292,6 +2340,8 @@ class ConnectionHandler(WSGIRequestHandler):
             return False
         finally:
             self.connection.settimeout(self.timeout)
+        if self.server.waiting:  # others wait for a worker: do not hold this one
+            return False
         return bool(select.select([self.connection], [], [], self.linger)[0])
 
     def address_string(self):  # no reverse DNS lookup per request
@@ -2317,6 +2367,7 @@ class PooledWSGIServer(WSGIServer):
     def server_activate(self):
         super().server_activate()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="microticks")
+        self.waiting = 0  # connections handed to the pool and not yet picked up (roughly)
         self.selector = selectors.DefaultSelector()
         self.returned = queue.SimpleQueue()  # connections the workers hand back
         self.wake_reader, self.wake_writer = socket.socketpair()
@@ -2339,7 +2390,7 @@ class PooledWSGIServer(WSGIServer):
                     else:
                         self.selector.unregister(key.fileobj)
                         idle.pop(key.data, None)
-                        self.pool.submit(self._serve_connection, key.data)
+                        self._submit(key.data)
                 now = time.monotonic()
                 while not self.returned.empty():
                     connection = self.returned.get()
@@ -2365,9 +2416,14 @@ class PooledWSGIServer(WSGIServer):
         except OSError:
             sock.close()
             return
+        self._submit(connection)
+
+    def _submit(self, connection):
+        self.waiting += 1
         self.pool.submit(self._serve_connection, connection)
 
     def _serve_connection(self, connection):
+        self.waiting -= 1
         try:
             while connection.handle_next():
                 connection.wfile.flush()
