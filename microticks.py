@@ -453,6 +453,8 @@ class _Connection(sqlite3.Connection):
 #: to 100 ms: under 8 concurrent writers that sleep cost a third of the
 #: throughput and most of the p99 latency. Processes still meet at SQLite's lock.
 _WRITE_LOCKS = {}
+#: How often a writer had to wait for another thread's transaction (for /metrics).
+LOCK_WAITS = [0]
 
 
 def _use_wal(conn):
@@ -497,7 +499,11 @@ def migrate(conn):
 @contextlib.contextmanager
 def write_transaction(conn):
     """A transaction that holds the write lock from its first statement."""
-    with conn.write_lock or contextlib.nullcontext():
+    lock = conn.write_lock
+    if lock is not None and not lock.acquire(blocking=False):
+        LOCK_WAITS[0] += 1  # another thread of this process is writing: wait our turn
+        lock.acquire()
+    try:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -506,6 +512,9 @@ def write_transaction(conn):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 class Database:
@@ -1954,6 +1963,8 @@ def prometheus_metrics(status, counters):
                             ("requests_refused", "Requests answered 4xx by this process."),
                             ("database_errors", "Requests answered 503 (database busy, full or unwritable).")]:
         metric(f"{name}_total", "counter", help_text, [({}, counters[name])])
+    metric("lock_waits_total", "counter", "Write transactions that waited for another of this process.",
+           [({}, LOCK_WAITS[0])])
     metric("events", "gauge", "Events in the database.", [({}, status["events"])])
     metric("sessions", "gauge", "Sessions in the database.", [({}, status["sessions"])])
     metric("sessions_open", "gauge", "Sessions not stopped yet.", [({}, status["open_sessions"])])
