@@ -59,33 +59,6 @@ def peak_rss_mb(pid):
     return float("nan")
 
 
-class Serve:
-    """`python microticks.py serve` as a subprocess."""
-
-    def __init__(self, db, *args, env=None):
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "microticks.py"), "serve", "--db", str(db), "--port", str(self.port), *args],
-            env={**os.environ, "MICROTICKS_LOG_LEVEL": "WARNING", **(env or {})},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=1).read()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("serve did not start")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
 def timed_get(url):
     """(seconds to the first byte, seconds in all, bytes) of a GET."""
     started = time.perf_counter()
@@ -144,7 +117,8 @@ def bench_reads(workdir, results, db):
     events = sqlite3.connect(db).execute("SELECT count(*) FROM events").fetchone()[0]
     sessions = sqlite3.connect(db).execute("SELECT count(*) FROM sessions").fetchone()[0]
     day = "2017-05-23"
-    with Serve(db, env={"MICROTICKS_TZ": "UTC"}) as server:
+    serve = [sys.executable, str(HERE / "microticks.py"), "serve", "--db", str(db), "--port", "{port}"]
+    with Process(serve, env={**MICROTICKS_ENV, "MICROTICKS_TZ": "UTC"}) as server:
         rows = []
 
         def measure(name, path, repeat=3, target=None):
@@ -248,12 +222,13 @@ def wrk(url, clients, seconds, body="", content_type="application/x-www-form-url
 
 
 class Process:
-    """A server subprocess on a free port, waited for."""
+    """A server subprocess on a free port ({port} in its command, PORT in its
+    environment), waited for until `health` answers."""
 
     def __init__(self, command, env=None, cwd=None, health="/health"):
         self.port = free_port()
         command = [c.replace("{port}", str(self.port)) for c in command]
-        self.proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, cwd=cwd,
+        self.proc = subprocess.Popen(command, env={**os.environ, **(env or {}), "PORT": str(self.port)}, cwd=cwd,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
@@ -334,7 +309,7 @@ def run_ingest(workdir, kind, app, clients, seconds, db=None, token=None, extra_
     command, env, cwd = servers(workdir, kind, app, db)
     env = {**env, **(extra_env or {})}
     health = "/hello" if app != "microticks" else "/health"
-    with _start(command, env, cwd, health) as server:
+    with Process(command, env, cwd, health) as server:
         runs = []
         for _ in range(REPEAT):
             if app == "hello":
@@ -349,24 +324,6 @@ def run_ingest(workdir, kind, app, clients, seconds, db=None, token=None, extra_
 
 #: Load runs per measurement; the median counts (--repeat).
 REPEAT = 1
-
-
-def _start(command, env, cwd, health):
-    port = free_port()
-    command = [c.replace("{port}", str(port)) for c in command]
-    process = Process.__new__(Process)
-    process.port, process.url = port, f"http://127.0.0.1:{port}"
-    process.proc = subprocess.Popen(command, env={**os.environ, **env, "PORT": str(port)}, cwd=cwd,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(process.url + health, timeout=1).read()
-            return process
-        except OSError:
-            time.sleep(0.05)
-    process.proc.kill()
-    raise RuntimeError(f"{command} did not start")
 
 
 def bench_ingest(workdir, results, seconds):
@@ -411,7 +368,7 @@ def bench_batches(workdir, results, seconds):
                    "ts": "2017-08-25T17:09:20.438Z"} for i in range(size)]
         body = json.dumps({"events": events, "sent_at": microticks.utc_now()})
         command, env, cwd = servers(workdir, "serve", "microticks", db)
-        with _start(command, env, cwd, "/health") as server:
+        with Process(command, env, cwd) as server:
             result = sorted((wrk(server.url + "/events", 8, seconds, body, "application/json") for _ in range(REPEAT)),
                             key=lambda r: r["rps"])[REPEAT // 2]
         http_rate = result["rps"] * size
