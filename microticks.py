@@ -484,13 +484,17 @@ def migrate(conn):
     """Apply the migrations this file has not seen yet, each in its own
     transaction together with its version number, so that an interrupted
     upgrade leaves the file at the last complete version."""
+    new = conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None
+    if new:
+        log.info("creating the database (schema version %d)", SCHEMA_VERSION)
     while schema_version(conn) < SCHEMA_VERSION:
         with write_transaction(conn):
             version = schema_version(conn)  # another process may have been first
             if version >= SCHEMA_VERSION:
                 break
             description, statements = MIGRATIONS[version]
-            log.info("upgrading the database to version %d: %s", version + 1, description)
+            log.log(logging.DEBUG if new else logging.INFO,
+                    "upgrading the database to version %d: %s", version + 1, description)
             for statement in statements:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version + 1:d}")
@@ -3515,7 +3519,8 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="microticks.py",
         description="Microticks: simple analytics for kiosk and touch-table apps.",
-        epilog="Every flag has an environment variable twin (MICROTICKS_DB, ...); the flag wins.")
+        epilog="Settings also come from environment variables (MICROTICKS_DB, ...: see the README); "
+               "a flag given wins.")
     parser.add_argument("--version", action="version", version=f"Microticks {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -3525,6 +3530,14 @@ def build_parser():
         return sub
 
     command("initdb", cmd_initdb, "create the database, or upgrade it in place; never deletes data")
+    sub = command("serve", cmd_serve, "run the HTTP service")
+    sub.add_argument("--host", help="address to listen on (default: $MICROTICKS_HOST, else 127.0.0.1;"
+                                    " 0.0.0.0 for every network)")
+    sub.add_argument("--port", type=int, help="port (default: $MICROTICKS_PORT, else 8080)")
+    sub.add_argument("--server", help="threads (the built-in pool; default), or any server Bottle "
+                                      "supports and you installed: waitress, gunicorn, cheroot, ...")
+    sub.add_argument("--threads", type=int, help="worker threads of the built-in server "
+                                                 "(default: $MICROTICKS_THREADS, else 8)")
     sub = command("createconsumer", cmd_createconsumer, "register a frontend and print its consumer key")
     sub.add_argument("name", help="a name for the frontend, e.g. the kiosk's location")
     sub.add_argument("--allow", type=networks_argument, metavar="NETWORKS",
@@ -3599,14 +3612,6 @@ def build_parser():
                                                 "service does this too, on requests; this is for cron)")
     sub.add_argument("--timeout", type=int, help="seconds without an event "
                                                  "(default: $MICROTICKS_SESSION_TIMEOUT, else 1800)")
-    sub = command("serve", cmd_serve, "run the HTTP service")
-    sub.add_argument("--host", help="address to listen on (default: $MICROTICKS_HOST, else 127.0.0.1;"
-                                    " 0.0.0.0 for every network)")
-    sub.add_argument("--port", type=int, help="port (default: $MICROTICKS_PORT, else 8080)")
-    sub.add_argument("--server", help="threads (the built-in pool; default), or any server Bottle "
-                                      "supports and you installed: waitress, gunicorn, cheroot, ...")
-    sub.add_argument("--threads", type=int, help="worker threads of the built-in server "
-                                                 "(default: $MICROTICKS_THREADS, else 8)")
     return parser
 
 
