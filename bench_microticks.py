@@ -285,12 +285,12 @@ def servers(workdir, kind, app, db):
         env = {**MICROTICKS_ENV, "MICROTICKS_DB": str(db)}
         if kind == "serve":
             return [sys.executable, str(HERE / "microticks.py"), "serve", "--port", "{port}"], env, HERE
-        return ["gunicorn", "-w", "2", "--no-control-socket", "-b", "127.0.0.1:{port}", "--backlog", "256",
+        return [sys.executable, "-m", "gunicorn", "-w", "2", "--no-control-socket", "-b", "127.0.0.1:{port}", "--backlog", "256",
                 "microticks:application"], env, HERE
     env = {"REF_DB": str(db), "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if kind == "gunicorn":
-        return ["gunicorn", "-w", "2", "--no-control-socket", "-b", "127.0.0.1:{port}", "--backlog", "256",
-                "reference_app:application"], env, workdir
+        return [sys.executable, "-m", "gunicorn", "-w", "2", "--no-control-socket", "-b", "127.0.0.1:{port}",
+                "--backlog", "256", "reference_app:application"], env, workdir
     runner = ("import os, reference_app, microticks, bottle; app = reference_app.application;"
               " port = int(os.environ['PORT']);")
     if kind == "serve":  # our server, as `serve` runs it
