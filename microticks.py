@@ -48,8 +48,6 @@ single file bottle.py copied beside this one).
 
 import argparse
 import contextlib
-import csv
-import io
 import hashlib
 import hmac
 import html

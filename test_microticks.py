@@ -1492,7 +1492,7 @@ def test_idle_sessions_are_closed_by_the_server_and_late_events_move_the_stop(st
     client = start_server(session_timeout=1)
     idle = client.start(consumer_key, ts="2017-08-25T17:00:00.000Z")
     client.event(idle, ts="2017-08-25T17:00:05.000Z")
-    empty = client.start(consumer_key, ts="2017-08-25T17:00:00.000Z")
+    client.start(consumer_key, ts="2017-08-25T17:00:00.000Z")  # a session without events
     explicit = client.start(consumer_key, ts="2017-08-25T17:00:00.000Z")
     client.form("/sessions/stop", {"token": explicit, "ts": "2017-08-25T17:00:09Z"})
     time.sleep(1.2)
@@ -1781,7 +1781,7 @@ def test_documentation_page_lists_every_endpoint_with_examples(start_server):
     for path, operations in spec["paths"].items():
         for method in operations:
             assert f'{method.upper()}</span> <code>{path}</code>' in docs.body, (method, path)
-    assert f"curl -d 'consumer_key=KEY&amp;ts=" in docs.body and "fetch(" in docs.body
+    assert "curl -d 'consumer_key=KEY&amp;ts=" in docs.body and "fetch(" in docs.body
     assert f"http://127.0.0.1:{client.port}/sessions" in docs.body  # examples name this server
     assert "default-src 'none'" in docs.headers["content-security-policy"]
 
