@@ -396,18 +396,6 @@ def load_timezone(name):
     return datetime.now().astimezone().tzinfo
 
 
-def _local_parts(utc_text, tz_name):
-    """SQL function mt_local(): 'YYYY-MM-DD HH W' (W: 0 is Monday) of a UTC
-    time in a zone, or NULL."""
-    if not isinstance(utc_text, str):
-        return None
-    try:
-        moment = parse_timestamp(utc_text).astimezone(load_timezone(tz_name or ""))
-    except (ValueError, OverflowError):
-        return None
-    return moment.strftime("%Y-%m-%d %H ") + str(moment.weekday())
-
-
 def connect(path):
     """Open the database at `path`, creating and upgrading it as needed."""
     if path != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
@@ -431,7 +419,6 @@ def connect(path):
         # about 3x in raw SQLite speed, far above what HTTP can deliver.
         conn.execute("PRAGMA synchronous=FULL")
         conn.create_function("mt_utc", 1, _utc_or_none, deterministic=True)
-        conn.create_function("mt_local", 2, _local_parts, deterministic=True)
         conn.create_function("mt_key_hash", 1, key_hash, deterministic=True)
         migrate(conn)
     except Exception:
@@ -1503,8 +1490,8 @@ def _sequence_number(fields, name):
     value = fields.get(name)
     if value is None or value == "":
         return None
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 16:
-        value = int(value)
+    if isinstance(value, str):
+        value = _whole(value, 2**53 - 1)
     if isinstance(value, float) and value.is_integer():  # JSON Schema counts 3.0 as an integer
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
@@ -1671,15 +1658,22 @@ def time_bound(text, tz_name, end=False):
     return format_utc(parse_timestamp(text))
 
 
-def _positive_integer(name):
-    def check(params, key):
-        text = params.get(key)
-        if text is None or text == "":
-            return None
-        if not text.isascii() or not text.isdigit() or len(text) > 18:
-            raise ValueError(f'"{name}" must be a whole number')
-        return int(text)
-    return check
+def _whole(text, maximum):
+    """`text` as a whole number from 0 to `maximum`, or None if it is not one
+    (ASCII digits only: int() would take '٣' and ' 3')."""
+    if not text.isascii() or not text.isdigit() or len(text) > 19 or int(text) > maximum:
+        return None
+    return int(text)
+
+
+def _id_parameter(params, name):
+    text = params.get(name)
+    if text is None or text == "":
+        return None
+    number = _whole(text, 10**18 - 1)
+    if number is None:
+        raise ValueError(f'"{name}" must be a whole number')
+    return number
 
 
 def clean_read_query(params, kind, tz_name="", export=False):
@@ -1737,10 +1731,11 @@ def clean_read_query(params, kind, tz_name="", export=False):
         value = p.get(name)
         if value is None or value == "":
             return None if export else DEFAULT_PAGE_LIMIT
-        if not value.isascii() or not value.isdigit() or int(value) > (2**62 if export else MAX_PAGE_LIMIT):
+        number = _whole(value, 2**62 if export else MAX_PAGE_LIMIT)
+        if number is None:
             raise ValueError(f'"limit" must be a whole number from 0 to {MAX_PAGE_LIMIT}'
                              + (" (exports have none by default)" if not export else ""))
-        return int(value)
+        return number
 
     def output_format(p, name):
         value = p.get(name) or "json"
@@ -1776,10 +1771,10 @@ def clean_read_query(params, kind, tz_name="", export=False):
 
     clean = _check(params, {
         "from": bound(False), "to": bound(True), "date": date, "ip": text(64),
-        "consumer": _positive_integer("consumer"), "consumer_name": text(200),
-        "action": text(MAX_ACTION_CHARS), "session": _positive_integer("session"),
-        "after_id": _positive_integer("after_id"), "sort": sort, "limit": limit,
-        "offset": _positive_integer("offset"), "format": output_format, "fields": fields,
+        "consumer": _id_parameter, "consumer_name": text(200),
+        "action": text(MAX_ACTION_CHARS), "session": _id_parameter,
+        "after_id": _id_parameter, "sort": sort, "limit": limit,
+        "offset": _id_parameter, "format": output_format, "fields": fields,
         "data_keys": data_keys,
     })
     return ReadQuery(
@@ -1813,10 +1808,10 @@ def clean_stats_query(params, settings_tz):
         return value
 
     def bin_size(p, name):
-        value = p.get(name) or "50"
-        if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 10000:
+        number = _whole(p.get(name) or "50", 10000)
+        if not number:  # None, or 0
             raise ValueError('"bin" must be a whole number of pixels from 1 to 10000')
-        return int(value)
+        return number
 
     extra = _check(stats_params, {"tz": tz, "data_key": data_key, "bin": bin_size})
     query = clean_read_query(filters, "sessions", extra["tz"], export=True)
