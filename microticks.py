@@ -2302,6 +2302,8 @@ class ConnectionHandler(WSGIRequestHandler):
     #: its headers and body leave as two, and Nagle's algorithm holds the
     #: second until the client's delayed ACK: 40 ms per request.
     wbufsize = 64 * 1024
+    #: Unread request bodies up to this size are drained, not cut off.
+    drain_limit = 2 * MAX_BODY_BYTES
 
     def __init__(self, request, client_address, server):
         # Not BaseRequestHandler's __init__, which would handle the request at once.
@@ -2333,13 +2335,16 @@ class ConnectionHandler(WSGIRequestHandler):
         handler = _ResponseWriter(body, self.wfile, self.get_stderr(), environ, multithread=True)
         handler.request_handler = self
         handler.run(self.server.get_app())
-        if not handler.length_known:
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        if 0 < body.left <= self.drain_limit and not chunked:
+            # What the app did not read (a refused upload) is read and dropped:
+            # closing a socket with unread data makes the kernel send a reset,
+            # which can destroy the answer before the client has read it.
+            with contextlib.suppress(OSError):
+                while body.read(65536):
+                    pass
+        if body.left or chunked or not handler.length_known:
             self.close_connection = True  # the body's end is the connection's end
-        elif body.left:  # what the app did not read, unless it is too much to bother
-            if body.left > 65536 or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                self.close_connection = True
-            else:
-                body.read()
         return not self.close_connection
 
     #: Seconds a worker waits for a busy client's next request before it
