@@ -1379,6 +1379,47 @@ def test_stats_follow_the_time_zone_and_filters(sample_client):
     assert target["data_key"] == "currentPage" and target["heatmaps"]["bin"] == 100
 
 
+def test_stats_kept_per_session_equal_figures_computed_afresh_as_sessions_change(start_server, db_path,
+                                                                                 consumer_key):
+    """/stats keeps each closed session's figures and adds them up next time.
+    Whatever then happens to a session (a late event after the server closed
+    it, an erasure, new sessions), the answers equal figures computed afresh."""
+    run_cli("import", str(SAMPLE), "--db", db_path, "--consumer", "touchtable")
+    client = start_server(tz="UTC", session_timeout=1)
+    screen = '{"subject": "year:2017", "clickX": 10, "clickY": 20}'
+    idle = client.start(consumer_key, ts="2017-05-23T10:00:00.000Z")
+    client.event(idle, data=screen, ts="2017-05-23T10:00:05.000Z")
+    time.sleep(1.2)  # the server closes the idle session on the next read
+
+    def both_ways(**params):
+        kept = client.get("/stats", **params).json
+        conn = sqlite3.connect(db_path)
+        with conn:
+            conn.execute("DELETE FROM stats_sessions")  # nothing valid kept: all computed afresh
+        conn.close()
+        fresh = client.get("/stats", **params).json
+        assert kept == fresh, params
+        return kept
+
+    first = both_ways()
+    assert stored(db_path, "SELECT count(*) FROM stats_sessions") == [(84,)]
+    assert both_ways() == first  # kept, used again, unchanged
+    client.get("/stats", data_key="currentPage", bin=100)  # another key and bin: kept beside
+    late = client.form("/events", {"token": idle, "action": "click", "ts": "2017-05-23T10:03:00.000Z",
+                                   "data": '{"subject": "year:1900", "clickX": 400, "clickY": 20}'})
+    assert late.status == 200
+    [(erased,)] = stored(db_path, "SELECT min(id) FROM sessions")
+    assert "Deleted 1 session" in run_cli("delete", "--session", str(erased), "--db", db_path).stdout
+    client.event(client.start(consumer_key, ts="2017-05-24T10:00:00.000Z"), data=screen,
+                 ts="2017-05-24T10:00:01.000Z")  # still open: computed every time, never kept
+    changed = both_ways()
+    assert changed["sessions"] == first["sessions"] and changed != first
+    assert "year:1900" in {v["value"] for v in changed["values"]}
+    for params in ({"data_key": "currentPage", "bin": "100"}, {"from": "2017-05-23", "to": "2017-05-23"}):
+        both_ways(**params)
+    assert stored(db_path, "SELECT count(*) FROM stats_values WHERE session_id = ?", (erased,)) == [(0,)]
+
+
 def test_stats_on_an_empty_database(client):
     stats = client.get("/stats").json
     assert stats["sessions"] == 0 and stats["values"] == [] and stats["duration"]["median"] is None
