@@ -51,6 +51,7 @@ import contextlib
 import hashlib
 import hmac
 import html
+import http.client
 import ipaddress
 import json
 import logging
@@ -2489,6 +2490,52 @@ class ConnectionHandler(WSGIRequestHandler):
         self.setup()
         with contextlib.suppress(OSError):
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    #: Limits on a request's header lines (as the standard library's).
+    max_headers, max_line = 100, 65536
+
+    def parse_request(self):
+        """BaseHTTPRequestHandler.parse_request for HTTP/1.0 and 1.1, with
+        the header lines read by a plain loop: the email parser the standard
+        library uses for them takes 30 us, a tenth of a small request's time.
+        Sends the error and returns False for what it refuses."""
+        self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if not words:
+            return False
+        if len(words) != 3 or not re.fullmatch(r"HTTP/\d{1,10}\.\d{1,10}", words[2], re.ASCII):
+            self.send_error(400, f"Bad request syntax ({self.requestline!r})")
+            return False
+        self.command, self.path, self.request_version = words
+        major, minor = (int(n) for n in self.request_version[5:].split("."))
+        if major != 1:
+            self.send_error(505 if major > 1 else 400, f"Unsupported HTTP version ({self.request_version})")
+            return False
+        if self.path.startswith("//"):  # as the standard library: no open redirects via //host
+            self.path = "/" + self.path.lstrip("/")
+        self.headers = http.client.HTTPMessage()
+        for _ in range(self.max_headers + 1):
+            line = self.rfile.readline(self.max_line + 1)
+            if len(line) > self.max_line:
+                self.send_error(431, "Line too long")
+                return False
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, colon, value = str(line, "iso-8859-1").partition(":")
+            if not colon or not name or name != name.strip():  # no field name, or a folded line
+                self.send_error(400, f"Bad header line ({line[:100]!r})")
+                return False
+            self.headers[name] = value.strip()
+        else:
+            self.send_error(431, "Too many headers")
+            return False
+        connection = self.headers.get("Connection", "").lower()
+        self.close_connection = connection == "close" or (minor == 0 and connection != "keep-alive")
+        if minor >= 1 and self.headers.get("Expect", "").lower() == "100-continue":
+            self.handle_expect_100()
+            self.wfile.flush()  # buffered: the client (curl, for a body over 1 KB) waits for it
+        return True
 
     def handle_next(self):
         """Answer one request; True when the connection stays open."""

@@ -757,6 +757,34 @@ def test_the_server_keeps_connections_alive_and_answers_pipelined_requests(clien
         assert [a[0] for a in answers] == ["415", "200", "200"]
 
 
+@pytest.mark.parametrize("request_head, status", [
+    (b"GET /health HTTP/2.0\r\n", "505"),
+    (b"GET /health HTTP/x\r\n", "400"),
+    (b"GET /health\r\n", "400"),  # HTTP/0.9
+    (b"GET /health HTTP/1.1\r\nHost: x\r\n folded: on\r\n", "400"),
+    (b"GET /health HTTP/1.1\r\nno colon here\r\n", "400"),
+    (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101)), "431"),
+    (b"GET /health HTTP/1.1\r\nX-Long: " + b"y" * 70000 + b"\r\n", "431"),
+])
+def test_the_server_refuses_malformed_requests(client, request_head, status):
+    with socket.create_connection(("127.0.0.1", client.port), timeout=5) as sock:
+        assert raw_exchange(sock, request_head + b"\r\n")[0][0] == status
+
+
+def test_the_server_speaks_http_1_0_and_expect_100_continue(client, consumer_key):
+    with socket.create_connection(("127.0.0.1", client.port), timeout=5) as sock:
+        [(status, headers, body)] = raw_exchange(sock, b"GET /health HTTP/1.0\r\n\r\n")
+        assert status == "200" and json.loads(body)["status"] == "ok"
+        assert sock.recv(1) == b""  # HTTP/1.0 without keep-alive: closed after the answer
+    form = urllib.parse.urlencode({"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19.438Z"}).encode()
+    with socket.create_connection(("127.0.0.1", client.port), timeout=5) as sock:
+        sock.sendall(b"POST /sessions HTTP/1.1\r\nHost: x\r\nexpect: 100-continue\r\nContent-Type:"
+                     b" application/x-www-form-urlencoded\r\ncontent-length: %d\r\n\r\n" % len(form))
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n")
+        [(status, headers, body)] = raw_exchange(sock, form)
+        assert status == "200" and json.loads(body)["token"]
+
+
 def test_idle_connections_hold_no_worker_thread(start_server, db_path, consumer_key):
     app = microticks.make_app(microticks.Settings(db_path=db_path, rate_limit=0))
     server = microticks.make_http_server(app, "127.0.0.1", 0, threads=2)
