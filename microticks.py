@@ -1073,9 +1073,8 @@ def _compute_session_stats(conn, data_key, bin_size):
     order they were stored."""
     # A few stale sessions lead (CROSS JOIN), their events found by index;
     # many are cheaper to find in one pass over the events.
-    stale, sessions = conn.execute("SELECT (SELECT count(*) FROM temp.stale),"
-                                   " (SELECT max(id) FROM sessions)").fetchone()
-    events = ("temp.stale st CROSS JOIN events e ON e.session_id = st.session_id" if stale * 10 < (sessions or 0)
+    stale, sessions = conn.execute("SELECT (SELECT count(*) FROM temp.stale), (SELECT count(*) FROM sessions)").fetchone()
+    events = ("temp.stale st CROSS JOIN events e ON e.session_id = st.session_id" if stale * 10 < sessions
               else "events e JOIN temp.stale st ON st.session_id = e.session_id")
     key_path, prev_path = f'$."{data_key}"', f'$."prev{data_key[:1].upper()}{data_key[1:]}"'
     conn.execute(
@@ -1185,16 +1184,16 @@ def _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_siz
         and the fresh rows are added up apart (each in its table's order,
         without sorting) and then together."""
         columns = ", ".join([*group, *(f"{how}({column})" for column, how in figures.items()), "count(*)"])
-        hows = [*figures.values(), "sum"]
-        chosen = "" if everything else " JOIN sel ON sel.id = k.session_id"
+        hows, grouping = [*figures.values(), "sum"], ", ".join(group)
+        with_, join, args = ("", "", []) if everything else (f"WITH {selected} ", " JOIN sel ON sel.id = k.session_id",
+                                                             params)
+        kept_rows = (f"{with_}SELECT {columns} FROM main.{kept} k{join} WHERE k.data_key = ? AND k.bin = ?"
+                     f" AND k.session_id NOT IN (SELECT session_id FROM temp.stale) GROUP BY {grouping}",
+                     [*args, data_key, bin_size])
+        fresh_rows = (f"SELECT {columns} FROM temp.{KEPT_STATS[kept]} GROUP BY {grouping}", [])
         totals = {}
-        for source, condition, args in (
-                (f"main.{kept} k{chosen}", "k.data_key = ? AND k.bin = ? AND k.session_id NOT IN"
-                 " (SELECT session_id FROM temp.stale)", [*params, data_key, bin_size]),
-                (f"temp.{KEPT_STATS[kept]} k", "1", [])):
-            with_selected = f"WITH {selected} " if "sel" in source else ""
-            for row in conn.execute(f"{with_selected}SELECT {columns} FROM {source} WHERE {condition}"
-                                    f" GROUP BY {', '.join(group)}", args if with_selected else args[len(params):]):
+        for sql, args in (kept_rows, fresh_rows):
+            for row in conn.execute(sql, args):
                 key, new = row[:len(group)], row[len(group):]
                 old = totals.get(key)
                 totals[key] = new if old is None else [_combine(how, a, b) for how, a, b in zip(hows, old, new)]
@@ -1245,8 +1244,8 @@ def _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_siz
 
     heatmaps, width, height = {}, 0, 0
     bins = add_up("stats_heat", ["screen", "x", "y"], {"points": "sum", "max_x": "max", "max_y": "max"})
-    # Numbers before text, as SQLite orders them.
-    for (screen, x, y), (n, max_x, max_y, _) in sorted(bins.items(), key=lambda item: (isinstance(item[0][0], str), item[0])):
+    screens_first = sorted(bins.items(), key=lambda item: (isinstance(item[0][0], str), item[0]))  # numbers, then text
+    for (screen, x, y), (n, max_x, max_y, _) in screens_first:
         heatmap = heatmaps.setdefault(str(screen), {"points": 0, "bins": []})
         heatmap["points"] += n
         heatmap["bins"].append([x, y, n])
