@@ -1448,6 +1448,16 @@ def test_stats_kept_per_session_equal_figures_computed_afresh_as_sessions_change
     assert stored(db_path, "SELECT count(*) FROM stats_values WHERE session_id = ?", (erased,)) == [(0,)]
 
 
+def test_cli_output_cut_short_by_the_reader_ends_quietly(sample_client, db_path):
+    """`microticks.py events --format csv | head`: no traceback when head stops reading."""
+    proc = subprocess.Popen([sys.executable, str(HERE / "microticks.py"), "events", "--format", "csv", "--db", db_path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().lstrip(b"\xef\xbb\xbf").startswith(b"id,")
+    proc.stdout.close()  # the reader goes away with most of the export unread
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in stderr, stderr
+
+
 def test_stats_on_an_empty_database(client):
     stats = client.get("/stats").json
     assert stats["sessions"] == 0 and stats["values"] == [] and stats["duration"]["median"] is None
