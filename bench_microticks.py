@@ -199,6 +199,19 @@ end
 """
 
 
+# A body holding SENT_AT gets the current time there, request by request: a
+# batch's sent_at as a kiosk with a right clock sends it. (One body replayed
+# with a fixed sent_at would age during the run, and every event would be
+# corrected for a clock that is not wrong.)
+SENT_AT = "@SENT_AT@"
+FRESH_SENT_AT = """
+local head, tail = wrk.body:match("^(.-)%s(.*)$")
+request = function()
+  return wrk.format(nil, nil, nil, head .. os.date("!%%Y-%%m-%%dT%%H:%%M:%%S.000Z") .. tail)
+end
+""" % SENT_AT.replace("@", "%@")
+
+
 def lua_string(text):
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -210,6 +223,8 @@ def wrk(url, clients, seconds, body="", content_type="application/x-www-form-url
         sys.exit("bench: wrk is missing: apt-get install wrk")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT % (lua_string(body), lua_string(content_type)))
+        if SENT_AT in body:
+            script.write(FRESH_SENT_AT)
         if method == "GET":
             script.write('wrk.method = "GET"\nwrk.body = nil\n')
     try:
@@ -374,7 +389,7 @@ def bench_batches(workdir, results, seconds):
         token = microticks_db(db)
         events = [{"token": token, "action": "click", "data": {"target": "box", "clickX": i, "clickY": 300},
                    "ts": "2017-08-25T17:09:20.438Z"} for i in range(size)]
-        body = json.dumps({"events": events, "sent_at": microticks.utc_now()})
+        body = json.dumps({"events": events, "sent_at": SENT_AT})
         command, env, cwd = servers(workdir, "serve", "microticks", db)
         with Process(command, env, cwd) as server:
             result = sorted((wrk(server.url + "/events", 8, seconds, body, "application/json") for _ in range(REPEAT)),
