@@ -1542,11 +1542,15 @@ def _finite_float(text):
     return number
 
 
+#: Built once: json.loads with these arguments builds a decoder per call.
+_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def parse_json(text):
     """Strict JSON (no NaN or Infinity, which other readers refuse), bounded
     in depth; ValueError otherwise."""
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = _STRICT_JSON.decode(text)
     except RecursionError:
         raise ValueError(f"nests deeper than {MAX_DATA_DEPTH} levels") from None
     if "\\u" in text:  # an escape can name half a surrogate pair, which no database can store
@@ -2120,22 +2124,23 @@ def supplied_api_key(request):
     return supplied.encode("latin-1", "replace")
 
 
-def cors_headers(settings, origin):
-    """CORS headers for a request from `origin` (none when not allowed)."""
+def cors_headers(settings, origin, preflight=False):
+    """CORS headers for a request from `origin` (none when not allowed).
+    What a browser may send (methods, headers, how long to remember it)
+    matters only in the answer to a preflight, so only that carries it."""
     if "*" in settings.cors_origins:
         allowed = "*"
     elif origin in settings.cors_origins:
         allowed = origin
     else:
         return {"Vary": "Origin"}
-    headers = {
-        "Access-Control-Allow-Origin": allowed,
-        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-        "Access-Control-Allow-Headers": "Content-Type, Authorization, X-Microticks-Key",
-        "Access-Control-Max-Age": "86400",
-    }
+    headers = {"Access-Control-Allow-Origin": allowed}
     if allowed != "*":
         headers["Vary"] = "Origin"
+    if preflight:
+        headers.update({"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                        "Access-Control-Allow-Headers": "Content-Type, Authorization, X-Microticks-Key",
+                        "Access-Control-Max-Age": "86400"})
     return headers
 
 
@@ -2215,10 +2220,10 @@ def make_app(settings):
     any_origin = dict(cors_headers(settings, None), **{"Cache-Control": "no-store"}) \
         if "*" in settings.cors_origins else None
 
-    def common_headers():
-        if any_origin:  # the same for every request: built once
-            return dict(any_origin)
-        headers = cors_headers(settings, request.get_header("Origin"))
+    def common_headers(preflight=False):
+        if any_origin and not preflight:  # the same for every answer: built once
+            return any_origin
+        headers = cors_headers(settings, request.get_header("Origin"), preflight)
         headers["Cache-Control"] = "no-store"
         return headers
 
@@ -2278,7 +2283,7 @@ def make_app(settings):
         request.environ["microticks.started"] = time.perf_counter()
         if request.method == "OPTIONS":
             # CORS preflights carry no credentials, whatever the path.
-            raise bottle.HTTPResponse(status=204, headers=common_headers())
+            raise bottle.HTTPResponse(status=204, headers=common_headers(preflight=True))
         if request.path in PUBLIC_PATHS or request.path.startswith("/examples/"):
             return  # monitoring, and pages that hold no data (they ask for the key themselves)
         if rate_limiter and not rate_limiter.allow(request.environ.get("REMOTE_ADDR", "")):
@@ -2514,6 +2519,7 @@ class ConnectionHandler(WSGIRequestHandler):
 
     #: Limits on a request's header lines (as the standard library's).
     max_headers, max_line = 100, 65536
+    version_pattern = re.compile(r"HTTP/\d{1,10}\.\d{1,10}", re.ASCII)
 
     def parse_request(self):
         """BaseHTTPRequestHandler.parse_request for HTTP/1.0 and 1.1, with
@@ -2525,7 +2531,7 @@ class ConnectionHandler(WSGIRequestHandler):
         words = self.requestline.split()
         if not words:
             return False
-        if len(words) != 3 or not re.fullmatch(r"HTTP/\d{1,10}\.\d{1,10}", words[2], re.ASCII):
+        if len(words) != 3 or not self.version_pattern.fullmatch(words[2]):
             self.send_error(400, f"Bad request syntax ({self.requestline!r})")
             return False
         self.command, self.path, self.request_version = words
