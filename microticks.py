@@ -70,7 +70,7 @@ import zoneinfo
 from bisect import bisect_right
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from functools import lru_cache, partial
+from functools import lru_cache
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 from urllib.parse import parse_qsl
