@@ -1709,6 +1709,14 @@ def clock_offset(sent_at, received):
     return offset if abs(offset) >= MIN_CLOCK_CORRECTION else None
 
 
+_SENT_AT_CHECK = {"sent_at": _optional_timestamp}
+
+
+def request_clock_offset(fields, received):
+    """clock_offset of a request (or batch) from its sent_at field."""
+    return clock_offset(_check(fields, _SENT_AT_CHECK)["sent_at"], received)
+
+
 def _event_checks(from_form):
     return {"token": lambda fields, name: _text(fields, name, MAX_TOKEN_CHARS),
             "action": lambda fields, name: _text(fields, name, MAX_ACTION_CHARS),
@@ -1736,7 +1744,7 @@ def clean_batch(body, received):
     if len(events) > MAX_BATCH_EVENTS:
         raise MicroticksError(413, f"A batch holds at most {MAX_BATCH_EVENTS} events; this one has "
                                    f"{len(events)}: send it in parts")
-    offset = clock_offset(_check(body, {"sent_at": _optional_timestamp})["sent_at"], received)
+    offset = request_clock_offset(body, received)
     cleaned = []
     for number, event in enumerate(events):
         if not isinstance(event, dict):
@@ -2405,7 +2413,7 @@ def make_app(settings):
         fields, from_form = request_fields(request)
         if not from_form and isinstance(fields.get("events"), list):
             return {"results": count(db.store_events(clean_batch(fields, received))), "status": 200}
-        offset = clock_offset(_check(fields, {"sent_at": _optional_timestamp})["sent_at"], received)
+        offset = request_clock_offset(fields, received)
         result = count(db.store_events([clean_event(fields, from_form, offset)]))[0]
         if "error" in result:
             raise MicroticksError(result["status"], result["error"])
