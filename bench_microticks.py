@@ -205,11 +205,11 @@ end
 # corrected for a clock that is not wrong.)
 SENT_AT = "@SENT_AT@"
 FRESH_SENT_AT = """
-local head, tail = wrk.body:match("^(.-)%s(.*)$")
+local head, tail = wrk.body:match("^(.-)@SENT_AT@(.*)$")
 request = function()
-  return wrk.format(nil, nil, nil, head .. os.date("!%%Y-%%m-%%dT%%H:%%M:%%S.000Z") .. tail)
+  return wrk.format(nil, nil, nil, head .. os.date("!%Y-%m-%dT%H:%M:%S.000Z") .. tail)
 end
-""" % SENT_AT.replace("@", "%@")
+"""
 
 
 def lua_string(text):
