@@ -1068,6 +1068,8 @@ def _summary(values):
 # the figures were computed from), and the temporary tables of this
 # connection where a request's newly computed figures gather first.
 KEPT_STATS = {"stats_values": "fresh_values", "stats_heat": "fresh_heat", "stats_actions": "fresh_actions"}
+# What /stats groups by and bins heatmaps in unless asked otherwise.
+DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN = "subject", 50
 
 
 def _compute_session_stats(conn, data_key, bin_size):
@@ -1140,6 +1142,28 @@ def _keep_session_stats(conn, data_key, bin_size, chunk=1000):
             return
 
 
+def _find_stale_sessions(conn, selected, params, data_key, bin_size):
+    """Into temp.stale: the sessions `selected` (a CTE named sel, with its
+    parameters) whose figures for this data key and bin are not kept, or
+    were kept before their events changed; and empty fresh_* tables."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS stale (session_id INTEGER PRIMARY KEY,"
+                 " events INTEGER, last_event_id INTEGER, closed INTEGER)")
+    conn.execute("DELETE FROM temp.stale")
+    for kept, fresh in KEPT_STATS.items():
+        conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {fresh} AS SELECT * FROM main.{kept} WHERE 0")
+        conn.execute(f"CREATE INDEX IF NOT EXISTS temp.{fresh}_session ON {fresh} (session_id)")
+        conn.execute(f"DELETE FROM temp.{fresh}")
+    conn.execute(
+        f"INSERT INTO temp.stale WITH {selected}, now AS (SELECT sel.id,"
+        " (SELECT count(*) FROM events x WHERE x.session_id = sel.id) AS events,"
+        " (SELECT max(x.id) FROM events x WHERE x.session_id = sel.id) AS last_event_id FROM sel)"
+        " SELECT now.id, now.events, now.last_event_id, s.stopped_at IS NOT NULL FROM now"
+        " JOIN sessions s ON s.id = now.id LEFT JOIN main.stats_sessions k"
+        " ON k.session_id = now.id AND k.data_key = ? AND k.bin = ?"
+        " WHERE k.session_id IS NULL OR k.events != now.events OR k.last_event_id IS NOT now.last_event_id",
+        [*params, data_key, bin_size])
+
+
 def compute_stats(conn, query, tz_name, data_key, bin_size):
     """What researchers compute by hand from an export, for the sessions a
     ReadQuery selects: per day, hour and weekday (local time in `tz_name`),
@@ -1156,28 +1180,28 @@ def compute_stats(conn, query, tz_name, data_key, bin_size):
     selected = f"sel AS (SELECT s.id FROM sessions s{where})"
     conn.execute("BEGIN")  # one snapshot for every figure
     try:
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS stale (session_id INTEGER PRIMARY KEY,"
-                     " events INTEGER, last_event_id INTEGER, closed INTEGER)")
-        conn.execute("DELETE FROM temp.stale")
-        for kept, fresh in KEPT_STATS.items():
-            conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {fresh} AS SELECT * FROM main.{kept} WHERE 0")
-            conn.execute(f"CREATE INDEX IF NOT EXISTS temp.{fresh}_session ON {fresh} (session_id)")
-            conn.execute(f"DELETE FROM temp.{fresh}")
-        conn.execute(
-            f"INSERT INTO temp.stale WITH {selected}, now AS (SELECT sel.id,"
-            " (SELECT count(*) FROM events x WHERE x.session_id = sel.id) AS events,"
-            " (SELECT max(x.id) FROM events x WHERE x.session_id = sel.id) AS last_event_id FROM sel)"
-            " SELECT now.id, now.events, now.last_event_id, s.stopped_at IS NOT NULL FROM now"
-            " JOIN sessions s ON s.id = now.id LEFT JOIN main.stats_sessions k"
-            " ON k.session_id = now.id AND k.data_key = ? AND k.bin = ?"
-            " WHERE k.session_id IS NULL OR k.events != now.events OR k.last_event_id IS NOT now.last_event_id",
-            [*params, data_key, bin_size])
+        _find_stale_sessions(conn, selected, params, data_key, bin_size)
         _compute_session_stats(conn, data_key, bin_size)
         stats = _add_up_stats(conn, selected, params, not clauses, tz_name, data_key, bin_size)
     finally:
         conn.execute("COMMIT")
     _keep_session_stats(conn, data_key, bin_size)
     return stats
+
+
+def keep_stats(conn, first_session, last_session, data_key=DEFAULT_DATA_KEY, bin_size=DEFAULT_HEATMAP_BIN):
+    """Compute and keep now the figures of the closed sessions with ids from
+    `first_session` to `last_session` (an import's), which /stats would
+    otherwise compute on its first call: over years of imported events that
+    first call would take as long as this."""
+    conn.execute("BEGIN")
+    try:
+        _find_stale_sessions(conn, "sel AS (SELECT id FROM sessions WHERE id BETWEEN ? AND ?)",
+                             [first_session, last_session], data_key, bin_size)
+        _compute_session_stats(conn, data_key, bin_size)
+    finally:
+        conn.execute("COMMIT")
+    _keep_session_stats(conn, data_key, bin_size)
 
 
 def _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_size):
@@ -1289,7 +1313,8 @@ def import_events(conn, records, source, digest, consumer_name):
     """Load exported events (the GET /events shape: id, session_id, time,
     action, data) with their ids, sessions and times, in one transaction.
     A file is imported once (by its SHA-256); an event already present with
-    the same content is skipped, one that differs stops the import."""
+    the same content is skipped, one that differs stops the import. The
+    imported sessions' statistics are kept at once (see keep_stats)."""
     with write_transaction(conn):
         done = conn.execute("SELECT imported_at FROM imports WHERE sha256 = ?", (digest,)).fetchone()
         if done:
@@ -1347,6 +1372,8 @@ def import_events(conn, records, source, digest, consumer_name):
                      end["time_utc"], session_id))
         conn.execute("INSERT INTO imports (sha256, source, imported_at, events) VALUES (?, ?, ?, ?)",
                      (digest, source, now, added))
+    if sessions:
+        keep_stats(conn, min(sessions), max(sessions))
     return {"events": added, "skipped": skipped, "sessions": len(sessions)}
 
 
@@ -2014,13 +2041,13 @@ def clean_stats_query(params, settings_tz):
         return value
 
     def data_key(p, name):
-        value = p.get(name) or "subject"
+        value = p.get(name) or DEFAULT_DATA_KEY
         if not _DATA_KEY.fullmatch(value):
             raise ValueError('"data_key" is a key of letters, digits, _, : and -, like subject or target')
         return value
 
     def bin_size(p, name):
-        number = _whole(p.get(name) or "50", 10000)
+        number = _whole(p.get(name) or str(DEFAULT_HEATMAP_BIN), 10000)
         if not number:  # None, or 0
             raise ValueError('"bin" must be a whole number of pixels from 1 to 10000')
         return number
@@ -2959,9 +2986,9 @@ def openapi_spec():
             "/stats": {
                 "get": {"summary": "Statistics of the selected sessions", "operationId": "stats",
                         "parameters": filters + [
-                            param("data_key", "The data key naming screens (default subject)",
+                            param("data_key", f"The data key naming screens (default {DEFAULT_DATA_KEY})",
                                   {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,64}$"}),
-                            param("bin", "Heatmap bin size in pixels (default 50)",
+                            param("bin", f"Heatmap bin size in pixels (default {DEFAULT_HEATMAP_BIN})",
                                   {"type": "integer", "minimum": 1, "maximum": 10000}),
                             param("tz", "Time zone, e.g. Europe/Berlin (default MICROTICKS_TZ)",
                                   {"type": "string", "enum": ["UTC", "Europe/Berlin", "America/New_York",
@@ -3406,7 +3433,7 @@ $("heat-screen").addEventListener("change", drawHeatmap);
 
 async function loadStats() {
   try {
-    render(await api("/stats", Object.assign(filters(), {data_key: $("data_key").value.trim(), bin: 20})));
+    render(await api("/stats", Object.assign(filters(), {data_key: $("data_key").value.trim()})));
     showError(null);
   } catch (error) { showError(error); }
 }
@@ -3861,7 +3888,7 @@ def build_parser():
     sub = command("stats", cmd_stats, "print the statistics of GET /stats as readable tables")
     read_filters(sub, formats=False)
     sub.add_argument("--data-key", help="the data key naming screens (default: subject)")
-    sub.add_argument("--bin", type=int, help="heatmap bin size in pixels (default: 50)")
+    sub.add_argument("--bin", type=int, help=f"heatmap bin size in pixels (default: {DEFAULT_HEATMAP_BIN})")
     sub.add_argument("--tz", help="time zone, e.g. Europe/Berlin (default: $MICROTICKS_TZ, else the server's)")
     sub.add_argument("--json", action="store_true", help="print the JSON that GET /stats answers")
     sub = command("closestale", cmd_closestale, "close sessions without an event for a while (the "

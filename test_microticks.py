@@ -1416,6 +1416,8 @@ def test_stats_kept_per_session_equal_figures_computed_afresh_as_sessions_change
     Whatever then happens to a session (a late event after the server closed
     it, an erasure, new sessions), the answers equal figures computed afresh."""
     run_cli("import", str(SAMPLE), "--db", db_path, "--consumer", "touchtable")
+    # The import keeps its sessions' figures (default key and bin) at once.
+    assert stored(db_path, "SELECT data_key, bin, count(*) FROM stats_sessions GROUP BY 1, 2") == [("subject", 50, 83)]
     client = start_server(tz="UTC", session_timeout=1)
     screen = '{"subject": "year:2017", "clickX": 10, "clickY": 20}'
     idle = client.start(consumer_key, ts="2017-05-23T10:00:00.000Z")
@@ -1901,7 +1903,7 @@ def test_dashboard_figures_equal_the_stats_and_an_independent_computation(sample
                                                                           tmp_path):
     page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-29")
     page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "83"')
-    stats = sample_client.get("/stats", **{"from": "2017-05-22", "to": "2017-05-29", "bin": 20}).json
+    stats = sample_client.get("/stats", **{"from": "2017-05-22", "to": "2017-05-29"}).json
     expected = independent_stats(sample_events)
     busiest = max(expected["per_day"].items(), key=lambda d: d[1])
     assert dash_figure(page, "events") == str(stats["events"]) == "1628"
