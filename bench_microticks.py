@@ -21,6 +21,10 @@ so that runs on different machines can be compared:
   with `microticks.py import`), beside the empty database.
 - reads: /stats and exports on that database; peak memory of `serve`.
 
+Peak memory of `serve` is measured in every ingest run, and also for
+`python -m microticks serve` (the README's systemd unit), which runs cached
+bytecode instead of compiling the script at start.
+
 The load comes from wrk (C, epoll) on loopback: it drives the hello-world
 at several times Microticks' rate, so the figures are the server's.
 """
@@ -29,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import py_compile
 import sqlite3
 import subprocess
 import sys
@@ -303,6 +308,8 @@ def servers(workdir, kind, app, db):
         env = {**MICROTICKS_ENV, "MICROTICKS_DB": str(db)}
         if kind == "serve":
             return [sys.executable, str(HERE / "microticks.py"), "serve", "--port", "{port}"], env, HERE
+        if kind == "serve-installed":  # as the README's systemd unit runs it
+            return [sys.executable, "-m", "microticks", "serve", "--port", "{port}"], env, HERE
         return [sys.executable, "-m", "gunicorn", "-w", "2", "--no-control-socket", "-b", "127.0.0.1:{port}", "--backlog", "256",
                 "microticks:application"], env, HERE
     env = {"REF_DB": str(db), "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -336,7 +343,7 @@ def run_ingest(workdir, kind, app, clients, seconds, db=None, token=None, extra_
                 runs.append(wrk(server.url + "/events", clients, seconds, form_body(token or "")))
         result = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]  # the median run
         result["errors"] = sum(r["errors"] for r in runs)
-        result["peak_rss_mb"] = round(peak_rss_mb(server.proc.pid), 1) if kind == "serve" else None
+        result["peak_rss_mb"] = round(peak_rss_mb(server.proc.pid), 1) if kind.startswith("serve") else None
     return result
 
 
@@ -365,6 +372,17 @@ def bench_ingest(workdir, results, seconds):
                      "p50_ms": single["p50_ms"], "p99_ms": single["p99_ms"], "errors": single["errors"],
                      "serve_over_this_same_app": round(serve["reference_rps"] / single["rps"], 3),
                      "microticks_serve_over_this": round(serve["microticks_rps"] / single["rps"], 3)})
+        print_row(rows[-1])
+    # A script is compiled at every start, and the compiler's memory stays
+    # with the process; `python -m microticks` (the README's systemd unit)
+    # runs the bytecode Python caches beside the file, compiled here first.
+    py_compile.compile(str(HERE / "microticks.py"), doraise=True)
+    for clients in (1, 8, 32):
+        installed = run_ingest(workdir, "serve-installed", "microticks", clients, seconds)
+        script = next(r for r in rows if r["server"] == "serve" and r["clients"] == clients)
+        rows.append({"server": "serve as the systemd unit runs it (python -m microticks)", "clients": clients,
+                     "microticks_rps": installed["rps"], "p99_ms": installed["p99_ms"], "errors": installed["errors"],
+                     "peak_rss_mb": installed["peak_rss_mb"], "script_peak_rss_mb": script["peak_rss_mb"]})
         print_row(rows[-1])
     logged = run_ingest(workdir, "serve", "microticks", 8, seconds, extra_env={"MICROTICKS_LOG_LEVEL": "INFO"})
     quiet = next(r for r in rows if r["server"] == "serve" and r["clients"] == 8)
