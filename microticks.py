@@ -1211,7 +1211,8 @@ def _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_siz
     # found by index; many are added up in one pass over the kept table.
     # Spelled out (CROSS JOIN): without ANALYZE the planner takes the pass.
     few = not everything and conn.execute(
-        f"WITH {selected} SELECT (SELECT count(*) FROM sel) * 10 < (SELECT count(*) FROM sessions)", params).fetchone()[0]
+        f"WITH {selected} SELECT (SELECT count(*) FROM sel) * 10 < (SELECT count(*) FROM sessions)",
+        params).fetchone()[0]
 
     def add_up(kept, group, figures):
         """{group: figures} over the selected sessions' rows of a stats table;
@@ -3894,7 +3895,7 @@ def build_parser():
                                                           "(created if missing; default: %(default)s)")
     sub = command("stats", cmd_stats, "print the statistics of GET /stats as readable tables")
     read_filters(sub, formats=False)
-    sub.add_argument("--data-key", help="the data key naming screens (default: subject)")
+    sub.add_argument("--data-key", help=f"the data key naming screens (default: {DEFAULT_DATA_KEY})")
     sub.add_argument("--bin", type=int, help=f"heatmap bin size in pixels (default: {DEFAULT_HEATMAP_BIN})")
     sub.add_argument("--tz", help="time zone, e.g. Europe/Berlin (default: $MICROTICKS_TZ, else the server's)")
     sub.add_argument("--json", action="store_true", help="print the JSON that GET /stats answers")
