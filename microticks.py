@@ -1120,8 +1120,9 @@ def _compute_session_stats(conn, data_key, bin_size):
 
 def _keep_session_stats(conn, data_key, bin_size, chunk=1000):
     """Keep the fresh figures of closed sessions for the next /stats, a chunk
-    of sessions per write transaction (ingest waits a moment at most). On a
-    read-only or busy file they are simply not kept."""
+    of sessions per write transaction (ingest waits a moment at most); returns
+    how many sessions' figures were kept. On a read-only or busy file they
+    are simply not kept."""
     ids = [row[0] for row in conn.execute("SELECT session_id FROM temp.stale WHERE closed ORDER BY session_id")]
     for start in range(0, len(ids), chunk):
         low, high = ids[start], ids[min(start + chunk, len(ids)) - 1]
@@ -1139,7 +1140,8 @@ def _keep_session_stats(conn, data_key, bin_size, chunk=1000):
                              (data_key, bin_size, low, high))
         except sqlite3.OperationalError as error:
             log.info("statistics computed but not kept (%s)", error)
-            return
+            return start
+    return len(ids)
 
 
 def _find_stale_sessions(conn, selected, params, data_key, bin_size):
@@ -1189,19 +1191,21 @@ def compute_stats(conn, query, tz_name, data_key, bin_size):
     return stats
 
 
-def keep_stats(conn, first_session, last_session, data_key=DEFAULT_DATA_KEY, bin_size=DEFAULT_HEATMAP_BIN):
+def keep_stats(conn, first_session=0, last_session=None, data_key=DEFAULT_DATA_KEY, bin_size=DEFAULT_HEATMAP_BIN):
     """Compute and keep now the figures of the closed sessions with ids from
-    `first_session` to `last_session` (an import's), which /stats would
-    otherwise compute on its first call: over years of imported events that
-    first call would take as long as this."""
+    `first_session` to `last_session` (an import's; by default every closed
+    session without them), which /stats would otherwise compute on its
+    first call: over years of events that first call would take as long as
+    this. Returns how many sessions' figures were kept."""
     conn.execute("BEGIN")
     try:
         _find_stale_sessions(conn, "sel AS (SELECT id FROM sessions WHERE id BETWEEN ? AND ?)",
-                             [first_session, last_session], data_key, bin_size)
+                             [first_session, sys.maxsize if last_session is None else last_session],
+                             data_key, bin_size)
         _compute_session_stats(conn, data_key, bin_size)
     finally:
         conn.execute("COMMIT")
-    _keep_session_stats(conn, data_key, bin_size)
+    return _keep_session_stats(conn, data_key, bin_size)
 
 
 def _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_size):
@@ -3769,8 +3773,12 @@ def cmd_status(args, settings):
 
 def cmd_closestale(args, settings):
     timeout = args.timeout or settings.session_timeout
-    closed = close_idle_sessions(open_database(settings), timeout)
+    conn = open_database(settings)
+    closed = close_idle_sessions(conn, timeout)
     print(f"Closed {closed} session{'s' if closed != 1 else ''} without an event for {timeout} seconds.")
+    # Run from cron, this keeps the first /stats after a long time quick.
+    kept = keep_stats(conn)
+    print(f"Kept the statistics of {kept} closed session{'s' if kept != 1 else ''} for /stats.")
 
 
 def cmd_serve(args, settings):

@@ -1598,11 +1598,17 @@ def test_idle_sessions_are_closed_by_the_server_and_late_events_move_the_stop(st
 
 
 def test_closestale_closes_idle_sessions_from_cron(client, consumer_key, db_path):
-    client.start(consumer_key)
-    assert "Closed 0 sessions" in run_cli("closestale", "--db", db_path).stdout
+    token = client.start(consumer_key)
+    client.event(token, data='{"subject": "map", "clickX": 10, "clickY": 20}')
+    out = run_cli("closestale", "--db", db_path).stdout
+    assert "Closed 0 sessions" in out and "Kept the statistics of 0 closed sessions" in out  # still open
     time.sleep(1.1)
-    assert "Closed 1 session " in run_cli("closestale", "--timeout", "1", "--db", db_path).stdout
+    out = run_cli("closestale", "--timeout", "1", "--db", db_path).stdout
+    assert "Closed 1 session " in out and "Kept the statistics of 1 closed session " in out
     assert stored(db_path, "SELECT stop_reason FROM sessions") == [("timeout",)]
+    # /stats adds up what cron kept (nothing computed afresh) and counts the screen.
+    assert stored(db_path, "SELECT data_key, bin, events FROM stats_sessions") == [("subject", 50, 1)]
+    assert [(v["value"], v["events"]) for v in client.get("/stats").json["values"]] == [("map", 1)]
 
 
 def test_sessions_report_events_that_never_arrived(client, consumer_key):
