@@ -1025,9 +1025,16 @@ def export_chunks(conn, query):
         header, newline = None, "\n"
     else:
         # RFC 4180: numbers bare, text always quoted with quotes doubled, NULL empty.
-        cells = " || ',' || ".join(
-            f"""CASE typeof({c}) WHEN 'null' THEN '' WHEN 'integer' THEN {c} WHEN 'real' THEN {c}"""
-            f""" ELSE '"' || replace({c}, '"', '""') || '"' END""" for c in columns)
+        # Text a spreadsheet would run as a formula (=, +, -, @, tab, CR first:
+        # anyone with the kiosks' key can send such an action or screen name)
+        # gets a leading ' that shows it as text; `data` is JSON, which starts
+        # so only as a number.
+        def cell(c):
+            defused = "" if c == "data" else (
+                f"CASE WHEN substr({c}, 1, 1) IN ('=', '+', '-', '@', char(9), char(13)) THEN '''' ELSE '' END || ")
+            return (f"""CASE typeof({c}) WHEN 'null' THEN '' WHEN 'integer' THEN {c} WHEN 'real' THEN {c}"""
+                    f""" ELSE '"' || {defused}replace({c}, '"', '""') || '"' END""")
+        cells = " || ',' || ".join(cell(c) for c in columns)
         sql = f"SELECT {cells} FROM ({inner})"
         # The byte order mark makes spreadsheets read the file as UTF-8.
         header, newline = "\ufeff" + ",".join(names) + "\r\n", "\r\n"

@@ -1288,6 +1288,23 @@ def test_csv_export_opens_cleanly(sample_client, sample_events):
         assert row["data.clickX"] == str(event["data"].get("clickX", ""))
 
 
+def test_csv_export_shows_formulas_as_text(client, consumer_key):
+    """A spreadsheet runs a cell starting with =, +, -, @ as a formula; the
+    kiosks' key is in every kiosk's page, so anyone may send such text."""
+    import csv
+    import io
+    token = client.start(consumer_key)
+    client.event(token, action='=HYPERLINK("http://evil.example","x")',
+                 data='{"subject": "@SUM(1+1)", "clickX": -5, "note": "=1+1"}')
+    reply = client.get("/events", format="csv", data_keys="subject,clickX")
+    [row] = list(csv.DictReader(io.StringIO(reply.body.encode("utf-8").decode("utf-8-sig"))))
+    assert row["action"] == """'=HYPERLINK("http://evil.example","x")"""
+    assert row["data.subject"] == "'@SUM(1+1)" and row["data.clickX"] == "-5"  # a number stays a number
+    assert json.loads(row["data"]) == {"subject": "@SUM(1+1)", "clickX": -5, "note": "=1+1"}  # JSON, never a formula
+    exported = json.loads(client.get("/events", format="ndjson").body)
+    assert exported["action"].startswith("=HYPERLINK")  # NDJSON and JSON keep the text as sent
+
+
 def test_cli_export_matches_the_http_export(sample_client, db_path):
     http_csv = sample_client.get("/events", format="csv", action="click").body
     cli_csv = run_cli("export", "--format", "csv", "--action", "click", "--db", db_path).stdout
