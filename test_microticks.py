@@ -1817,6 +1817,20 @@ def test_a_reload_mid_queue_loses_nothing_and_duplicates_nothing(demo, api, db_p
     assert len({e["session_id"] for e in events}) == 1 and len({e["boot"] for e in events}) == 2
 
 
+def test_the_first_touch_starts_the_session_at_once(demo, db_path):
+    """Not at the next flush: until the token is back, a page that closes
+    (a kiosk app navigating on a touch) cannot beacon the session's events,
+    and a browser may lose the last localStorage writes of such a page."""
+    page = demo(flush=10000)
+    started = time.monotonic()
+    touch(page, "year:2017")
+    page.wait_for_function("Object.keys(window.tracker.state.tokens).length === 1", timeout=5000)
+    while not stored_events(db_path) and time.monotonic() - started < 5:
+        page.wait_for_timeout(50)  # the event follows its session's start, in the same send
+    assert stored(db_path, "SELECT count(*) FROM sessions") == [(1,)] and len(stored_events(db_path)) == 1
+    assert time.monotonic() - started < 5  # long before the 10 s flush
+
+
 def test_a_reload_while_the_server_is_up_sends_each_event_once(demo, db_path):
     page = demo()
     touch(page, "year:2017")

@@ -17,7 +17,9 @@
  * while the server is down or the page reloads. Events go in batches, with
  * retries and exponential backoff; each has a uuid, so a retry never stores
  * it twice. When the page is hidden or closed, the queue goes out with
- * navigator.sendBeacon as well.
+ * navigator.sendBeacon as well, and requests in flight (sent with keepalive)
+ * still arrive: a browser may lose the last localStorage writes of a page
+ * that navigates away at once, so the queue alone is not enough.
  *
  * Options (all but consumerKey optional):
  *   host             the service's URL (default: this page's origin)
@@ -140,6 +142,9 @@
       var session = {uuid: newId(), seq: 0, lastActivity: Date.now()};
       this.state.session = session;
       this.enqueue({kind: "start", session: session.uuid, ts: isoNow()});
+      // At once, not at the next flush: until the server's token is here,
+      // a closing page cannot hand this session's events to sendBeacon.
+      this.flush();
       return session;
     },
 
@@ -311,6 +316,9 @@
         init.headers = {"Content-Type": "text/plain;charset=UTF-8"};
         init.body = JSON.stringify(payload);
       }
+      // keepalive: a request in flight when the page closes (a kiosk app that
+      // navigates on a touch) still arrives. Browsers allow it up to 64 KB.
+      init.keepalive = new Blob([String(init.body)]).size <= 60000;
       return root.fetch(this.url(path), init).then(function (response) {
         return response.json().catch(function () { return {}; }).then(function (answer) {
           if (response.status === 429 || response.status >= 500) {
