@@ -112,6 +112,8 @@ MAX_DEVICE_CHARS = 100
 MAX_DATA_DEPTH = 32
 #: Events one batch may hold (answered 413 beyond it, as is a body over 1 MiB).
 MAX_BATCH_EVENTS = 1000
+#: Sessions one batch may start (a closing page's beacon: see clean_batch_sessions).
+MAX_BATCH_SESSIONS = 10
 #: Clock offsets below this are network delay, not a wrong clock: not corrected.
 MIN_CLOCK_CORRECTION = timedelta(seconds=2)
 #: Rows one page of GET /events or GET /sessions holds.
@@ -691,6 +693,19 @@ def start_session(conn, consumer_key, ts, ip, uuid=None, device=None, app_versio
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (token, ip, ts.text, consumer_id, now, ts.utc, uuid, device_id))
     return token, False
+
+
+def start_sessions(conn, starts, ip, store_ip="truncated"):
+    """start_session for each of a batch's starts ({uuid: clean fields}):
+    {uuid: its token, or the MicroticksError that refused it}."""
+    tokens = {}
+    for uuid, start in starts.items():
+        try:
+            tokens[uuid], _ = start_session(conn, start["consumer_key"], start["ts"], ip, uuid, start["device"],
+                                            start["app_version"], store_ip)
+        except MicroticksError as error:
+            tokens[uuid] = error
+    return tokens
 
 
 def record_heartbeat(conn, consumer_key, device, app_version, queue_depth, ip, store_ip="truncated"):
@@ -1783,9 +1798,36 @@ def clean_event(fields, from_form, offset=None):
     return clean
 
 
-def clean_batch(body, received):
+def clean_batch_sessions(body, received):
+    """The session starts a batch carries ({"sessions": [...]}, each a POST
+    /sessions body with its uuid): {uuid: clean fields}; a malformed one
+    refuses the request. A page that closes before the server's token for
+    its new session came back sends the start and the events in one beacon,
+    the events naming their session by its uuid."""
+    if "sessions" not in body:
+        return {}
+    sessions = body["sessions"]
+    if not isinstance(sessions, list) or len(sessions) > MAX_BATCH_SESSIONS:
+        raise MicroticksError(400, f'"sessions" must be a list of at most {MAX_BATCH_SESSIONS} session starts',
+                              {"sessions": ["not a list, or too long"]})
+    starts = {}
+    for number, fields in enumerate(sessions):
+        if not isinstance(fields, dict) or not isinstance(fields.get("uuid"), str):
+            raise MicroticksError(400, f"Session {number} is not an object of fields with a uuid",
+                                  {"sessions": [f"session {number}: no uuid"]})
+        try:
+            starts[fields["uuid"]] = clean_session_start({"sent_at": body.get("sent_at"), **fields}, received)
+        except MicroticksError as error:
+            raise MicroticksError(400, f"Session {number}: {error.message}", error.errors) from None
+    return starts
+
+
+def clean_batch(body, received, session_tokens=None):
     """A batch {"events": [...], "sent_at": ...}: a list with, per event,
-    its clean fields or the MicroticksError that refuses it alone."""
+    its clean fields or the MicroticksError that refuses it alone. An event
+    without a token may name a session the batch started ("session": its
+    uuid): `session_tokens` maps those uuids to tokens or to the error that
+    refused the start."""
     events = body["events"]
     if len(events) > MAX_BATCH_EVENTS:
         raise MicroticksError(413, f"A batch holds at most {MAX_BATCH_EVENTS} events; this one has "
@@ -1796,6 +1838,14 @@ def clean_batch(body, received):
         if not isinstance(event, dict):
             cleaned.append(MicroticksError(400, f"Event {number} is not an object of fields"))
             continue
+        if session_tokens and not event.get("token") and isinstance(event.get("session"), str):
+            token = session_tokens.get(event["session"])
+            if isinstance(token, MicroticksError):
+                cleaned.append(MicroticksError(token.status_code, f"Event {number}: its session could not be"
+                                                                  f" started: {token.message}"))
+                continue
+            if token:
+                event = dict(event, token=token)
         try:
             cleaned.append(clean_event(event, from_form=False, offset=offset))
         except MicroticksError as error:
@@ -2458,7 +2508,9 @@ def make_app(settings):
         received = datetime.now(timezone.utc)
         fields, from_form = request_fields(request)
         if not from_form and isinstance(fields.get("events"), list):
-            return {"results": count(db.store_events(clean_batch(fields, received))), "status": 200}
+            tokens = start_sessions(db.connection(), clean_batch_sessions(fields, received), client_ip(),
+                                    settings.store_ip)
+            return {"results": count(db.store_events(clean_batch(fields, received, tokens))), "status": 200}
         offset = request_clock_offset(fields, received)
         result = count(db.store_events([clean_event(fields, from_form, offset)]))[0]
         if "error" in result:
@@ -2917,7 +2969,13 @@ def openapi_spec():
                     "events": {"type": "array", "maxItems": MAX_BATCH_EVENTS,
                                "items": {"description": "An Event. Each is checked on its own: a bad one"
                                                         " (not even an object) gets an error result"}},
-                    "sent_at": event_fields["sent_at"]}},
+                    "sent_at": event_fields["sent_at"],
+                    "sessions": {"type": "array", "maxItems": MAX_BATCH_SESSIONS,
+                                 "description": "Sessions to start first (a SessionStart each, with its uuid);"
+                                                " an event without a token may then name one by \"session\":"
+                                                " its uuid. For a page closing before its token came back.",
+                                 "items": {"allOf": [ref("SessionStart"),
+                                                     {"required": ["uuid"], "properties": {"uuid": client_id}}]}}}},
                 "Stored": {"type": "object", "required": ["event_id"], "properties": {
                     "event_id": {"type": "integer"}, "duplicate": {"type": "boolean"}}},
                 "BatchResults": {"type": "object", "required": ["results"], "properties": {

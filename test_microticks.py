@@ -1565,6 +1565,38 @@ def test_a_beacon_batch_in_text_plain_is_stored(start_server, consumer_key, db_p
     assert event_count(db_path) == 3
 
 
+def test_a_batch_may_start_the_sessions_its_events_name(client, consumer_key, db_path):
+    """A closing page's beacon: the start of a session whose token never came
+    back, and its events naming it by uuid, in one request."""
+    start = {"uuid": "s-beacon-1", "consumer_key": consumer_key, "ts": "2017-08-25T17:09:19.438Z",
+             "device": "lobby-table"}
+    events = [{"session": "s-beacon-1", "action": "click", "data": {"i": i}, "ts": f"2017-08-25T17:09:2{i}.000Z",
+               "uuid": f"ev-beacon-{i}", "seq": i + 1} for i in range(2)]
+    body = {"sessions": [start], "events": events}
+    first = client.post_json("/events", body).json["results"]
+    assert [set(r) for r in first] == [{"event_id"}, {"event_id"}]
+    again = client.post_json("/events", body).json["results"]  # the next page load sends it all again
+    assert again == [{"event_id": r["event_id"], "duplicate": True} for r in first]
+    assert stored(db_path, "SELECT uuid, count(*) FROM sessions GROUP BY uuid") == [("s-beacon-1", 1)]
+    # The token the start answers is the session's: later events use it.
+    token = client.post_json("/sessions", start).json["token"]
+    assert "event_id" in client.post_json("/events", {"events": [batch_event(token, 5)]}).json["results"][0]
+    assert stored(db_path, "SELECT count(*) FROM events") == [(3,)]
+
+    refused = client.post_json("/events", {
+        "sessions": [dict(start, uuid="s-beacon-2", consumer_key="not-a-key")],
+        "events": [dict(events[0], session="s-beacon-2", uuid="ev-b2"), dict(events[0], session="s-unknown")],
+    }).json["results"]
+    assert refused[0]["status"] == 403 and "could not be started" in refused[0]["error"]
+    assert refused[1]["status"] == 400 and "token" in refused[1]["error"]
+    for bad in ({"sessions": {"uuid": "x"}}, {"sessions": [{"consumer_key": consumer_key}]},
+                {"sessions": [start] * 11}, {"sessions": [dict(start, ts="yesterday")]}):
+        reply = client.post_json("/events", {"events": events, **bad})
+        assert reply.status == 400 and "session" in reply.json["error"].lower(), bad
+    assert stored(db_path, "SELECT count(*) FROM events") == [(3,)] and \
+        stored(db_path, "SELECT count(*) FROM sessions") == [(1,)]
+
+
 def test_batches_over_the_limit_are_413(client, consumer_key):
     token = client.start(consumer_key)
     reply = client.post_json("/events", {"events": [batch_event(token, i) for i in range(1001)]})
@@ -1829,6 +1861,23 @@ def test_the_first_touch_starts_the_session_at_once(demo, db_path):
         page.wait_for_timeout(50)  # the event follows its session's start, in the same send
     assert stored(db_path, "SELECT count(*) FROM sessions") == [(1,)] and len(stored_events(db_path)) == 1
     assert time.monotonic() - started < 5  # long before the 10 s flush
+
+
+def test_a_page_closing_before_its_session_started_beacons_the_start_with_the_events(demo, db_path):
+    """The kiosk app navigates right after a touch: the session's token never
+    came back (its start is held here), so the beacon starts the session and
+    stores the event in one request."""
+    page = demo(flush=10000)
+    page.route(lambda url: urllib.parse.urlsplit(url).path == "/sessions", lambda route: None)  # never answered
+    touch(page, "year:2017")
+    page.wait_for_function("window.tracker.pending() === 2")  # the start and the click
+    page.goto("about:blank")  # a page without the tracker: only the beacon can deliver
+    deadline = time.monotonic() + 10
+    while not stored_events(db_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    events = stored_events(db_path)
+    assert [json.loads(e["data"])["target"] for e in events] == ["year:2017"]
+    assert stored(db_path, "SELECT count(*), min(uuid IS NOT NULL) FROM sessions") == [(1, 1)]
 
 
 def test_a_reload_while_the_server_is_up_sends_each_event_once(demo, db_path):

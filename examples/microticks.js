@@ -17,9 +17,10 @@
  * while the server is down or the page reloads. Events go in batches, with
  * retries and exponential backoff; each has a uuid, so a retry never stores
  * it twice. When the page is hidden or closed, the queue goes out with
- * navigator.sendBeacon as well, and requests in flight (sent with keepalive)
- * still arrive: a browser may lose the last localStorage writes of a page
- * that navigates away at once, so the queue alone is not enough.
+ * navigator.sendBeacon as well (with the start of a session whose token has
+ * not come back yet), and requests in flight (sent with keepalive) still
+ * arrive: a browser may lose the last localStorage writes of a page that
+ * navigates away at once, so the queue alone is not enough.
  *
  * Options (all but consumerKey optional):
  *   host             the service's URL (default: this page's origin)
@@ -270,8 +271,9 @@
     },
 
     wireEvent: function (item) {
-      return {token: this.state.tokens[item.session], action: item.action, data: item.data, ts: item.ts,
-              uuid: item.uuid, seq: item.seq, boot: item.boot};
+      var token = this.state.tokens[item.session];
+      return {token: token, session: token ? undefined : item.session, action: item.action, data: item.data,
+              ts: item.ts, uuid: item.uuid, seq: item.seq, boot: item.boot};
     },
 
     dropSession: function (sessionUuid, answer) {
@@ -335,14 +337,26 @@
     /** The page is going away: hand what we can to sendBeacon. */
     beacon: function () {
       if (this.options.dryRun || this.options.legacy || !root.navigator || !root.navigator.sendBeacon) return;
-      var self = this;
+      var self = this, tokens = this.state.tokens;
+      // Sessions whose token has not come back yet go along, started by the
+      // same request: their events name them by uuid.
+      var starts = this.state.queue.filter(function (item) {
+        return item.kind === "start" && !tokens[item.session];
+      }).slice(0, 10);
+      var started = {};
+      starts.forEach(function (item) { started[item.session] = true; });
       var events = this.state.queue.filter(function (item) {
-        return item.kind === "event" && self.state.tokens[item.session];
+        return item.kind === "event" && (tokens[item.session] || started[item.session]);
       }).slice(0, 1000);
       if (!events.length) return;
       // Kept in the queue all the same: the next page load sends them again,
       // and their uuids make the server answer "duplicate" instead of storing twice.
-      var body = JSON.stringify({events: events.map(function (e) { return self.wireEvent(e); }), sent_at: isoNow()});
+      var body = JSON.stringify({
+        sessions: starts.map(function (item) {
+          return {uuid: item.session, consumer_key: self.options.consumerKey, ts: item.ts,
+                  device: self.state.device, app_version: self.options.appVersion};
+        }),
+        events: events.map(function (e) { return self.wireEvent(e); }), sent_at: isoNow()});
       root.navigator.sendBeacon(this.url("/events"), new Blob([body], {type: "text/plain;charset=UTF-8"}));
       this.log("beacon with " + events.length + " events");
     },
