@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -929,6 +930,33 @@ def test_serve_logs_requests_without_the_key(served, tmp_path):
 def test_serve_runs_other_servers_bottle_supports(served, tmp_path, server):
     client, proc = served("--db", str(tmp_path / "x.db"), "--server", server)
     assert client.get("/health").json["status"] == "ok"
+
+
+def test_the_readme_systemd_unit_serves_from_its_directory_with_cached_bytecode(tmp_path):
+    """The unit's ExecStart, in its WorkingDirectory (a copy of the file),
+    with its environment: the service answers, the database is where the
+    unit says, and the bytecode is cached for the next start."""
+    unit = readme_block("systemd")
+    workdir = re.search(r"^WorkingDirectory=(\S+)", unit, re.M).group(1)
+    command = shlex.split(re.search(r"^ExecStart=(.+)$", unit, re.M).group(1))
+    env = dict(line.split("=", 1) for line in re.findall(r"^Environment=(\S+)", unit, re.M))
+    opt = tmp_path / "opt"
+    opt.mkdir()
+    shutil.copy(HERE / "microticks.py", opt)
+    port = free_port()
+    command = [sys.executable if c == "/usr/bin/python3" else str(port) if c == "8080" else c for c in command]
+    env = {k: v.replace(workdir, str(opt)) for k, v in env.items()}
+    clean_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPATH")}
+    proc = subprocess.Popen(command, cwd=opt, env={**clean_env, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(port, proc)
+        assert Client(f"http://127.0.0.1:{port}").get("/health").json["status"] == "ok"
+        assert Path(env["MICROTICKS_DB"]).exists() and str(opt) in env["MICROTICKS_DB"]
+        assert list((opt / "__pycache__").glob("microticks.*.pyc"))
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_serve_refuses_unknown_or_missing_servers(tmp_path):
