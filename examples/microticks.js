@@ -339,7 +339,7 @@
       if (this.options.dryRun || this.options.legacy || !root.navigator || !root.navigator.sendBeacon) return;
       var self = this, tokens = this.state.tokens;
       // Sessions whose token has not come back yet go along, started by the
-      // same request: their events name them by uuid.
+      // same request (10 at most, the server's limit): their events name them by uuid.
       var starts = this.state.queue.filter(function (item) {
         return item.kind === "start" && !tokens[item.session];
       }).slice(0, 10);
