@@ -4024,7 +4024,33 @@ def main(argv=None):
     return 0
 
 
+# Imports this file by path (it may be renamed) and runs main() on the rest of argv.
+_MODULE_BOOT = ("import importlib.util, sys; sys.argv = sys.argv[1:]; "
+                "spec = importlib.util.spec_from_file_location('microticks', sys.argv[0]); "
+                "module = sys.modules['microticks'] = importlib.util.module_from_spec(spec); "
+                "spec.loader.exec_module(module); sys.exit(module.main())")
+
+
+def serve_as_imported_module():
+    """Replace this process (same PID, same arguments) by one that imports this
+    file, when a plain `python microticks.py serve` started it.
+
+    CPython keeps a script's syntax tree until the script returns: for a server,
+    its whole life, 8 MB of its 40 under load. An imported module's tree is
+    freed once compiled, and its bytecode is cached in __pycache__ (when the
+    directory is writable) for the next start. Interpreter options, wrappers
+    (coverage, pdb), Python 3.9 and Windows, where exec starts a separate
+    process, run the script as it is.
+    """
+    if (os.name == "posix" and "serve" in sys.argv[1:] and sys.executable
+            and getattr(sys, "orig_argv", [])[1:] == sys.argv):
+        with contextlib.suppress(OSError):
+            os.execv(sys.executable, [sys.executable, "-c", _MODULE_BOOT,
+                                      os.path.abspath(__file__), *sys.argv[1:]])
+
+
 if __name__ == "__main__":
+    serve_as_imported_module()
     try:
         sys.exit(main())
     except BrokenPipeError:  # the reader stopped early (`microticks.py export | head`): not an error

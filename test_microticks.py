@@ -932,6 +932,33 @@ def test_serve_runs_other_servers_bottle_supports(served, tmp_path, server):
     assert client.get("/health").json["status"] == "ok"
 
 
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_serve_from_the_script_reexecs_as_an_imported_module_unless_run_with_options(tmp_path, served,
+                                                                                  monkeypatch):
+    """`python microticks.py serve` replaces itself (same PID) by an import of
+    the file, so that CPython frees the script's syntax tree; the bytecode is
+    cached beside the file. With interpreter options it runs as it was started."""
+    kiosk = tmp_path / "kiosk"
+    kiosk.mkdir()
+    shutil.copy(HERE / "microticks.py", kiosk / "analytics.py")  # renamed: imported by path
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    env = {"MICROTICKS_DB": str(kiosk / "x.db")}
+
+    def command_line(proc):
+        return Path(f"/proc/{proc.pid}/cmdline").read_text().split("\0")[:-1]
+
+    client, proc = served(script=kiosk / "analytics.py", env=env)
+    assert client.get("/health").json["status"] == "ok"
+    assert command_line(proc)[1] == "-c" and str(kiosk / "analytics.py") in command_line(proc)
+    assert list((kiosk / "__pycache__").glob("analytics.*.pyc"))
+    proc.send_signal(signal.SIGINT)  # Ctrl+C still stops it cleanly
+    assert proc.wait(10) == 0 and "listening on" in proc.stdout.read()
+
+    client, proc = served(python=(sys.executable, "-X", "utf8"), script=kiosk / "analytics.py", env=env)
+    assert client.get("/health").json["status"] == "ok"
+    assert command_line(proc)[1:4] == ["-X", "utf8", str(kiosk / "analytics.py")]
+
+
 def test_the_readme_systemd_unit_serves_from_its_directory_with_cached_bytecode(tmp_path):
     """The unit's ExecStart, in its WorkingDirectory (a copy of the file),
     with its environment: the service answers, the database is where the
