@@ -378,6 +378,12 @@ MIGRATIONS = [
         " DELETE FROM stats_heat WHERE session_id = OLD.id;"
         " DELETE FROM stats_actions WHERE session_id = OLD.id; END",
     ]),
+    ("the data keys and bins whose figures /stats keeps", [
+        # Each costs about a quarter of the file; see MAX_KEPT_STATS_KINDS.
+        "CREATE TABLE stats_kinds (data_key TEXT NOT NULL, bin INTEGER NOT NULL,"
+        " PRIMARY KEY (data_key, bin)) WITHOUT ROWID",
+        "INSERT INTO stats_kinds SELECT DISTINCT data_key, bin FROM stats_sessions",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1092,6 +1098,11 @@ def _summary(values):
 KEPT_STATS = {"stats_values": "fresh_values", "stats_heat": "fresh_heat", "stats_actions": "fresh_actions"}
 # What /stats groups by and bins heatmaps in unless asked otherwise.
 DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN = "subject", 50
+#: Besides the default's, the (data key, bin) pairs whose figures are kept:
+#: each holds about a quarter of the file's size, and a researcher trying
+#: bins, or anyone with the key, would otherwise grow the file without end.
+#: Others are computed for every request.
+MAX_KEPT_STATS_KINDS = 3
 
 
 def _compute_session_stats(conn, data_key, bin_size):
@@ -1146,6 +1157,8 @@ def _keep_session_stats(conn, data_key, bin_size, chunk=1000):
     how many sessions' figures were kept. On a read-only or busy file they
     are simply not kept."""
     ids = [row[0] for row in conn.execute("SELECT session_id FROM temp.stale WHERE closed ORDER BY session_id")]
+    if ids and not _may_keep_stats(conn, data_key, bin_size):
+        return 0
     for start in range(0, len(ids), chunk):
         low, high = ids[start], ids[min(start + chunk, len(ids)) - 1]
         bounds = (data_key, bin_size, low, high, low, high)
@@ -1164,6 +1177,42 @@ def _keep_session_stats(conn, data_key, bin_size, chunk=1000):
             log.info("statistics computed but not kept (%s)", error)
             return start
     return len(ids)
+
+
+def _may_keep_stats(conn, data_key, bin_size):
+    """Whether figures for this data key and bin may be kept: the default's
+    always, others while fewer than MAX_KEPT_STATS_KINDS are."""
+    kind = (data_key, bin_size)
+    if conn.execute("SELECT 1 FROM stats_kinds WHERE data_key = ? AND bin = ?", kind).fetchone():
+        return True
+    try:
+        with write_transaction(conn):
+            conn.execute("INSERT INTO stats_kinds SELECT ?, ? WHERE ? OR (SELECT count(*) FROM stats_kinds"
+                         " WHERE NOT (data_key = ? AND bin = ?)) < ?",
+                         (*kind, kind == (DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN), DEFAULT_DATA_KEY,
+                          DEFAULT_HEATMAP_BIN, MAX_KEPT_STATS_KINDS))
+            claimed = conn.execute("SELECT changes()").fetchone()[0] == 1
+    except sqlite3.OperationalError as error:
+        log.info("statistics computed but not kept (%s)", error)
+        return False
+    if not claimed:
+        log.info("statistics for data key %r and bin %d computed but not kept: those of %d others are "
+                 "(python microticks.py forgetstats frees room)", data_key, bin_size, MAX_KEPT_STATS_KINDS)
+    return claimed
+
+
+def forget_stats(conn, data_key=None, bin_size=None):
+    """Delete the kept figures (of one data key and/or bin, else all) and
+    give their space back; /stats computes them again when asked. Returns
+    the (data key, bin) pairs forgotten."""
+    where, params = "WHERE (? IS NULL OR data_key = ?) AND (? IS NULL OR bin = ?)", (data_key,) * 2 + (bin_size,) * 2
+    with write_transaction(conn):
+        kinds = [tuple(row) for row in conn.execute(f"SELECT data_key, bin FROM stats_kinds {where}"
+                                                    " ORDER BY data_key, bin", params)]
+        for table in [*KEPT_STATS, "stats_sessions", "stats_kinds"]:
+            conn.execute(f"DELETE FROM {table} {where}", params)
+    shrink_database(conn)
+    return kinds
 
 
 def _find_stale_sessions(conn, selected, params, data_key, bin_size):
@@ -3846,6 +3895,14 @@ def cmd_closestale(args, settings):
     print(f"Kept the statistics of {kept} closed session{'s' if kept != 1 else ''} for /stats.")
 
 
+def cmd_forgetstats(args, settings):
+    conn = open_database(settings)
+    kinds = forget_stats(conn, args.data_key, args.bin)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    print(f"Forgot the statistics kept for {len(kinds)} data key{'s' if len(kinds) != 1 else ''} "
+          f"and bin{'s' if len(kinds) != 1 else ''}" + "".join(f"\n  {key}, bin {size}" for key, size in kinds))
+
+
 def cmd_serve(args, settings):
     # Create or upgrade the file now, so that a problem shows at start-up;
     # the app opens its own connections (per thread, after any fork).
@@ -3976,6 +4033,10 @@ def build_parser():
                                                 "service does this too, on requests; this is for cron)")
     sub.add_argument("--timeout", type=int, help="seconds without an event "
                                                  "(default: $MICROTICKS_SESSION_TIMEOUT, else 1800)")
+    sub = command("forgetstats", cmd_forgetstats, "delete the statistics /stats keeps (all, or of one data "
+                                                  "key or bin) and shrink the file; they are computed again")
+    sub.add_argument("--data-key", help="only those of this data key")
+    sub.add_argument("--bin", type=int, help="only those of this heatmap bin size")
     return parser
 
 

@@ -1528,6 +1528,35 @@ def test_stats_kept_per_session_equal_figures_computed_afresh_as_sessions_change
     assert stored(db_path, "SELECT count(*) FROM stats_values WHERE session_id = ?", (erased,)) == [(0,)]
 
 
+def test_stats_keep_the_figures_of_a_few_data_keys_and_bins_and_forgetstats_frees_them(sample_client, db_path):
+    """Each data key and bin kept costs about a quarter of the file: besides
+    the default's, only the first MAX_KEPT_STATS_KINDS asked for are kept."""
+    def kept_kinds():
+        return stored(db_path, "SELECT DISTINCT data_key, bin FROM stats_sessions ORDER BY data_key, bin")
+
+    assert microticks.MAX_KEPT_STATS_KINDS == 3
+    assert kept_kinds() == [("subject", 50)]  # the import's
+    answers = {size: sample_client.get("/stats", bin=size).json for size in (10, 20, 30, 40)}
+    assert kept_kinds() == [("subject", 10), ("subject", 20), ("subject", 30), ("subject", 50)]
+    assert sample_client.get("/stats", bin=40).json == answers[40]  # computed again, still not kept
+    assert ("subject", 40) not in kept_kinds()
+
+    out = run_cli("forgetstats", "--bin", "10", "--db", db_path).stdout
+    assert "1 data key and bin" in out and "subject, bin 10" in out
+    assert stored(db_path, "SELECT count(*) FROM stats_values WHERE bin = 10") == [(0,)]
+    assert sample_client.get("/stats", bin=40).json == answers[40]  # room again: now kept
+    assert sample_client.get("/stats", bin=40).json == answers[40]  # and added up from what was kept
+    assert kept_kinds() == [("subject", 20), ("subject", 30), ("subject", 40), ("subject", 50)]
+
+    assert "4 data keys and bins" in run_cli("forgetstats", "--db", db_path).stdout
+    assert kept_kinds() == [] and stored(db_path, "SELECT count(*) FROM stats_heat") == [(0,)]
+    for size in (20, 30, 40):
+        sample_client.get("/stats", bin=size)
+    default = sample_client.get("/stats").json  # the default's are kept whatever else is
+    assert kept_kinds() == [("subject", 20), ("subject", 30), ("subject", 40), ("subject", 50)]
+    assert sample_client.get("/stats").json == default
+
+
 def test_cli_output_cut_short_by_the_reader_ends_quietly(sample_client, db_path):
     """`microticks.py events --format csv | head`: no traceback when head stops reading."""
     proc = subprocess.Popen([sys.executable, str(HERE / "microticks.py"), "events", "--format", "csv", "--db", db_path],
@@ -2276,6 +2305,8 @@ def make_database_at_version(path, version):
                  " (2, 'stoppedtoken', '10.0.0.1', '2017-05-22T10:00:00.000Z', '2017-05-22T10:05:00.000Z', 1)")
     conn.execute("INSERT INTO events (id, session_id, time, action, data) VALUES"
                  " (7, 1, '2017-05-22T11:00:01.000Z', 'click', '{\"subject\":\"main\"}')")
+    if version >= 6:  # /stats kept the (empty) figures of the stopped session for a data key and bin
+        conn.execute("INSERT INTO stats_sessions VALUES (2, 'target', 20, 0, NULL)")
     conn.close()
 
 
@@ -2292,6 +2323,7 @@ def test_every_earlier_schema_version_upgrades_losing_nothing(tmp_path, start_se
                          "data": {"subject": "main"}}
     assert stored(db, "PRAGMA user_version") == [(microticks.SCHEMA_VERSION,)]
     assert stored(db, "PRAGMA integrity_check") == [("ok",)]
+    assert stored(db, "SELECT * FROM stats_kinds") == ([("target", 20)] if version >= 6 else [])
 
 
 ###############################################################################
