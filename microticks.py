@@ -2863,6 +2863,9 @@ class PooledWSGIServer(WSGIServer):
                     self.returned.put(connection)  # wait for the next request without a thread
                     self.wake_writer.send(b"\0")
                     return
+                if self.waiting:  # its next request is here, but others were first
+                    self._submit(connection)
+                    return
         except (OSError, ValueError):
             pass  # the client went away, or timed out mid-request
         except Exception:

@@ -811,6 +811,44 @@ def test_idle_connections_hold_no_worker_thread(start_server, db_path, consumer_
         server.server_close()
 
 
+def test_a_client_that_always_has_its_next_request_ready_does_not_starve_others(db_path):
+    """One worker thread; one connection pipelines four requests ahead, so that
+    after every answer its next request is already there. Another client is answered after at
+    most a few of its requests, not after all of them."""
+    app = microticks.make_app(microticks.Settings(db_path=db_path, rate_limit=0))
+    server = microticks.make_http_server(app, "127.0.0.1", 0, threads=1)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    one, total = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 400
+    answered = []
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=30) as greedy:
+            stream = greedy.makefile("rb")
+            greedy.sendall(one * 4)
+
+            def read_answer():
+                assert stream.readline().startswith(b"HTTP/1.1 200")
+                length = 0
+                while (line := stream.readline()) != b"\r\n":
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                stream.read(length)
+
+            for n in range(total):
+                read_answer()
+                answered.append(n)
+                if n < total - 4:
+                    greedy.sendall(one)  # always requests waiting
+                if n == 10:
+                    other = Client(f"http://127.0.0.1:{server.server_port}")
+                    asking = concurrent.futures.ThreadPoolExecutor(1).submit(other.get, "/health")
+                    asking.add_done_callback(lambda _: answered.append("other"))
+            assert asking.result(timeout=30).status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answered.index("other") < 60, answered.index("other")
+
+
 def test_unwritable_database_answers_503_not_500(start_server, consumer_key, db_path):
     client = start_server()
     token = client.start(consumer_key)
