@@ -1181,10 +1181,14 @@ def _keep_session_stats(conn, data_key, bin_size, chunk=1000):
 
 def _may_keep_stats(conn, data_key, bin_size):
     """Whether figures for this data key and bin may be kept: the default's
-    always, others while fewer than MAX_KEPT_STATS_KINDS are."""
+    always, others while fewer than MAX_KEPT_STATS_KINDS are, if any event
+    carries the key (a mistyped key in the dashboard takes no place)."""
     kind = (data_key, bin_size)
     if conn.execute("SELECT 1 FROM stats_kinds WHERE data_key = ? AND bin = ?", kind).fetchone():
         return True
+    if kind != (DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN) and not conn.execute(
+            "SELECT 1 FROM temp.fresh_values LIMIT 1").fetchone():
+        return False
     try:
         with write_transaction(conn):
             conn.execute("INSERT INTO stats_kinds SELECT ?, ? WHERE ? OR (SELECT count(*) FROM stats_kinds"

@@ -1574,6 +1574,7 @@ def test_stats_keep_the_figures_of_a_few_data_keys_and_bins_and_forgetstats_free
 
     assert microticks.MAX_KEPT_STATS_KINDS == 3
     assert kept_kinds() == [("subject", 50)]  # the import's
+    assert sample_client.get("/stats", data_key="subjekt").json["values"] == []  # a typo: no event has it
     answers = {size: sample_client.get("/stats", bin=size).json for size in (10, 20, 30, 40)}
     assert kept_kinds() == [("subject", 10), ("subject", 20), ("subject", 30), ("subject", 50)]
     assert sample_client.get("/stats", bin=40).json == answers[40]  # computed again, still not kept
