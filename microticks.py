@@ -1660,9 +1660,10 @@ def _finite_float(text):
 _STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
-def parse_json(text):
-    """Strict JSON (no NaN or Infinity, which other readers refuse), bounded
-    in depth; ValueError otherwise."""
+def parse_json(text, max_depth=MAX_DATA_DEPTH):
+    """Strict JSON (no NaN or Infinity, which other readers refuse), nesting
+    at most `max_depth` levels (None: as deep as the parser goes); ValueError
+    otherwise."""
     try:
         value = _STRICT_JSON.decode(text)
     except RecursionError:
@@ -1672,9 +1673,15 @@ def parse_json(text):
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("holds a \\u escape of half a surrogate pair (not a character)") from None
-    if json_depth(value) > MAX_DATA_DEPTH:
-        raise ValueError(f"nests deeper than {MAX_DATA_DEPTH} levels")
+    if max_depth is not None and nests_deeper(text, value, max_depth):
+        raise ValueError(f"nests deeper than {max_depth} levels")
     return value
+
+
+def nests_deeper(text, value, levels):
+    """Whether parsed JSON nests deeper than `levels`. Every level opens a
+    bracket, so a text with few of them is not walked."""
+    return text.count("{") + text.count("[") > levels and json_depth(value) > levels
 
 
 def json_depth(value):
@@ -1751,10 +1758,11 @@ def _data(fields, name, from_form):
             return value
         except ValueError:
             return json.dumps(value, ensure_ascii=False)
-    # JSON bodies: parse_json bounded the whole body's depth, and so this.
     text = _compact_json(value)
     if len(text) * 4 > MAX_DATA_BYTES and len(text.encode("utf-8")) > MAX_DATA_BYTES:
         raise ValueError(f'"{name}" is larger than {MAX_DATA_BYTES} bytes')
+    if nests_deeper(text, value, MAX_DATA_DEPTH):
+        raise ValueError(f'"{name}" nests deeper than {MAX_DATA_DEPTH} levels')
     return text
 
 
@@ -2239,7 +2247,9 @@ def request_fields(request):
         return dict(pairs), True
     if content_type in ("application/json", "text/plain"):
         try:
-            value = parse_json(text)
+            # Of a body's fields only `data` is stored as JSON; its depth is
+            # checked with it (_data), a batch's event by event.
+            value = parse_json(text, max_depth=None)
         except ValueError as error:
             raise MicroticksError(400, f"The body is not valid JSON: {error}") from None
         if not isinstance(value, dict):

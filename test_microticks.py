@@ -1635,15 +1635,17 @@ def test_a_batch_stores_the_good_events_and_refuses_the_bad_alone(client, consum
     client.form("/sessions/stop", {"token": stopped, "ts": "2017-08-25T17:10:00Z"})
     events = [batch_event(token, 0), {"token": token, "action": "", "ts": "2017-08-25T17:09:00Z"},
               batch_event(token, 1), {"token": "unknown", "action": "a", "ts": "2017-08-25T17:09:00Z"},
-              "not an object", batch_event(stopped, 2), batch_event(token, 3, ts="yesterday")]
+              "not an object", batch_event(stopped, 2), batch_event(token, 3, ts="yesterday"),
+              batch_event(token, 4, data=json.loads("[" * 40 + "]" * 40))]
     reply = client.post_json("/events", {"events": events, "sent_at": microticks.utc_now()})
     assert reply.status == 200, reply
     results = reply.json["results"]
-    assert len(results) == 7
+    assert len(results) == 8
     assert "event_id" in results[0] and "event_id" in results[2]
-    assert [r.get("status") for r in results[1:]] == [400, None, 404, 400, 409, 400]
+    assert [r.get("status") for r in results[1:]] == [400, None, 404, 400, 409, 400, 400]
     assert "action" in results[1]["error"] and "Could not find session" in results[3]["error"]
     assert "already stopped" in results[5]["error"] and "ts" in results[6]["error"]
+    assert '"data" nests deeper than 32 levels' in results[7]["error"]
     assert sorted(r[0] for r in stored(db_path, "SELECT id FROM events")) == [results[0]["event_id"], results[2]["event_id"]]
     row = stored(db_path, "SELECT uuid, seq, boot FROM events WHERE id = ?", (results[2]["event_id"],))
     assert row == [(f"ev-{token[:8]}-1", 2, "boot-1")]
