@@ -1532,7 +1532,10 @@ def shrink_database(conn):
     if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # incremental
         conn.execute("PRAGMA incremental_vacuum")
     else:
-        conn.execute("VACUUM")  # rewrites the file; it uses incremental mode from then on
+        # Set before the VACUUM that rewrites the file, the mode applies from
+        # then on: a file of the first Microticks is rewritten once.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
 
 
 def database_status(conn, path, silent_after):

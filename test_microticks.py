@@ -2291,6 +2291,15 @@ def test_purge_removes_old_sessions_and_shrinks_the_file(sample_client, db_path,
     assert "Deleted 0 sessions" in run_cli("purge", "--older-than", "52w", "--db", db_path).stdout
 
 
+def test_shrinking_a_first_generation_file_rewrites_it_once_for_incremental_vacuum(tmp_path):
+    db = str(tmp_path / "old.db")
+    make_database_at_version(db, 0)  # the first Microticks' file: no auto_vacuum
+    assert stored(db, "PRAGMA auto_vacuum") == [(0,)]
+    assert "Deleted 2 sessions" in run_cli("purge", "--older-than", "365d", "--db", db).stdout
+    assert stored(db, "PRAGMA auto_vacuum") == [(2,)]  # incremental: the next purge frees pages in place
+    assert stored(db, "PRAGMA integrity_check") == [("ok",)]
+
+
 def test_retention_is_applied_by_the_service(start_server, sample_client, db_path, consumer_key):
     client = start_server(retention_days=365)
     for _ in range(2):  # a chunk of 500 sessions per session start: the 83 old ones go at once
