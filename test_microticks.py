@@ -734,20 +734,21 @@ def test_a_slow_client_does_not_block_others(client, consumer_key):
         slow.close()
 
 
+def read_response(stream):
+    """One HTTP response from a socket's file: (status, headers, body)."""
+    status = stream.readline().decode()
+    headers = {}
+    while (line := stream.readline().decode()) not in ("\r\n", ""):
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status.split()[1], headers, stream.read(int(headers.get("content-length", 0)))
+
+
 def raw_exchange(sock, request, replies=1):
     """Send raw bytes on a socket and read `replies` HTTP responses."""
     sock.sendall(request)
     stream = sock.makefile("rb")
-    answers = []
-    for _ in range(replies):
-        status = stream.readline().decode()
-        headers = {}
-        while (line := stream.readline().decode()) not in ("\r\n", ""):
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        body = stream.read(int(headers.get("content-length", 0)))
-        answers.append((status.split()[1], headers, body))
-    return answers
+    return [read_response(stream) for _ in range(replies)]
 
 
 def test_the_server_keeps_connections_alive_and_answers_pipelined_requests(client):
@@ -824,17 +825,8 @@ def test_a_client_that_always_has_its_next_request_ready_does_not_starve_others(
         with socket.create_connection(("127.0.0.1", server.server_port), timeout=30) as greedy:
             stream = greedy.makefile("rb")
             greedy.sendall(one * 4)
-
-            def read_answer():
-                assert stream.readline().startswith(b"HTTP/1.1 200")
-                length = 0
-                while (line := stream.readline()) != b"\r\n":
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                stream.read(length)
-
             for n in range(total):
-                read_answer()
+                assert read_response(stream)[0] == "200"
                 answered.append(n)
                 if n < total - 4:
                     greedy.sendall(one)  # always requests waiting
