@@ -1183,18 +1183,16 @@ def _may_keep_stats(conn, data_key, bin_size):
     """Whether figures for this data key and bin may be kept: the default's
     always, others while fewer than MAX_KEPT_STATS_KINDS are, if any event
     carries the key (a mistyped key in the dashboard takes no place)."""
-    kind = (data_key, bin_size)
+    kind, default = (data_key, bin_size), (DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN)
     if conn.execute("SELECT 1 FROM stats_kinds WHERE data_key = ? AND bin = ?", kind).fetchone():
         return True
-    if kind != (DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN) and not conn.execute(
-            "SELECT 1 FROM temp.fresh_values LIMIT 1").fetchone():
+    if kind != default and not conn.execute("SELECT 1 FROM temp.fresh_values LIMIT 1").fetchone():
         return False
     try:
         with write_transaction(conn):
             conn.execute("INSERT INTO stats_kinds SELECT ?, ? WHERE ? OR (SELECT count(*) FROM stats_kinds"
                          " WHERE NOT (data_key = ? AND bin = ?)) < ?",
-                         (*kind, kind == (DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN), DEFAULT_DATA_KEY,
-                          DEFAULT_HEATMAP_BIN, MAX_KEPT_STATS_KINDS))
+                         (*kind, kind == default, *default, MAX_KEPT_STATS_KINDS))
             claimed = conn.execute("SELECT changes()").fetchone()[0] == 1
     except sqlite3.OperationalError as error:
         log.info("statistics computed but not kept (%s)", error)
