@@ -21,9 +21,9 @@ so that runs on different machines can be compared:
   with `microticks.py import`), beside the empty database.
 - reads: /stats and exports on that database; peak memory of `serve`.
 
-Peak memory of `serve` is measured in every ingest run, and also for
-`python -m microticks serve` (the README's systemd unit), which runs cached
-bytecode instead of compiling the script at start.
+Peak memory of `serve` is measured in every ingest run, and also where no
+bytecode can be cached (a directory the service cannot write), where every
+start compiles the file.
 
 The load comes from wrk (C, epoll) on loopback: it drives the hello-world
 at several times Microticks' rate, so the figures are the server's.
@@ -488,9 +488,9 @@ def main():
     with tempfile.TemporaryDirectory(prefix="microticks-bench-") as workdir:
         for name in args.only or PARTS:
             print(f"\n== {name}")
-            stolen, total = cpu_times()
+            before = cpu_times()
             PARTS[name](Path(workdir), results, args.seconds)
-            stolen, total = cpu_times()[0] - stolen, cpu_times()[1] - total
+            stolen, total = (now - then for now, then in zip(cpu_times(), before))
             results.setdefault("cpu_stolen_percent", {})[name] = round(100 * stolen / max(total, 1), 1)
             print(f"  CPU time stolen by the hypervisor meanwhile: {100 * stolen / max(total, 1):.1f}%"
                   " (above 2-3%, the figures of this part are not representative)")
