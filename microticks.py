@@ -743,8 +743,13 @@ ROWS_PER_INSERT = 100
 
 @lru_cache(maxsize=8)
 def _insert_events_sql(rows):
+    # Binding None costs Python's sqlite3 several times what a string or a
+    # number does (it looks for an adapter first), and most events leave
+    # data, uuid, seq and boot out: store_events sends '' or -1 for them,
+    # values validation never lets through, and nullif() stores NULL.
     return ("INSERT INTO events (session_id, time, action, data, received_at, time_utc, uuid, seq, boot)"
-            " VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows))
+            " VALUES " + ", ".join(["(?, ?, ?, nullif(?, ''), ?, ?, nullif(?, ''), nullif(?, -1), nullif(?, ''))"]
+                                   * rows))
 
 
 def store_events(conn, events):
@@ -784,8 +789,9 @@ def store_events(conn, events):
                 new_uuids[uuid] = stored
             results.append(stored)
             stored += 1
-            values += (session["id"], ts.text, event["action"], event["data"], now, ts.utc,
-                       uuid, event["seq"], event["boot"])
+            seq = event["seq"]
+            values += (session["id"], ts.text, event["action"], event["data"] or "", now, ts.utc,
+                       uuid or "", -1 if seq is None else seq, event["boot"] or "")
             if session["stop_reason"] == "timeout" and ts.utc > session["stopped_utc"]:
                 conn.execute("UPDATE sessions SET stopped_at = ?, stopped_utc = ? WHERE id = ?",
                              (ts.text, ts.utc, session["id"]))

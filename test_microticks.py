@@ -450,6 +450,18 @@ def test_first_frontend_session_as_jquery_sent_it(client, consumer_key, db_path)
     # The server's own receive time is kept beside the client's.
     received = stored(db_path, "SELECT received_at FROM events")
     assert all(re.fullmatch(r"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r[0]) for r in received)
+    # What these frontends never send is NULL, as in the first Microticks' database.
+    assert stored(db_path, "SELECT uuid, seq, boot FROM events") == [(None, None, None)] * 2
+
+
+def test_an_event_without_data_stores_null(client, consumer_key, db_path):
+    token = client.start(consumer_key)
+    form_reply = client.form("/events", {"token": token, "action": "tick", "ts": "2017-08-25T17:09:20Z"})
+    json_reply = client.post_json("/events", {"token": token, "action": "tock", "data": None,
+                                              "ts": "2017-08-25T17:09:21Z", "uuid": "", "seq": None})
+    assert form_reply.status == json_reply.status == 200, (form_reply, json_reply)
+    assert stored(db_path, "SELECT data, uuid, seq, boot FROM events") == [(None, None, None, None)] * 2
+    assert [e["data"] for e in client.get("/events").json["events"]] == [None, None]
 
 
 def test_json_bodies_take_any_json_data(client, consumer_key):
