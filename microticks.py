@@ -1859,10 +1859,27 @@ _EVENT_CHECKS = {True: _event_checks(from_form=True), False: _event_checks(from_
 
 
 def clean_event(fields, from_form, offset=None):
-    """One event's fields, validated, its time corrected by `offset`."""
-    clean = _check(fields, _EVENT_CHECKS[from_form])
-    del clean["sent_at"]  # checked; the request's (or batch's) sent_at measured the offset
-    clean["ts"] = clean["ts"].shifted(offset)
+    """One event's fields, validated, its time corrected by `offset`.
+
+    The checks of _EVENT_CHECKS, called one by one: a batch runs this a
+    thousand times, and without _check's table, its lambdas and the checks
+    of the optional fields an event leaves out, it takes three quarters of
+    the instructions. An invalid field takes the table's way, which words
+    one 400 with every failing field."""
+    get = fields.get
+    try:
+        clean = {"token": _text(fields, "token", MAX_TOKEN_CHARS),
+                 "action": _text(fields, "action", MAX_ACTION_CHARS),
+                 "data": _data(fields, "data", from_form),
+                 "ts": _timestamp(fields, "ts").shifted(offset),
+                 "uuid": None if get("uuid") is None else _client_id(fields, "uuid"),
+                 "seq": None if get("seq") is None else _sequence_number(fields, "seq"),
+                 "boot": None if get("boot") is None else _client_id(fields, "boot")}
+        if get("sent_at") is not None:  # checked; the request's (or batch's) sent_at measured the offset
+            _optional_timestamp(fields, "sent_at")
+    except ValueError:
+        _check(fields, _EVENT_CHECKS[from_form])
+        raise
     return clean
 
 
@@ -2556,10 +2573,11 @@ def make_app(settings):
             purge_older_than(db.connection(), cutoff, chunk=500, max_chunks=1)
 
     def count(results):
-        for result in results:
-            key = "events_refused" if "error" in result else \
-                "events_duplicate" if result.get("duplicate") else "events_stored"
-            counters[key] += 1
+        refused = len([1 for result in results if "error" in result])
+        duplicate = len([1 for result in results if "duplicate" in result])
+        counters["events_refused"] += refused
+        counters["events_duplicate"] += duplicate
+        counters["events_stored"] += len(results) - refused - duplicate
         return results
 
     @app.post("/sessions")

@@ -563,6 +563,14 @@ def test_field_errors_are_listed_per_field(client):
     reply = client.form("/events", {"action": "x" * 101, "ts": "soon"})
     assert reply.status == 400
     assert set(reply.json["errors"]) == {"token", "action", "ts"}
+    reply = client.post_json("/events", {"token": "t", "action": "a", "ts": "2017-08-25T17:09:20Z", "uuid": "a b",
+                                         "seq": -1, "boot": "b" * 65, "data": json.loads("[" * 40 + "]" * 40)})
+    assert reply.status == 400
+    assert set(reply.json["errors"]) == {"uuid", "seq", "boot", "data"}
+    batch = client.post_json("/events", {"events": [{"token": "t", "action": "a", "ts": "2017-08-25T17:09:20Z",
+                                                     "sent_at": "soon"}]})
+    assert batch.status == 200 and batch.json["results"][0]["status"] == 400
+    assert '"sent_at"' in batch.json["results"][0]["error"]
 
 
 def test_oversized_body_is_413_before_it_is_read(client, consumer_key):
