@@ -14,8 +14,8 @@ so that runs on different machines can be compared:
   server, and the reference under the standard library's single-threaded
   server. A hello-world shows the HTTP ceiling (and that wrk is not the
   bottleneck). Microticks runs with the API key, validation and CORS on.
-- batches: batches of 100 and 1,000 events over HTTP, beside SQLite's
-  in-process executemany of the same rows.
+- batches: batches of 100 and 1,000 events over HTTP, under `serve` and
+  gunicorn -w 2, beside SQLite's in-process executemany of the same rows.
 - big: the same single-event ingest into a database of 1,000,000 events in
   50,000 sessions (the sample week repeated, shifted week by week, loaded
   with `microticks.py import`), beside the empty database.
@@ -401,16 +401,17 @@ def bench_ingest(workdir, results, seconds):
 def bench_batches(workdir, results, seconds):
     rows = []
     for size in (100, 1000):
-        db = workdir / f"batch-{size}.db"
-        token = microticks_db(db)
-        events = [{"token": token, "action": "click", "data": {"target": "box", "clickX": i, "clickY": 300},
-                   "ts": "2017-08-25T17:09:20.438Z"} for i in range(size)]
-        body = json.dumps({"events": events, "sent_at": SENT_AT})
-        command, env, cwd = servers(workdir, "serve", "microticks", db)
-        with Process(command, env, cwd) as server:
-            result = sorted((wrk(server.url + "/events", 8, seconds, body, "application/json") for _ in range(REPEAT)),
-                            key=lambda r: r["rps"])[REPEAT // 2]
-        http_rate = result["rps"] * size
+        http = {}
+        for kind in ("serve", "gunicorn"):
+            db = workdir / f"batch-{size}-{kind}.db"
+            token = microticks_db(db)
+            events = [{"token": token, "action": "click", "data": {"target": "box", "clickX": i, "clickY": 300},
+                       "ts": "2017-08-25T17:09:20.438Z"} for i in range(size)]
+            body = json.dumps({"events": events, "sent_at": SENT_AT})
+            command, env, cwd = servers(workdir, kind, "microticks", db)
+            with Process(command, env, cwd) as server:
+                http[kind] = sorted((wrk(server.url + "/events", 8, seconds, body, "application/json")
+                                     for _ in range(REPEAT)), key=lambda r: r["rps"])[REPEAT // 2]
         # The ceiling: the same rows through executemany, in-process, one
         # transaction (the median of at least five runs, each into a new
         # file: on a VM the rate varies from run to run by up to 40%).
@@ -426,9 +427,11 @@ def bench_batches(workdir, results, seconds):
             rates.append(len(rows_in) / (time.perf_counter() - started))
             conn.close()
         ceiling = sorted(rates)[len(rates) // 2]
-        rows.append({"batch": size, "clients": 8, "events_per_s": http_rate, "executemany_rows_per_s": round(ceiling),
-                     "ratio": round(http_rate / ceiling, 3), "p99_ms": result["p99_ms"], "errors": result["errors"]})
-        print_row(rows[-1])
+        for kind, result in http.items():
+            rows.append({"server": kind, "batch": size, "clients": 8, "events_per_s": result["rps"] * size,
+                         "executemany_rows_per_s": round(ceiling), "ratio": round(result["rps"] * size / ceiling, 3),
+                         "p99_ms": result["p99_ms"], "errors": result["errors"]})
+            print_row(rows[-1])
     results["batches"] = rows
 
 
