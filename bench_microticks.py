@@ -30,6 +30,7 @@ at several times Microticks' rate, so the figures are the server's.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -326,26 +327,43 @@ def servers(workdir, kind, app, db):
     return [sys.executable, "-c", runner], env, workdir
 
 
-def run_ingest(workdir, kind, app, clients, seconds, db=None, token=None, extra_env=None):
-    db = db or workdir / f"{app}-{kind}-{clients}-{time.monotonic_ns()}.db"
-    if app == "microticks" and token is None:
-        token = microticks_db(db)
-    elif app == "reference":
-        reference_db(db)
-    command, env, cwd = servers(workdir, kind, app, db)
-    env = {**env, **(extra_env or {})}
-    health = "/hello" if app != "microticks" else "/health"
-    with Process(command, env, cwd, health) as server:
-        runs = []
+def run_side_by_side(workdir, setups, clients, seconds):
+    """Load runs of several servers, each setup a (kind, app) pair or a dict
+    of run_ingest's arguments, taken in turns (A B A B ...): a change in the
+    VM's speed during the part weighs on each alike, so their ratios hold
+    better than the figures do. The median run of each."""
+    setups = [dict(zip(("kind", "app"), s)) if isinstance(s, tuple) else s for s in setups]
+    with contextlib.ExitStack() as stack:
+        servers_started = []
+        for setup in setups:
+            kind, app, token = setup["kind"], setup["app"], setup.get("token")
+            db = setup.get("db") or workdir / f"{app}-{kind}-{clients}-{time.monotonic_ns()}.db"
+            if app == "microticks" and token is None:
+                token = microticks_db(db)
+            elif app == "reference":
+                reference_db(db)
+            command, env, cwd = servers(workdir, kind, app, db)
+            env = {**env, **(setup.get("extra_env") or {})}
+            health = "/hello" if app != "microticks" else "/health"
+            servers_started.append((stack.enter_context(Process(command, env, cwd, health)), token))
+        runs = [[] for _ in setups]
         for _ in range(REPEAT):
-            if app == "hello":
-                runs.append(wrk(server.url + "/hello", clients, seconds, method="GET"))
-            else:
-                runs.append(wrk(server.url + "/events", clients, seconds, form_body(token or "")))
-        result = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]  # the median run
-        result["errors"] = sum(r["errors"] for r in runs)
-        result["peak_rss_mb"] = round(peak_rss_mb(server.proc.pid), 1) if kind.startswith("serve") else None
-    return result
+            for setup, (server, token), mine in zip(setups, servers_started, runs):
+                if setup["app"] == "hello":
+                    mine.append(wrk(server.url + "/hello", clients, seconds, method="GET"))
+                else:
+                    mine.append(wrk(server.url + "/events", clients, seconds, form_body(token or "")))
+        results = []
+        for setup, (server, _), mine in zip(setups, servers_started, runs):
+            result = sorted(mine, key=lambda r: r["rps"])[len(mine) // 2]  # the median run
+            result["errors"] = sum(r["errors"] for r in mine)
+            result["peak_rss_mb"] = round(peak_rss_mb(server.proc.pid), 1) if setup["kind"].startswith("serve") else None
+            results.append(result)
+    return results
+
+
+def run_ingest(workdir, kind, app, clients, seconds, **setup):
+    return run_side_by_side(workdir, [dict(kind=kind, app=app, **setup)], clients, seconds)[0]
 
 
 #: Load runs per measurement; the median counts (--repeat).
@@ -357,18 +375,23 @@ def bench_ingest(workdir, results, seconds):
     # `serve` imports the file, with the bytecode cached in __pycache__ (written
     # here, whatever PYTHONDONTWRITEBYTECODE says), as after its first start.
     py_compile.compile(str(HERE / "microticks.py"), doraise=True)
-    rows = []
+    rows, stdlib = [], {}
     for kind in ("serve", "gunicorn"):
         for clients in (1, 8, 32):
-            mine = run_ingest(workdir, kind, "microticks", clients, seconds)
-            ref = run_ingest(workdir, kind, "reference", clients, seconds)
+            # The standard library's server in the same turns as `serve`: the
+            # two are compared below.
+            extra = [("stdlib", "reference")] if kind == "serve" else []
+            mine, ref, *single = run_side_by_side(workdir, [(kind, "microticks"), (kind, "reference"), *extra],
+                                                  clients, seconds)
+            if single:
+                stdlib[clients] = single[0]
             rows.append({"server": kind, "clients": clients, "microticks_rps": mine["rps"], "reference_rps": ref["rps"],
                          "ratio": round(mine["rps"] / ref["rps"], 3), "p50_ms": mine["p50_ms"], "p99_ms": mine["p99_ms"],
                          "ref_p99_ms": ref["p99_ms"], "errors": mine["errors"] + ref["errors"],
                          "peak_rss_mb": mine["peak_rss_mb"]})
             print_row(rows[-1])
     for clients in (1, 8, 32):
-        single = run_ingest(workdir, "stdlib", "reference", clients, seconds)
+        single = stdlib[clients]
         serve = next(r for r in rows if r["server"] == "serve" and r["clients"] == clients)
         # The servers side by side on the same app (the reference), and
         # Microticks under serve against the reference under this server.
@@ -384,10 +407,11 @@ def bench_ingest(workdir, results, seconds):
                      "microticks_rps": uncached["rps"], "p99_ms": uncached["p99_ms"], "errors": uncached["errors"],
                      "peak_rss_mb": uncached["peak_rss_mb"], "cached_peak_rss_mb": cached["peak_rss_mb"]})
         print_row(rows[-1])
-    logged = run_ingest(workdir, "serve", "microticks", 8, seconds, extra_env={"MICROTICKS_LOG_LEVEL": "INFO"})
-    quiet = next(r for r in rows if r["server"] == "serve" and r["clients"] == 8)
+    logged, quiet = run_side_by_side(workdir, [dict(kind="serve", app="microticks",
+                                                    extra_env={"MICROTICKS_LOG_LEVEL": "INFO"}),
+                                               ("serve", "microticks")], 8, seconds)
     rows.append({"server": "serve with the access log (INFO)", "clients": 8, "microticks_rps": logged["rps"],
-                 "ratio_to_no_log": round(logged["rps"] / quiet["microticks_rps"], 3), "p99_ms": logged["p99_ms"],
+                 "ratio_to_no_log": round(logged["rps"] / quiet["rps"], 3), "p99_ms": logged["p99_ms"],
                  "errors": logged["errors"]})
     print_row(rows[-1])
     for kind in ("gunicorn", "serve"):
@@ -443,8 +467,8 @@ def bench_big(workdir, results, seconds):
     print(f"  imported {events:,} events in {sessions:,} sessions ({weeks} weeks) in {import_seconds:.1f} s"
           f" ({events / import_seconds:,.0f} events/s, statistics kept)")
     token = microticks_db(db)
-    empty = run_ingest(workdir, "serve", "microticks", 8, seconds)
-    big = run_ingest(workdir, "serve", "microticks", 8, seconds, db=db, token=token)
+    empty, big = run_side_by_side(workdir, [("serve", "microticks"),
+                                            dict(kind="serve", app="microticks", db=db, token=token)], 8, seconds)
     # The load's session ends, as a kiosk's would: the reads below see 50,000
     # closed sessions, not one open session of tens of thousands of events.
     conn = microticks.connect(str(db))
