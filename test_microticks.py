@@ -879,6 +879,49 @@ def test_unwritable_database_answers_503_not_500(start_server, consumer_key, db_
     assert reply.headers["retry-after"] and "try again" in reply.json["error"]
 
 
+@pytest.mark.skipif(os.name == "nt", reason="no flock on Windows: writers meet at SQLite's lock alone")
+def test_writers_of_other_processes_take_turns_at_the_lock_file(start_server, consumer_key, db_path):
+    # Another process's writer holds the turn (the lock file, not SQLite's
+    # lock: without the turns our event would go through at once).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1] + '-lock', 'a');"
+                               " fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.readline()",
+         db_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    original = microticks.BUSY_TIMEOUT
+    try:
+        assert holder.stdout.readline() == "held\n"
+        client = start_server()
+        replies = []
+        waiting = threading.Thread(target=lambda: replies.append(client.start(consumer_key)))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive(), "the writer did not wait for the other process's turn"
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        waiting.join(10)
+        token = replies[0]
+        client.event(token)
+
+        # A writer stopped mid-transaction costs the others a 503 after the busy timeout, not a hang.
+        microticks.BUSY_TIMEOUT = 0.3
+        holder = subprocess.Popen(holder.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline() == "held\n"
+        for _ in range(3):
+            reply = client.form("/events", {"token": token, "action": "lost", "ts": "2017-08-25T17:09:21Z"})
+            assert reply.status == 503, reply
+            assert "database is locked" in reply.json["error"] and reply.headers["retry-after"]
+        # One thread of ours waits for the file, however many writers gave up.
+        assert [t.name for t in threading.enumerate()].count("microticks lock file waiter") == 1
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(10)
+        client.event(token, action="after")
+    finally:
+        microticks.BUSY_TIMEOUT = original
+        holder.kill()
+    assert [r[0] for r in stored(db_path, "SELECT action FROM events ORDER BY id")] == ["click", "after"]
+
+
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
