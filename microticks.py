@@ -538,6 +538,7 @@ class WriterTurns:
                     fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     return
                 except BlockingIOError:
+                    LOCK_WAITS[0] += 1  # another process is writing
                     self.flock_waiter = threading.Thread(target=self._wait_for_file, daemon=True,
                                                          name="microticks lock file waiter")
                     self.flock_waiter.start()
@@ -561,7 +562,7 @@ class WriterTurns:
 
 #: One WriterTurns per database file and process.
 _WRITER_TURNS = {}
-#: How often a writer had to wait for another thread's transaction (for /metrics).
+#: How often a writer had to wait for another's turn (for /metrics).
 LOCK_WAITS = [0]
 
 
@@ -2453,7 +2454,8 @@ def prometheus_metrics(status, counters):
                             ("requests_refused", "Requests answered 4xx by this process."),
                             ("database_errors", "Requests answered 503 (database busy, full or unwritable).")]:
         metric(f"{name}_total", "counter", help_text, [({}, counters[name])])
-    metric("lock_waits_total", "counter", "Write transactions that waited for another of this process.",
+    metric("lock_waits_total", "counter", "Write transactions that waited for another writer's turn"
+           " (a thread of this process or another process).",
            [({}, LOCK_WAITS[0])])
     metric("events", "gauge", "Events in the database.", [({}, status["events"])])
     metric("sessions", "gauge", "Sessions in the database.", [({}, status["sessions"])])

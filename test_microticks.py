@@ -879,6 +879,11 @@ def test_unwritable_database_answers_503_not_500(start_server, consumer_key, db_
     assert reply.headers["retry-after"] and "try again" in reply.json["error"]
 
 
+def lock_waits(client):
+    metrics = client.get("/metrics").body
+    return int(re.search(r"^microticks_lock_waits_total (\d+)$", metrics, re.M).group(1))
+
+
 @pytest.mark.skipif(os.name == "nt", reason="no flock on Windows: writers meet at SQLite's lock alone")
 def test_writers_of_other_processes_take_turns_at_the_lock_file(start_server, consumer_key, db_path):
     # Another process's writer holds the turn (the lock file, not SQLite's
@@ -891,6 +896,7 @@ def test_writers_of_other_processes_take_turns_at_the_lock_file(start_server, co
     try:
         assert holder.stdout.readline() == "held\n"
         client = start_server()
+        waits_before = lock_waits(client)
         replies = []
         waiting = threading.Thread(target=lambda: replies.append(client.start(consumer_key)))
         waiting.start()
@@ -901,6 +907,7 @@ def test_writers_of_other_processes_take_turns_at_the_lock_file(start_server, co
         waiting.join(10)
         token = replies[0]
         client.event(token)
+        assert lock_waits(client) == waits_before + 1  # /metrics tells the operator
 
         # A writer stopped mid-transaction costs the others a 503 after the busy timeout, not a hang.
         microticks.BUSY_TIMEOUT = 0.3
