@@ -929,6 +929,16 @@ def test_writers_of_other_processes_take_turns_at_the_lock_file(start_server, co
     assert [r[0] for r in stored(db_path, "SELECT action FROM events ORDER BY id")] == ["click", "after"]
 
 
+@pytest.mark.skipif(os.name == "nt", reason="no flock on Windows: writers meet at SQLite's lock alone")
+def test_without_a_lock_file_writers_still_write_and_the_log_says_why(tmp_path):
+    db = tmp_path / "microticks.db"
+    (tmp_path / "microticks.db-lock").mkdir()  # in the way: no lock file can be made there
+    proc = run_cli("createconsumer", "kiosk1", "--db", str(db))
+    assert "Consumer key:" in proc.stdout
+    assert "microticks.db-lock" in proc.stderr and "will wait longer" in proc.stderr
+    assert [name for name, in stored(str(db), "SELECT name FROM consumers")] == ["kiosk1"]
+
+
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
