@@ -629,9 +629,9 @@ def migrate(conn):
 def write_transaction(conn):
     """A transaction that holds the write lock from its first statement,
     begun in the writers' turn (WriterTurns)."""
-    lock = conn.writer_turns
-    if lock is not None:
-        lock.acquire()
+    turns = conn.writer_turns
+    if turns is not None:
+        turns.acquire()
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -642,8 +642,8 @@ def write_transaction(conn):
                 conn.execute("ROLLBACK")
             raise
     finally:
-        if lock is not None:
-            lock.release()
+        if turns is not None:
+            turns.release()
 
 
 class Database:
@@ -4051,7 +4051,7 @@ def release_freed_memory():
     Starting up (imports, and compiling this file where its bytecode cannot
     be cached) frees megabytes that malloc keeps; a server would carry them
     for its whole life, and its load would come on top (where nothing can
-    be cached, serve peaked at 40 MB under load, now 37)."""
+    be cached, serve peaked at 40.4 MB under load, now 36.5)."""
     try:
         import ctypes
         ctypes.CDLL(None).malloc_trim(0)
