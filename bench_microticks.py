@@ -2,7 +2,7 @@
 """Benchmark Microticks on this machine; prints tables and writes JSON.
 
     apt-get install wrk                         # the load generator (once)
-    python bench_microticks.py                  # everything (about 5 minutes)
+    python bench_microticks.py                  # everything (about 5 minutes; 10 with --repeat 3)
     python bench_microticks.py --only ingest    # one part: ingest, batches, big, reads
 
 Every figure stands beside a baseline measured in the same run, as a ratio,
@@ -15,7 +15,8 @@ so that runs on different machines can be compared:
   server. A hello-world shows the HTTP ceiling (and that wrk is not the
   bottleneck). Microticks runs with the API key, validation and CORS on.
 - batches: batches of 100 and 1,000 events over HTTP, under `serve` and
-  gunicorn -w 2, beside SQLite's in-process executemany of the same rows.
+  gunicorn -w 2, beside SQLite's in-process executemany of the same rows,
+  measured anew in each turn (the ratio is taken within the turn).
 - big: the same single-event ingest into a database of 1,000,000 events in
   50,000 sessions (the sample week repeated, shifted week by week, loaded
   with `microticks.py import`), beside the empty database.
