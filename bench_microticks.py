@@ -3,7 +3,7 @@
 
     apt-get install wrk                         # the load generator (once)
     python bench_microticks.py                  # everything (about 5 minutes; 10 with --repeat 3)
-    python bench_microticks.py --only ingest    # one part: ingest, batches, big, reads
+    python bench_microticks.py --only ingest    # one part: ingest, batches or big (with the reads)
 
 Every figure stands beside a baseline measured in the same run, as a ratio,
 so that runs on different machines can be compared:
