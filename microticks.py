@@ -524,8 +524,8 @@ class WriterTurns:
         if self.lock_path is None:
             return
         if self.lock_file is None:
-            try:  # read-only: an flock needs no more, whoever created the file
-                self.lock_file = os.open(self.lock_path, os.O_RDONLY | os.O_CREAT, 0o644)
+            try:
+                self.lock_file = _open_lock_file(self.lock_path)
             except OSError as error:
                 log.warning("cannot open %s (%s): writers of several processes will wait longer",
                             self.lock_path, error)
@@ -558,6 +558,27 @@ class WriterTurns:
                 self.handover.notify()
             else:
                 fcntl.flock(self.lock_file, fcntl.LOCK_UN)
+
+
+def _open_lock_file(lock_path):
+    """The lock file beside a database, opened read-only (an flock needs no
+    more, whoever made the file). A new one is made as SQLite makes its -wal
+    and -shm files: with the database's permissions, whatever the umask,
+    and by root with the database's owner, so that the service's user can
+    take turns at a file the command line made."""
+    try:
+        return os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        pass
+    lock_file = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        database = os.stat(lock_path[:-len("-lock")])
+        os.fchmod(lock_file, database.st_mode & 0o666)
+        if os.geteuid() == 0:
+            os.fchown(lock_file, database.st_uid, database.st_gid)
+    except OSError:  # not ours to change (another user made it meanwhile), or no database yet
+        pass
+    return lock_file
 
 
 #: One WriterTurns per database file and process.

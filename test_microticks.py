@@ -929,10 +929,27 @@ def test_writers_of_other_processes_take_turns_at_the_lock_file(start_server, co
     assert [r[0] for r in stored(db_path, "SELECT action FROM events ORDER BY id")] == ["click", "after"]
 
 
+@pytest.mark.skipif(os.name == "nt" or os.geteuid() != 0, reason="needs flock, and root to give the file away")
+def test_a_lock_file_the_command_line_makes_as_root_is_the_database_owners(tmp_path):
+    import pwd
+    db = tmp_path / "microticks.db"
+    microticks.connect(str(db)).close()  # the service's database, made by its user...
+    os.remove(f"{db}-lock")
+    nobody = pwd.getpwnam("nobody")
+    os.chown(db, nobody.pw_uid, nobody.pw_gid)
+    os.chmod(db, 0o640)
+    # ...and root with a strict umask running a command on it first.
+    subprocess.run(["sh", "-c", 'umask 077 && exec "$@"', "sh", sys.executable, str(HERE / "microticks.py"),
+                    "createconsumer", "kiosk1", "--db", str(db)], check=True, capture_output=True, timeout=60)
+    made = os.stat(f"{db}-lock")
+    assert (made.st_uid, made.st_gid, made.st_mode & 0o777) == (nobody.pw_uid, nobody.pw_gid, 0o640)
+
+
 @pytest.mark.skipif(os.name == "nt", reason="no flock on Windows: writers meet at SQLite's lock alone")
 def test_without_a_lock_file_writers_still_write_and_the_log_says_why(tmp_path):
     db = tmp_path / "microticks.db"
-    (tmp_path / "microticks.db-lock").mkdir()  # in the way: no lock file can be made there
+    # In the way: a link to a folder that is not there, so no lock file can be made.
+    os.symlink(tmp_path / "no-such-folder" / "lock", tmp_path / "microticks.db-lock")
     proc = run_cli("createconsumer", "kiosk1", "--db", str(db))
     assert "Consumer key:" in proc.stdout
     assert "microticks.db-lock" in proc.stderr and "will wait longer" in proc.stderr
