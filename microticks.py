@@ -491,10 +491,10 @@ class WriterTurns:
     SQLite's is: a writer stopped mid-transaction (Ctrl+Z on an import)
     costs the others "database is locked" (503) after BUSY_TIMEOUT, not a hang."""
 
-    def __init__(self, lock_path):
+    def __init__(self, database_path):
         self.threads = threading.RLock()
-        self.lock_path = lock_path  # None: no file lock (a database in memory, or no flock here)
-        self.lock_file = None       # its descriptor once opened; -1 when it cannot be
+        self.database_path = database_path  # None: no file lock (a database in memory, or no flock here)
+        self.lock_file = None               # its descriptor once opened; -1 when it cannot be
         self.depth = 0              # nested turns of the thread holding this one
         #: A thread of ours blocked in flock, at most one: it hands the lock to
         #: whoever waits for it then, or lets it go when they gave up.
@@ -521,14 +521,14 @@ class WriterTurns:
         self.threads.release()
 
     def _lock_file(self):
-        if self.lock_path is None:
+        if self.database_path is None:
             return
         if self.lock_file is None:
             try:
-                self.lock_file = _open_lock_file(self.lock_path)
+                self.lock_file = _open_lock_file(self.database_path)
             except OSError as error:
-                log.warning("cannot open %s (%s): writers of several processes will wait longer",
-                            self.lock_path, error)
+                log.warning("cannot open %s-lock (%s): writers of several processes will wait longer",
+                            self.database_path, error)
                 self.lock_file = -1
         if self.lock_file < 0:
             return
@@ -560,19 +560,19 @@ class WriterTurns:
                 fcntl.flock(self.lock_file, fcntl.LOCK_UN)
 
 
-def _open_lock_file(lock_path):
+def _open_lock_file(database_path):
     """The lock file beside a database, opened read-only (an flock needs no
     more, whoever made the file). A new one is made as SQLite makes its -wal
     and -shm files: with the database's permissions, whatever the umask,
     and by root with the database's owner, so that the service's user can
     take turns at a file the command line made."""
     try:
-        return os.open(lock_path, os.O_RDONLY)
+        return os.open(database_path + "-lock", os.O_RDONLY)
     except FileNotFoundError:
         pass
-    lock_file = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o644)
+    lock_file = os.open(database_path + "-lock", os.O_RDONLY | os.O_CREAT, 0o644)
     try:
-        database = os.stat(lock_path[:-len("-lock")])
+        database = os.stat(database_path)
         os.fchmod(lock_file, database.st_mode & 0o666)
         if os.geteuid() == 0:
             os.fchown(lock_file, database.st_uid, database.st_gid)
@@ -591,8 +591,7 @@ def _writer_turns(path):
     path = os.path.abspath(path) if path != ":memory:" else path
     turns = _WRITER_TURNS.get(path)
     if turns is None:
-        lock_path = path + "-lock" if fcntl and path != ":memory:" else None
-        turns = _WRITER_TURNS.setdefault(path, WriterTurns(lock_path))
+        turns = _WRITER_TURNS.setdefault(path, WriterTurns(path if fcntl and path != ":memory:" else None))
     return turns
 
 
