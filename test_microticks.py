@@ -904,6 +904,7 @@ def test_writers_of_other_processes_take_turns_at_the_lock_file(start_server, co
         assert waiting.is_alive(), "the writer did not wait for the other process's turn"
         holder.stdin.write("\n")
         holder.stdin.flush()
+        holder.wait(10)
         waiting.join(10)
         token = replies[0]
         client.event(token)
