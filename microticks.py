@@ -495,7 +495,7 @@ class WriterTurns:
         self.threads = threading.RLock()
         self.database_path = database_path  # None: no file lock (a database in memory, or no flock here)
         self.lock_file = None               # its descriptor once opened; -1 when it cannot be
-        self.depth = 0              # nested turns of the thread holding this one
+        self.depth = 0                      # nested turns of the thread holding this one
         #: A thread of ours blocked in flock, at most one: it hands the lock to
         #: whoever waits for it then, or lets it go when they gave up.
         self.handover = threading.Condition()
@@ -588,10 +588,11 @@ LOCK_WAITS = [0]
 
 
 def _writer_turns(path):
-    path = os.path.abspath(path) if path != ":memory:" else path
+    in_memory = path == ":memory:"
+    path = path if in_memory else os.path.abspath(path)
     turns = _WRITER_TURNS.get(path)
     if turns is None:
-        turns = _WRITER_TURNS.setdefault(path, WriterTurns(path if fcntl and path != ":memory:" else None))
+        turns = _WRITER_TURNS.setdefault(path, WriterTurns(None if in_memory or not fcntl else path))
     return turns
 
 
