@@ -503,13 +503,17 @@ class WriterTurns:
         self.wanted = self.granted = False
 
     def acquire(self):
+        # One bound for the whole wait: behind a thread that waits for another
+        # process, the threads queued here would otherwise wait a timeout each.
+        deadline = time.monotonic() + BUSY_TIMEOUT
         if not self.threads.acquire(blocking=False):
             LOCK_WAITS[0] += 1  # another thread of this process is writing: wait our turn
-            self.threads.acquire()
+            if not self.threads.acquire(timeout=BUSY_TIMEOUT):
+                raise sqlite3.OperationalError(f"database is locked: waited {BUSY_TIMEOUT:g} s for another writer")
         self.depth += 1
         if self.depth == 1:
             try:
-                self._lock_file()
+                self._lock_file(deadline)
             except BaseException:
                 self.release()
                 raise
@@ -520,7 +524,7 @@ class WriterTurns:
             fcntl.flock(self.lock_file, fcntl.LOCK_UN)
         self.threads.release()
 
-    def _lock_file(self):
+    def _lock_file(self, deadline):
         if self.database_path is None:
             return
         if self.lock_file is None:
@@ -543,11 +547,11 @@ class WriterTurns:
                                                          name="microticks lock file waiter")
                     self.flock_waiter.start()
             self.wanted = True
-            granted = self.handover.wait_for(lambda: self.granted, BUSY_TIMEOUT)
+            granted = self.handover.wait_for(lambda: self.granted, deadline - time.monotonic())
             self.wanted = self.granted = False
         if not granted:
-            raise sqlite3.OperationalError(f"database is locked: another process has been writing"
-                                           f" for over {BUSY_TIMEOUT:g} s")
+            raise sqlite3.OperationalError(f"database is locked: waited {BUSY_TIMEOUT:g} s for another"
+                                           " process's writer")
 
     def _wait_for_file(self):
         fcntl.flock(self.lock_file, fcntl.LOCK_EX)

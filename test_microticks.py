@@ -930,6 +930,37 @@ def test_writers_of_other_processes_take_turns_at_the_lock_file(start_server, co
     assert [r[0] for r in stored(db_path, "SELECT action FROM events ORDER BY id")] == ["click", "after"]
 
 
+@pytest.mark.skipif(os.name == "nt", reason="no flock on Windows: writers meet at SQLite's lock alone")
+def test_writers_queued_behind_a_waiting_thread_wait_one_timeout_in_all(start_server, consumer_key, db_path):
+    # Another process holds the turn; of our threads one waits for it, the
+    # others for that thread. Each gives up a busy timeout after it asked,
+    # not a timeout after the thread before it gave up (5 s for the fifth).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1] + '-lock', 'a');"
+                               " fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.readline()",
+         db_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    original = microticks.BUSY_TIMEOUT
+    try:
+        assert holder.stdout.readline() == "held\n"
+        microticks.BUSY_TIMEOUT = 1.0
+        client = start_server()
+
+        def start_session():
+            asked = time.monotonic()
+            reply = client.form("/sessions", {"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"})
+            return reply, time.monotonic() - asked
+
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(lambda _: start_session(), range(5)))
+    finally:
+        microticks.BUSY_TIMEOUT = original
+        holder.kill()
+    for reply, waited in answers:
+        assert reply.status == 503 and "database is locked" in reply.json["error"], reply
+        assert waited < 3.0, [round(waited, 1) for _, waited in answers]
+    assert stored(db_path, "SELECT count(*) FROM sessions") == [(0,)]
+
+
 @pytest.mark.skipif(os.name == "nt" or os.geteuid() != 0, reason="needs flock, and root to give the file away")
 def test_a_lock_file_the_command_line_makes_as_root_is_the_database_owners(tmp_path):
     import pwd
