@@ -16,7 +16,9 @@ so that runs on different machines can be compared:
   bottleneck). Microticks runs with the API key, validation and CORS on.
 - batches: batches of 100 and 1,000 events over HTTP, under `serve` and
   gunicorn -w 2, beside SQLite's in-process executemany of the same rows,
-  measured anew in each turn (the ratio is taken within the turn).
+  measured anew in each turn (the ratio is taken within the turn); and the
+  app alone (the same batches handed to the WSGI app in-process, one
+  thread, no HTTP): what one core of Python makes of them.
 - big: the same single-event ingest into a database of 1,000,000 events in
   50,000 sessions (the sample week repeated, shifted week by week, loaded
   with `microticks.py import`), beside the empty database.
@@ -444,34 +446,66 @@ def executemany_rate(workdir, rows, runs=5):
     return sorted(rates)[len(rates) // 2]
 
 
+def app_alone_rate(workdir, body, events, seconds):
+    """Events/s of the app alone: the same batches handed to the WSGI app
+    in this process, one at a time, with no HTTP and no other thread (each
+    batch its own commit, as from one client). What one core of Python
+    does with them: the most `serve`, one process, could reach."""
+    import io
+    db = workdir / f"alone-{time.monotonic_ns()}.db"
+    token = microticks_db(db)
+    app = microticks.make_app(microticks.load_settings(db_path=str(db), api_key="bench-key", rate_limit=0, log_level="WARNING"))
+    answers = []
+    posted = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        raw = body.replace("@TOKEN@", token).replace(SENT_AT, microticks.utc_now()).encode()
+        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/events", "CONTENT_TYPE": "application/json",
+                   "CONTENT_LENGTH": str(len(raw)), "wsgi.input": io.BytesIO(raw), "QUERY_STRING": "",
+                   "HTTP_X_MICROTICKS_KEY": "bench-key", "REMOTE_ADDR": "127.0.0.1",
+                   "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
+        b"".join(app(environ, lambda status, headers, exc_info=None: answers.append(status)))
+        posted += events
+    elapsed = time.perf_counter() - started
+    if set(answers) != {"200 OK"}:
+        raise RuntimeError(f"the app alone answered {set(answers)}")
+    return posted / elapsed
+
+
 def bench_batches(workdir, results, seconds):
     """Batches over HTTP against SQLite's executemany of the same rows. The
     two servers run side by side, and each turn measures the ceiling (from
-    a quiet disk) and then loads each server once: a ratio is taken within
-    a turn, and the median turn counts, as the machine's speed drifts."""
+    a quiet disk), the app alone, and then loads each server once: a ratio
+    is taken within a turn, and the median turn counts, as the machine's
+    speed drifts."""
     rows = []
+    alone = "app alone (in-process, one thread, no HTTP)"
     for size in (100, 1000):
         data = [{"target": "box", "clickX": i, "clickY": 300} for i in range(size)]
         same_rows = [(1, "2017-08-25T17:09:20.438Z", "click", json.dumps(d), microticks.utc_now(),
                       "2017-08-25T17:09:20.438Z") for d in data] * max(1, 100_000 // size)
+        body = json.dumps({"events": [{"token": "@TOKEN@", "action": "click", "data": d,
+                                       "ts": "2017-08-25T17:09:20.438Z"} for d in data], "sent_at": SENT_AT})
         with contextlib.ExitStack() as stack:
             started = {}
             for kind in ("serve", "gunicorn"):
                 db = workdir / f"batch-{size}-{kind}.db"
                 token = microticks_db(db)
-                events = [{"token": token, "action": "click", "data": d, "ts": "2017-08-25T17:09:20.438Z"} for d in data]
                 command, env, cwd = servers(workdir, kind, "microticks", db)
-                started[kind] = (stack.enter_context(Process(command, env, cwd)),
-                                 json.dumps({"events": events, "sent_at": SENT_AT}))
-            turns = {kind: [] for kind in started}
+                started[kind] = stack.enter_context(Process(command, env, cwd)), body.replace("@TOKEN@", token)
+            turns = {kind: [] for kind in [*started, alone]}
             for _ in range(max(3, REPEAT)):
                 ceiling = executemany_rate(workdir, same_rows, runs=3)
-                for kind, (server, body) in started.items():
-                    run = wrk(server.url + "/events", 8, seconds, body, "application/json")
+                rate = app_alone_rate(workdir, body, size, seconds)
+                turns[alone].append({"rps": rate / size, "ceiling": ceiling, "ratio": rate / ceiling,
+                                     "p99_ms": None, "errors": 0})
+                for kind, (server, server_body) in started.items():
+                    run = wrk(server.url + "/events", 8, seconds, server_body, "application/json")
                     turns[kind].append(dict(run, ceiling=ceiling, ratio=run["rps"] * size / ceiling))
         for kind, runs in turns.items():
             median = sorted(runs, key=lambda r: r["ratio"])[len(runs) // 2]
-            rows.append({"server": kind, "batch": size, "clients": 8, "events_per_s": median["rps"] * size,
+            rows.append({"server": kind, "batch": size, "clients": 1 if kind == alone else 8,
+                         "events_per_s": round(median["rps"] * size),
                          "executemany_rows_per_s": round(median["ceiling"]), "ratio": round(median["ratio"], 3),
                          "ratios_of_the_turns": [round(r["ratio"], 3) for r in runs],
                          "p99_ms": median["p99_ms"], "errors": sum(r["errors"] for r in runs)})
