@@ -2473,15 +2473,19 @@ def prometheus_metrics(status, counters):
             where = ",".join(f'{k}="{label(v)}"' for k, v in labels.items())
             lines.append(f"microticks_{name}{{{where}}} {value}" if where else f"microticks_{name} {value}")
 
+    # Each worker process (gunicorn, mod_wsgi) counts its own, and a scrape
+    # reaches any of them: labelled, each worker's counts are a series of
+    # their own, which sum() adds up, not one series jumping between workers.
+    this_process = {"process": os.getpid()}
     for name, help_text in [("events_stored", "Events stored by this process."),
                             ("events_refused", "Events refused by this process (bad input, unknown session)."),
                             ("events_duplicate", "Events answered as duplicates (retries) by this process."),
                             ("requests_refused", "Requests answered 4xx by this process."),
-                            ("database_errors", "Requests answered 503 (database busy, full or unwritable).")]:
-        metric(f"{name}_total", "counter", help_text, [({}, counters[name])])
-    metric("lock_waits_total", "counter", "Write transactions that waited for another writer's turn"
-           " (a thread of this process or another process).",
-           [({}, LOCK_WAITS[0])])
+                            ("database_errors", "Requests answered 503 by this process (database busy, full or unwritable).")]:
+        metric(f"{name}_total", "counter", help_text, [(this_process, counters[name])])
+    metric("lock_waits_total", "counter", "Write transactions of this process that waited for another"
+           " writer's turn (a thread of this process or another process).",
+           [(this_process, LOCK_WAITS[0])])
     metric("events", "gauge", "Events in the database.", [({}, status["events"])])
     metric("sessions", "gauge", "Sessions in the database.", [({}, status["sessions"])])
     metric("sessions_open", "gauge", "Sessions not stopped yet.", [({}, status["open_sessions"])])

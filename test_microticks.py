@@ -881,7 +881,7 @@ def test_unwritable_database_answers_503_not_500(start_server, consumer_key, db_
 
 def lock_waits(client):
     metrics = client.get("/metrics").body
-    return int(re.search(r"^microticks_lock_waits_total (\d+)$", metrics, re.M).group(1))
+    return int(re.search(r'^microticks_lock_waits_total\{process="\d+"\} (\d+)$', metrics, re.M).group(1))
 
 
 @pytest.mark.skipif(os.name == "nt", reason="no flock on Windows: writers meet at SQLite's lock alone")
@@ -1225,9 +1225,19 @@ def test_gunicorn_with_four_workers_stores_every_acknowledged_event_once(tmp_pat
         wait_for_port(port, proc)
         client = Client(f"http://127.0.0.1:{port}")
         acked = post_events_concurrently(client, consumer_key, clients=16, per_client=40)
+        # Each worker counts its own events; a scrape reaches any worker, and
+        # its counts come as a series labelled with its process.
+        workers = {int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()}
+        counts = {}
+        for _ in range(20):
+            for pid, count in re.findall(r'^microticks_events_stored_total\{process="(\d+)"\} (\d+)$',
+                                         client.get("/metrics").body, re.M):
+                assert counts.setdefault(int(pid), int(count)) == int(count)  # no new events meanwhile
     finally:
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=30)[0]
+    assert counts and set(counts) <= workers, (counts, workers)
+    assert 0 < sum(counts.values()) <= 640
     assert len(acked) == len(set(acked)) == 640, output
     assert sorted(r[0] for r in stored(db_path, "SELECT id FROM events")) == sorted(acked)
     assert "database is locked" not in output
@@ -2447,9 +2457,11 @@ def test_status_and_metrics_tell_an_operator_what_is_going_on(start_server, cons
     for line in lines:
         assert line.startswith("#") or re.fullmatch(r'microticks_\w+(\{(\w+="[^"]*",?)+\})? -?\d+(\.\d+)?', line), line
     values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if not line.startswith("#")}
-    assert values["microticks_events_stored_total"] == 1
-    assert values["microticks_events_duplicate_total"] == 1
-    assert values["microticks_events_refused_total"] == 1
+    # Counted by the process that answers (this one: the server runs in a thread here).
+    this_process = f'{{process="{os.getpid()}"}}'
+    assert values["microticks_events_stored_total" + this_process] == 1
+    assert values["microticks_events_duplicate_total" + this_process] == 1
+    assert values["microticks_events_refused_total" + this_process] == 1
     assert values["microticks_sessions_open"] == 1
     assert values['microticks_device_queue_depth{consumer="kiosk1",device="lobby-1"}'] == 7
     assert values['microticks_consumer_last_event_age_seconds{consumer="never-heard-of"}'] == -1
