@@ -879,6 +879,23 @@ def test_unwritable_database_answers_503_not_500(start_server, consumer_key, db_
     assert reply.headers["retry-after"] and "try again" in reply.json["error"]
 
 
+def hold_lock_file(db_path):
+    """Another process, holding the writers' turn (an flock of the lock file
+    beside the database) until it reads a line."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1] + '-lock', 'a');"
+                               " fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.readline()",
+         db_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def let_go(holder):
+    holder.stdin.write("\n")
+    holder.stdin.flush()
+    holder.wait(10)
+
+
 def lock_waits(client):
     metrics = client.get("/metrics").body
     return int(re.search(r'^microticks_lock_waits_total\{process="\d+"\} (\d+)$', metrics, re.M).group(1))
@@ -888,13 +905,9 @@ def lock_waits(client):
 def test_writers_of_other_processes_take_turns_at_the_lock_file(start_server, consumer_key, db_path):
     # Another process's writer holds the turn (the lock file, not SQLite's
     # lock: without the turns our event would go through at once).
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1] + '-lock', 'a');"
-                               " fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.readline()",
-         db_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = hold_lock_file(db_path)
     original = microticks.BUSY_TIMEOUT
     try:
-        assert holder.stdout.readline() == "held\n"
         client = start_server()
         waits_before = lock_waits(client)
         replies = []
@@ -902,9 +915,7 @@ def test_writers_of_other_processes_take_turns_at_the_lock_file(start_server, co
         waiting.start()
         waiting.join(0.5)
         assert waiting.is_alive(), "the writer did not wait for the other process's turn"
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        holder.wait(10)
+        let_go(holder)
         waiting.join(10)
         token = replies[0]
         client.event(token)
@@ -912,17 +923,14 @@ def test_writers_of_other_processes_take_turns_at_the_lock_file(start_server, co
 
         # A writer stopped mid-transaction costs the others a 503 after the busy timeout, not a hang.
         microticks.BUSY_TIMEOUT = 0.3
-        holder = subprocess.Popen(holder.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert holder.stdout.readline() == "held\n"
+        holder = hold_lock_file(db_path)
         for _ in range(3):
             reply = client.form("/events", {"token": token, "action": "lost", "ts": "2017-08-25T17:09:21Z"})
             assert reply.status == 503, reply
             assert "database is locked" in reply.json["error"] and reply.headers["retry-after"]
         # One thread of ours waits for the file, however many writers gave up.
         assert [t.name for t in threading.enumerate()].count("microticks lock file waiter") == 1
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        holder.wait(10)
+        let_go(holder)
         client.event(token, action="after")
     finally:
         microticks.BUSY_TIMEOUT = original
@@ -935,13 +943,9 @@ def test_writers_queued_behind_a_waiting_thread_wait_one_timeout_in_all(start_se
     # Another process holds the turn; of our threads one waits for it, the
     # others for that thread. Each gives up a busy timeout after it asked,
     # not a timeout after the thread before it gave up (5 s for the fifth).
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1] + '-lock', 'a');"
-                               " fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.readline()",
-         db_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = hold_lock_file(db_path)
     original = microticks.BUSY_TIMEOUT
     try:
-        assert holder.stdout.readline() == "held\n"
         microticks.BUSY_TIMEOUT = 1.0
         client = start_server()
 
