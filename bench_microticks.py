@@ -34,6 +34,7 @@ at several times Microticks' rate, so the figures are the server's.
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import platform
@@ -450,11 +451,11 @@ def app_alone_rate(workdir, body, events, seconds):
     """Events/s of the app alone: the same batches handed to the WSGI app
     in this process, one at a time, with no HTTP and no other thread (each
     batch its own commit, as from one client). What one core of Python
-    does with them: the most `serve`, one process, could reach."""
-    import io
+    does with them: about the most `serve`, one process, can reach."""
     db = workdir / f"alone-{time.monotonic_ns()}.db"
     token = microticks_db(db)
-    app = microticks.make_app(microticks.load_settings(db_path=str(db), api_key="bench-key", rate_limit=0, log_level="WARNING"))
+    app = microticks.make_app(microticks.load_settings(db_path=str(db), api_key="bench-key", rate_limit=0,
+                                                       log_level="WARNING"))
     answers = []
     posted = 0
     started = time.perf_counter()

@@ -2481,7 +2481,8 @@ def prometheus_metrics(status, counters):
                             ("events_refused", "Events refused by this process (bad input, unknown session)."),
                             ("events_duplicate", "Events answered as duplicates (retries) by this process."),
                             ("requests_refused", "Requests answered 4xx by this process."),
-                            ("database_errors", "Requests answered 503 by this process (database busy, full or unwritable).")]:
+                            ("database_errors", "Requests answered 503 by this process (database busy, full"
+                                                " or unwritable).")]:
         metric(f"{name}_total", "counter", help_text, [(this_process, counters[name])])
     metric("lock_waits_total", "counter", "Write transactions of this process that waited for another"
            " writer's turn (a thread of this process or another process).",
