@@ -1234,6 +1234,10 @@ DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN = "subject", 50
 #: bins, or anyone with the key, would otherwise grow the file without end.
 #: Others are computed for every request.
 MAX_KEPT_STATS_KINDS = 3
+#: Sessions whose figures keep_stats computes and keeps at a time: each part
+#: is committed, SQLite's sorters hold a part, and a command or request
+#: stopped midway (a gunicorn worker's timeout) leaves its work done.
+STATS_CHUNK = 2000
 
 
 def _compute_session_stats(conn, data_key, bin_size):
@@ -1242,10 +1246,11 @@ def _compute_session_stats(conn, data_key, bin_size):
     picks, time spent), heatmap bins per screen, events per action. A
     session's events are taken in the tracker's order (seq), else in the
     order they were stored."""
-    # A few stale sessions lead (CROSS JOIN), their events found by index;
-    # many are cheaper to find in one pass over the events.
+    # A few stale sessions (or a part of keep_stats) lead (CROSS JOIN), their
+    # events found by index; many are cheaper to find in one pass over the events.
     stale, sessions = conn.execute("SELECT (SELECT count(*) FROM temp.stale), (SELECT count(*) FROM sessions)").fetchone()
-    events = ("temp.stale st CROSS JOIN events e ON e.session_id = st.session_id" if stale * 10 < sessions
+    events = ("temp.stale st CROSS JOIN events e ON e.session_id = st.session_id"
+              if stale * 10 < sessions or stale <= STATS_CHUNK
               else "events e JOIN temp.stale st ON st.session_id = e.session_id")
     key_path, prev_path = f'$."{data_key}"', f'$."prev{data_key[:1].upper()}{data_key[1:]}"'
     conn.execute(
@@ -1387,10 +1392,20 @@ def compute_stats(conn, query, tz_name, data_key, bin_size):
     conn.execute("BEGIN")  # one snapshot for every figure
     try:
         _find_stale_sessions(conn, selected, params, data_key, bin_size)
+        low, high, closed = conn.execute("SELECT min(session_id), max(session_id), count(*)"
+                                         " FROM temp.stale WHERE closed").fetchone()
+        if closed > STATS_CHUNK:  # nothing kept yet (an upgraded database): keep them part by part first
+            conn.execute("COMMIT")
+            log.info("/stats: computing and keeping the figures of %d sessions, %d at a time",
+                     closed, STATS_CHUNK)
+            keep_stats(conn, low, high, data_key, bin_size)
+            conn.execute("BEGIN")
+            _find_stale_sessions(conn, selected, params, data_key, bin_size)
         _compute_session_stats(conn, data_key, bin_size)
         stats = _add_up_stats(conn, selected, params, not clauses, tz_name, data_key, bin_size)
     finally:
-        conn.execute("COMMIT")
+        if conn.in_transaction:  # else an error ended it (SQLite rolls back after some): that one is told
+            conn.execute("COMMIT")
     _keep_session_stats(conn, data_key, bin_size)
     return stats
 
@@ -1400,16 +1415,26 @@ def keep_stats(conn, first_session=0, last_session=None, data_key=DEFAULT_DATA_K
     `first_session` to `last_session` (an import's; by default every closed
     session without them), which /stats would otherwise compute on its
     first call: over years of events that first call would take as long as
-    this. Returns how many sessions' figures were kept."""
-    conn.execute("BEGIN")
-    try:
-        _find_stale_sessions(conn, "sel AS (SELECT id FROM sessions WHERE id BETWEEN ? AND ?)",
-                             [first_session, sys.maxsize if last_session is None else last_session],
-                             data_key, bin_size)
-        _compute_session_stats(conn, data_key, bin_size)
-    finally:
-        conn.execute("COMMIT")
-    return _keep_session_stats(conn, data_key, bin_size)
+    this. STATS_CHUNK sessions at a time; returns how many sessions'
+    figures were kept."""
+    low, high = conn.execute("SELECT min(id), max(id) FROM sessions WHERE id BETWEEN ? AND ?",
+                             (first_session, sys.maxsize if last_session is None else last_session)).fetchone()
+    kept = 0
+    for first in range(low or 0, (high or -1) + 1, STATS_CHUNK):
+        conn.execute("BEGIN")
+        try:
+            _find_stale_sessions(conn, "sel AS (SELECT id FROM sessions WHERE id BETWEEN ? AND ?)",
+                                 [first, min(first + STATS_CHUNK - 1, high)], data_key, bin_size)
+            _compute_session_stats(conn, data_key, bin_size)
+            closed = conn.execute("SELECT count(*) FROM temp.stale WHERE closed").fetchone()[0]
+        finally:
+            if conn.in_transaction:  # as in compute_stats
+                conn.execute("COMMIT")
+        part = _keep_session_stats(conn, data_key, bin_size)
+        kept += part
+        if part < closed:  # not to be kept (a read-only file, or no room for this data key and bin)
+            break
+    return kept
 
 
 def _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_size):

@@ -1701,6 +1701,46 @@ def test_stats_kept_per_session_equal_figures_computed_afresh_as_sessions_change
     assert stored(db_path, "SELECT count(*) FROM stats_values WHERE session_id = ?", (erased,)) == [(0,)]
 
 
+def test_stats_with_nothing_kept_keep_figures_part_by_part_and_a_stop_midway_keeps_the_parts_done(
+        sample_client, db_path, monkeypatch):
+    """After an upgrade nothing is kept, and the first /stats computes every
+    session's figures: a part at a time, each kept at once, so that a request
+    stopped midway (a gunicorn worker's timeout) leaves its parts done."""
+    answer = sample_client.get("/stats").json  # from the figures the import kept
+    monkeypatch.setattr(microticks, "STATS_CHUNK", 10)
+    conn = microticks.connect(db_path)
+    query = microticks.clean_read_query({}, "sessions")
+
+    def first_stats_call(stop_after=None):
+        """compute_stats with nothing kept; SQLite stops it after `stop_after`
+        progress steps (as a killed worker would stop), or counts them."""
+        microticks.forget_stats(conn)
+        steps = [0]
+
+        def progress():
+            steps[0] += 1
+            return stop_after is not None and steps[0] > stop_after
+
+        conn.set_progress_handler(progress, 1000)
+        try:
+            assert {**microticks.compute_stats(conn, query, "UTC", "subject", 50), "status": 200} == answer
+        finally:
+            conn.set_progress_handler(None, 0)
+        return steps[0]
+
+    all_steps = first_stats_call()
+    assert stored(db_path, "SELECT count(*) FROM stats_sessions") == [(83,)]
+    with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+        first_stats_call(stop_after=all_steps // 2)
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+    [(parts_done,)] = stored(db_path, "SELECT count(*) FROM stats_sessions")
+    assert 10 <= parts_done < 83
+    assert sample_client.get("/stats").json == answer  # the next request does the rest
+    assert stored(db_path, "SELECT count(*) FROM stats_sessions") == [(83,)]
+    assert sample_client.get("/stats").json == answer
+
+
 def test_stats_keep_the_figures_of_a_few_data_keys_and_bins_and_forgetstats_frees_them(sample_client, db_path):
     """Each data key and bin kept costs about a quarter of the file: besides
     the default's, only the first MAX_KEPT_STATS_KINDS asked for are kept."""
