@@ -502,13 +502,16 @@ class WriterTurns:
         self.flock_waiter = None
         self.wanted = self.granted = False
 
-    def acquire(self):
+    def acquire(self, deadline=None):
+        """Wait for this process's turn, then for the file's, until `deadline`
+        (time.monotonic(); by default BUSY_TIMEOUT from now)."""
         # One bound for the whole wait: behind a thread that waits for another
         # process, the threads queued here would otherwise wait a timeout each.
-        deadline = time.monotonic() + BUSY_TIMEOUT
+        if deadline is None:
+            deadline = time.monotonic() + BUSY_TIMEOUT
         if not self.threads.acquire(blocking=False):
             LOCK_WAITS[0] += 1  # another thread of this process is writing: wait our turn
-            if not self.threads.acquire(timeout=BUSY_TIMEOUT):
+            if not self.threads.acquire(timeout=max(0, deadline - time.monotonic())):
                 raise sqlite3.OperationalError(f"database is locked: waited {BUSY_TIMEOUT:g} s for another writer")
         self.depth += 1
         if self.depth == 1:
@@ -651,12 +654,12 @@ def migrate(conn):
 
 
 @contextlib.contextmanager
-def write_transaction(conn):
+def write_transaction(conn, deadline=None):
     """A transaction that holds the write lock from its first statement,
-    begun in the writers' turn (WriterTurns)."""
+    begun in the writers' turn (WriterTurns; waited for until `deadline`)."""
     turns = conn.writer_turns
     if turns is not None:
-        turns.acquire()
+        turns.acquire(deadline)
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -877,15 +880,16 @@ def _insert_events_sql(rows):
                                    * rows))
 
 
-def store_events(conn, events):
-    """Store events in one transaction; one result per event, in order:
+def store_events(conn, events, deadline=None):
+    """Store events in one transaction (its turn waited for until
+    `deadline`, as write_transaction); one result per event, in order:
     {"event_id": N} (plus "duplicate": true when its uuid was stored before)
     or {"error": ..., "status": ...} (a MicroticksError from validation, or
     a refusal here). A late event for a session the server closed for
     inactivity is stored and moves that session's stop; a client's stop is final."""
     results, values, sessions, new_uuids, now = [], [], {}, {}, utc_now()
     stored = 0  # rows in `values`; a stored event's result is its row number until the ids are known
-    with write_transaction(conn):
+    with write_transaction(conn, deadline):
         for event in events:
             if isinstance(event, MicroticksError):
                 results.append({"error": event.message, "status": event.status_code})
@@ -951,7 +955,8 @@ class CommitGroup:
 
     def store(self, conn, events):
         """store_events for this request's events, committed with others'."""
-        mine = {"events": events, "done": False, "results": None, "error": None}
+        mine = {"events": events, "done": False, "results": None, "error": None,
+                "deadline": time.monotonic() + BUSY_TIMEOUT}
         with self.condition:
             self.pending.append(mine)
             while self.writing and not mine["done"]:
@@ -963,7 +968,11 @@ class CommitGroup:
             self.writing = True
             group, self.pending = self.pending, []
         try:
-            results = store_events(conn, [event for request in group for event in request["events"]])
+            # Bounded for the one that has waited longest: a request that
+            # gathered behind a writer that waited for its turn waits one
+            # busy timeout in all, not one more for its own group's turn.
+            results = store_events(conn, [event for request in group for event in request["events"]],
+                                   min(request["deadline"] for request in group))
             for request in group:
                 request["results"], results = results[:len(request["events"])], results[len(request["events"]):]
         except Exception as error:  # a database error: every request of the group hears of it

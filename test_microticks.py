@@ -965,6 +965,35 @@ def test_writers_queued_behind_a_waiting_thread_wait_one_timeout_in_all(start_se
     assert stored(db_path, "SELECT count(*) FROM sessions") == [(0,)]
 
 
+@pytest.mark.skipif(os.name == "nt", reason="no flock on Windows: writers meet at SQLite's lock alone")
+def test_events_gathered_behind_a_waiting_writer_wait_one_timeout_in_all(start_server, consumer_key, db_path):
+    # Events that gather while their process's writer waits for another
+    # process's turn go with the next writer, which gives up a busy timeout
+    # after the first of them asked, not a whole one after the writer before.
+    client = start_server()
+    token = client.start(consumer_key)
+    holder = hold_lock_file(db_path)
+    original = microticks.BUSY_TIMEOUT
+    try:
+        microticks.BUSY_TIMEOUT = 2.0
+
+        def post_event(delay):
+            time.sleep(delay)
+            asked = time.monotonic()
+            reply = client.form("/events", {"token": token, "action": "lost", "ts": "2017-08-25T17:09:21Z"})
+            return reply, time.monotonic() - asked
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(post_event, [0, 0.2]))  # the second gathers behind the first
+    finally:
+        microticks.BUSY_TIMEOUT = original
+        holder.kill()
+    for reply, waited in answers:
+        assert reply.status == 503 and "database is locked" in reply.json["error"], reply
+        assert waited < 3.0, [round(waited, 1) for _, waited in answers]  # the second: 3.8 s before
+    assert event_count(db_path) == 0
+
+
 @pytest.mark.skipif(os.name == "nt" or os.geteuid() != 0, reason="needs flock, and root to give the file away")
 def test_a_lock_file_the_command_line_makes_as_root_is_the_database_owners(tmp_path):
     import pwd
