@@ -1403,9 +1403,9 @@ def compute_stats(conn, query, tz_name, data_key, bin_size):
         _find_stale_sessions(conn, selected, params, data_key, bin_size)
         low, high, closed = conn.execute("SELECT min(session_id), max(session_id), count(*)"
                                          " FROM temp.stale WHERE closed").fetchone()
-        if closed > STATS_CHUNK:  # nothing kept yet (an upgraded database): keep them part by part first
+        if closed > STATS_CHUNK:  # nothing kept yet (an upgraded database, another bin): part by part first
             conn.execute("COMMIT")
-            log.info("/stats: computing and keeping the figures of %d sessions, %d at a time",
+            log.info("statistics: computing and keeping the figures of %d sessions, %d at a time",
                      closed, STATS_CHUNK)
             keep_stats(conn, low, high, data_key, bin_size)
             conn.execute("BEGIN")
