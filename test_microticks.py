@@ -939,25 +939,27 @@ def test_writers_of_other_processes_take_turns_at_the_lock_file(start_server, co
 
 
 @pytest.mark.skipif(os.name == "nt", reason="no flock on Windows: writers meet at SQLite's lock alone")
-def test_writers_queued_behind_a_waiting_thread_wait_one_timeout_in_all(start_server, consumer_key, db_path):
+def timed_form(client, path, fields, delay=0):
+    """(reply, seconds it took) of a form POST sent after `delay` seconds."""
+    time.sleep(delay)
+    asked = time.monotonic()
+    reply = client.form(path, fields)
+    return reply, time.monotonic() - asked
+
+
+def test_writers_queued_behind_a_waiting_thread_wait_one_timeout_in_all(start_server, consumer_key, db_path,
+                                                                          monkeypatch):
     # Another process holds the turn; of our threads one waits for it, the
     # others for that thread. Each gives up a busy timeout after it asked,
     # not a timeout after the thread before it gave up (5 s for the fifth).
+    monkeypatch.setattr(microticks, "BUSY_TIMEOUT", 1.0)
+    client = start_server()
     holder = hold_lock_file(db_path)
-    original = microticks.BUSY_TIMEOUT
     try:
-        microticks.BUSY_TIMEOUT = 1.0
-        client = start_server()
-
-        def start_session():
-            asked = time.monotonic()
-            reply = client.form("/sessions", {"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"})
-            return reply, time.monotonic() - asked
-
+        start = {"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"}
         with concurrent.futures.ThreadPoolExecutor(5) as pool:
-            answers = list(pool.map(lambda _: start_session(), range(5)))
+            answers = list(pool.map(lambda _: timed_form(client, "/sessions", start), range(5)))
     finally:
-        microticks.BUSY_TIMEOUT = original
         holder.kill()
     for reply, waited in answers:
         assert reply.status == 503 and "database is locked" in reply.json["error"], reply
@@ -966,27 +968,20 @@ def test_writers_queued_behind_a_waiting_thread_wait_one_timeout_in_all(start_se
 
 
 @pytest.mark.skipif(os.name == "nt", reason="no flock on Windows: writers meet at SQLite's lock alone")
-def test_events_gathered_behind_a_waiting_writer_wait_one_timeout_in_all(start_server, consumer_key, db_path):
+def test_events_gathered_behind_a_waiting_writer_wait_one_timeout_in_all(start_server, consumer_key, db_path,
+                                                                         monkeypatch):
     # Events that gather while their process's writer waits for another
     # process's turn go with the next writer, which gives up a busy timeout
     # after the first of them asked, not a whole one after the writer before.
     client = start_server()
     token = client.start(consumer_key)
+    monkeypatch.setattr(microticks, "BUSY_TIMEOUT", 2.0)
     holder = hold_lock_file(db_path)
-    original = microticks.BUSY_TIMEOUT
     try:
-        microticks.BUSY_TIMEOUT = 2.0
-
-        def post_event(delay):
-            time.sleep(delay)
-            asked = time.monotonic()
-            reply = client.form("/events", {"token": token, "action": "lost", "ts": "2017-08-25T17:09:21Z"})
-            return reply, time.monotonic() - asked
-
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            answers = list(pool.map(post_event, [0, 0.2]))  # the second gathers behind the first
+        event = {"token": token, "action": "lost", "ts": "2017-08-25T17:09:21Z"}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # the second gathers behind the first
+            answers = list(pool.map(lambda delay: timed_form(client, "/events", event, delay), [0, 0.2]))
     finally:
-        microticks.BUSY_TIMEOUT = original
         holder.kill()
     for reply, waited in answers:
         assert reply.status == 503 and "database is locked" in reply.json["error"], reply
