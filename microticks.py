@@ -3599,6 +3599,7 @@ DASHBOARD_HTML = r"""<!doctype html>
 <div id="keyform"><form>
   <strong>This Microticks needs its API key</strong>
   <span class="note" id="keynote">It is kept for this browser tab only.</span>
+  <input type="text" autocomplete="username" value="microticks" hidden aria-hidden="true">
   <input type="password" id="key" autocomplete="current-password" placeholder="API key" required>
   <button type="submit">Open the dashboard</button>
 </form></div>
