@@ -2126,6 +2126,7 @@ def test_demo_clicks_arrive_in_the_database(demo, db_path):
     touch(page, "ebook:Meyer_award_news.pdf")
     touch(page, "next-page", 2)
     wait_until_sent(page)
+    page.wait_for_function('document.getElementById("status").textContent.endsWith("Waiting to send: 0")')
     events = stored_events(db_path)
     assert [e["action"] for e in events] == ["click", "click", "click", "pageChange", "click", "pageChange"]
     data = [json.loads(e["data"]) for e in events]
