@@ -2042,6 +2042,18 @@ def clean_event(fields, from_form, offset=None):
     return clean
 
 
+def check_batch(body):
+    """Refuse a batch of the wrong shape before any of it is stored (the
+    sessions it starts included): "events" a list of at most MAX_BATCH_EVENTS."""
+    events = body["events"]
+    if not isinstance(events, list):
+        raise MicroticksError(400, '"events" must be a list of events (a batch); a single event sends its fields'
+                                   ' without "events"', {"events": ["not a list"]})
+    if len(events) > MAX_BATCH_EVENTS:
+        raise MicroticksError(413, f"A batch holds at most {MAX_BATCH_EVENTS} events; this one has "
+                                   f"{len(events)}: send it in parts")
+
+
 def clean_batch_sessions(body, received):
     """The session starts a batch carries ({"sessions": [...]}, each a POST
     /sessions body with its uuid): {uuid: clean fields}; a malformed one
@@ -2071,14 +2083,10 @@ def clean_batch(body, received, session_tokens=None):
     its clean fields or the MicroticksError that refuses it alone. An event
     without a token may name a session the batch started ("session": its
     uuid): `session_tokens` maps those uuids to tokens or to the error that
-    refused the start."""
-    events = body["events"]
-    if len(events) > MAX_BATCH_EVENTS:
-        raise MicroticksError(413, f"A batch holds at most {MAX_BATCH_EVENTS} events; this one has "
-                                   f"{len(events)}: send it in parts")
+    refused the start. Its shape is check_batch's."""
     offset = request_clock_offset(body, received)
     cleaned = []
-    for number, event in enumerate(events):
+    for number, event in enumerate(body["events"]):
         if not isinstance(event, dict):
             cleaned.append(MicroticksError(400, f"Event {number} is not an object of fields"))
             continue
@@ -2760,7 +2768,8 @@ def make_app(settings):
     def post_events():
         received = datetime.now(timezone.utc)
         fields, from_form = request_fields(request)
-        if not from_form and isinstance(fields.get("events"), list):
+        if not from_form and "events" in fields:
+            check_batch(fields)
             tokens = start_sessions(db.connection(), clean_batch_sessions(fields, received), client_ip(),
                                     settings.store_ip)
             return {"results": count(db.store_events(clean_batch(fields, received, tokens))), "status": 200}

@@ -1921,10 +1921,21 @@ def test_a_batch_may_start_the_sessions_its_events_name(client, consumer_key, db
         stored(db_path, "SELECT count(*) FROM sessions") == [(1,)]
 
 
-def test_batches_over_the_limit_are_413(client, consumer_key):
+def test_batches_over_the_limit_or_not_lists_are_refused_before_their_sessions_start(client, consumer_key, db_path):
     token = client.start(consumer_key)
     reply = client.post_json("/events", {"events": [batch_event(token, i) for i in range(1001)]})
     assert reply.status == 413 and "at most 1000" in reply.json["error"]
+    start = {"uuid": "page-closing", "consumer_key": consumer_key, "ts": "2017-08-25T17:09:19.438Z"}
+    reply = client.post_json("/events", {"sessions": [start],
+                                         "events": [{"session": "page-closing", "action": "click",
+                                                     "ts": "2017-08-25T17:09:20.438Z"}] * 1001})
+    assert reply.status == 413
+    for not_a_list in ("click", {"token": token}, None):
+        reply = client.post_json("/events", {"sessions": [start], "events": not_a_list})
+        assert reply.status == 400 and reply.json["errors"] == {"events": ["not a list"]}
+        assert '"events" must be a list' in reply.json["error"]
+    assert stored(db_path, "SELECT count(*) FROM sessions") == [(1,)]
+    assert stored(db_path, "SELECT count(*) FROM events") == [(0,)]
 
 
 def test_a_client_clock_an_hour_ahead_is_corrected(client, consumer_key, db_path):
