@@ -2232,7 +2232,7 @@ def _id_parameter(params, name):
         return None
     number = _whole(text, 10**18 - 1)
     if number is None:
-        raise ValueError(f'"{name}" must be a whole number')
+        raise ValueError(f'"{name}" must be a whole number from 0 to 10^18 - 1')
     return number
 
 

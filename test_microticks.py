@@ -1585,6 +1585,7 @@ def test_cli_export_matches_the_http_export(sample_client, db_path):
     ("/stats", {"data_key": "$.x"}, "data_key"),
     ("/stats", {"limit": "5"}, "limit"),
     ("/events", {"consumer": "touchtable"}, "consumer"),
+    ("/events", {"after_id": "1" + "0" * 20}, "after_id"),
 ])
 def test_bad_read_queries_are_400_naming_the_parameter(sample_client, path, params, name):
     reply = sample_client.get(path, **params)
