@@ -2257,6 +2257,31 @@ def test_the_tracker_speaks_to_a_first_generation_server(demo, api, db_path, con
     assert all(e["uuid"] is None for e in events)  # plain form posts, as jQuery sent
 
 
+def test_a_backlog_of_large_events_goes_in_batches_the_server_takes(demo, db_path):
+    """40 events of 30 KB: 1.2 MB, more than one body may hold. The tracker
+    sends batches under its byte budget; with a budget the server does not
+    keep (as behind a proxy that takes less), the 413 makes it send halves."""
+    page = demo()
+    answers = page.evaluate("""async () => {
+        const answers = {};
+        for (const [name, budget] of [["budget", undefined], ["no budget", 1e8]]) {
+            answers[name] = [];
+            const tracker = Microticks.start({...window.tracker.options, storageKey: name, batchBytes: budget,
+                                              autoTrack: false, heartbeatInterval: 0, onSend: (path, payload, answer) =>
+                                                answers[name].push([payload.events ? payload.events.length : 0, answer.status])});
+            for (let i = 0; i < 40; i++) tracker.track("note", {n: i, text: name[0].repeat(30000)});
+            while (tracker.pending()) await tracker.flush();
+            tracker.destroy();
+        }
+        return answers;
+    }""")
+    assert [status for _, status in answers["budget"]] == [200] * len(answers["budget"])
+    assert sum(n for n, _ in answers["budget"]) == 40 and max(n for n, _ in answers["budget"]) < 40
+    assert [40, 413] in answers["no budget"] and sum(n for n, status in answers["no budget"] if status == 200) == 40
+    events = [json.loads(e["data"]) for e in stored_events(db_path) if e["action"] == "note"]
+    assert sorted((d["text"][0], d["n"]) for d in events) == sorted((c, n) for c in "bn" for n in range(40))
+
+
 def test_dry_run_sends_nothing_and_the_module_form_loads(demo, db_path):
     page = demo()
     sent = page.evaluate("""async () => {

@@ -36,6 +36,7 @@
  *   device, appVersion  reported with sessions and heartbeats
  *   heartbeatInterval   ms between heartbeats (300000; 0: none)
  *   batchSize        events per request (100)
+ *   batchBytes       bytes per request at most (500000; the server takes 1 MiB)
  *   flushInterval    ms between sends (1000)
  *   legacy           true: talk to a first-generation server (one form
  *                    POST per event, no batches, no uuids)
@@ -58,13 +59,29 @@
 
   function isoNow() { return new Date().toISOString(); }
 
+  function utf8Bytes(text) { return new root.TextEncoder().encode(text).length; }
+
+  /** The first items of `items` whose JSON fits in `budget` bytes (at least one). */
+  function fitting(items, budget) {
+    var taken = [], bytes = 0;
+    for (var i = 0; i < items.length; i++) {
+      bytes += utf8Bytes(JSON.stringify(items[i])) + 1;
+      if (taken.length && bytes > budget) break;
+      taken.push(items[i]);
+    }
+    return taken;
+  }
+
   function Tracker(options) {
     if (!options || !options.consumerKey) throw new Error("Microticks: consumerKey is required");
+    var given = {};  // an option passed as undefined keeps its default
+    Object.keys(options).forEach(function (name) { if (options[name] !== undefined) given[name] = options[name]; });
     this.options = Object.assign({
       host: root.location ? root.location.origin : "",
       idleTimeout: 120000,
       heartbeatInterval: 300000,
       batchSize: 100,
+      batchBytes: 500000,
       flushInterval: 1000,
       maxBackoff: 60000,
       storageKey: "microticks",
@@ -72,7 +89,7 @@
       legacy: false,
       debug: false,
       dryRun: false
-    }, options);
+    }, given);
     this.options.host = String(this.options.host).replace(/\/+$/, "");
     this.boot = newId();
     this.backoff = 0;
@@ -254,15 +271,24 @@
         return this.post("/events", {token: token, action: item.action, data: JSON.stringify(item.data),
                                      ts: item.ts}).then(function () { self.forget([item]); });
       }
-      var batch = [];
-      for (var i = 0; i < this.state.queue.length && batch.length < this.options.batchSize; i++) {
+      var ready = [];
+      for (var i = 0; i < this.state.queue.length && ready.length < (this.maxBatch || this.options.batchSize); i++) {
         var next = this.state.queue[i];
         if (next.kind !== "event" || !this.state.tokens[next.session]) break;
-        batch.push(next);
+        ready.push(next);
       }
-      return this.post("/events", {events: batch.map(function (e) { return self.wireEvent(e); }),
-                                   sent_at: isoNow()})
+      // Kiosks that were offline send their backlog: a batch of large `data`
+      // could exceed what the server takes in one body (refused whole, 413).
+      var events = fitting(ready.map(function (e) { return self.wireEvent(e); }), this.options.batchBytes - 100);
+      var batch = ready.slice(0, events.length);
+      return this.post("/events", {events: events, sent_at: isoNow()})
         .then(function (answer) {
+          if (answer.status === 413 && batch.length > 1) {
+            // Still too large (a proxy before the server may take less): halves, nothing dropped.
+            self.maxBatch = Math.ceil(batch.length / 2);
+            self.log("the server refused a batch of " + batch.length + " events as too large; sending halves");
+            return;
+          }
           (answer.results || []).forEach(function (result, n) {
             if (result.error) self.log("the server refused an event", batch[n], result.error);
           });
@@ -345,9 +371,10 @@
       }).slice(0, 10);
       var started = {};
       starts.forEach(function (item) { started[item.session] = true; });
-      var events = this.state.queue.filter(function (item) {
+      // Browsers take about 64 KB of beacons at a time; what does not fit waits for the next page load.
+      var events = fitting(this.state.queue.filter(function (item) {
         return item.kind === "event" && (tokens[item.session] || started[item.session]);
-      }).slice(0, 1000);
+      }).slice(0, 1000).map(function (e) { return self.wireEvent(e); }), 60000);
       if (!events.length) return;
       // Kept in the queue all the same: the next page load sends them again,
       // and their uuids make the server answer "duplicate" instead of storing twice.
@@ -356,7 +383,7 @@
           return {uuid: item.session, consumer_key: self.options.consumerKey, ts: item.ts,
                   device: self.state.device, app_version: self.options.appVersion};
         }),
-        events: events.map(function (e) { return self.wireEvent(e); }), sent_at: isoNow()});
+        events: events, sent_at: isoNow()});
       root.navigator.sendBeacon(this.url("/events"), new Blob([body], {type: "text/plain;charset=UTF-8"}));
       this.log("beacon with " + events.length + " events");
     },
