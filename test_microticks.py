@@ -2167,6 +2167,31 @@ def test_clicks_while_the_server_is_down_arrive_once_it_is_back(demo, api, db_pa
     assert [e["seq"] for e in events] == list(range(1, 11))
 
 
+def test_events_refused_for_a_wrong_api_key_wait_for_the_right_one(demo, db_path):
+    keyed = RestartableServer(db_path, api_key="the-new-key")
+    keyed.start()
+    page = demo()
+    try:
+        options = "...window.tracker.options, storageKey: 'keyed', autoTrack: false, heartbeatInterval: 0," \
+                  f" host: 'http://127.0.0.1:{keyed.port}'"
+        waiting = page.evaluate(f"""async () => {{
+            const tracker = Microticks.start({{{options}, apiKey: "the-old-key"}});
+            for (const n of [1, 2, 3]) tracker.track("note", {{n}});
+            for (let i = 0; i < 3; i++) await tracker.flush();
+            tracker.destroy();
+            return tracker.pending();
+        }}""")
+        assert waiting == 4 and stored_events(db_path) == []  # the session's start and three events
+        page.evaluate(f"""async () => {{
+            const tracker = Microticks.start({{{options}, apiKey: "the-new-key"}});
+            while (tracker.pending()) await tracker.flush();
+            tracker.destroy();
+        }}""")
+    finally:
+        keyed.stop()
+    assert [json.loads(e["data"])["n"] for e in stored_events(db_path)] == [1, 2, 3]
+
+
 def test_a_reload_mid_queue_loses_nothing_and_duplicates_nothing(demo, api, db_path):
     page = demo()
     touch(page, "year:2015")

@@ -317,9 +317,11 @@
     },
 
     /**
-     * POST and resolve with the JSON answer. A refusal (4xx but 429)
+     * POST and resolve with the JSON answer. A refusal (4xx but 401 and 429)
      * resolves too, with {error}: retrying would not help. Network errors,
-     * 429 and 5xx reject, so the item stays queued for a retry.
+     * 401, 429 and 5xx reject, so the item stays queued for a retry: a wrong
+     * API key (a rotated MICROTICKS_KEY) is the operator's to fix, and the
+     * events wait for the right one instead of being dropped.
      */
     post: function (path, payload) {
       var self = this, options = this.options;
@@ -349,7 +351,7 @@
       init.keepalive = new Blob([String(init.body)]).size <= 60000;
       return root.fetch(this.url(path), init).then(function (response) {
         return response.json().catch(function () { return {}; }).then(function (answer) {
-          if (response.status === 429 || response.status >= 500) {
+          if (response.status === 401 || response.status === 429 || response.status >= 500) {
             throw new Error("HTTP " + response.status + ": " + (answer.error || ""));
           }
           if (!response.ok) answer = {error: answer.error || "HTTP " + response.status, status: response.status};
