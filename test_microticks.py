@@ -2192,6 +2192,23 @@ def test_events_refused_for_a_wrong_api_key_wait_for_the_right_one(demo, db_path
     assert [json.loads(e["data"])["n"] for e in stored_events(db_path)] == [1, 2, 3]
 
 
+def test_a_session_the_server_lost_is_started_again_and_its_events_arrive(demo, db_path):
+    """The database replaced under a running kiosk (an older backup restored):
+    the tracker's token is unknown to it, and its events go to a new start."""
+    page = demo()
+    touch(page, "year:2016")
+    wait_until_sent(page)
+    [(lost,)] = stored(db_path, "SELECT id FROM sessions")
+    run_cli("delete", "--session", str(lost), "--db", db_path)
+    touch(page, "ebook:Wiles_ModularEllipticCurves.pdf")
+    touch(page, "next-page")
+    wait_until_sent(page)
+    events = stored_events(db_path)
+    assert [(e["action"], e["seq"]) for e in events] == [("click", 2), ("click", 3), ("pageChange", 4)]
+    [(again,)] = stored(db_path, "SELECT id FROM sessions")
+    assert again != lost and {e["session_id"] for e in events} == {again}
+
+
 def test_a_reload_mid_queue_loses_nothing_and_duplicates_nothing(demo, api, db_path):
     page = demo()
     touch(page, "year:2015")

@@ -289,11 +289,33 @@
             self.log("the server refused a batch of " + batch.length + " events as too large; sending halves");
             return;
           }
+          var unknown = [];  // events of sessions the server no longer knows
           (answer.results || []).forEach(function (result, n) {
-            if (result.error) self.log("the server refused an event", batch[n], result.error);
+            if (result.status === 404 && !batch[n].restarted) unknown.push(batch[n]);
+            else if (result.error) self.log("the server refused an event", batch[n], result.error);
           });
-          self.forget(batch);
+          self.forget(batch.filter(function (item) { return unknown.indexOf(item) < 0; }));
+          if (unknown.length) self.restartSessions(unknown);
         });
+    },
+
+    /**
+     * The server answered "Could not find session" (its database was
+     * restored from a backup or replaced): start those sessions again, by
+     * the same uuid, ahead of their events, which wait for the new token.
+     * Once: an event refused so again is dropped.
+     */
+    restartSessions: function (items) {
+      var self = this, starts = [];
+      items.forEach(function (item) {
+        item.restarted = true;
+        if (!self.state.tokens[item.session]) return;  // its session's start is queued already
+        delete self.state.tokens[item.session];
+        starts.push({kind: "start", session: item.session, ts: item.ts});
+      });
+      this.state.queue = starts.concat(this.state.queue);
+      this.save();
+      this.log("the server does not know " + starts.length + " session(s); starting them again");
     },
 
     wireEvent: function (item) {
