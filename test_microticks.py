@@ -2416,6 +2416,9 @@ def test_dashboard_figures_equal_the_stats_and_an_independent_computation(sample
         page.set_viewport_size({"width": width, "height": height})
         page.wait_for_timeout(400)
         assert page.evaluate("document.documentElement.scrollWidth") <= width, f"{name}: the page scrolls sideways"
+        covered = page.evaluate("window.scrollTo(0, 2000), document.querySelector('header').getBoundingClientRect().bottom")
+        assert covered <= height * 0.15, f"{name}: the header covers {covered} px of the screen scrolled down"
+        page.evaluate("window.scrollTo(0, 0)")
         shots = os.environ.get("MICROTICKS_SCREENSHOTS")
         page.screenshot(path=str(Path(shots) if shots else tmp_path) + f"/dash-{name}.png", full_page=True)
 
