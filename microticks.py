@@ -1136,8 +1136,12 @@ def _select(query, fields, count=False):
         clauses.append(f"{id_column} {'<' if backwards else '>'} ?")
         params.append(query.after_id)
     select = [f"{columns[f]} AS {f}" for f in fields]
-    select += [f"json_extract(e.data, ?) AS data_key_{n}" for n in range(len(query.data_keys))]
-    params = [f'$."{key}"' for key in query.data_keys] + params  # the select list's come first
+    # A data key's value as a CSV cell shows it (true, not json_extract's 1),
+    # or for NDJSON as JSON text (an object stays an object, not a string).
+    value = (_DATA_KEY_JSON if query.format == "ndjson" else _DATA_KEY_CELL)
+    select += [f"{value} AS data_key_{n}" for n in range(len(query.data_keys))]
+    paths = [f'$."{key}"' for key in query.data_keys for _ in range(value.count("?"))]
+    params = paths + params  # the select list's come first
     order, ordered = [], set()
     for name, descending in query.sort:
         for part in (EVENT_SORTS if events else SESSION_SORTS)[name]:
@@ -1155,6 +1159,13 @@ def _select(query, fields, count=False):
         sql += " LIMIT ? OFFSET ?"
         params += [-1 if query.limit is None else query.limit, query.offset]
     return sql, params
+
+
+_DATA_KEY_CELL = ("CASE json_type(e.data, ?) WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'"
+                  " ELSE json_extract(e.data, ?) END")
+_DATA_KEY_JSON = ("CASE json_type(e.data, ?) WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' WHEN 'object'"
+                  " THEN json_extract(e.data, ?) WHEN 'array' THEN json_extract(e.data, ?)"
+                  " ELSE json_quote(json_extract(e.data, ?)) END")
 
 
 def read_page(conn, query):
@@ -1180,8 +1191,8 @@ def export_chunks(conn, query):
     columns = list(fields) + [f"data_key_{n}" for n in range(len(query.data_keys))]
     names = list(fields) + [f"data.{key}" for key in query.data_keys]
     if query.format == "ndjson":
-        # data is JSON text already: embedded as JSON, not as a string.
-        pairs = ", ".join(f"?, {'json(data)' if c == 'data' else c}" for c in columns)
+        # data and the data keys are JSON text already: embedded as JSON, not as strings.
+        pairs = ", ".join(f"?, json({c})" if c == "data" or c.startswith("data_key_") else f"?, {c}" for c in columns)
         sql, params = f"SELECT json_object({pairs}) FROM ({inner})", names + params
         header, newline = None, "\n"
     else:

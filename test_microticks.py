@@ -1557,6 +1557,23 @@ def test_csv_export_shows_formulas_as_text(client, consumer_key):
     assert exported["action"].startswith("=HYPERLINK")  # NDJSON and JSON keep the text as sent
 
 
+def test_exports_give_each_data_key_as_the_data_holds_it(client, consumer_key):
+    import csv
+    import io
+    data = {"subject": 'a,b "q"', "list": [1, [2]], "obj": {"x": {"y": 1}}, "none": None, "yes": True, "no": False,
+            "one": 1, "half": 1.5, "text": "true"}
+    token = client.start(consumer_key)
+    client.post_json("/events", {"token": token, "action": "note", "data": data, "ts": microticks.utc_now()})
+    keys = [*data, "missing"]
+    exported = json.loads(client.get("/events", format="ndjson", data_keys=",".join(keys)).body)
+    assert {key: exported[f"data.{key}"] for key in keys} == {**data, "missing": None}
+    reply = client.get("/events", format="csv", data_keys=",".join(keys))
+    [row] = list(csv.DictReader(io.StringIO(reply.body.encode("utf-8").decode("utf-8-sig"))))
+    assert {key: row[f"data.{key}"] for key in keys} == {
+        "subject": 'a,b "q"', "list": "[1,[2]]", "obj": '{"x":{"y":1}}', "none": "", "yes": "true", "no": "false",
+        "one": "1", "half": "1.5", "text": "true", "missing": ""}
+
+
 def test_cli_export_matches_the_http_export(sample_client, db_path):
     http_csv = sample_client.get("/events", format="csv", action="click").body
     cli_csv = run_cli("export", "--format", "csv", "--action", "click", "--db", db_path).stdout
