@@ -1085,6 +1085,16 @@ SESSION_SORTS = {
 }
 
 
+#: A data key's value in an export, each ? its path: as a CSV cell shows it
+#: (true, not json_extract's 1), and for NDJSON as JSON text (an object stays
+#: an object, not a string holding one).
+_DATA_KEY_CELL = ("CASE json_type(e.data, ?) WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'"
+                  " ELSE json_extract(e.data, ?) END")
+_DATA_KEY_JSON = ("CASE json_type(e.data, ?) WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' WHEN 'object'"
+                  " THEN json_extract(e.data, ?) WHEN 'array' THEN json_extract(e.data, ?)"
+                  " ELSE json_quote(json_extract(e.data, ?)) END")
+
+
 def _filters(query):
     """The WHERE clauses and parameters of a clean ReadQuery."""
     events = query.kind == "events"
@@ -1136,9 +1146,7 @@ def _select(query, fields, count=False):
         clauses.append(f"{id_column} {'<' if backwards else '>'} ?")
         params.append(query.after_id)
     select = [f"{columns[f]} AS {f}" for f in fields]
-    # A data key's value as a CSV cell shows it (true, not json_extract's 1),
-    # or for NDJSON as JSON text (an object stays an object, not a string).
-    value = (_DATA_KEY_JSON if query.format == "ndjson" else _DATA_KEY_CELL)
+    value = _DATA_KEY_JSON if query.format == "ndjson" else _DATA_KEY_CELL
     select += [f"{value} AS data_key_{n}" for n in range(len(query.data_keys))]
     paths = [f'$."{key}"' for key in query.data_keys for _ in range(value.count("?"))]
     params = paths + params  # the select list's come first
@@ -1159,13 +1167,6 @@ def _select(query, fields, count=False):
         sql += " LIMIT ? OFFSET ?"
         params += [-1 if query.limit is None else query.limit, query.offset]
     return sql, params
-
-
-_DATA_KEY_CELL = ("CASE json_type(e.data, ?) WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'"
-                  " ELSE json_extract(e.data, ?) END")
-_DATA_KEY_JSON = ("CASE json_type(e.data, ?) WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' WHEN 'object'"
-                  " THEN json_extract(e.data, ?) WHEN 'array' THEN json_extract(e.data, ?)"
-                  " ELSE json_quote(json_extract(e.data, ?)) END")
 
 
 def read_page(conn, query):
