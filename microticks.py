@@ -1336,6 +1336,16 @@ def _keep_session_stats(conn, data_key, bin_size, chunk=1000):
     return len(ids)
 
 
+def _room_for_stats(conn, data_key, bin_size):
+    """Whether figures for this data key and bin are kept, or there is room
+    to keep them (_may_keep_stats claims it)."""
+    kind, default = (data_key, bin_size), (DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN)
+    return kind == default or bool(conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM stats_kinds WHERE data_key = ? AND bin = ?)"
+        " OR (SELECT count(*) FROM stats_kinds WHERE NOT (data_key = ? AND bin = ?)) < ?",
+        (*kind, *default, MAX_KEPT_STATS_KINDS)).fetchone()[0])
+
+
 def _may_keep_stats(conn, data_key, bin_size):
     """Whether figures for this data key and bin may be kept: the default's
     always, others while fewer than MAX_KEPT_STATS_KINDS are, if any event
@@ -1415,7 +1425,8 @@ def compute_stats(conn, query, tz_name, data_key, bin_size):
         _find_stale_sessions(conn, selected, params, data_key, bin_size)
         low, high, closed = conn.execute("SELECT min(session_id), max(session_id), count(*)"
                                          " FROM temp.stale WHERE closed").fetchone()
-        if closed > STATS_CHUNK:  # nothing kept yet (an upgraded database, another bin): part by part first
+        # Nothing kept yet (an upgraded database, another bin): part by part first.
+        if closed > STATS_CHUNK and _room_for_stats(conn, data_key, bin_size):
             conn.execute("COMMIT")
             log.info("statistics: computing and keeping the figures of %d sessions, %d at a time",
                      closed, STATS_CHUNK)

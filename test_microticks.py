@@ -1783,7 +1783,8 @@ def test_stats_with_nothing_kept_keep_figures_part_by_part_and_a_stop_midway_kee
     assert sample_client.get("/stats").json == answer
 
 
-def test_stats_keep_the_figures_of_a_few_data_keys_and_bins_and_forgetstats_frees_them(sample_client, db_path):
+def test_stats_keep_the_figures_of_a_few_data_keys_and_bins_and_forgetstats_frees_them(sample_client, db_path,
+                                                                                        monkeypatch, caplog):
     """Each data key and bin kept costs about a quarter of the file: besides
     the default's, only the first MAX_KEPT_STATS_KINDS asked for are kept."""
     def kept_kinds():
@@ -1796,6 +1797,14 @@ def test_stats_keep_the_figures_of_a_few_data_keys_and_bins_and_forgetstats_free
     assert kept_kinds() == [("subject", 10), ("subject", 20), ("subject", 30), ("subject", 50)]
     assert sample_client.get("/stats", bin=40).json == answers[40]  # computed again, still not kept
     assert ("subject", 40) not in kept_kinds()
+    monkeypatch.setattr(microticks, "STATS_CHUNK", 10)  # many sessions to compute: not part by part without room
+    microticks.log.addHandler(caplog.handler)  # the service's log does not propagate to the root's
+    try:
+        assert sample_client.get("/stats", bin=40).json == answers[40]
+    finally:
+        microticks.log.removeHandler(caplog.handler)
+    assert "computing and keeping" not in caplog.text and "computed but not kept" in caplog.text
+    monkeypatch.undo()
 
     out = run_cli("forgetstats", "--bin", "10", "--db", db_path).stdout
     assert "1 data key and bin" in out and "subject, bin 10" in out
