@@ -3031,6 +3031,7 @@ class PooledWSGIServer(WSGIServer):
     threads = 8
     #: Seconds a kept-alive connection may stay idle.
     idle_timeout = 30
+    pool = None
 
     def server_activate(self):
         super().server_activate()
@@ -3121,9 +3122,10 @@ class PooledWSGIServer(WSGIServer):
 
     def server_close(self):
         super().server_close()
-        self.pool.shutdown(wait=False)
-        for sock in (self.wake_reader, self.wake_writer):
-            sock.close()
+        if self.pool is not None:  # else binding failed, before server_activate
+            self.pool.shutdown(wait=False)
+            for sock in (self.wake_reader, self.wake_writer):
+                sock.close()
 
 
 def make_http_server(app, host, port, threads=8):
@@ -4165,7 +4167,11 @@ def cmd_serve(args, settings):
     release_freed_memory()
     where = f"http://{settings.host}:{settings.port}/"
     if settings.server == "threads":
-        server = make_http_server(app, settings.host, settings.port, settings.threads)
+        try:
+            server = make_http_server(app, settings.host, settings.port, settings.threads)
+        except (OSError, OverflowError) as error:  # the port taken, out of range; an unknown host
+            raise MicroticksError(400, f"Cannot listen on {settings.host} port {settings.port}: "
+                                       f"{getattr(error, 'strerror', None) or error}") from None
         where = f"http://{settings.host}:{server.server_port}/"
         print(f"Microticks {__version__} listening on {where} "
               f"(database: {os.path.abspath(settings.db_path)}); Ctrl+C stops it", flush=True)

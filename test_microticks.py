@@ -1173,12 +1173,21 @@ def test_the_readme_systemd_unit_serves_from_its_directory_with_cached_bytecode(
         proc.wait(10)
 
 
-def test_serve_refuses_unknown_or_missing_servers(tmp_path):
+def test_serve_refuses_unknown_or_missing_servers_and_ports_it_cannot_listen_on(tmp_path):
     unknown = run_cli("serve", "--db", str(tmp_path / "x.db"), "--server", "nginx", check=False)
     assert unknown.returncode == 1 and "Unknown server 'nginx'" in unknown.stderr
     missing = run_cli("serve", "--db", str(tmp_path / "x.db"), "--server", "bjoern", "--port", str(free_port()),
                       check=False)
     assert missing.returncode == 1 and "pip install bjoern" in missing.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for bad_port, reason in [(port, "Address already in use"), (99999, "port must be 0-65535")]:
+            refused = run_cli("serve", "--db", str(tmp_path / "x.db"), "--port", str(bad_port), check=False)
+            assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+            assert f"microticks: Cannot listen on 127.0.0.1 port {bad_port}: " in refused.stderr
+            assert reason in refused.stderr
 
 
 class SentryIngest(http.server.BaseHTTPRequestHandler):
