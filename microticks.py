@@ -1667,7 +1667,11 @@ def backup_database(conn, target_path):
     partial = target_path + ".partial"
     with contextlib.suppress(FileNotFoundError):
         os.remove(partial)
-    target = sqlite3.connect(partial)
+    try:
+        target = sqlite3.connect(partial)
+        target.execute("PRAGMA user_version")  # opens the file: a directory missing or not ours fails here
+    except sqlite3.Error as error:
+        raise MicroticksError(400, f"Cannot write the backup to {target_path}: {error}") from None
     try:
         conn.backup(target, pages=1024, sleep=0.005)  # in steps: writers wait only a moment
         target.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
@@ -2221,7 +2225,13 @@ class ReadQuery:
 def time_bound(text, tz_name, end=False):
     """A from/to value as a UTC string: a day (YYYY-MM-DD; as `to`, the
     whole day is included), or a time, read in `tz_name` when it has no zone."""
-    text = text.strip()
+    try:
+        return _time_bound(text.strip(), tz_name, end)
+    except OverflowError:  # the year 9999 moved on by a day or a zone, or year 1 moved back
+        raise ValueError(f"{text.strip()!r} is out of range: leave it out for no bound") from None
+
+
+def _time_bound(text, tz_name, end):
     zone = load_timezone(tz_name)
     day = _DAY.fullmatch(text)
     if day:
@@ -2238,6 +2248,9 @@ def time_bound(text, tz_name, end=False):
         except ValueError:
             raise ValueError(f"{text!r} is not a real date and time") from None
         return format_utc(moment.replace(tzinfo=zone))
+    if not _ISO_TIME.fullmatch(text):
+        raise ValueError(f"{text!r} is neither a day (2017-05-22) nor a time (2017-05-22T14:00,"
+                         " or with a zone: 2017-05-22T14:00Z)")
     return utc_text(text)
 
 
@@ -2279,7 +2292,7 @@ def clean_read_query(params, kind, tz_name="", export=False):
             try:
                 return time_bound(p[name], tz_name, end)
             except ValueError as error:
-                raise ValueError(f'"{name}": {error}; use YYYY-MM-DD or an ISO 8601 time') from None
+                raise ValueError(f'"{name}": {error}') from None
         return check
 
     def date(p, name):
@@ -3989,9 +4002,12 @@ def read_export_file(path):
 
 
 def cmd_import(args, settings):
-    with open(args.file, "rb") as stream:
-        digest = hashlib.file_digest(stream, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
-            else hashlib.sha256(stream.read()).hexdigest()
+    try:
+        with open(args.file, "rb") as stream:
+            digest = hashlib.file_digest(stream, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
+                else hashlib.sha256(stream.read()).hexdigest()
+    except OSError as error:
+        raise MicroticksError(400, f"Cannot read {args.file}: {error.strerror or error}") from None
     result = import_events(open_database(settings), read_export_file(args.file), os.path.basename(args.file),
                            digest, args.consumer)
     print(f"Imported {result['events']} events in {result['sessions']} sessions from {args.file}"
@@ -4054,6 +4070,13 @@ def cmd_rotatekey(args, settings):
 def cmd_renameconsumer(args, settings):
     rename_consumer(open_database(settings), args.name, args.new_name)
     print(f"Consumer {args.name!r} is now {args.new_name!r}.")
+
+
+def seconds_argument(text):
+    seconds = _whole(text.strip(), 10**9)
+    if not seconds:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds from 1")
+    return seconds
 
 
 def networks_argument(text):
@@ -4292,7 +4315,7 @@ def build_parser():
     sub.add_argument("--json", action="store_true", help="print the JSON that GET /stats answers")
     sub = command("closestale", cmd_closestale, "close sessions without an event for a while (the "
                                                 "service does this too, on requests; this is for cron)")
-    sub.add_argument("--timeout", type=int, help="seconds without an event "
+    sub.add_argument("--timeout", type=seconds_argument, help="seconds without an event "
                                                  "(default: $MICROTICKS_SESSION_TIMEOUT, else 1800)")
     sub = command("forgetstats", cmd_forgetstats, "delete the statistics /stats keeps (all, or of one data "
                                                   "key or bin) and shrink the file; they are computed again")

@@ -1074,6 +1074,21 @@ def test_cli_explains_a_missing_directory(tmp_path):
     assert proc.returncode == 1 and "directory does not exist" in proc.stderr
 
 
+@pytest.mark.parametrize("args, status, said", [
+    (["import", "{tmp}/week.json"], 1, "Cannot read {tmp}/week.json: No such file or directory"),
+    (["import", "{tmp}"], 1, "Cannot read {tmp}: Is a directory"),
+    (["backup", "{tmp}/no/such/backup.db"], 1, "Cannot write the backup to {tmp}/no/such/backup.db"),
+    (["closestale", "--timeout", "-5"], 2, "'-5' is not a whole number of seconds from 1"),
+    (["events", "--from", "yesterday"], 1, "'yesterday' is neither a day (2017-05-22) nor a time"),
+])
+def test_cli_mistakes_are_told_in_a_line(tmp_path, args, status, said):
+    db = str(tmp_path / "x.db")
+    run_cli("initdb", "--db", db)
+    proc = run_cli(*[a.format(tmp=tmp_path) for a in args], "--db", db, check=False)
+    assert proc.returncode == status and said.format(tmp=tmp_path) in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "x.db" not in proc.stderr  # not blamed on the database
+
+
 @pytest.fixture
 def served(tmp_path):
     """`python microticks.py serve` as a subprocess; yields (Client, process)."""
@@ -1612,6 +1627,11 @@ def test_cli_export_matches_the_http_export(sample_client, db_path):
     ("/stats", {"limit": "5"}, "limit"),
     ("/events", {"consumer": "touchtable"}, "consumer"),
     ("/events", {"after_id": "1" + "0" * 20}, "after_id"),
+    ("/events", {"from": "yesterday"}, "from"),
+    ("/events", {"from": "9999-12-31T23:59:59-23:59"}, "from"),  # past the year 9999 in UTC
+    ("/events", {"to": "9999-12-31"}, "to"),  # the whole day: up to the year 10000
+    ("/sessions", {"to": "0001-01-01T00:00:00+01:00"}, "to"),
+    ("/stats", {"from": "0001-01-01T00:00", "tz": "Pacific/Pago_Pago"}, "from"),  # then 12:37 ahead of UTC
 ])
 def test_bad_read_queries_are_400_naming_the_parameter(sample_client, path, params, name):
     reply = sample_client.get(path, **params)
