@@ -1630,6 +1630,7 @@ def test_cli_export_matches_the_http_export(sample_client, db_path):
     ("/events", {"from": "yesterday"}, "from"),
     ("/events", {"from": "9999-12-31T23:59:59-23:59"}, "from"),  # past the year 9999 in UTC
     ("/events", {"to": "9999-12-31"}, "to"),  # the whole day: up to the year 10000
+    ("/sessions", {"date": "9999-12-31"}, "date"),
     ("/sessions", {"to": "0001-01-01T00:00:00+01:00"}, "to"),
     ("/stats", {"from": "0001-01-01T00:00", "tz": "Pacific/Pago_Pago"}, "from"),  # then 12:37 ahead of UTC
 ])
