@@ -178,15 +178,20 @@ def load_settings(wsgi_environ=None, **overrides):
                    if k.startswith("MICROTICKS_") and isinstance(v, str))
     warnings = []
 
-    def integer(name, default):
+    def integer(name, default, low=-sys.maxsize, high=sys.maxsize):
         text = env.get(name, "").strip()
         if not text:
             return default
         try:
-            return int(text)
+            number = int(text)
         except ValueError:
             warnings.append(f"{name}={text!r} is not a whole number; using {default}")
             return default
+        if not low <= number <= high:
+            # Beyond a century, times computed from it leave the calendar (every request would fail).
+            number = min(max(number, low), high)
+            warnings.append(f"{name}={text} is outside {low} to {high}; using {number}")
+        return number
 
     def choice(name, choices):
         value = env.get(name, "").strip().lower() or choices[0]
@@ -207,15 +212,15 @@ def load_settings(wsgi_environ=None, **overrides):
         host=env.get("MICROTICKS_HOST") or "127.0.0.1",
         port=integer("MICROTICKS_PORT", 8080),
         server=env.get("MICROTICKS_SERVER") or "threads",
-        threads=max(1, integer("MICROTICKS_THREADS", 8)),
+        threads=integer("MICROTICKS_THREADS", 8, 1, 256),
         log_level=level,
         sentry_dsn=env.get("MICROTICKS_SENTRY_DSN", ""),
         tz=timezone_setting(env.get("MICROTICKS_TZ", ""), warnings),
-        session_timeout=max(1, integer("MICROTICKS_SESSION_TIMEOUT", 1800)),
-        rate_limit=max(0, integer("MICROTICKS_RATE_LIMIT", 50)),
+        session_timeout=integer("MICROTICKS_SESSION_TIMEOUT", 1800, 1, 100 * 365 * 86400),
+        rate_limit=integer("MICROTICKS_RATE_LIMIT", 50, 0, 10**6),
         store_ip=choice("MICROTICKS_STORE_IP", ("truncated", "full", "none")),
-        retention_days=max(0, integer("MICROTICKS_RETENTION_DAYS", 0)),
-        silent_hours=max(1, integer("MICROTICKS_SILENT_HOURS", 24)),
+        retention_days=integer("MICROTICKS_RETENTION_DAYS", 0, 0, 100 * 365),
+        silent_hours=integer("MICROTICKS_SILENT_HOURS", 24, 1, 100 * 365 * 24),
         warnings=tuple(warnings),
     )
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
@@ -2173,7 +2178,10 @@ def parse_age(text):
     if not match:
         raise ValueError(f"{text!r} is not an age like 365d, 12w, 2y or 48h")
     number, unit = int(match.group(1)), match.group(2) or "d"
-    return timedelta(hours=number) if unit == "h" else timedelta(days=number * {"d": 1, "w": 7, "y": 365}[unit])
+    age = timedelta(hours=number) if unit == "h" else timedelta(days=number * {"d": 1, "w": 7, "y": 365}[unit])
+    if age > timedelta(days=100 * 365):
+        raise ValueError(f"{text!r} is more than 100 years")
+    return age
 
 
 def clean_heartbeat(fields):
@@ -4074,11 +4082,14 @@ def cmd_renameconsumer(args, settings):
     print(f"Consumer {args.name!r} is now {args.new_name!r}.")
 
 
-def seconds_argument(text):
-    seconds = _whole(text.strip(), 10**9)
-    if not seconds:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds from 1")
-    return seconds
+def whole_argument(low, high, of=""):
+    """An argparse type: a whole number from `low` to `high` (of seconds, ...)."""
+    def whole(text):
+        number = _whole(text.strip(), high)
+        if number is None or number < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number{of} from {low} to {high}")
+        return number
+    return whole
 
 
 def networks_argument(text):
@@ -4243,7 +4254,7 @@ def build_parser():
     sub.add_argument("--port", type=int, help="port (default: $MICROTICKS_PORT, else 8080)")
     sub.add_argument("--server", help="threads (the built-in pool; default), or any server Bottle "
                                       "supports and you installed: waitress, gunicorn, cheroot, ...")
-    sub.add_argument("--threads", type=int, help="worker threads of the built-in server "
+    sub.add_argument("--threads", type=whole_argument(1, 256), help="worker threads of the built-in server "
                                                  "(default: $MICROTICKS_THREADS, else 8)")
     sub = command("createconsumer", cmd_createconsumer, "register a frontend and print its consumer key")
     sub.add_argument("name", help="a name for the frontend, e.g. the kiosk's location")
@@ -4273,7 +4284,7 @@ def build_parser():
                                                          "(default: $MICROTICKS_RETENTION_DAYS days)")
     sub.add_argument("--no-vacuum", action="store_true", help="do not shrink the file afterwards")
     sub = command("status", cmd_status, "sizes, counts, open sessions, last sign of life per consumer and kiosk")
-    sub.add_argument("--silent-hours", type=int, help="call a consumer or kiosk silent after this many hours "
+    sub.add_argument("--silent-hours", type=whole_argument(1, 100 * 365 * 24, " of hours"), help="call a consumer or kiosk silent after this many hours "
                                                       "(default: $MICROTICKS_SILENT_HOURS, else 24)")
     sub.add_argument("--json", action="store_true", help="print the JSON of GET /status")
     def read_filters(sub, formats=True):
@@ -4317,8 +4328,8 @@ def build_parser():
     sub.add_argument("--json", action="store_true", help="print the JSON that GET /stats answers")
     sub = command("closestale", cmd_closestale, "close sessions without an event for a while (the "
                                                 "service does this too, on requests; this is for cron)")
-    sub.add_argument("--timeout", type=seconds_argument, help="seconds without an event "
-                                                 "(default: $MICROTICKS_SESSION_TIMEOUT, else 1800)")
+    sub.add_argument("--timeout", type=whole_argument(1, 100 * 365 * 86400, " of seconds"),
+                     help="seconds without an event (default: $MICROTICKS_SESSION_TIMEOUT, else 1800)")
     sub = command("forgetstats", cmd_forgetstats, "delete the statistics /stats keeps (all, or of one data "
                                                   "key or bin) and shrink the file; they are computed again")
     sub.add_argument("--data-key", help="only those of this data key")

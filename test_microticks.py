@@ -223,6 +223,20 @@ def test_bad_settings_fall_back_with_a_warning(monkeypatch):
     assert len(settings.warnings) == 2
 
 
+def test_settings_beyond_a_century_are_held_to_one_and_the_service_still_answers(monkeypatch, start_server,
+                                                                                 consumer_key):
+    for name in ("MICROTICKS_RETENTION_DAYS", "MICROTICKS_SESSION_TIMEOUT", "MICROTICKS_SILENT_HOURS"):
+        monkeypatch.setenv(name, "99999999999")
+    settings = microticks.load_settings()
+    assert (settings.retention_days, settings.session_timeout, settings.silent_hours) == (36500, 3153600000, 876000)
+    assert len(settings.warnings) == 3
+    assert "MICROTICKS_RETENTION_DAYS=99999999999 is outside 0 to 36500; using 36500" in settings.warnings
+    client = start_server(retention_days=settings.retention_days, session_timeout=settings.session_timeout,
+                          silent_hours=settings.silent_hours)
+    token = client.start(consumer_key)  # applies the retention and closes idle sessions
+    assert client.get("/events").status == client.get("/status").status == 200 and token
+
+
 def test_cors_origins_are_a_comma_separated_list(monkeypatch):
     monkeypatch.setenv("MICROTICKS_CORS_ORIGINS", "https://a.example, http://b.example")
     assert microticks.load_settings().cors_origins == ("https://a.example", "http://b.example")
@@ -1078,7 +1092,9 @@ def test_cli_explains_a_missing_directory(tmp_path):
     (["import", "{tmp}/week.json"], 1, "Cannot read {tmp}/week.json: No such file or directory"),
     (["import", "{tmp}"], 1, "Cannot read {tmp}: Is a directory"),
     (["backup", "{tmp}/no/such/backup.db"], 1, "Cannot write the backup to {tmp}/no/such/backup.db"),
-    (["closestale", "--timeout", "-5"], 2, "'-5' is not a whole number of seconds from 1"),
+    (["closestale", "--timeout", "-5"], 2, "'-5' is not a whole number of seconds from 1 to 3153600000"),
+    (["purge", "--older-than", "99999y"], 1, "'99999y' is more than 100 years"),
+    (["status", "--silent-hours", "0"], 2, "'0' is not a whole number of hours from 1 to 876000"),
     (["events", "--from", "yesterday"], 1, "'yesterday' is neither a day (2017-05-22) nor a time"),
 ])
 def test_cli_mistakes_are_told_in_a_line(tmp_path, args, status, said):
