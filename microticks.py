@@ -121,6 +121,9 @@ MAX_BATCH_EVENTS = 1000
 MAX_BATCH_SESSIONS = 10
 #: Clock offsets below this are network delay, not a wrong clock: not corrected.
 MIN_CLOCK_CORRECTION = timedelta(seconds=2)
+#: The longest timeout, retention or silence taken: beyond a century, the
+#: dates computed from one leave the calendar (the year 1 or 9999).
+MAX_AGE = timedelta(days=100 * 365)
 #: Rows one page of GET /events or GET /sessions holds.
 DEFAULT_PAGE_LIMIT = 1000
 MAX_PAGE_LIMIT = 10000
@@ -188,7 +191,6 @@ def load_settings(wsgi_environ=None, **overrides):
             warnings.append(f"{name}={text!r} is not a whole number; using {default}")
             return default
         if not low <= number <= high:
-            # Beyond a century, times computed from it leave the calendar (every request would fail).
             number = min(max(number, low), high)
             warnings.append(f"{name}={text} is outside {low} to {high}; using {number}")
         return number
@@ -216,11 +218,11 @@ def load_settings(wsgi_environ=None, **overrides):
         log_level=level,
         sentry_dsn=env.get("MICROTICKS_SENTRY_DSN", ""),
         tz=timezone_setting(env.get("MICROTICKS_TZ", ""), warnings),
-        session_timeout=integer("MICROTICKS_SESSION_TIMEOUT", 1800, 1, 100 * 365 * 86400),
+        session_timeout=integer("MICROTICKS_SESSION_TIMEOUT", 1800, 1, MAX_AGE // timedelta(seconds=1)),
         rate_limit=integer("MICROTICKS_RATE_LIMIT", 50, 0, 10**6),
         store_ip=choice("MICROTICKS_STORE_IP", ("truncated", "full", "none")),
-        retention_days=integer("MICROTICKS_RETENTION_DAYS", 0, 0, 100 * 365),
-        silent_hours=integer("MICROTICKS_SILENT_HOURS", 24, 1, 100 * 365 * 24),
+        retention_days=integer("MICROTICKS_RETENTION_DAYS", 0, 0, MAX_AGE.days),
+        silent_hours=integer("MICROTICKS_SILENT_HOURS", 24, 1, MAX_AGE // timedelta(hours=1)),
         warnings=tuple(warnings),
     )
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
@@ -2179,8 +2181,8 @@ def parse_age(text):
         raise ValueError(f"{text!r} is not an age like 365d, 12w, 2y or 48h")
     number, unit = int(match.group(1)), match.group(2) or "d"
     age = timedelta(hours=number) if unit == "h" else timedelta(days=number * {"d": 1, "w": 7, "y": 365}[unit])
-    if age > timedelta(days=100 * 365):
-        raise ValueError(f"{text!r} is more than 100 years")
+    if age > MAX_AGE:
+        raise ValueError(f"{text!r} is more than {MAX_AGE.days // 365} years")
     return age
 
 
@@ -4254,8 +4256,8 @@ def build_parser():
     sub.add_argument("--port", type=int, help="port (default: $MICROTICKS_PORT, else 8080)")
     sub.add_argument("--server", help="threads (the built-in pool; default), or any server Bottle "
                                       "supports and you installed: waitress, gunicorn, cheroot, ...")
-    sub.add_argument("--threads", type=whole_argument(1, 256), help="worker threads of the built-in server "
-                                                 "(default: $MICROTICKS_THREADS, else 8)")
+    sub.add_argument("--threads", type=whole_argument(1, 256),
+                     help="worker threads of the built-in server (default: $MICROTICKS_THREADS, else 8)")
     sub = command("createconsumer", cmd_createconsumer, "register a frontend and print its consumer key")
     sub.add_argument("name", help="a name for the frontend, e.g. the kiosk's location")
     sub.add_argument("--allow", type=networks_argument, metavar="NETWORKS",
@@ -4284,8 +4286,9 @@ def build_parser():
                                                          "(default: $MICROTICKS_RETENTION_DAYS days)")
     sub.add_argument("--no-vacuum", action="store_true", help="do not shrink the file afterwards")
     sub = command("status", cmd_status, "sizes, counts, open sessions, last sign of life per consumer and kiosk")
-    sub.add_argument("--silent-hours", type=whole_argument(1, 100 * 365 * 24, " of hours"), help="call a consumer or kiosk silent after this many hours "
-                                                      "(default: $MICROTICKS_SILENT_HOURS, else 24)")
+    sub.add_argument("--silent-hours", type=whole_argument(1, MAX_AGE // timedelta(hours=1), " of hours"),
+                     help="call a consumer or kiosk silent after this many hours "
+                          "(default: $MICROTICKS_SILENT_HOURS, else 24)")
     sub.add_argument("--json", action="store_true", help="print the JSON of GET /status")
     def read_filters(sub, formats=True):
         group = sub.add_argument_group("filters (as the HTTP API's query parameters)")
@@ -4328,7 +4331,7 @@ def build_parser():
     sub.add_argument("--json", action="store_true", help="print the JSON that GET /stats answers")
     sub = command("closestale", cmd_closestale, "close sessions without an event for a while (the "
                                                 "service does this too, on requests; this is for cron)")
-    sub.add_argument("--timeout", type=whole_argument(1, 100 * 365 * 86400, " of seconds"),
+    sub.add_argument("--timeout", type=whole_argument(1, MAX_AGE // timedelta(seconds=1), " of seconds"),
                      help="seconds without an event (default: $MICROTICKS_SESSION_TIMEOUT, else 1800)")
     sub = command("forgetstats", cmd_forgetstats, "delete the statistics /stats keeps (all, or of one data "
                                                   "key or bin) and shrink the file; they are computed again")
