@@ -2430,14 +2430,16 @@ def clean_exported_event(record, number):
     """One event of an export file, ready to insert; ValueError names the record."""
     if not isinstance(record, dict):
         raise MicroticksError(400, f"record {number} is not an object")
-    problems = [k for k in ("id", "session_id") if not isinstance(record.get(k), int) or record[k] < 1]
+    problems = [k for k in ("id", "session_id") if type(record.get(k)) is not int or not 1 <= record[k] < 2**63]
     problems += [k for k in ("time", "action") if not isinstance(record.get(k), str) or not record[k]]
     if problems:
         raise MicroticksError(400, f"record {number} lacks a valid {problems[0]!r}")
     try:
         time_utc = utc_text(record["time"])
-    except (ValueError, OverflowError) as error:
+    except ValueError as error:
         raise MicroticksError(400, f"record {number}: time {error}") from None
+    except OverflowError:
+        raise MicroticksError(400, f"record {number}: time {record['time']!r} is out of range") from None
     data = record.get("data")
     return {"id": record["id"], "session_id": record["session_id"], "time": record["time"],
             "action": record["action"], "time_utc": time_utc,

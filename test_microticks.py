@@ -1475,7 +1475,11 @@ def test_import_refuses_conflicting_and_malformed_files(tmp_path, db_path):
     bad = tmp_path / "bad.json"
     for text, words in [('{"events": [{"id": 1}]}', "lacks a valid"), ("[1, 2]", 'no "events" list'),
                         ("not json", "neither"), ('{"events": [{"id": 1, "session_id": 1, "time": "x",'
-                                                  ' "action": "a"}]}', "time")]:
+                                                  ' "action": "a"}]}', "time"),
+                        ('{"events": [{"id": 1, "session_id": 100000000000000000000, "time": "2017-05-22T11:00:00Z",'
+                         ' "action": "a"}]}', "lacks a valid 'session_id'"),  # beyond SQLite's integers
+                        ('{"events": [{"id": 1, "session_id": 1, "time": "9999-12-31T23:59:59-23:59",'
+                         ' "action": "a"}]}', "is out of range")]:
         bad.write_text(text)
         proc = run_cli("import", str(bad), "--db", db_path, check=False)
         assert proc.returncode == 1 and words in proc.stderr, (text, proc.stderr)
