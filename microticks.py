@@ -1257,6 +1257,7 @@ def _summary(values):
 KEPT_STATS = {"stats_values": "fresh_values", "stats_heat": "fresh_heat", "stats_actions": "fresh_actions"}
 # What /stats groups by and bins heatmaps in unless asked otherwise.
 DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN = "subject", 50
+MAX_HEATMAP_BIN = 10000
 #: Besides the default's, the (data key, bin) pairs whose figures are kept:
 #: each holds about a quarter of the file's size, and a researcher trying
 #: bins, or anyone with the key, would otherwise grow the file without end.
@@ -2416,9 +2417,9 @@ def clean_stats_query(params, settings_tz):
         return value
 
     def bin_size(p, name):
-        number = _whole(p.get(name) or str(DEFAULT_HEATMAP_BIN), 10000)
+        number = _whole(p.get(name) or str(DEFAULT_HEATMAP_BIN), MAX_HEATMAP_BIN)
         if not number:  # None, or 0
-            raise ValueError('"bin" must be a whole number of pixels from 1 to 10000')
+            raise ValueError(f'"bin" must be a whole number of pixels from 1 to {MAX_HEATMAP_BIN}')
         return number
 
     extra = _check(stats_params, {"tz": tz, "data_key": data_key, "bin": bin_size})
@@ -4277,7 +4278,7 @@ def build_parser():
     sub.add_argument("networks", nargs="?", default="", type=networks_argument,
                      help="comma-separated addresses or networks, e.g. 10.1.2.0/24,2001:db8::/48")
     sub = command("delete", cmd_delete, "erase sessions and their events (an erasure request)")
-    sub.add_argument("--session", type=int, action="append", required=True, metavar="ID",
+    sub.add_argument("--session", type=whole_argument(1, 10**18 - 1), action="append", required=True, metavar="ID",
                      help="a session's id; repeat for more")
     sub = command("backup", cmd_backup, "write a consistent copy of the database while the service runs")
     sub.add_argument("file", help="the copy to write (replaced if it exists)")
@@ -4338,7 +4339,7 @@ def build_parser():
     sub = command("forgetstats", cmd_forgetstats, "delete the statistics /stats keeps (all, or of one data "
                                                   "key or bin) and shrink the file; they are computed again")
     sub.add_argument("--data-key", help="only those of this data key")
-    sub.add_argument("--bin", type=int, help="only those of this heatmap bin size")
+    sub.add_argument("--bin", type=whole_argument(1, MAX_HEATMAP_BIN), help="only those of this heatmap bin size")
     return parser
 
 

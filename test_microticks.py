@@ -1096,6 +1096,8 @@ def test_cli_explains_a_missing_directory(tmp_path):
     (["purge", "--older-than", "99999y"], 1, "'99999y' is more than 100 years"),
     (["status", "--silent-hours", "0"], 2, "'0' is not a whole number of hours from 1 to 876000"),
     (["events", "--from", "yesterday"], 1, "'yesterday' is neither a day (2017-05-22) nor a time"),
+    (["delete", "--session", "1" + "0" * 20], 2, "is not a whole number from 1 to 999999999999999999"),
+    (["forgetstats", "--bin", "0"], 2, "'0' is not a whole number from 1 to 10000"),
 ])
 def test_cli_mistakes_are_told_in_a_line(tmp_path, args, status, said):
     db = str(tmp_path / "x.db")
