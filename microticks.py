@@ -3999,9 +3999,11 @@ def read_export_file(path):
         except ValueError:
             one_per_line = False
         stream.seek(0)
+        # Strict JSON, as the API takes: NaN or Infinity stored in `data` would
+        # break SQLite's JSON functions (statistics, exports) for the whole file.
         if not one_per_line:
             try:
-                document = json.load(stream)
+                document = parse_json(stream.read().decode("utf-8"), max_depth=None)
             except ValueError as error:
                 raise MicroticksError(400, f"{path} is neither a JSON export nor NDJSON: {error}") from None
             if not isinstance(document, dict) or not isinstance(document.get("events"), list):
@@ -4011,9 +4013,9 @@ def read_export_file(path):
         for number, line in enumerate(stream, 1):
             if line.strip():
                 try:
-                    yield json.loads(line)
-                except ValueError:
-                    raise MicroticksError(400, f"{path} line {number} is not JSON") from None
+                    yield parse_json(line.decode("utf-8"), max_depth=None)
+                except ValueError as error:
+                    raise MicroticksError(400, f"{path} line {number} is not JSON: {error}") from None
 
 
 def cmd_import(args, settings):

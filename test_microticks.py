@@ -1481,7 +1481,14 @@ def test_import_refuses_conflicting_and_malformed_files(tmp_path, db_path):
                         ('{"events": [{"id": 1, "session_id": 100000000000000000000, "time": "2017-05-22T11:00:00Z",'
                          ' "action": "a"}]}', "lacks a valid 'session_id'"),  # beyond SQLite's integers
                         ('{"events": [{"id": 1, "session_id": 1, "time": "9999-12-31T23:59:59-23:59",'
-                         ' "action": "a"}]}', "is out of range")]:
+                         ' "action": "a"}]}', "is out of range"),
+                        # JSON the API refuses too: stored, it broke SQLite's JSON functions for the whole file
+                        ('{"events": [{"id": 1, "session_id": 1, "time": "2017-05-22T11:00:00Z", "action": "a",'
+                         ' "data": {"x": NaN}}]}', "NaN is not JSON"),
+                        ('{"id": 1, "session_id": 1, "time": "2017-05-22T11:00:00Z", "action": "a",'
+                         ' "data": {"x": 1e400}}', "line 1 is not JSON: number out of range"),
+                        ('{"id": 1, "session_id": 1, "time": "2017-05-22T11:00:00Z", "action": "a",'
+                         ' "data": "\\ud800"}', "half a surrogate pair")]:
         bad.write_text(text)
         proc = run_cli("import", str(bad), "--db", db_path, check=False)
         assert proc.returncode == 1 and words in proc.stderr, (text, proc.stderr)
