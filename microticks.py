@@ -1671,7 +1671,14 @@ def delete_sessions(conn, session_ids):
 def backup_database(conn, target_path):
     """A consistent copy of the live database (SQLite's online backup: the
     service keeps writing meanwhile). Written beside the target, then moved
-    in place, so an interrupted backup never leaves half a file."""
+    in place, so an interrupted backup never leaves half a file. Replaces an
+    earlier backup, never a file of another kind (a mistyped path)."""
+    if os.path.isdir(target_path):
+        raise MicroticksError(400, f"{target_path} is a directory: name the backup's file")
+    if os.path.exists(target_path) and os.path.getsize(target_path):
+        with open(target_path, "rb") as existing:
+            if existing.read(16) != b"SQLite format 3\0":
+                raise MicroticksError(400, f"{target_path} exists and is not a database: not overwritten")
     partial = target_path + ".partial"
     with contextlib.suppress(FileNotFoundError):
         os.remove(partial)
@@ -3975,17 +3982,20 @@ def cmd_read(args, settings):
     kind = getattr(args, "kind", None) or args.command
     query = clean_read_query(params, kind, settings.tz, export=export)
     conn = open_database(settings)
-    if query.format == "json":
-        json.dump(read_page(conn, query), sys.stdout, indent=2, ensure_ascii=False)
-        print()
-        return
-    if args.output:
-        with open(args.output, "w", encoding="utf-8", newline="") as stream:
+    try:
+        output = open(args.output, "w", encoding="utf-8", newline="") if args.output else None
+    except OSError as error:
+        raise MicroticksError(400, f"Cannot write {args.output}: {error.strerror or error}") from None
+    with output or contextlib.nullcontext(sys.stdout) as stream:
+        if query.format == "json":
+            json.dump(read_page(conn, query), stream, indent=2, ensure_ascii=False)
+            stream.write("\n")
+        else:
+            if not output:
+                sys.stdout.reconfigure(newline="")  # csv writes its own \r\n
             write_export(conn, query, stream)
+    if output:
         print(f"Wrote {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.reconfigure(newline="")  # csv writes its own \r\n
-        write_export(conn, query, sys.stdout)
 
 
 def read_export_file(path):
@@ -4123,7 +4133,7 @@ def cmd_backup(args, settings):
 
 
 def cmd_restore(args, settings):
-    if not os.path.exists(args.file):
+    if not os.path.isfile(args.file):
         raise MicroticksError(404, f"No such backup: {args.file}")
     restore_database(open_database(settings), args.file)
     print(f"Restored {os.path.abspath(settings.db_path)} from {args.file}.")

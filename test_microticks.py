@@ -1092,6 +1092,10 @@ def test_cli_explains_a_missing_directory(tmp_path):
     (["import", "{tmp}/week.json"], 1, "Cannot read {tmp}/week.json: No such file or directory"),
     (["import", "{tmp}"], 1, "Cannot read {tmp}: Is a directory"),
     (["backup", "{tmp}/no/such/backup.db"], 1, "Cannot write the backup to {tmp}/no/such/backup.db"),
+    (["backup", "{tmp}/notes.txt"], 1, "{tmp}/notes.txt exists and is not a database: not overwritten"),
+    (["backup", "{tmp}"], 1, "{tmp} is a directory: name the backup's file"),
+    (["restore", "{tmp}"], 1, "No such backup: {tmp}"),
+    (["export", "--output", "{tmp}/no/such/week.csv"], 1, "Cannot write {tmp}/no/such/week.csv: No such file"),
     (["closestale", "--timeout", "-5"], 2, "'-5' is not a whole number of seconds from 1 to 3153600000"),
     (["purge", "--older-than", "99999y"], 1, "'99999y' is more than 100 years"),
     (["status", "--silent-hours", "0"], 2, "'0' is not a whole number of hours from 1 to 876000"),
@@ -1102,9 +1106,11 @@ def test_cli_explains_a_missing_directory(tmp_path):
 def test_cli_mistakes_are_told_in_a_line(tmp_path, args, status, said):
     db = str(tmp_path / "x.db")
     run_cli("initdb", "--db", db)
+    (tmp_path / "notes.txt").write_text("not a backup")
     proc = run_cli(*[a.format(tmp=tmp_path) for a in args], "--db", db, check=False)
     assert proc.returncode == status and said.format(tmp=tmp_path) in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and "x.db" not in proc.stderr  # not blamed on the database
+    assert (tmp_path / "notes.txt").read_text() == "not a backup"
 
 
 @pytest.fixture
