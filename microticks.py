@@ -113,6 +113,7 @@ MAX_TOKEN_CHARS = 64
 MAX_TIMESTAMP_CHARS = 64
 MAX_DATA_BYTES = 64 * 1024
 MAX_DEVICE_CHARS = 100
+MAX_CONSUMER_NAME_CHARS = 100
 #: How deeply `data` may nest: a kiosk's click data is two levels deep.
 MAX_DATA_DEPTH = 32
 #: Events one batch may hold (answered 413 beyond it, as is a body over 1 MiB).
@@ -2147,6 +2148,15 @@ def clean_batch(body, received, session_tokens=None):
     return cleaned
 
 
+def clean_consumer_name(text):
+    """A consumer's name as an operator gives it (it shows in the dashboard,
+    exports and /metrics): 1 to MAX_CONSUMER_NAME_CHARS printable characters."""
+    name = text.strip()
+    if not name or len(name) > MAX_CONSUMER_NAME_CHARS or not name.isprintable():
+        raise ValueError(f"{text[:120]!r} is not a name of 1 to {MAX_CONSUMER_NAME_CHARS} printable characters")
+    return name
+
+
 def clean_networks(text):
     """A comma-separated list of addresses or networks (10.0.0.0/24,
     2001:db8::/48), normalised; ValueError otherwise."""
@@ -4109,6 +4119,13 @@ def whole_argument(low, high, of=""):
     return whole
 
 
+def name_argument(text):
+    try:
+        return clean_consumer_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def networks_argument(text):
     try:
         return clean_networks(text)
@@ -4274,7 +4291,7 @@ def build_parser():
     sub.add_argument("--threads", type=whole_argument(1, 256),
                      help="worker threads of the built-in server (default: $MICROTICKS_THREADS, else 8)")
     sub = command("createconsumer", cmd_createconsumer, "register a frontend and print its consumer key")
-    sub.add_argument("name", help="a name for the frontend, e.g. the kiosk's location")
+    sub.add_argument("name", type=name_argument, help="a name for the frontend, e.g. the kiosk's location")
     sub.add_argument("--allow", type=networks_argument, metavar="NETWORKS",
                      help="only from these addresses or networks, comma-separated (e.g. 10.1.2.0/24)")
     command("consumers", cmd_consumers, "list the consumers")
@@ -4284,7 +4301,7 @@ def build_parser():
     sub.add_argument("name", help="the consumer's name")
     sub = command("renameconsumer", cmd_renameconsumer, "rename a consumer")
     sub.add_argument("name", help="the consumer's name")
-    sub.add_argument("new_name", help="its new name")
+    sub.add_argument("new_name", type=name_argument, help="its new name")
     sub = command("allowips", cmd_allowips, "restrict a consumer to addresses or networks (none given: any)")
     sub.add_argument("name", help="the consumer's name")
     sub.add_argument("networks", nargs="?", default="", type=networks_argument,

@@ -1073,6 +1073,13 @@ def test_cli_administers_consumers(tmp_path):
     assert "revoked" in run_cli("consumers", "--db", db).stdout
     missing = run_cli("revokeconsumer", "nobody", "--db", db, check=False)
     assert missing.returncode == 1 and "No consumer named" in missing.stderr
+    for name in ("", "   ", "x" * 101, "two\nlines"):  # names show in the dashboard, exports and /metrics
+        refused = run_cli("createconsumer", name, "--db", db, check=False)
+        assert refused.returncode == 2 and "is not a name of 1 to 100 printable characters" in refused.stderr
+        refused = run_cli("renameconsumer", "Lobby table", name, "--db", db, check=False)
+        assert refused.returncode == 2
+    run_cli("createconsumer", "  Café 3 ", "--db", db)  # trimmed
+    assert stored(db, "SELECT name FROM consumers ORDER BY id") == [("Lobby table",), ("Café 3",)]
 
 
 def test_cli_reads_the_database_from_the_environment_and_the_flag_wins(tmp_path):
