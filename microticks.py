@@ -2484,10 +2484,10 @@ def request_fields(request):
     also sent as text/plain (navigator.sendBeacon cannot set a JSON type)."""
     if "chunked" in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         raise MicroticksError(411, "Send the body with a Content-Length, not chunked")
-    try:
-        length = int(request.environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise MicroticksError(400, "Content-Length is not a number") from None
+    length = (request.environ.get("CONTENT_LENGTH") or "0").strip()
+    if not (length.isascii() and length.isdigit()):
+        raise MicroticksError(400, "Content-Length is not a number of bytes")
+    length = int(length)
     if length > MAX_BODY_BYTES:
         raise MicroticksError(413, STATUS_MESSAGES[413])
     raw = request.body.read(MAX_BODY_BYTES + 1) if length > 0 else b""
@@ -3012,10 +3012,11 @@ class ConnectionHandler(WSGIRequestHandler):
             return False
         if not self.parse_request():  # answers malformed requests itself
             return False
-        try:
-            length = max(0, int(self.headers.get("Content-Length") or 0))
-        except ValueError:
-            length = 0  # the app answers 400; the connection closes
+        length = (self.headers.get("Content-Length") or "0").strip()
+        if length.isascii() and length.isdigit():
+            length = int(length)
+        else:  # "-5" or "+5" too (int() takes them): the app answers 400, and the body's
+            length = 0  # end is unknown, so the connection closes rather than read it as a request
             self.close_connection = True
         body = _BodyReader(self.rfile, length)
         environ = self.get_environ()

@@ -810,6 +810,18 @@ def test_the_server_refuses_malformed_requests(client, request_head, status):
         assert raw_exchange(sock, request_head + b"\r\n")[0][0] == status
 
 
+@pytest.mark.parametrize("length", [b"-5", b"+5", b"0x10", b"5, 5"])
+def test_a_content_length_that_is_not_digits_closes_the_connection(client, length):
+    """Whatever follows such a header is no request of the client's to answer
+    (int() takes "-5" and "+5"): read as one, a proxy and we would disagree."""
+    smuggled = b'{"a":1}GET /health HTTP/1.1\r\nHost: x\r\n\r\n'
+    with socket.create_connection(("127.0.0.1", client.port), timeout=5) as sock:
+        [(status, _, body)] = raw_exchange(sock, b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                                 b"\r\nContent-Length: " + length + b"\r\n\r\n" + smuggled)
+        assert status == "400" and "Content-Length" in json.loads(body)["error"]
+        assert sock.recv(100) == b""  # closed: nothing answered for the bytes after it
+
+
 def test_the_server_speaks_http_1_0_and_expect_100_continue(client, consumer_key):
     with socket.create_connection(("127.0.0.1", client.port), timeout=5) as sock:
         [(status, headers, body)] = raw_exchange(sock, b"GET /health HTTP/1.0\r\n\r\n")
