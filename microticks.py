@@ -3000,6 +3000,19 @@ class ConnectionHandler(WSGIRequestHandler):
             self.wfile.flush()  # buffered: the client (curl, for a body over 1 KB) waits for it
         return True
 
+    def send_error(self, code, message=None, explain=None):
+        """BaseHTTPRequestHandler's answer to a request it cannot parse, in the
+        app's JSON shape instead of an HTML page; the connection closes."""
+        self.close_connection = True
+        body = json.dumps({"error": message or http.HTTPStatus(code).phrase, "status": code}).encode()
+        self.send_response(code)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
     def handle_next(self):
         """Answer one request; True when the connection stays open."""
         self.close_connection = True
@@ -3011,6 +3024,9 @@ class ConnectionHandler(WSGIRequestHandler):
             self.send_error(414)
             return False
         if not self.parse_request():  # answers malformed requests itself
+            return False
+        if len({value.strip() for value in self.headers.get_all("Content-Length", ())}) > 1:
+            self.send_error(400, "Conflicting Content-Length headers")  # which one would a proxy have read?
             return False
         length = (self.headers.get("Content-Length") or "0").strip()
         if length.isascii() and length.isdigit():

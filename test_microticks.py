@@ -804,10 +804,14 @@ def test_the_server_keeps_connections_alive_and_answers_pipelined_requests(clien
     (b"GET /health HTTP/1.1\r\nno colon here\r\n", "400"),
     (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101)), "431"),
     (b"GET /health HTTP/1.1\r\nX-Long: " + b"y" * 70000 + b"\r\n", "431"),
+    (b"POST /events HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 7\r\n", "400"),
 ])
 def test_the_server_refuses_malformed_requests(client, request_head, status):
     with socket.create_connection(("127.0.0.1", client.port), timeout=5) as sock:
-        assert raw_exchange(sock, request_head + b"\r\n")[0][0] == status
+        [(answered, headers, body)] = raw_exchange(sock, request_head + b"\r\n")
+        assert answered == status and headers["content-type"] == "application/json"
+        assert json.loads(body)["status"] == int(status) and json.loads(body)["error"]
+        assert sock.recv(100) == b""  # closed
 
 
 @pytest.mark.parametrize("length", [b"-5", b"+5", b"0x10", b"5, 5"])
