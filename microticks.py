@@ -3863,6 +3863,11 @@ for (const id of ["heat-width", "heat-height"]) {
 $("heat-screen").addEventListener("change", drawHeatmap);
 
 async function loadStats() {
+  const range = filters();
+  if (range.from && range.to && range.from > range.to) {  // the API answers that with nothing at all
+    showError("From is after To: no day lies between them");
+    return;
+  }
   try {
     render(await api("/stats", Object.assign(filters(), {data_key: $("data_key").value.trim()})));
     showError(null);

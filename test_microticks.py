@@ -2537,6 +2537,23 @@ def test_dashboard_figures_equal_the_stats_and_an_independent_computation(sample
         page.screenshot(path=str(Path(shots) if shots else tmp_path) + f"/dash-{name}.png", full_page=True)
 
 
+def test_dashboard_says_when_a_range_is_backwards_and_what_the_service_refused(sample_client, dash_page):
+    page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-29")
+    page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "83"')
+    page.fill("#from", "2017-05-30")
+    page.click("header button")
+    page.wait_for_selector("#error", state="visible")
+    assert page.inner_text("#error") == "From is after To: no day lies between them"
+    page.fill("#from", "2017-05-22")
+    page.fill("#data_key", "two words")
+    page.click("header button")
+    page.wait_for_function('document.getElementById("error").textContent.includes("data_key")')
+    page.fill("#data_key", "subject")
+    page.click("header button")
+    page.wait_for_selector("#error", state="hidden")
+    assert not page.errors
+
+
 def test_dashboard_live_list_shows_a_new_session_within_seconds(sample_client, dash_page, consumer_key):
     page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash")
     page.wait_for_selector("#live li.session")
