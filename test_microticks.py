@@ -2281,15 +2281,19 @@ def test_clicks_while_the_server_is_down_arrive_once_it_is_back(demo, api, db_pa
     assert [e["seq"] for e in events] == list(range(1, 11))
 
 
-def test_events_refused_for_a_wrong_api_key_wait_for_the_right_one(demo, db_path):
+@pytest.mark.parametrize("wrong, right", [
+    ('apiKey: "the-old-key"', 'apiKey: "the-new-key"'),  # MICROTICKS_KEY changed: 401
+    ('apiKey: "the-new-key", host: HOST + "/microticks"', 'apiKey: "the-new-key"'),  # a path not served: 404
+])
+def test_events_refused_for_a_wrong_setting_wait_for_the_right_one(demo, db_path, wrong, right):
     keyed = RestartableServer(db_path, api_key="the-new-key")
     keyed.start()
     page = demo()
     try:
-        options = "...window.tracker.options, storageKey: 'keyed', autoTrack: false, heartbeatInterval: 0," \
-                  f" host: 'http://127.0.0.1:{keyed.port}'"
+        options = "...window.tracker.options, storageKey: 'keyed', autoTrack: false, heartbeatInterval: 0, host: HOST"
         waiting = page.evaluate(f"""async () => {{
-            const tracker = Microticks.start({{{options}, apiKey: "the-old-key"}});
+            const HOST = "http://127.0.0.1:{keyed.port}";
+            const tracker = Microticks.start({{{options}, {wrong}}});
             for (const n of [1, 2, 3]) tracker.track("note", {{n}});
             for (let i = 0; i < 3; i++) await tracker.flush();
             tracker.destroy();
@@ -2297,7 +2301,8 @@ def test_events_refused_for_a_wrong_api_key_wait_for_the_right_one(demo, db_path
         }}""")
         assert waiting == 4 and stored_events(db_path) == []  # the session's start and three events
         page.evaluate(f"""async () => {{
-            const tracker = Microticks.start({{{options}, apiKey: "the-new-key"}});
+            const HOST = "http://127.0.0.1:{keyed.port}";
+            const tracker = Microticks.start({{{options}, {right}}});
             while (tracker.pending()) await tracker.flush();
             tracker.destroy();
         }}""")

@@ -339,11 +339,12 @@
     },
 
     /**
-     * POST and resolve with the JSON answer. A refusal (4xx but 401 and 429)
-     * resolves too, with {error}: retrying would not help. Network errors,
-     * 401, 429 and 5xx reject, so the item stays queued for a retry: a wrong
-     * API key (a rotated MICROTICKS_KEY) is the operator's to fix, and the
-     * events wait for the right one instead of being dropped.
+     * POST and resolve with the JSON answer. A refusal (4xx) resolves too,
+     * with {error}: retrying would not help. Network errors, 429 and 5xx
+     * reject, so the item stays queued for a retry; so do a wrong API key
+     * (401, a changed MICROTICKS_KEY) and a wrong address (404 for the call
+     * itself, a `host` without the service's path): the operator's to fix,
+     * and the events wait for it instead of being dropped.
      */
     post: function (path, payload) {
       var self = this, options = this.options;
@@ -373,7 +374,10 @@
       init.keepalive = new Blob([String(init.body)]).size <= 60000;
       return root.fetch(this.url(path), init).then(function (response) {
         return response.json().catch(function () { return {}; }).then(function (answer) {
-          if (response.status === 401 || response.status === 429 || response.status >= 500) {
+          // A first-generation server answers an unknown session with a 404
+          // for the whole call, as does ours for a stop: those are refusals.
+          var misaddressed = response.status === 404 && !options.legacy && path !== "/sessions/stop";
+          if (response.status === 401 || misaddressed || response.status === 429 || response.status >= 500) {
             throw new Error("HTTP " + response.status + ": " + (answer.error || ""));
           }
           if (!response.ok) answer = {error: answer.error || "HTTP " + response.status, status: response.status};
