@@ -289,6 +289,7 @@
             self.log("the server refused a batch of " + batch.length + " events as too large; sending halves");
             return;
           }
+          if (!answer.results) self.log("the server refused the batch; dropping its events", answer.error);
           var unknown = [];  // events of sessions the server no longer knows
           (answer.results || []).forEach(function (result, n) {
             if (result.status === 404 && !batch[n].restarted) unknown.push(batch[n]);
