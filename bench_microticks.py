@@ -310,6 +310,18 @@ def form_body(token):
 MICROTICKS_ENV = {"MICROTICKS_KEY": "bench-key", "MICROTICKS_RATE_LIMIT": "0", "MICROTICKS_LOG_LEVEL": "WARNING"}
 
 
+def gunicorn_command(app):
+    """gunicorn -w 2, as the issue has it; from version 27 on, without the
+    control socket it would write under ~/.gunicorn (Python 3.9 gets older
+    ones, which have none)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        quiet = ["--no-control-socket"] if int(version("gunicorn").split(".")[0]) >= 27 else []
+    except PackageNotFoundError:
+        sys.exit("bench: gunicorn is missing: pip install -e '.[test]'")
+    return [sys.executable, "-m", "gunicorn", "-w", "2", "-b", "127.0.0.1:{port}", "--backlog", "256", *quiet, app]
+
+
 def servers(workdir, kind, app, db):
     """The command (and environment) that runs `app` ("microticks", "reference"
     or "hello") under server `kind` ("serve", "gunicorn", "stdlib")."""
@@ -320,12 +332,10 @@ def servers(workdir, kind, app, db):
         if kind == "serve-uncached":  # as from a directory the service cannot write
             env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONPYCACHEPREFIX=str(workdir / "no-bytecode-here"))
             return [sys.executable, str(HERE / "microticks.py"), "serve", "--port", "{port}"], env, HERE
-        return [sys.executable, "-m", "gunicorn", "-w", "2", "--no-control-socket", "-b", "127.0.0.1:{port}", "--backlog", "256",
-                "microticks:application"], env, HERE
+        return gunicorn_command("microticks:application"), env, HERE
     env = {"REF_DB": str(db), "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if kind == "gunicorn":
-        return [sys.executable, "-m", "gunicorn", "-w", "2", "--no-control-socket", "-b", "127.0.0.1:{port}",
-                "--backlog", "256", "reference_app:application"], env, workdir
+        return gunicorn_command("reference_app:application"), env, workdir
     runner = ("import os, reference_app, microticks, bottle; app = reference_app.application;"
               " port = int(os.environ['PORT']);")
     if kind == "serve":  # our server, as `serve` runs it

@@ -56,6 +56,15 @@ def require_module(name):
         pytest.skip(f"{name} is not installed")
 
 
+def gunicorn_command(*args):
+    """gunicorn with `args`; from version 27 on, without the control socket
+    it would write under ~/.gunicorn (older ones, all Python 3.9 gets, have none)."""
+    require_module("gunicorn")
+    from importlib.metadata import version
+    quiet = ["--no-control-socket"] if int(version("gunicorn").split(".")[0]) >= 27 else []
+    return [sys.executable, "-m", "gunicorn", *quiet, *args]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1198,8 +1207,11 @@ def test_serve_from_the_script_reexecs_as_an_imported_module_unless_run_with_opt
 
     client, proc = served(script=kiosk / "analytics.py", env=env)
     assert client.get("/health").json["status"] == "ok"
-    assert command_line(proc)[1] == "-c" and str(kiosk / "analytics.py") in command_line(proc)
-    assert list((kiosk / "__pycache__").glob("analytics.*.pyc"))
+    if sys.version_info < (3, 10):  # no sys.orig_argv to tell a plain start: it runs as started
+        assert command_line(proc)[1] == str(kiosk / "analytics.py")
+    else:
+        assert command_line(proc)[1] == "-c" and str(kiosk / "analytics.py") in command_line(proc)
+        assert list((kiosk / "__pycache__").glob("analytics.*.pyc"))
     proc.send_signal(signal.SIGINT)  # Ctrl+C still stops it cleanly
     assert proc.wait(10) == 0 and "listening on" in proc.stdout.read()
 
@@ -1313,11 +1325,9 @@ def test_module_copied_with_bottle_py_runs_offline_and_without_it_says_why(tmp_p
 ###############################################################################
 
 def test_gunicorn_with_four_workers_stores_every_acknowledged_event_once(tmp_path, db_path, consumer_key):
-    require_module("gunicorn")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-w", "4", "--no-control-socket", "-b", f"127.0.0.1:{port}",
-         "microticks:application"],
+        gunicorn_command("-w", "4", "-b", f"127.0.0.1:{port}", "microticks:application"),
         cwd=HERE, env={**os.environ, "MICROTICKS_DB": db_path, "MICROTICKS_RATE_LIMIT": "0"}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     try:
@@ -2848,11 +2858,9 @@ def mixed_load(base, consumer_key, clients, seconds, stop=None):
 
 
 def test_four_gunicorn_workers_and_32_clients_store_every_event_exactly_once(db_path, consumer_key):
-    require_module("gunicorn")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-w", "4", "--no-control-socket", "-b", f"127.0.0.1:{port}", "--backlog", "256",
-         "microticks:application"],
+        gunicorn_command("-w", "4", "-b", f"127.0.0.1:{port}", "--backlog", "256", "microticks:application"),
         cwd=HERE, env={**os.environ, "MICROTICKS_DB": db_path, "MICROTICKS_RATE_LIMIT": "0",
                        "MICROTICKS_LOG_LEVEL": "WARNING"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -3036,6 +3044,9 @@ def test_a_wrong_api_key_costs_the_same_as_a_right_one(start_server):
 def test_schemathesis_finds_no_server_error_and_no_spec_mismatch(tmp_path, consumer_key, db_path):
     # Beside this Python, not via PATH (pyenv's shims may not know a new script yet).
     schemathesis = Path(sys.executable).parent / "schemathesis"
+    if sys.version_info < (3, 10):
+        pytest.skip("the last schemathesis for Python 3.9 (4.4) sends text/plain bodies as Python reprs and "
+                    "loops in its coverage phase: run this test on Python 3.10 or newer")
     if not schemathesis.exists():
         if ON_CI:
             pytest.fail("schemathesis is missing on CI: pip install schemathesis")
