@@ -2329,13 +2329,10 @@ def clean_read_query(params, kind, tz_name="", export=False):
             return None
         if not _DAY.fullmatch(text):
             raise ValueError('"date" must be a day as YYYY-MM-DD')
-        try:
-            day = datetime(*map(int, text.split("-")), tzinfo=timezone.utc)
-            return format_utc(day), format_utc(day + timedelta(days=1))
-        except ValueError:
-            raise ValueError(f'"date" {text!r} is not a real date') from None
-        except OverflowError:  # 9999-12-31: its end is in the year 10000
-            raise ValueError(f'"date" {text!r} is out of range') from None
+        try:  # the UTC day, as from=DAY&to=DAY reads it in UTC
+            return time_bound(text, "UTC"), time_bound(text, "UTC", end=True)
+        except ValueError as error:
+            raise ValueError(f'"date" {error}') from None
 
     def text(limit):
         def check(p, name):
