@@ -1220,6 +1220,32 @@ def test_serve_from_the_script_reexecs_as_an_imported_module_unless_run_with_opt
     assert command_line(proc)[1:4] == ["-X", "utf8", str(kiosk / "analytics.py")]
 
 
+@pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda pid: ())(0)) < 2,
+                    reason="needs Linux and two CPU cores or more")
+def test_serve_keeps_its_threads_to_one_cpu_core_unless_told_all(served, tmp_path):
+    """The built-in server's threads (the workers too, started by requests)
+    run on the last core the process may use; `--cpus all` or
+    MICROTICKS_CPUS=all leaves them on every core."""
+    def cores_of_threads(proc):
+        lists = set()
+        for task in Path(f"/proc/{proc.pid}/task").iterdir():
+            status = (task / "status").read_text()
+            lists.add(re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M).group(1))
+        return lists
+
+    everywhere = re.search(r"^Cpus_allowed_list:\s*(\S+)", Path("/proc/self/status").read_text(), re.M).group(1)
+    for args, env, expected in [((), {}, str(max(os.sched_getaffinity(0)))),
+                                (("--cpus", "all"), {}, everywhere),
+                                ((), {"MICROTICKS_CPUS": "all"}, everywhere)]:
+        client, proc = served("--db", str(tmp_path / "x.db"), *args, env=env)
+        for _ in range(3):  # requests on kept-alive and new connections start worker threads
+            assert client.get("/health").json["status"] == "ok"
+        assert len(list(Path(f"/proc/{proc.pid}/task").iterdir())) > 2
+        assert cores_of_threads(proc) == {expected}, (args, env)
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_the_readme_systemd_unit_serves_from_its_directory_with_cached_bytecode(tmp_path):
     """The unit's ExecStart, in its WorkingDirectory (a copy of the file),
     with its environment: the service answers, the database is where the
