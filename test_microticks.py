@@ -2282,7 +2282,14 @@ def touch(page, marker, times=1):
         page.click(f"[data-microticks='{marker}']")
 
 
+def uuid7_time(text):
+    """The time (ms since 1970) in a UUID version 7; AssertionError for other ids."""
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", text), text
+    return int(text.replace("-", "")[:12], 16)
+
+
 def test_demo_clicks_arrive_in_the_database(demo, db_path):
+    started_ms = time.time() * 1000
     page = demo()
     touch(page, "year:2017")
     touch(page, "ebook:Meyer_award_news.pdf")
@@ -2299,6 +2306,9 @@ def test_demo_clicks_arrive_in_the_database(demo, db_path):
     assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6]
     assert len({e["uuid"] for e in events}) == 6 and len({e["session_id"] for e in events}) == 1
     assert stored(db_path, "SELECT d.name FROM sessions s JOIN devices d ON d.id = s.device_id") == [("demo-table",)]
+    # Ids by time (UUIDv7): the server's index of them grows at its end.
+    times = [uuid7_time(e["uuid"]) for e in events] + [uuid7_time(stored(db_path, "SELECT uuid FROM sessions")[0][0])]
+    assert times[:-1] == sorted(times[:-1]) and all(started_ms - 1 <= t <= time.time() * 1000 for t in times)
 
 
 def test_clicks_while_the_server_is_down_arrive_once_it_is_back(demo, api, db_path):
