@@ -35,6 +35,7 @@ at several times Microticks' rate, so the figures are the server's.
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -214,12 +215,25 @@ end
 # A body holding SENT_AT gets the current time there, request by request: a
 # batch's sent_at as a kiosk with a right clock sends it. (One body replayed
 # with a fixed sent_at would age during the run, and every event would be
-# corrected for a clock that is not wrong.)
-SENT_AT = "@SENT_AT@"
-FRESH_SENT_AT = """
-local head, tail = wrk.body:match("^(.-)@SENT_AT@(.*)$")
+# corrected for a clock that is not wrong.) Each UUID gets a new id, ordered
+# by time as the tracker's UUIDv7s are: a replayed one would be a duplicate.
+SENT_AT, UUID = "@SENT_AT@", "@UUID@"
+FRESH_FIELDS = """
+local parts, made, thread_count = {}, 0, 0
+for part in (wrk.body .. "@UUID@"):gmatch("(.-)@UUID@") do parts[#parts + 1] = part end
+setup = function(thread)
+  thread_count = thread_count + 1
+  thread:set("thread_number", thread_count)
+end
 request = function()
-  return wrk.format(nil, nil, nil, head .. os.date("!%Y-%m-%dT%H:%M:%S.000Z") .. tail)
+  local now, body = os.time(), {parts[1]}
+  for i = 2, #parts do
+    made = made + 1
+    body[#body + 1] = string.format("%010x-%d-%012x", now, thread_number or 0, made)
+    body[#body + 1] = parts[i]
+  end
+  body = table.concat(body):gsub("@SENT_AT@", os.date("!%Y-%m-%dT%H:%M:%S.000Z"))
+  return wrk.format(nil, nil, nil, body)
 end
 """
 
@@ -235,8 +249,8 @@ def wrk(url, clients, seconds, body="", content_type="application/x-www-form-url
         sys.exit("bench: wrk is missing: apt-get install wrk")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT % (lua_string(body), lua_string(content_type)))
-        if SENT_AT in body:
-            script.write(FRESH_SENT_AT)
+        if SENT_AT in body or UUID in body:
+            script.write(FRESH_FIELDS)
         if method == "GET":
             script.write('wrk.method = "GET"\nwrk.body = nil\n')
     try:
@@ -441,10 +455,12 @@ def bench_ingest(workdir, results, seconds):
 
 
 def executemany_rate(workdir, rows, runs=5):
-    """SQLite's in-process rate for these rows: executemany in one
-    transaction, into a new file; the median of `runs` runs. Each starts
-    from a quiet disk (os.sync): run after a load, the writes still in the
-    page cache slowed it by up to 40%."""
+    """SQLite's in-process rate for these rows (6 columns, or 9 with uuid,
+    seq and boot): executemany in one transaction, into a new file; the
+    median of `runs` runs. Each starts from a quiet disk (os.sync): run
+    after a load, the writes still in the page cache slowed it by up to 40%."""
+    columns = "session_id, time, action, data, received_at, time_utc" + (", uuid, seq, boot" if len(rows[0]) > 6 else "")
+    sql = f"INSERT INTO events ({columns}) VALUES ({', '.join('?' * len(rows[0]))})"
     rates = []
     for run in range(runs):
         path = workdir / f"executemany-{run}.db"
@@ -452,8 +468,7 @@ def executemany_rate(workdir, rows, runs=5):
         os.sync()
         started = time.perf_counter()
         with microticks.write_transaction(conn):
-            conn.executemany("INSERT INTO events (session_id, time, action, data, received_at, time_utc)"
-                             " VALUES (?, ?, ?, ?, ?, ?)", rows)
+            conn.executemany(sql, rows)
         rates.append(len(rows) / (time.perf_counter() - started))
         conn.close()
         for leftover in workdir.glob(path.name + "*"):
@@ -461,7 +476,18 @@ def executemany_rate(workdir, rows, runs=5):
     return sorted(rates)[len(rates) // 2]
 
 
-def app_alone_rate(workdir, body, events, seconds):
+def id_maker(ordered=True):
+    """A function making new ids: ordered by time, as the tracker's UUIDv7s
+    are, or scattered over the index, as random (version 4) uuids are; at
+    the same cost either way (an odd multiplier permutes 64-bit numbers)."""
+    numbers = itertools.count(1)
+    if ordered:
+        prefix = f"{int(time.time()):010x}-alone-"
+        return lambda: f"{prefix}{next(numbers):012x}"
+    return lambda: f"{next(numbers) * 0x9E3779B97F4A7C15 % 2**64:016x}"
+
+
+def app_alone_rate(workdir, body, events, seconds, ordered_ids=True):
     """Events/s of the app alone: the same batches handed to the WSGI app
     in this process, one at a time, with no HTTP and no other thread (each
     batch its own commit, as from one client). What one core of Python
@@ -472,21 +498,49 @@ def app_alone_rate(workdir, body, events, seconds):
                                                        log_level="WARNING"))
     answers = []
     posted = 0
+    first, *parts = body.replace("@TOKEN@", token).split(UUID)
+    new_id = id_maker(ordered_ids)
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
-        raw = body.replace("@TOKEN@", token).replace(SENT_AT, microticks.utc_now()).encode()
+        text = first + "".join([new_id() + part for part in parts])
+        raw = text.replace(SENT_AT, microticks.utc_now()).encode()
         environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/events", "CONTENT_TYPE": "application/json",
                    "CONTENT_LENGTH": str(len(raw)), "wsgi.input": io.BytesIO(raw), "QUERY_STRING": "",
                    "HTTP_X_MICROTICKS_KEY": "bench-key", "REMOTE_ADDR": "127.0.0.1",
                    "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
-        b"".join(app(environ, lambda status, headers, exc_info=None: answers.append(status)))
+        answer = b"".join(app(environ, lambda status, headers, exc_info=None: answers.append(status)))
         posted += events
     elapsed = time.perf_counter() - started
     for leftover in workdir.glob(db.name + "*"):
         leftover.unlink()
-    if set(answers) != {"200 OK"}:
-        raise RuntimeError(f"the app alone answered {set(answers)}")
+    if set(answers) != {"200 OK"} or b'"duplicate"' in answer:
+        raise RuntimeError(f"the app alone answered {set(answers)}: {answer[:200]!r}")
     return posted / elapsed
+
+
+#: The batches measured: (events, shape). "plain": action, data and ts, the
+#: least an event holds; "tracker": as examples/microticks.js sends them,
+#: with a uuid (ordered by time), seq and boot, deduplicated by uuid.
+BATCHES = ((100, "plain"), (1000, "plain"), (100, "tracker"))
+
+
+def batch_of(size, shape):
+    """(the JSON body with @TOKEN@, @SENT_AT@ and @UUID@s to fill in, the same
+    rows for executemany)."""
+    events, rows, new_id = [], [], id_maker()
+    for i in range(size):
+        event = {"token": "@TOKEN@", "action": "click", "data": {"target": "box", "clickX": i, "clickY": 300},
+                 "ts": "2017-08-25T17:09:20.438Z"}
+        row = (1, event["ts"], "click", json.dumps(event["data"]), microticks.utc_now(), event["ts"])
+        if shape == "tracker":
+            event.update(uuid=UUID, seq=i + 1, boot="bench-boot")
+            row += (None, i + 1, "bench-boot")
+        events.append(event)
+        rows.append(row)
+    rows = rows * max(1, 100_000 // size)
+    if shape == "tracker":  # each row its own uuid, as each event has
+        rows = [row[:6] + (new_id(),) + row[7:] for row in rows]
+    return json.dumps({"events": events, "sent_at": SENT_AT}), rows
 
 
 def bench_batches(workdir, results, seconds):
@@ -494,23 +548,22 @@ def bench_batches(workdir, results, seconds):
     two servers run side by side, and each turn measures the ceiling (from
     a quiet disk), loads each server once and runs the app alone: a ratio
     is taken within a turn, and the median of five turns (or --repeat)
-    counts, as the machine's speed drifts."""
+    counts, as the machine's speed drifts. Tracker-shaped batches also go
+    to the app alone with random ids: what ids ordered by time save."""
     rows = []
     alone = "app alone (in-process, one thread, no HTTP)"
-    for size in (100, 1000):
-        data = [{"target": "box", "clickX": i, "clickY": 300} for i in range(size)]
-        same_rows = [(1, "2017-08-25T17:09:20.438Z", "click", json.dumps(d), microticks.utc_now(),
-                      "2017-08-25T17:09:20.438Z") for d in data] * max(1, 100_000 // size)
-        body = json.dumps({"events": [{"token": "@TOKEN@", "action": "click", "data": d,
-                                       "ts": "2017-08-25T17:09:20.438Z"} for d in data], "sent_at": SENT_AT})
+    alone_random = "app alone, random ids (as uuid4)"
+    for size, shape in BATCHES:
+        body, same_rows = batch_of(size, shape)
         with contextlib.ExitStack() as stack:
             started = {}
             for kind in ("serve", "gunicorn"):
-                db = workdir / f"batch-{size}-{kind}.db"
+                db = workdir / f"batch-{size}-{shape}-{kind}.db"
                 token = microticks_db(db)
                 command, env, cwd = servers(workdir, kind, "microticks", db)
                 started[kind] = stack.enter_context(Process(command, env, cwd)), body.replace("@TOKEN@", token)
-            turns = {kind: [] for kind in [*started, alone]}
+            alones = {alone: True, **({alone_random: False} if shape == "tracker" else {})}
+            turns = {kind: [] for kind in [*started, *alones]}
             for _ in range(max(5, REPEAT)):
                 ceiling = executemany_rate(workdir, same_rows, runs=3)
                 for kind, (server, server_body) in started.items():
@@ -518,12 +571,13 @@ def bench_batches(workdir, results, seconds):
                     turns[kind].append(dict(run, ceiling=ceiling, ratio=run["rps"] * size / ceiling))
                 # Last in the turn: the writes it leaves in the page cache slowed
                 # the servers' commits after it (the next ceiling starts from os.sync()).
-                rate = app_alone_rate(workdir, body, size, seconds)
-                turns[alone].append({"rps": rate / size, "ceiling": ceiling, "ratio": rate / ceiling,
-                                     "p99_ms": None, "errors": 0})
+                for kind, ordered in alones.items():
+                    rate = app_alone_rate(workdir, body, size, seconds, ordered_ids=ordered)
+                    turns[kind].append({"rps": rate / size, "ceiling": ceiling, "ratio": rate / ceiling,
+                                        "p99_ms": None, "errors": 0})
         for kind, runs in turns.items():
             median = sorted(runs, key=lambda r: r["ratio"])[len(runs) // 2]
-            rows.append({"server": kind, "batch": size, "clients": 1 if kind == alone else 8,
+            rows.append({"server": kind, "batch": size, "events": shape, "clients": 8 if kind in started else 1,
                          "events_per_s": round(median["rps"] * size),
                          "executemany_rows_per_s": round(median["ceiling"]), "ratio": round(median["ratio"], 3),
                          "ratios_of_the_turns": [round(r["ratio"], 3) for r in runs],
