@@ -1911,9 +1911,10 @@ def parse_json(text, max_depth=MAX_DATA_DEPTH):
 
 
 def nests_deeper(text, value, levels):
-    """Whether parsed JSON nests deeper than `levels`. Every level opens a
-    bracket, so a text with few of them is not walked."""
-    return text.count("{") + text.count("[") > levels and json_depth(value) > levels
+    """Whether parsed JSON nests deeper than `levels`. Every level opens and
+    closes a bracket, so a short text, or one with few of them, is not walked."""
+    return (len(text) > 2 * levels and text.count("{") + text.count("[") > levels
+            and json_depth(value) > levels)
 
 
 def json_depth(value):
