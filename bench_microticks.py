@@ -2,7 +2,7 @@
 """Benchmark Microticks on this machine; prints tables and writes JSON.
 
     apt-get install wrk                         # the load generator (once)
-    python bench_microticks.py                  # everything (about 5 minutes; 10 with --repeat 3)
+    python bench_microticks.py                  # everything (about 6 minutes; 13 with --repeat 3)
     python bench_microticks.py --only ingest    # one part: ingest, batches or big (with the reads)
 
 Every figure stands beside a baseline measured in the same run, as a ratio,
@@ -18,7 +18,9 @@ so that runs on different machines can be compared:
   gunicorn -w 2, beside SQLite's in-process executemany of the same rows,
   measured anew in each turn (the ratio is taken within the turn); and the
   app alone (the same batches handed to the WSGI app in-process, one
-  thread, no HTTP): what one core of Python makes of them.
+  thread, no HTTP): what one core of Python makes of them. Also batches of
+  100 as the tracker sends them (a uuid, seq and boot per event), and in
+  the app alone with random uuids instead of ids ordered by time.
 - big: the same single-event ingest into a database of 1,000,000 events in
   50,000 sessions (the sample week repeated, shifted week by week, loaded
   with `microticks.py import`), beside the empty database.
