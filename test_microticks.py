@@ -227,9 +227,11 @@ def test_settings_default_database_lives_beside_the_module(monkeypatch):
 def test_bad_settings_fall_back_with_a_warning(monkeypatch):
     monkeypatch.setenv("MICROTICKS_PORT", "eighty")
     monkeypatch.setenv("MICROTICKS_LOG_LEVEL", "loud")
+    monkeypatch.setenv("MICROTICKS_CPUS", "two")
     settings = microticks.load_settings()
-    assert settings.port == 8080 and settings.log_level == "INFO"
-    assert len(settings.warnings) == 2
+    assert settings.port == 8080 and settings.log_level == "INFO" and settings.cpus == "one"
+    assert len(settings.warnings) == 3
+    assert "MICROTICKS_CPUS='two' is not one of one, all; using one" in settings.warnings
 
 
 def test_settings_beyond_a_century_are_held_to_one_and_the_service_still_answers(monkeypatch, start_server,
