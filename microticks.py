@@ -3131,7 +3131,10 @@ class PooledWSGIServer(WSGIServer):
 
     def serve_forever(self, poll_interval=0.5):
         if self.one_cpu:  # before the workers start: they keep to it too
-            keep_to_one_cpu()
+            cpu = keep_to_one_cpu()
+            if cpu is not None:
+                log.info("serving on CPU core %d, where Python's threads take turns fastest"
+                         " (MICROTICKS_CPUS=all: on any)", cpu)
         self.selector.register(self.socket, selectors.EVENT_READ, None)
         self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
         idle = {}

@@ -1245,7 +1245,8 @@ def test_serve_keeps_its_threads_to_one_cpu_core_unless_told_all(served, tmp_pat
         assert len(list(Path(f"/proc/{proc.pid}/task").iterdir())) > 2
         assert cores_of_threads(proc) == {expected}, (args, env)
         proc.terminate()
-        proc.wait(10)
+        said = proc.communicate(timeout=10)[0]
+        assert (f"serving on CPU core {expected}" in said) == (expected != everywhere), said
 
 
 def test_the_readme_systemd_unit_serves_from_its_directory_with_cached_bytecode(tmp_path):
