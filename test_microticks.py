@@ -1239,7 +1239,7 @@ def test_serve_keeps_its_threads_to_one_cpu_core_unless_told_all(served, tmp_pat
     for args, env, expected in [((), {}, str(max(os.sched_getaffinity(0)))),
                                 (("--cpus", "all"), {}, everywhere),
                                 ((), {"MICROTICKS_CPUS": "all"}, everywhere)]:
-        client, proc = served("--db", str(tmp_path / "x.db"), *args, env=env)
+        client, proc = served("--db", str(tmp_path / "x.db"), *args, env={"MICROTICKS_LOG_LEVEL": "INFO", **env})
         for _ in range(3):  # requests on kept-alive and new connections start worker threads
             assert client.get("/health").json["status"] == "ok"
         assert len(list(Path(f"/proc/{proc.pid}/task").iterdir())) > 2
