@@ -1240,9 +1240,8 @@ def test_serve_keeps_its_threads_to_one_cpu_core_unless_told_all(served, tmp_pat
                                 (("--cpus", "all"), {}, everywhere),
                                 ((), {"MICROTICKS_CPUS": "all"}, everywhere)]:
         client, proc = served("--db", str(tmp_path / "x.db"), *args, env={"MICROTICKS_LOG_LEVEL": "INFO", **env})
-        for _ in range(3):  # requests on kept-alive and new connections start worker threads
-            assert client.get("/health").json["status"] == "ok"
-        assert len(list(Path(f"/proc/{proc.pid}/task").iterdir())) > 2
+        assert client.get("/health").json["status"] == "ok"  # a request starts a worker thread
+        assert len(list(Path(f"/proc/{proc.pid}/task").iterdir())) >= 2  # the server's and a worker
         assert cores_of_threads(proc) == {expected}, (args, env)
         proc.terminate()
         said = proc.communicate(timeout=10)[0]
