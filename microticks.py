@@ -2498,6 +2498,13 @@ STATUS_MESSAGES = {
 }
 
 
+def content_length(text):
+    """A Content-Length header's number of bytes (none: 0), or None unless it
+    is all digits: int() also takes "-5", "+5" and other scripts' digits."""
+    text = (text or "0").strip()
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def request_fields(request):
     """The fields of a write request, and whether they came from a form.
 
@@ -2505,10 +2512,9 @@ def request_fields(request):
     also sent as text/plain (navigator.sendBeacon cannot set a JSON type)."""
     if "chunked" in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         raise MicroticksError(411, "Send the body with a Content-Length, not chunked")
-    length = (request.environ.get("CONTENT_LENGTH") or "0").strip()
-    if not (length.isascii() and length.isdigit()):
+    length = content_length(request.environ.get("CONTENT_LENGTH"))
+    if length is None:
         raise MicroticksError(400, "Content-Length is not a number of bytes")
-    length = int(length)
     if length > MAX_BODY_BYTES:
         raise MicroticksError(413, STATUS_MESSAGES[413])
     raw = request.body.read(MAX_BODY_BYTES + 1) if length > 0 else b""
@@ -3049,11 +3055,9 @@ class ConnectionHandler(WSGIRequestHandler):
         if len({value.strip() for value in self.headers.get_all("Content-Length", ())}) > 1:
             self.send_error(400, "Conflicting Content-Length headers")  # which one would a proxy have read?
             return False
-        length = (self.headers.get("Content-Length") or "0").strip()
-        if length.isascii() and length.isdigit():
-            length = int(length)
-        else:  # "-5" or "+5" too (int() takes them): the app answers 400, and the body's
-            length = 0  # end is unknown, so the connection closes rather than read it as a request
+        length = content_length(self.headers.get("Content-Length"))
+        if length is None:  # the app answers 400, and the body's end is unknown: the
+            length = 0      # connection closes rather than read the body as a request
             self.close_connection = True
         body = _BodyReader(self.rfile, length)
         environ = self.get_environ()
