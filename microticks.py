@@ -140,6 +140,8 @@ DEFAULT_DB_PATH = os.path.join(_HERE, "microticks.db")
 #: The browser tracker and its demo, served at /examples/ when present.
 EXAMPLES_DIR = os.path.join(_HERE, "examples")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: The values of MICROTICKS_CPUS and `serve --cpus`, the default first.
+CPUS_CHOICES = ("one", "all")
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,7 @@ def load_settings(wsgi_environ=None, **overrides):
         port=integer("MICROTICKS_PORT", 8080),
         server=env.get("MICROTICKS_SERVER") or "threads",
         threads=integer("MICROTICKS_THREADS", 8, 1, 256),
-        cpus=choice("MICROTICKS_CPUS", ("one", "all")),
+        cpus=choice("MICROTICKS_CPUS", CPUS_CHOICES),
         log_level=level,
         sentry_dsn=env.get("MICROTICKS_SENTRY_DSN", ""),
         tz=timezone_setting(env.get("MICROTICKS_TZ", ""), warnings),
@@ -4369,7 +4371,7 @@ def build_parser():
                                       "supports and you installed: waitress, gunicorn, cheroot, ...")
     sub.add_argument("--threads", type=whole_argument(1, 256),
                      help="worker threads of the built-in server (default: $MICROTICKS_THREADS, else 8)")
-    sub.add_argument("--cpus", choices=("one", "all"),
+    sub.add_argument("--cpus", choices=CPUS_CHOICES,
                      help="one: the built-in server keeps to one CPU core, where Python's threads take"
                           " turns fastest; all: it runs on any (default: $MICROTICKS_CPUS, else one)")
     sub = command("createconsumer", cmd_createconsumer, "register a frontend and print its consumer key")
