@@ -492,12 +492,22 @@ def test_an_event_without_data_stores_null(client, consumer_key, db_path):
 def test_json_bodies_take_any_json_data(client, consumer_key):
     reply = client.post_json("/sessions", {"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"})
     token = reply.json["token"]
-    for data in ({"nested": {"list": [1, 2.5, None, True]}}, [1, 2], "text", 42, "ünïcødé ✓"):
+    # -1, 0 and "": what the server binds for an absent field, or used to.
+    sent = ({"nested": {"list": [1, 2.5, None, True]}}, [1, 2], "text", 42, "ünïcødé ✓", -1, 0, "")
+    for data in sent:
         reply = client.post_json("/events", {"token": token, "action": "custom", "data": data,
                                              "ts": "2017-08-25T17:09:20Z"})
         assert reply.status == 200, reply
-    assert [e["data"] for e in client.get("/events").json["events"]] == [
-        {"nested": {"list": [1, 2.5, None, True]}}, [1, 2], "text", 42, "ünïcødé ✓"]
+    assert [e["data"] for e in client.get("/events").json["events"]] == list(sent)
+
+
+def test_ids_and_numbers_that_look_like_the_absent_marker_are_stored(client, consumer_key, db_path):
+    token = client.start(consumer_key)
+    reply = client.post_json("/events", {"events": [
+        {"token": token, "action": "a", "ts": "2017-08-25T17:09:20Z", "uuid": "-1", "seq": 0, "boot": "-1"},
+        {"token": token, "action": "b", "ts": "2017-08-25T17:09:21Z", "uuid": "0", "seq": 1, "boot": "0"}]})
+    assert reply.status == 200 and all("event_id" in r for r in reply.json["results"]), reply
+    assert stored(db_path, "SELECT uuid, seq, boot FROM events ORDER BY id") == [("-1", 0, "-1"), ("0", 1, "0")]
 
 
 def test_text_plain_json_body_is_accepted(client, consumer_key):
