@@ -2924,6 +2924,88 @@ def make_app(settings):
     return app
 
 
+class _ReadAhead:
+    """A connection's input: the bytes read ahead of the worker, then the
+    socket's. The server's selector thread reads each request whole
+    (read_now, request_ready) before a worker thread takes it, so a client
+    that sends half a request and stalls, or connects and says nothing,
+    holds no worker: eight such clients used to hold all eight for 15 s.
+    A worker reads from the socket itself only where a request's end is not
+    known ahead: Expect: 100-continue, a chunked or an oversized body."""
+
+    #: Unfinished heads (request line and headers) are handed to a worker
+    #: beyond this size, to be refused (414, 431) as the limits say.
+    max_head = 2 * 65536
+    head_end = re.compile(rb"\n\r?\n")
+    # What the selector needs of a head to know where the request ends; the
+    # worker parses it in full (parse_request) and refuses what is malformed.
+    body_headers = re.compile(rb"\n(content-length|transfer-encoding|expect)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+
+    def __init__(self, sock):
+        self.sock, self.ahead, self.closed = sock, bytearray(), False
+        self.started = 0.0  # time.monotonic() when the first byte read ahead came
+
+    def read_now(self):
+        """Read what the client has sent, without waiting; False once it has closed."""
+        timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)  # a timeout would wait on a socket select() called readable in error
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        finally:
+            self.sock.settimeout(timeout)
+        if data and not self.ahead:
+            self.started = time.monotonic()
+        self.ahead += data
+        return bool(data)
+
+    def request_ready(self):
+        """Whether the bytes read ahead hold the next request whole, or as much
+        of it as the server waits for before a worker takes it."""
+        end = self.head_end.search(self.ahead)
+        if end is None:
+            return len(self.ahead) > self.max_head
+        framing = self.body_headers.findall(self.ahead, 0, end.start() + 1)
+        if len(framing) != 1 or framing[0][0].lower() != b"content-length":
+            return True  # no body, or one whose end the worker finds out (or refuses)
+        length = content_length(framing[0][1].decode("latin-1"))
+        return length is None or length > MAX_BODY_BYTES or len(self.ahead) >= end.end() + length
+
+    def _take(self, size):
+        data = bytes(self.ahead[:size])
+        del self.ahead[:size]
+        return data
+
+    def _more(self):
+        """Wait for more bytes (up to the socket's timeout); False at the end."""
+        data = self.sock.recv(65536)
+        self.ahead += data
+        return bool(data)
+
+    def readline(self, size=-1):
+        start = 0
+        while True:
+            end = self.ahead.find(b"\n", start)
+            if end >= 0 and (size is None or size < 0 or end < size):
+                return self._take(end + 1)
+            if size is not None and 0 <= size <= len(self.ahead):
+                return self._take(size)
+            start = len(self.ahead)
+            if not self._more():
+                return self._take(len(self.ahead))
+
+    def read(self, size=-1):
+        while (size is None or size < 0 or len(self.ahead) < size) and self._more():
+            pass
+        return self._take(len(self.ahead) if size is None or size < 0 else size)
+
+    def close(self):
+        self.closed = True
+
+
 class _BodyReader:
     """wsgi.input of one request on a kept-alive connection: reads no further
     than its Content-Length, so the next request's bytes stay unread."""
@@ -2981,8 +3063,14 @@ class ConnectionHandler(WSGIRequestHandler):
         # Not BaseRequestHandler's __init__, which would handle the request at once.
         self.request, self.client_address, self.server = request, client_address, server
         self.setup()
+
+    def setup(self):
+        self.connection = self.request
+        self.connection.settimeout(self.timeout)
         with contextlib.suppress(OSError):
-            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile = _ReadAhead(self.connection)
+        self.wfile = self.connection.makefile("wb", self.wbufsize)
 
     #: Limits on a request's header lines (as the standard library's).
     max_headers, max_line = 100, 65536
@@ -3087,21 +3175,28 @@ class ConnectionHandler(WSGIRequestHandler):
     linger = 0.002
 
     def has_pending_input(self):
-        """Whether the next request is here (read ahead, pipelined, or
-        arriving within `linger`)."""
-        # Non-blocking, not a timeout: a socket file that timed out once
-        # refuses every later read.
-        self.connection.setblocking(False)
-        try:
-            if self.rfile.peek(1):
-                return True
-        except OSError:
+        """Whether the next request is here whole (pipelined, or arriving
+        within `linger`)."""
+        self.rfile.started = time.monotonic()  # the next request's `timeout` counts from this answer
+        if self.rfile.request_ready():
+            return True
+        if not self.rfile.read_now():
             return False
-        finally:
-            self.connection.settimeout(self.timeout)
+        if self.rfile.request_ready():
+            return True
         if self.server.waiting:  # others wait for a worker: do not hold this one
             return False
-        return bool(select.select([self.connection], [], [], self.linger)[0])
+        return (bool(select.select([self.connection], [], [], self.linger)[0]) and self.rfile.read_now()
+                and self.rfile.request_ready())
+
+    def refuse_late_request(self):
+        """Answer 408 to a request that did not arrive whole in `timeout`
+        seconds (from the selector thread, so without waiting), and close."""
+        body = json.dumps({"error": f"The request did not arrive whole within {self.timeout} s", "status": 408})
+        self.connection.setblocking(False)
+        with contextlib.suppress(OSError):
+            self.connection.send(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type:"
+                                 b" application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body.encode()))
 
     def address_string(self):  # no reverse DNS lookup per request
         return self.client_address[0]
@@ -3114,8 +3209,9 @@ class PooledWSGIServer(WSGIServer):
     """The standard library's WSGI server, made fit for a building of kiosks:
     HTTP/1.1 keep-alive, a fixed pool of worker threads (a pool, not a thread
     per request, whose threads fight over the GIL), and one selector thread
-    that watches idle connections, so that neither idle nor slow clients stall
-    the others."""
+    that watches the connections and reads each request whole before a worker
+    takes it (_ReadAhead), so that neither idle nor slow clients stall the
+    others."""
 
     #: The listen backlog; the stdlib's 5 drops connections under 8 clients.
     request_queue_size = 128
@@ -3145,45 +3241,61 @@ class PooledWSGIServer(WSGIServer):
                          " (MICROTICKS_CPUS=all: on any)", cpu)
         self.selector.register(self.socket, selectors.EVENT_READ, None)
         self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
-        idle = {}
+        watched = {}  # connection: since when it waits for its next request
         try:
             while not self.stopping.is_set():
-                for key, _ in self.selector.select(poll_interval):
+                events = self.selector.select(poll_interval)
+                now = time.monotonic()
+                for key, _ in events:
                     if key.data is None:
-                        self._accept()
+                        connection = self._accept()
+                        if connection is not None:
+                            self.selector.register(connection.connection, selectors.EVENT_READ, connection)
+                            watched[connection] = now
                     elif key.data == "wake":
                         with contextlib.suppress(BlockingIOError):
                             self.wake_reader.recv(4096)
                     else:
-                        self.selector.unregister(key.fileobj)
-                        idle.pop(key.data, None)
-                        self._submit(key.data)
-                now = time.monotonic()
+                        connection = key.data
+                        closed = not connection.rfile.read_now()
+                        if closed or connection.rfile.request_ready():
+                            self.selector.unregister(connection.connection)
+                            del watched[connection]
+                            if closed:
+                                self._close(connection)
+                            else:
+                                self._submit(connection)
                 while not self.returned.empty():
                     connection = self.returned.get()
                     self.selector.register(connection.connection, selectors.EVENT_READ, connection)
-                    idle[connection] = now
-                for connection, since in list(idle.items()):
-                    if now - since > self.idle_timeout:
+                    watched[connection] = now
+                for connection, since in list(watched.items()):
+                    if connection.rfile.ahead:  # part of a request: it has `timeout` seconds to arrive whole
+                        late, idle = now - connection.rfile.started > connection.timeout, False
+                    else:
+                        late, idle = False, now - since > self.idle_timeout
+                    if late or idle:
                         self.selector.unregister(connection.connection)
-                        del idle[connection]
+                        del watched[connection]
+                        if late:
+                            connection.refuse_late_request()
                         self._close(connection)
         finally:
-            for connection in idle:
+            for connection in watched:
                 self._close(connection)
             self.stopped.set()
 
     def _accept(self):
+        """A new connection, to watch until its first request has arrived."""
         try:
             sock, address = self.socket.accept()
         except OSError:
-            return
+            return None
         try:
-            connection = ConnectionHandler(sock, address, self)
+            return ConnectionHandler(sock, address, self)
         except OSError:
             sock.close()
-            return
-        self._submit(connection)
+            return None
 
     def _submit(self, connection):
         self.waiting += 1

@@ -789,6 +789,64 @@ def test_a_slow_client_does_not_block_others(client, consumer_key):
         slow.close()
 
 
+@pytest.fixture
+def one_worker_server(db_path):
+    """Our server with a single worker thread, in a thread of the tests."""
+    app = microticks.make_app(microticks.Settings(db_path=db_path, rate_limit=0))
+    server = microticks.make_http_server(app, "127.0.0.1", 0, threads=1)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_clients_that_stall_mid_request_hold_no_worker_thread(one_worker_server, consumer_key):
+    """A kiosk whose network drops mid-request (or a slowloris) used to hold
+    a worker thread for 15 s: eight of them, all of serve's."""
+    port = one_worker_server.server_port
+    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        # One says nothing, one stops in its headers, one in its body.
+        stalled[1].sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-")
+        stalled[2].sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.3)
+        client = Client(f"http://127.0.0.1:{port}")
+        started = time.monotonic()
+        client.event(client.start(consumer_key))
+        assert time.monotonic() - started < 2
+        # The rest of a stalled request still gets its answer.
+        stalled[1].sendall(b"Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        status, _, body = raw_exchange(stalled[1], b"")[0]
+        assert status == "400" and "token" in json.loads(body)["error"]
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_request_that_does_not_arrive_in_time_is_answered_408(one_worker_server, monkeypatch):
+    monkeypatch.setattr(microticks.ConnectionHandler, "timeout", 1)
+    with socket.create_connection(("127.0.0.1", one_worker_server.server_port), timeout=10) as sock:
+        [(status, headers, body)] = raw_exchange(sock, b"POST /events HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")
+        assert status == "408" and headers["content-type"] == "application/json"
+        assert json.loads(body) == {"error": "The request did not arrive whole within 1 s", "status": 408}
+        assert sock.recv(100) == b""  # closed
+
+
+def test_a_busy_client_whose_next_request_is_always_half_sent_is_not_late(one_worker_server, monkeypatch):
+    """The time a request has to arrive counts from the answer before it:
+    bytes of the next request always waiting are no request arriving slowly."""
+    monkeypatch.setattr(microticks.ConnectionHandler, "timeout", 1)
+    one = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", one_worker_server.server_port), timeout=10) as sock:
+        stream = sock.makefile("rb")
+        sock.sendall(one[:10])
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5:
+            sock.sendall(one[10:] + one[:10])
+            assert read_response(stream)[0] == "200"
+            time.sleep(0.2)
+
+
 def read_response(stream):
     """One HTTP response from a socket's file: (status, headers, body)."""
     status = stream.readline().decode()
