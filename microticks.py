@@ -3191,7 +3191,8 @@ class ConnectionHandler(WSGIRequestHandler):
 
     def refuse_late_request(self):
         """Answer 408 to a request that did not arrive whole in `timeout`
-        seconds (from the selector thread, so without waiting), and close."""
+        seconds, from the selector thread, so without waiting (the server
+        closes the connection then)."""
         body = json.dumps({"error": f"The request did not arrive whole within {self.timeout} s", "status": 408})
         self.connection.setblocking(False)
         with contextlib.suppress(OSError):
