@@ -2521,7 +2521,10 @@ def request_fields(request):
         raise MicroticksError(400, "Content-Length is not a number of bytes")
     if length > MAX_BODY_BYTES:
         raise MicroticksError(413, STATUS_MESSAGES[413])
-    raw = request.body.read(MAX_BODY_BYTES + 1) if length > 0 else b""
+    try:
+        raw = request.body.read(MAX_BODY_BYTES + 1) if length > 0 else b""
+    except OSError:  # the client stopped sending the body (a timeout), or went away
+        raise MicroticksError(408, "The body did not arrive whole in time") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -2941,9 +2944,11 @@ class _ReadAhead:
     # worker parses it in full (parse_request) and refuses what is malformed.
     body_headers = re.compile(rb"\n(content-length|transfer-encoding|expect)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 
-    def __init__(self, sock):
+    def __init__(self, sock, timeout):
         self.sock, self.ahead, self.closed = sock, bytearray(), False
         self.started = 0.0  # time.monotonic() when the first byte read ahead came
+        #: Seconds a request has to arrive whole, from its first byte.
+        self.timeout = timeout
 
     def read_now(self):
         """Read what the client has sent, without waiting; False once it has closed."""
@@ -2980,8 +2985,15 @@ class _ReadAhead:
         return data
 
     def _more(self):
-        """Wait for more bytes (up to the socket's timeout); False at the end."""
-        data = self.sock.recv(65536)
+        """Wait for more bytes, as long as the request's time lasts (then
+        TimeoutError: a client trickling a byte at a time has no longer than
+        one that stalls); False at the end."""
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(max(0.001, self.started + self.timeout - time.monotonic()))
+        try:
+            data = self.sock.recv(65536)
+        finally:
+            self.sock.settimeout(timeout)
         self.ahead += data
         return bool(data)
 
@@ -3069,7 +3081,7 @@ class ConnectionHandler(WSGIRequestHandler):
         self.connection.settimeout(self.timeout)
         with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.rfile = _ReadAhead(self.connection)
+        self.rfile = _ReadAhead(self.connection, self.timeout)
         self.wfile = self.connection.makefile("wb", self.wbufsize)
 
     #: Limits on a request's header lines (as the standard library's).
@@ -3272,7 +3284,7 @@ class PooledWSGIServer(WSGIServer):
                     watched[connection] = now
                 for connection, since in list(watched.items()):
                     if connection.rfile.ahead:  # part of a request: it has `timeout` seconds to arrive whole
-                        late, idle = now - connection.rfile.started > connection.timeout, False
+                        late, idle = now - connection.rfile.started > connection.rfile.timeout, False
                     else:
                         late, idle = False, now - since > self.idle_timeout
                     if late or idle:

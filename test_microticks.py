@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -830,6 +831,27 @@ def test_a_request_that_does_not_arrive_in_time_is_answered_408(one_worker_serve
         assert status == "408" and headers["content-type"] == "application/json"
         assert json.loads(body) == {"error": "The request did not arrive whole within 1 s", "status": 408}
         assert sock.recv(100) == b""  # closed
+
+
+def test_a_body_trickled_after_100_continue_gets_408_when_its_time_is_up(one_worker_server, monkeypatch):
+    """A worker reads the body itself after 100 Continue (the client sends it
+    only then); a byte now and then does not keep that worker longer."""
+    monkeypatch.setattr(microticks.ConnectionHandler, "timeout", 1)
+    with socket.create_connection(("127.0.0.1", one_worker_server.server_port), timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 20\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n")
+        with contextlib.suppress(OSError):  # the server may close before the last bytes
+            for byte in b'{"action": "click"':
+                sock.sendall(bytes([byte]))
+                time.sleep(0.3)
+                if select.select([sock], [], [], 0)[0]:
+                    break
+        [(status, headers, body)] = raw_exchange(sock, b"")
+        assert status == "408" and json.loads(body)["error"] == "The body did not arrive whole in time"
+        assert headers["access-control-allow-origin"] == "*"
+        assert time.monotonic() - started < 2.5
 
 
 def test_a_busy_client_whose_next_request_is_always_half_sent_is_not_late(one_worker_server, monkeypatch):
