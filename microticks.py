@@ -2950,18 +2950,28 @@ class _ReadAhead:
         #: Seconds a request has to arrive whole, from its first byte.
         self.timeout = timeout
 
+    def time_left(self):
+        """Seconds the request being read has left to arrive whole."""
+        return self.started + self.timeout - time.monotonic()
+
+    def _recv(self, timeout):
+        """One recv, waiting at most `timeout` seconds (0: not at all); the
+        socket's own timeout (for writing the answer) is kept."""
+        kept = self.sock.gettimeout()
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(65536)
+        finally:
+            self.sock.settimeout(kept)
+
     def read_now(self):
         """Read what the client has sent, without waiting; False once it has closed."""
-        timeout = self.sock.gettimeout()
-        self.sock.setblocking(False)  # a timeout would wait on a socket select() called readable in error
         try:
-            data = self.sock.recv(65536)
+            data = self._recv(0)  # a timeout would wait on a socket select() called readable in error
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
             return False
-        finally:
-            self.sock.settimeout(timeout)
         if data and not self.ahead:
             self.started = time.monotonic()
         self.ahead += data
@@ -2988,12 +2998,7 @@ class _ReadAhead:
         """Wait for more bytes, as long as the request's time lasts (then
         TimeoutError: a client trickling a byte at a time has no longer than
         one that stalls); False at the end."""
-        timeout = self.sock.gettimeout()
-        self.sock.settimeout(max(0.001, self.started + self.timeout - time.monotonic()))
-        try:
-            data = self.sock.recv(65536)
-        finally:
-            self.sock.settimeout(timeout)
+        data = self._recv(max(0.001, self.time_left()))
         self.ahead += data
         return bool(data)
 
@@ -3205,7 +3210,7 @@ class ConnectionHandler(WSGIRequestHandler):
         """Answer 408 to a request that did not arrive whole in `timeout`
         seconds, from the selector thread, so without waiting (the server
         closes the connection then)."""
-        body = json.dumps({"error": f"The request did not arrive whole within {self.timeout} s", "status": 408})
+        body = json.dumps({"error": f"The request did not arrive whole within {self.rfile.timeout} s", "status": 408})
         self.connection.setblocking(False)
         with contextlib.suppress(OSError):
             self.connection.send(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type:"
@@ -3284,7 +3289,7 @@ class PooledWSGIServer(WSGIServer):
                     watched[connection] = now
                 for connection, since in list(watched.items()):
                     if connection.rfile.ahead:  # part of a request: it has `timeout` seconds to arrive whole
-                        late, idle = now - connection.rfile.started > connection.rfile.timeout, False
+                        late, idle = connection.rfile.time_left() < 0, False
                     else:
                         late, idle = False, now - since > self.idle_timeout
                     if late or idle:
