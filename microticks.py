@@ -3210,6 +3210,9 @@ class ConnectionHandler(WSGIRequestHandler):
         """Answer 408 to a request that did not arrive whole in `timeout`
         seconds, from the selector thread, so without waiting (the server
         closes the connection then)."""
+        # An operator's clue to a kiosk whose network drops mid-request.
+        log.info("%s sent part of a request and not the rest within %s s: answered 408",
+                 self.client_address[0], self.rfile.timeout)
         body = json.dumps({"error": f"The request did not arrive whole within {self.rfile.timeout} s", "status": 408})
         self.connection.setblocking(False)
         with contextlib.suppress(OSError):

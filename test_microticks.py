@@ -824,13 +824,18 @@ def test_clients_that_stall_mid_request_hold_no_worker_thread(one_worker_server,
             sock.close()
 
 
-def test_a_request_that_does_not_arrive_in_time_is_answered_408(one_worker_server, monkeypatch):
+def test_a_request_that_does_not_arrive_in_time_is_answered_408(one_worker_server, monkeypatch, caplog):
     monkeypatch.setattr(microticks.ConnectionHandler, "timeout", 1)
-    with socket.create_connection(("127.0.0.1", one_worker_server.server_port), timeout=10) as sock:
-        [(status, headers, body)] = raw_exchange(sock, b"POST /events HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")
-        assert status == "408" and headers["content-type"] == "application/json"
-        assert json.loads(body) == {"error": "The request did not arrive whole within 1 s", "status": 408}
-        assert sock.recv(100) == b""  # closed
+    microticks.log.addHandler(caplog.handler)  # the service's log does not propagate to the root's
+    try:
+        with socket.create_connection(("127.0.0.1", one_worker_server.server_port), timeout=10) as sock:
+            [(status, headers, body)] = raw_exchange(sock, b"POST /events HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")
+            assert status == "408" and headers["content-type"] == "application/json"
+            assert json.loads(body) == {"error": "The request did not arrive whole within 1 s", "status": 408}
+            assert sock.recv(100) == b""  # closed
+    finally:
+        microticks.log.removeHandler(caplog.handler)
+    assert "127.0.0.1 sent part of a request and not the rest within 1 s: answered 408" in caplog.text
 
 
 def test_a_body_trickled_after_100_continue_gets_408_when_its_time_is_up(one_worker_server, monkeypatch):
