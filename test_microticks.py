@@ -2454,6 +2454,50 @@ def test_events_refused_for_a_wrong_setting_wait_for_the_right_one(demo, db_path
     assert [json.loads(e["data"])["n"] for e in stored_events(db_path)] == [1, 2, 3]
 
 
+class Answers408(http.server.BaseHTTPRequestHandler):
+    """What a proxy in front of the service answers to a request that came
+    too slowly (nginx's client_body_timeout), and the service itself to a
+    body that stopped coming: 408, readable by the page (CORS)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = b'{"error": "The body did not arrive whole in time", "status": 408}'
+        self.send_response(408)
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_events_answered_408_are_sent_again(demo, db_path):
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers408)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    page = demo()
+    options = "...window.tracker.options, storageKey: 'slow', autoTrack: false, heartbeatInterval: 0"
+    try:
+        waiting = page.evaluate(f"""async () => {{
+            const tracker = Microticks.start({{{options}, host: "http://127.0.0.1:{proxy.server_port}"}});
+            for (const n of [1, 2, 3]) tracker.track("note", {{n}});
+            for (let i = 0; i < 3; i++) await tracker.flush();
+            tracker.destroy();
+            return tracker.pending();
+        }}""")
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert waiting == 4 and stored_events(db_path) == []  # the session's start and three events
+    page.evaluate(f"""async () => {{
+        const tracker = Microticks.start({{{options}}});
+        while (tracker.pending()) await tracker.flush();
+        tracker.destroy();
+    }}""")
+    assert [json.loads(e["data"])["n"] for e in stored_events(db_path)] == [1, 2, 3]
+
+
 def test_a_session_the_server_lost_is_started_again_and_its_events_arrive(demo, db_path):
     """The database replaced under a running kiosk (an older backup restored):
     the tracker's token is unknown to it, and its events go to a new start."""

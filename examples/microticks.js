@@ -350,8 +350,9 @@
 
     /**
      * POST and resolve with the JSON answer. A refusal (4xx) resolves too,
-     * with {error}: retrying would not help. Network errors, 429 and 5xx
-     * reject, so the item stays queued for a retry; so do a wrong API key
+     * with {error}: retrying would not help. Network errors, 408 (a request
+     * that did not arrive whole in time), 429 and 5xx reject, so the item
+     * stays queued for a retry; so do a wrong API key
      * (401, a changed MICROTICKS_KEY) and a wrong address (404 for the call
      * itself, a `host` without the service's path): the operator's to fix,
      * and the events wait for it instead of being dropped.
@@ -387,7 +388,8 @@
           // A first-generation server answers an unknown session with a 404
           // for the whole call, as does ours for a stop: those are refusals.
           var misaddressed = response.status === 404 && !options.legacy && path !== "/sessions/stop";
-          if (response.status === 401 || misaddressed || response.status === 429 || response.status >= 500) {
+          var retry = response.status === 408 || response.status === 429 || response.status >= 500;
+          if (response.status === 401 || misaddressed || retry) {
             throw new Error("HTTP " + response.status + ": " + (answer.error || ""));
           }
           if (!response.ok) answer = {error: answer.error || "HTTP " + response.status, status: response.status};
