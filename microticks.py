@@ -76,7 +76,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 try:
@@ -3055,6 +3055,9 @@ class _ResponseWriter(ServerHandler):
 
     http_version = "1.1"
     length_known = False
+    #: wsgiref copies the process's environment into every request's
+    #: environ (MICROTICKS_KEY included); the app reads its settings once.
+    os_environ = {}
 
     def close(self):
         self.length_known = self.headers is not None and "Content-Length" in self.headers
@@ -3113,7 +3116,7 @@ class ConnectionHandler(WSGIRequestHandler):
             return False
         if self.path.startswith("//"):  # as the standard library: no open redirects via //host
             self.path = "/" + self.path.lstrip("/")
-        self.headers = http.client.HTTPMessage()
+        self.header_lines, self.fields = [], {}  # [(name, value)] as sent; {lower-case name: [values]}
         for _ in range(self.max_headers + 1):
             line = self.rfile.readline(self.max_line + 1)
             if len(line) > self.max_line:
@@ -3125,16 +3128,43 @@ class ConnectionHandler(WSGIRequestHandler):
             if not colon or not name or name != name.strip():  # no field name, or a folded line
                 self.send_error(400, f"Bad header line ({line[:100]!r})")
                 return False
-            self.headers[name] = value.strip()
+            value = value.strip()
+            self.header_lines.append((name, value))
+            self.fields.setdefault(name.lower(), []).append(value)
         else:
             self.send_error(431, "Too many headers")
             return False
-        connection = self.headers.get("Connection", "").lower()
+        connection = self.header("connection").lower()
         self.close_connection = connection == "close" or (minor == 0 and connection != "keep-alive")
-        if minor >= 1 and self.headers.get("Expect", "").lower() == "100-continue":
+        if minor >= 1 and self.header("expect").lower() == "100-continue":
             self.handle_expect_100()
             self.wfile.flush()  # buffered: the client (curl, for a body over 1 KB) waits for it
         return True
+
+    def header(self, name):
+        """The first value of a header (its lower-case name), or ''."""
+        values = self.fields.get(name)
+        return values[0] if values else ""
+
+    def get_environ(self):
+        """wsgiref's environ, from the header lines parse_request read
+        (wsgiref's reads them through an email message, whose every lookup
+        lower-cases every header's name)."""
+        env = self.server.base_environ.copy()
+        path, _, query = self.path.partition("?")
+        env.update(SERVER_PROTOCOL=self.request_version, SERVER_SOFTWARE=self.server_version,
+                   REQUEST_METHOD=self.command, PATH_INFO=unquote(path, "iso-8859-1"), QUERY_STRING=query,
+                   REMOTE_ADDR=self.client_address[0])
+        env["CONTENT_TYPE"] = self.fields["content-type"][0] if "content-type" in self.fields else "text/plain"
+        if self.header("content-length"):
+            env["CONTENT_LENGTH"] = self.header("content-length")
+        for name, value in self.header_lines:
+            key = name.replace("-", "_").upper()
+            if key in env:  # Content-Type and Content-Length, set above
+                continue
+            key = "HTTP_" + key
+            env[key] = env[key] + "," + value if key in env else value  # repeated lines, comma-separated
+        return env
 
     def send_error(self, code, message=None, explain=None):
         """BaseHTTPRequestHandler's answer to a request it cannot parse, in the
@@ -3161,10 +3191,10 @@ class ConnectionHandler(WSGIRequestHandler):
             return False
         if not self.parse_request():  # answers malformed requests itself
             return False
-        if len({value.strip() for value in self.headers.get_all("Content-Length", ())}) > 1:
+        if len(set(self.fields.get("content-length", ()))) > 1:
             self.send_error(400, "Conflicting Content-Length headers")  # which one would a proxy have read?
             return False
-        length = content_length(self.headers.get("Content-Length"))
+        length = content_length(self.header("content-length"))
         if length is None:  # the app answers 400, and the body's end is unknown: the
             length = 0      # connection closes rather than read the body as a request
             self.close_connection = True
@@ -3174,7 +3204,7 @@ class ConnectionHandler(WSGIRequestHandler):
         handler = _ResponseWriter(body, self.wfile, self.get_stderr(), environ, multithread=True)
         handler.request_handler = self
         handler.run(self.server.get_app())
-        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        chunked = "chunked" in self.header("transfer-encoding").lower()
         if 0 < body.left <= self.drain_limit and not chunked:
             # What the app did not read (a refused upload) is read and dropped:
             # closing a socket with unread data makes the kernel send a reset,

@@ -13,6 +13,7 @@ import gzip
 import http.client
 import http.server
 import importlib
+import io
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import wsgiref.simple_server
 from pathlib import Path
 
 import pytest
@@ -872,6 +874,26 @@ def test_a_busy_client_whose_next_request_is_always_half_sent_is_not_late(one_wo
             sock.sendall(one[10:] + one[:10])
             assert read_response(stream)[0] == "200"
             time.sleep(0.2)
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /events?key=k&x=%41 HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\nContent-Length: 2\r\n"
+    b"X-Forwarded-For: 10.0.0.1\r\nx-forwarded-for:  10.0.0.2 \r\nX-Microticks-Key: k\r\n\r\n",
+    b"GET /a%20b HTTP/1.0\r\nAccept: */*\r\nContent-Type:\r\nRequest-Method: PUT\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",
+])
+def test_the_server_builds_the_environ_wsgiref_would(head, one_worker_server):
+    """get_environ reads the header lines as parse_request kept them, not
+    through the email parser's message as wsgiref's does: the same environ."""
+    ours, client = socket.socketpair()
+    with ours, client:
+        handler = microticks.ConnectionHandler(ours, ("127.0.0.1", 5), one_worker_server)
+        client.sendall(head)
+        handler.raw_requestline = handler.rfile.readline(65537)
+        assert handler.parse_request()
+        environ = handler.get_environ()
+    handler.headers = http.client.parse_headers(io.BytesIO(head.split(b"\r\n", 1)[1]))
+    assert environ == wsgiref.simple_server.WSGIRequestHandler.get_environ(handler)
 
 
 def read_response(stream):
