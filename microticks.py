@@ -3867,6 +3867,7 @@ DASHBOARD_HTML = r"""<!doctype html>
   #live .events { margin: 4px 0 0; padding-left: 14px; font: 12px/1.4 ui-monospace, monospace; color: #334155;
                   max-height: 140px; overflow: auto; word-break: break-all; }
   #error { display: none; margin: 0 0 12px; padding: 10px 14px; border-radius: 8px; background: #fee2e2; color: #991b1b; }
+  .stale { opacity: .35; }
   #keyform { display: none; position: fixed; inset: 0; background: rgba(15,23,42,.55); z-index: 5; align-items: center; justify-content: center; }
   #keyform form { background: #fff; padding: 24px; border-radius: 12px; width: min(420px, 92vw); display: grid; gap: 12px; }
   @media (max-width: 600px) { header, main { padding-left: 12px; padding-right: 12px; } .card .value { font-size: 22px; }
@@ -4085,16 +4086,31 @@ for (const id of ["heat-width", "heat-height"]) {
 }
 $("heat-screen").addEventListener("change", drawHeatmap);
 
+// A query the service refused leaves the last figures on screen: dimmed,
+// and said so, lest they be read as the answer to the new one.
+function showStatsError(error) {
+  const message = String(error.message || error);
+  showError(stats ? `${message} (the figures below are still those of the last query shown)` : message);
+  markStale(Boolean(stats));
+}
+
+function markStale(stale) {
+  for (const part of document.querySelectorAll(".cards, .grid > section:not(#kiosks):not(#live)")) {
+    part.classList.toggle("stale", stale);
+  }
+}
+
 async function loadStats() {
   const range = filters();
   if (range.from && range.to && range.from > range.to) {  // the API answers that with nothing at all
-    showError("From is after To: no day lies between them");
+    showStatsError("From is after To: no day lies between them");
     return;
   }
   try {
     render(await api("/stats", Object.assign(filters(), {data_key: $("data_key").value.trim()})));
     showError(null);
-  } catch (error) { showError(error); }
+    markStale(false);
+  } catch (error) { showStatsError(error); }
 }
 
 async function loadLive() {

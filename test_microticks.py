@@ -2757,14 +2757,20 @@ def test_dashboard_says_when_a_range_is_backwards_and_what_the_service_refused(s
     page.fill("#from", "2017-05-30")
     page.click("header button")
     page.wait_for_selector("#error", state="visible")
-    assert page.inner_text("#error") == "From is after To: no day lies between them"
+    assert page.inner_text("#error") == ("From is after To: no day lies between them"
+                                         " (the figures below are still those of the last query shown)")
+    stale = 'document.querySelectorAll(".stale").length'
+    assert page.evaluate(stale) == page.evaluate('document.querySelectorAll(".cards, .grid > section").length') - 2
+    assert page.evaluate('document.getElementById("live").classList.contains("stale")') is False  # live: its own
     page.fill("#from", "2017-05-22")
     page.fill("#data_key", "two words")
     page.click("header button")
     page.wait_for_function('document.getElementById("error").textContent.includes("data_key")')
+    assert "still those of the last query shown" in page.inner_text("#error") and page.evaluate(stale) > 0
     page.fill("#data_key", "subject")
     page.click("header button")
     page.wait_for_selector("#error", state="hidden")
+    assert page.evaluate(stale) == 0
     assert not page.errors
 
 
