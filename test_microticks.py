@@ -2439,8 +2439,10 @@ def test_clicks_while_the_server_is_down_arrive_once_it_is_back(demo, api, db_pa
     touch(page, "next-page", 4)
     page.wait_for_timeout(1500)  # several failed tries
     assert page.evaluate("window.tracker.pending()") == 9
+    assert re.fullmatch(r"Send failed \(.+\); trying again in \d+ s\. Waiting to send: \d+", page.inner_text("#status"))
     api.start()
     wait_until_sent(page)
+    page.wait_for_function('document.getElementById("status").textContent === "Tracking. Waiting to send: 0"')
     events = stored_events(db_path)
     assert len(events) == 10 and len({e["uuid"] for e in events}) == 10
     assert [e["seq"] for e in events] == list(range(1, 11))

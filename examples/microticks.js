@@ -44,6 +44,8 @@
  *   dryRun           no server at all: log and pretend (the old "dummy host")
  *   storageKey       localStorage key ("microticks")
  *   onSend           called with (what, payload, answer) after every send
+ *   onError          called with (error, ms until the next try) when a send
+ *                    fails and will be tried again (server down, wrong key...)
  */
 (function (root) {
   "use strict";
@@ -248,6 +250,7 @@
         self.backoff = Math.min(self.options.maxBackoff, self.backoff ? self.backoff * 2 : 1000);
         self.nextTry = Date.now() + self.backoff;
         self.log("send failed; retrying in " + self.backoff + " ms", error && error.message);
+        if (self.options.onError) self.options.onError(error, self.backoff);
       }).then(function () { self.sending = false; });
       return this.sending;
     },
