@@ -2503,8 +2503,10 @@ def test_events_answered_408_are_sent_again(demo, db_path):
     page = demo()
     options = "...window.tracker.options, storageKey: 'slow', autoTrack: false, heartbeatInterval: 0"
     try:
+        # The page's onError throws: that stops nothing either.
         waiting = page.evaluate(f"""async () => {{
-            const tracker = Microticks.start({{{options}, host: "http://127.0.0.1:{proxy.server_port}"}});
+            const tracker = Microticks.start({{{options}, host: "http://127.0.0.1:{proxy.server_port}",
+                                               onError: () => {{ throw new Error("a bug of the page's"); }}}});
             for (const n of [1, 2, 3]) tracker.track("note", {{n}});
             for (let i = 0; i < 3; i++) await tracker.flush();
             tracker.destroy();

@@ -250,7 +250,11 @@
         self.backoff = Math.min(self.options.maxBackoff, self.backoff ? self.backoff * 2 : 1000);
         self.nextTry = Date.now() + self.backoff;
         self.log("send failed; retrying in " + self.backoff + " ms", error && error.message);
-        if (self.options.onError) self.options.onError(error, self.backoff);
+        try {
+          if (self.options.onError) self.options.onError(error, self.backoff);
+        } catch (failure) {  // the page's callback must not stop the sending
+          self.log("onError threw", failure && failure.message);
+        }
       }).then(function () { self.sending = false; });
       return this.sending;
     },
