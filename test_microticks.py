@@ -2524,6 +2524,20 @@ def test_events_answered_408_are_sent_again(demo, db_path):
     assert [json.loads(e["data"])["n"] for e in stored_events(db_path)] == [1, 2, 3]
 
 
+def test_an_onsend_that_throws_neither_stops_nor_repeats_the_sending(demo, db_path):
+    page = demo()
+    waiting = page.evaluate("""async () => {
+        const tracker = Microticks.start({...window.tracker.options, storageKey: 'buggy', autoTrack: false,
+                                          heartbeatInterval: 0, onSend: () => { throw new Error("a bug of the page's"); }});
+        for (const n of [1, 2, 3]) tracker.track("note", {n});
+        for (let i = 0; i < 5 && tracker.pending(); i++) await tracker.flush();
+        tracker.destroy();
+        return tracker.pending();
+    }""")
+    assert waiting == 0
+    assert [json.loads(e["data"])["n"] for e in stored_events(db_path)] == [1, 2, 3]
+
+
 def test_a_session_the_server_lost_is_started_again_and_its_events_arrive(demo, db_path):
     """The database replaced under a running kiosk (an older backup restored):
     the tracker's token is unknown to it, and its events go to a new start."""

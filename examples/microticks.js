@@ -250,11 +250,7 @@
         self.backoff = Math.min(self.options.maxBackoff, self.backoff ? self.backoff * 2 : 1000);
         self.nextTry = Date.now() + self.backoff;
         self.log("send failed; retrying in " + self.backoff + " ms", error && error.message);
-        try {
-          if (self.options.onError) self.options.onError(error, self.backoff);
-        } catch (failure) {  // the page's callback must not stop the sending
-          self.log("onError threw", failure && failure.message);
-        }
+        self.notify("onError", error, self.backoff);
       }).then(function () { self.sending = false; });
       return this.sending;
     },
@@ -370,7 +366,7 @@
         var answer = path === "/sessions" ? {token: "dry-" + newId()} :
           payload.events ? {results: payload.events.map(function () { return {event_id: 0}; })} : {};
         this.log("dry run: POST " + path, payload);
-        if (options.onSend) options.onSend(path, payload, answer);
+        this.notify("onSend", path, payload, answer);
         return Promise.resolve(answer);
       }
       var init = {method: "POST", mode: "cors", cache: "no-store"};
@@ -401,7 +397,7 @@
           }
           if (!response.ok) answer = {error: answer.error || "HTTP " + response.status, status: response.status};
           self.log("POST " + path + " -> " + response.status, answer);
-          if (options.onSend) options.onSend(path, payload, answer);
+          self.notify("onSend", path, payload, answer);
           return answer;
         });
       });
@@ -467,6 +463,17 @@
       this.flushTimer = setInterval(function () { self.sendQueue(); }, this.options.flushInterval);
       if (this.options.heartbeatInterval) {
         this.heartbeatTimer = setInterval(function () { self.heartbeat(); }, this.options.heartbeatInterval);
+      }
+    },
+
+    /** Call the page's callback `name` (onSend, onError): a bug in it must
+     * neither stop the sending nor make it send what was stored again. */
+    notify: function (name) {
+      if (!this.options[name]) return;
+      try {
+        this.options[name].apply(null, Array.prototype.slice.call(arguments, 1));
+      } catch (failure) {
+        this.log(name + " threw", failure && failure.message);
       }
     },
 
