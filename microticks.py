@@ -4048,13 +4048,14 @@ function render(data) {
   select.replaceChildren();
   for (const [name, heat] of screens) select.appendChild(el("option", {value: name}, `${name || "(no screen)"} (${heat.points})`));
   if (screens.some(([name]) => name === previous)) select.value = previous;
-  if (!$("heat-width").dataset.set) $("heat-width").value = roundUp(data.heatmaps.width);
-  if (!$("heat-height").dataset.set) $("heat-height").value = roundUp(data.heatmaps.height);
+  if (!$("heat-width").dataset.set) $("heat-width").value = roundUp(data.heatmaps.width, 1920);
+  if (!$("heat-height").dataset.set) $("heat-height").value = roundUp(data.heatmaps.height, 1080);
   drawHeatmap();
   $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
 }
 
-function roundUp(size) { return size ? Math.ceil(size / 10) * 10 : 1920; }
+// No touch points yet: a full-HD screen, the touch tables' most common.
+function roundUp(size, otherwise) { return size ? Math.ceil(size / 10) * 10 : otherwise; }
 
 function drawHeatmap() {
   const canvas = $("heatmap"), context = canvas.getContext("2d");

@@ -2826,6 +2826,14 @@ def test_dashboard_shows_hostile_data_as_text(client, consumer_key, dash_page):
     assert page.query_selector_all("main img, main b, main script") == []
 
 
+def test_dashboard_of_an_empty_database_draws_a_full_hd_screen(client, dash_page):
+    page = dash_page(f"http://127.0.0.1:{client.port}/dash")
+    page.wait_for_function('document.getElementById("updated").textContent !== ""')
+    assert page.inner_text('[data-figure="sessions"]') == "0"
+    assert (page.input_value("#heat-width"), page.input_value("#heat-height")) == ("1920", "1080")
+    assert page.evaluate('[document.getElementById("heatmap").width, document.getElementById("heatmap").height]') == [960, 540]
+
+
 def test_dashboard_asks_for_the_key_once_and_keeps_it_out_of_urls(sample_client, start_server, db_path, dash_page):
     client = start_server(api_key=SECRET, tz="UTC")
     page = dash_page(f"http://127.0.0.1:{client.port}/dash?from=2017-05-22&to=2017-05-29")
