@@ -990,32 +990,26 @@ def test_idle_connections_hold_no_worker_thread(start_server, db_path, consumer_
         server.server_close()
 
 
-def test_a_client_that_always_has_its_next_request_ready_does_not_starve_others(db_path):
+def test_a_client_that_always_has_its_next_request_ready_does_not_starve_others(one_worker_server):
     """One worker thread; one connection pipelines four requests ahead, so that
     after every answer its next request is already there. Another client is answered after at
     most a few of its requests, not after all of them."""
-    app = microticks.make_app(microticks.Settings(db_path=db_path, rate_limit=0))
-    server = microticks.make_http_server(app, "127.0.0.1", 0, threads=1)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    port = one_worker_server.server_port
     one, total = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 400
     answered = []
-    try:
-        with socket.create_connection(("127.0.0.1", server.server_port), timeout=30) as greedy:
-            stream = greedy.makefile("rb")
-            greedy.sendall(one * 4)
-            for n in range(total):
-                assert read_response(stream)[0] == "200"
-                answered.append(n)
-                if n < total - 4:
-                    greedy.sendall(one)  # always requests waiting
-                if n == 10:
-                    other = Client(f"http://127.0.0.1:{server.server_port}")
-                    asking = concurrent.futures.ThreadPoolExecutor(1).submit(other.get, "/health")
-                    asking.add_done_callback(lambda _: answered.append("other"))
-            assert asking.result(timeout=30).status == 200
-    finally:
-        server.shutdown()
-        server.server_close()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as greedy:
+        stream = greedy.makefile("rb")
+        greedy.sendall(one * 4)
+        for n in range(total):
+            assert read_response(stream)[0] == "200"
+            answered.append(n)
+            if n < total - 4:
+                greedy.sendall(one)  # always requests waiting
+            if n == 10:
+                other = Client(f"http://127.0.0.1:{port}")
+                asking = concurrent.futures.ThreadPoolExecutor(1).submit(other.get, "/health")
+                asking.add_done_callback(lambda _: answered.append("other"))
+        assert asking.result(timeout=30).status == 200
     assert answered.index("other") < 60, answered.index("other")
 
 
