@@ -3156,8 +3156,9 @@ class ConnectionHandler(WSGIRequestHandler):
                    REQUEST_METHOD=self.command, PATH_INFO=unquote(path, "iso-8859-1"), QUERY_STRING=query,
                    REMOTE_ADDR=self.client_address[0])
         env["CONTENT_TYPE"] = self.fields["content-type"][0] if "content-type" in self.fields else "text/plain"
-        if self.header("content-length"):
-            env["CONTENT_LENGTH"] = self.header("content-length")
+        length = self.header("content-length")
+        if length:
+            env["CONTENT_LENGTH"] = length
         for name, value in self.header_lines:
             key = name.replace("-", "_").upper()
             if key in env:  # Content-Type and Content-Length, set above
