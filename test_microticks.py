@@ -1463,6 +1463,36 @@ def test_module_copied_with_bottle_py_runs_offline_and_without_it_says_why(tmp_p
 # Deployment: gunicorn, CGI, Apache mod_wsgi ##################################
 ###############################################################################
 
+SETTLED_PROCESS = """
+import gc, sys, threading, time
+sys.path.insert(0, sys.argv[3])
+import microticks
+before = gc.get_threshold()[0]
+if sys.argv[1] == "wsgi":  # a gunicorn worker's or mod_wsgi's first request
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/health", "QUERY_STRING": "", "SERVER_NAME": "x",
+               "SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.input": None, "MICROTICKS_DB": sys.argv[2]}
+    microticks.application(environ, lambda status, headers, exc_info=None: None)
+else:
+    threading.Thread(target=microticks.main, args=(["serve", "--db", sys.argv[2], "--port", "0"],),
+                     daemon=True).start()
+    deadline = time.monotonic() + 20
+    while gc.get_threshold()[0] == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+print(before, gc.get_threshold()[0], gc.get_freeze_count(), gc.isenabled())
+"""
+
+
+@pytest.mark.parametrize("entry", ["wsgi", "serve"])
+def test_a_serving_process_freezes_start_up_out_of_the_garbage_collector(entry, tmp_path):
+    """Measured in the benchmark (batches under `serve`); here, that both
+    ways of serving set it up: start-up's objects frozen, the youngest
+    generation collected less often, the collector still on."""
+    out = subprocess.run([sys.executable, "-c", SETTLED_PROCESS, entry, str(tmp_path / "gc.db"), str(HERE)],
+                         capture_output=True, text=True, timeout=60)
+    before, after, frozen, enabled = out.stdout.splitlines()[-1].split()  # after what serve prints
+    assert (before, after, enabled) == ("700", str(microticks.GC_YOUNG_THRESHOLD), "True"), out.stderr
+    assert int(frozen) > 10_000  # the modules, the app and its routes
+
 def test_gunicorn_with_four_workers_stores_every_acknowledged_event_once(tmp_path, db_path, consumer_key):
     port = free_port()
     proc = subprocess.Popen(
