@@ -1905,7 +1905,10 @@ def parse_json(text, max_depth=MAX_DATA_DEPTH):
         value = _STRICT_JSON.decode(text)
     except RecursionError:
         raise ValueError(f"nests deeper than {MAX_DATA_DEPTH} levels") from None
-    if "\\u" in text:  # an escape can name half a surrogate pair, which no database can store
+    # An escape can name half a surrogate pair, which no database can store.
+    # Most bodies hold no backslash at all: looking for one character is a
+    # memchr (0.1 us for a batch of 100), for two a scan of 13 us.
+    if "\\" in text and "\\u" in text:
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
