@@ -2577,9 +2577,12 @@ def supplied_api_key(request):
     X-Microticks-Key header, Authorization: Bearer, or ?key= (the first
     Microticks' way). Headers, because Apache drops Authorization unless
     told otherwise (WSGIPassAuthorization On / CGIPassAuth On)."""
-    supplied = request.get_header("X-Microticks-Key")
+    # From the environ, not through request.get_header(): the header dict
+    # Bottle makes for that links back to the environ, and every request's
+    # environ (its body included) was left for the garbage collector to find.
+    supplied = request.environ.get("HTTP_X_MICROTICKS_KEY")
     if not supplied:
-        scheme, _, credentials = request.get_header("Authorization", "").partition(" ")
+        scheme, _, credentials = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
         if scheme.lower() == "bearer":
             supplied = credentials.strip()
     if not supplied:
@@ -2693,7 +2696,7 @@ def make_app(settings):
     def common_headers(preflight=False):
         if any_origin and not preflight:  # the same for every answer: built once
             return any_origin
-        headers = cors_headers(settings, request.get_header("Origin"), preflight)
+        headers = cors_headers(settings, request.environ.get("HTTP_ORIGIN"), preflight)  # as supplied_api_key
         headers["Cache-Control"] = "no-store"
         return headers
 
@@ -2702,6 +2705,11 @@ def make_app(settings):
 
     def render_error(error):
         """Every error, Bottle's own (404, 405, 413...) included, as JSON."""
+        # Where it was raised and what it replaced are of no more use, and
+        # their frames (Bottle's among them) hold the error itself: a cycle
+        # that kept the request's environ and body until the garbage
+        # collector ran, which a server runs seldom (settle_for_serving).
+        error.__traceback__ = error.__context__ = error.__cause__ = None
         set_common_headers()
         response.content_type = "application/json"
         status = error.status_code
