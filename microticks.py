@@ -2687,7 +2687,7 @@ def make_app(settings):
     db = Database(settings.db_path)
     app = bottle.Bottle()
     # Bottle's own JSONPlugin calls json.dumps, which builds an encoder per
-    # answer: 1.5% of the instructions of a batch of 100.
+    # answer: 1.1% of the instructions of a batch of 100.
     app.uninstall("json")
     app.install(bottle.JSONPlugin(json_dumps=_answer_json))
     request, response = bottle.request, bottle.response
@@ -4513,8 +4513,9 @@ def settle_for_serving():
     process, start-up's 20,000 included: 6% of `serve`'s CPU time for
     batches of 100. Start-up's objects live as long as the process, so they
     are frozen out of every later run; and since a request's objects are
-    freed by reference counting (they make almost no cycles), the youngest
-    generation is collected every GC_YOUNG_THRESHOLD instead."""
+    freed by reference counting (an answered request leaves no cycle: see
+    supplied_api_key and render_error), the youngest generation is
+    collected every GC_YOUNG_THRESHOLD instead."""
     gc.collect()  # start-up's garbage, before the rest is frozen
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
