@@ -577,13 +577,16 @@ def bench_batches(workdir, results, seconds):
                     rate = app_alone_rate(workdir, body, size, seconds, ordered_ids=ordered)
                     turns[kind].append({"rps": rate / size, "ceiling": ceiling, "ratio": rate / ceiling,
                                         "p99_ms": None, "errors": 0})
+            # Eight batches in flight, parsed: more than single events need.
+            peak_mb = {"serve": round(peak_rss_mb(started["serve"][0].proc.pid), 1)}
         for kind, runs in turns.items():
             median = sorted(runs, key=lambda r: r["ratio"])[len(runs) // 2]
             rows.append({"server": kind, "batch": size, "events": shape, "clients": 8 if kind in started else 1,
                          "events_per_s": round(median["rps"] * size),
                          "executemany_rows_per_s": round(median["ceiling"]), "ratio": round(median["ratio"], 3),
                          "ratios_of_the_turns": [round(r["ratio"], 3) for r in runs],
-                         "p99_ms": median["p99_ms"], "errors": sum(r["errors"] for r in runs)})
+                         "p99_ms": median["p99_ms"], "errors": sum(r["errors"] for r in runs),
+                         **({"peak_rss_mb": peak_mb[kind]} if kind in peak_mb else {})})
             print_row(rows[-1])
     results["batches"] = rows
 
