@@ -3190,7 +3190,7 @@ class ConnectionHandler(WSGIRequestHandler):
         """BaseHTTPRequestHandler's answer to a request it cannot parse, in the
         app's JSON shape instead of an HTML page; the connection closes."""
         self.close_connection = True
-        body = json.dumps({"error": message or http.HTTPStatus(code).phrase, "status": code}).encode()
+        body = _answer_json({"error": message or http.HTTPStatus(code).phrase, "status": code}).encode()
         self.send_response(code)
         self.send_header("Connection", "close")
         self.send_header("Content-Type", "application/json")
@@ -3263,7 +3263,7 @@ class ConnectionHandler(WSGIRequestHandler):
         # An operator's clue to a kiosk whose network drops mid-request.
         log.info("%s sent part of a request and not the rest within %s s: answered 408",
                  self.client_address[0], self.rfile.timeout)
-        body = json.dumps({"error": f"The request did not arrive whole within {self.rfile.timeout} s", "status": 408})
+        body = _answer_json({"error": f"The request did not arrive whole within {self.rfile.timeout} s", "status": 408})
         self.connection.setblocking(False)
         with contextlib.suppress(OSError):
             self.connection.send(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type:"
