@@ -53,7 +53,7 @@ from datetime import timedelta
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SAMPLE = HERE.parent / "shared" / "data" / "kiosk-sample-events.json"
+SAMPLE = HERE / "examples" / "kiosk-sample-week.json"
 sys.path.insert(0, str(HERE))
 import microticks  # noqa: E402
 
@@ -89,14 +89,18 @@ def timed_get(url):
     return first_byte, time.perf_counter() - started, size
 
 
+def sample_week():
+    """The real week (examples/kiosk-sample-week.json): its events."""
+    return json.loads(SAMPLE.read_text(encoding="utf-8"))["events"]
+
+
 def build_big_database(path, sessions=50_000):
     """Repeat the sample week, shifted a week at a time, until `sessions`
     sessions (about 20 events each) are in an export file (the GET /events
     shape), and load it as a researcher would: `microticks.py import`.
     Returns (events, sessions, weeks, seconds the import took)."""
-    sample = json.loads(SAMPLE.read_text(encoding="utf-8"))["events"]
     by_session = {}
-    for event in sample:
+    for event in sample_week():
         by_session.setdefault(event["session_id"], []).append(event)
     week_sessions = list(by_session.values())
     export = path.with_suffix(".ndjson")
