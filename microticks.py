@@ -20,7 +20,8 @@ Deploy it behind a web server:
 Environment (a command-line flag wins over its variable; under mod_wsgi and
 CGI, Apache's SetEnv works too):
 
-    MICROTICKS_DB            SQLite file (default: microticks.db beside this file)
+    MICROTICKS_DB            SQLite file (default: microticks.db beside this file;
+                             installed with pip, in the working directory)
     MICROTICKS_KEY           API key every request must carry (default: none)
     MICROTICKS_CORS_ORIGINS  origins allowed to call the API, comma-separated
                              (default: *, any origin, file:// pages included)
@@ -60,6 +61,7 @@ import ipaddress
 import json
 import logging
 import os
+import pathlib
 import queue
 import re
 import secrets
@@ -137,9 +139,15 @@ MAX_PAGE_LIMIT = 10000
 # temporary file. This is process-wide; we never accept more than this anyway.
 bottle.BaseRequest.MEMFILE_MAX = MAX_BODY_BYTES
 
-DEFAULT_DB_PATH = os.path.join(_HERE, "microticks.db")
+#: Installed with pip, this module sits among the environment's packages
+#: (and the examples beside it as the package microticks_examples).
+INSTALLED = os.path.basename(_HERE) in ("site-packages", "dist-packages")
+#: A copied microticks.py keeps its database beside itself, wherever it is
+#: started from (Apache runs scripts in /); an installed one in the working
+#: directory, never among the environment's packages.
+DEFAULT_DB_PATH = "microticks.db" if INSTALLED else os.path.join(_HERE, "microticks.db")
 #: The browser tracker and its demo, served at /examples/ when present.
-EXAMPLES_DIR = os.path.join(_HERE, "examples")
+EXAMPLES_DIR = os.path.join(_HERE, "microticks_examples" if INSTALLED else "examples")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: The values of MICROTICKS_CPUS and `serve --cpus`, the default first.
 CPUS_CHOICES = ("one", "all")
@@ -245,6 +253,13 @@ def timezone_setting(name, warnings):
     except ValueError as error:
         warnings.append(f"MICROTICKS_TZ: {error}; using the server's zone")
         return ""
+
+
+def operator_command():
+    """How an operator runs this file's commands, for usage lines and hints:
+    `microticks` (the command pip installs) or `python microticks.py`."""
+    started_as = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "microticks" if INSTALLED or started_as == "microticks" else "python microticks.py"
 
 
 def running_as_cgi():
@@ -458,18 +473,44 @@ def load_timezone(name):
     return datetime.now().astimezone().tzinfo
 
 
+class ReadOnlyDatabase(sqlite3.OperationalError):
+    """A write asked of a database this process may only read."""
+
+
 def connect(path):
-    """Open the database at `path`, creating and upgrading it as needed."""
-    if path != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise MicroticksError(503, f"The database's directory does not exist: {os.path.dirname(os.path.abspath(path))}")
-    # isolation_level=None: we issue BEGIN ourselves, so that writes can start
-    # with BEGIN IMMEDIATE (a deferred BEGIN that upgrades its lock fails at
-    # once with "database is locked" when two writers race, whatever the timeout).
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
-                           check_same_thread=False, factory=_Connection)
-    conn.writer_turns = _writer_turns(path)
+    """Open the database at `path`, creating and upgrading it as needed.
+
+    A file this user may read but not write (a copy on a read-only share, a
+    folder the service's user cannot write) is opened for reading only: the
+    connection's `read_only` says why, and a write on it raises
+    ReadOnlyDatabase at once. A path that cannot work at all (a directory,
+    a new file where none may be made) is refused with what is wrong."""
+    if path == ":memory:":
+        read_only = None
+    else:
+        read_only = _check_database_path(path)
+    if read_only:
+        conn = _connect_read_only(os.path.abspath(path))
+    else:
+        # isolation_level=None: we issue BEGIN ourselves, so that writes can start
+        # with BEGIN IMMEDIATE (a deferred BEGIN that upgrades its lock fails at
+        # once with "database is locked" when two writers race, whatever the timeout).
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                               check_same_thread=False, factory=_Connection)
+        conn.writer_turns = _writer_turns(path)
+    conn.read_only = read_only
     conn.row_factory = sqlite3.Row
     try:
+        conn.create_function("mt_utc", 1, _utc_or_none, deterministic=True)
+        conn.create_function("mt_key_hash", 1, key_hash, deterministic=True)
+        if read_only:
+            version = schema_version(conn)
+            if version < SCHEMA_VERSION:
+                raise MicroticksError(503, f"The database {os.path.abspath(path)} has schema version {version}"
+                                           f" and this Microticks needs {SCHEMA_VERSION}, but it cannot be"
+                                           f" upgraded: {read_only}. Let it be written once (any command"
+                                           " upgrades it), or open a copy where it can be.")
+            return conn
         # WAL: readers never block the writer, and several processes
         # (gunicorn workers, CGI requests) can share the file.
         _use_wal(conn)
@@ -480,8 +521,6 @@ def connect(path):
         # crashed process; a kiosk gets unplugged at closing time. It costs
         # about 3x in raw SQLite speed, far above what HTTP can deliver.
         conn.execute("PRAGMA synchronous=FULL")
-        conn.create_function("mt_utc", 1, _utc_or_none, deterministic=True)
-        conn.create_function("mt_key_hash", 1, key_hash, deterministic=True)
         migrate(conn)
     except Exception:
         conn.close()
@@ -489,10 +528,60 @@ def connect(path):
     return conn
 
 
+def _check_database_path(path):
+    """Refuse a database path that cannot work, naming the problem (SQLite
+    says "unable to open database file" for each); return why an existing
+    file can only be read, or None when it can be written."""
+    full = os.path.abspath(path)
+    folder = os.path.dirname(full)
+    if os.path.isdir(full):
+        raise MicroticksError(503, f"The database path {full} is a directory: name a file in it,"
+                                   f" e.g. {os.path.join(full, 'microticks.db')}")
+    if not os.path.isdir(folder):
+        raise MicroticksError(503, f"The database's directory does not exist: {folder}")
+    if not os.path.exists(full):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise MicroticksError(503, f"Cannot create the database {full}: permission denied"
+                                       f" in its directory {folder}")
+        return None
+    if not os.access(full, os.R_OK):
+        raise MicroticksError(503, f"Cannot read the database {full}: permission denied")
+    if not os.access(full, os.W_OK):
+        return "the file is read-only for this user"
+    if not os.access(folder, os.W_OK | os.X_OK) and not all(
+            os.access(full + suffix, os.W_OK) for suffix in ("-wal", "-shm")):
+        return "its directory cannot be written by this user (SQLite keeps -wal and -shm files there)"
+    return None
+
+
+def _connect_read_only(full):
+    """A connection that only reads the file at `full`. Where SQLite cannot
+    make the -shm file that reading a WAL file takes (a directory that cannot
+    be written), the file is read as it is (immutable): the changes still in
+    a -wal file, if one was left behind, are not seen."""
+    uri = pathlib.Path(full).as_uri()
+    for options in ("mode=ro", "mode=ro&immutable=1"):
+        conn = sqlite3.connect(f"{uri}?{options}", uri=True, timeout=BUSY_TIMEOUT, isolation_level=None,
+                               check_same_thread=False, factory=_Connection)
+        try:
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1")
+        except sqlite3.OperationalError:
+            conn.close()
+            if "immutable" in options:
+                raise
+            continue
+        if "immutable" in options and os.path.exists(full + "-wal") and os.path.getsize(full + "-wal"):
+            log.warning("%s-wal holds changes that cannot be read without writing its directory: "
+                        "they are missing from what is read", full)
+        return conn
+
+
 class _Connection(sqlite3.Connection):
-    """A connection that knows its process's turns for its file."""
+    """A connection that knows its process's turns for its file, and why
+    it may only read it (None: it may write)."""
 
     writer_turns = None
+    read_only = None
 
 
 class WriterTurns:
@@ -674,6 +763,8 @@ def migrate(conn):
 def write_transaction(conn, deadline=None):
     """A transaction that holds the write lock from its first statement,
     begun in the writers' turn (WriterTurns; waited for until `deadline`)."""
+    if conn.read_only:
+        raise ReadOnlyDatabase(f"cannot be written: {conn.read_only}")
     turns = conn.writer_turns
     if turns is not None:
         turns.acquire(deadline)
@@ -803,7 +894,7 @@ def _consumer_for_key(conn, consumer_key, ip):
                             (key_hash(consumer_key),)).fetchone()
     if consumer is None:
         raise MicroticksError(403, "Unknown consumer key: create one with "
-                                   "`python microticks.py createconsumer NAME`")
+                                   f"`{operator_command()} createconsumer NAME`")
     if consumer["deleted_at"] is not None:
         raise MicroticksError(403, "This consumer key was revoked")
     if consumer["ip_filter"] and not address_allowed(ip, consumer["ip_filter"]):
@@ -1051,6 +1142,8 @@ def close_idle_sessions(conn, timeout):
     """Close the sessions without an event for `timeout` seconds (by the
     server's clock) at their last event's time, reason 'timeout'. Cheap when
     there is nothing to close: one read over the open sessions."""
+    if conn.read_only:  # a copy being read: its sessions stay as they were
+        return 0
     cutoff = format_utc(datetime.now(timezone.utc) - timedelta(seconds=timeout))
     idle = f"stopped_at IS NULL AND {_IDLE_SINCE} < ?"
     if conn.execute(f"SELECT 1 FROM sessions WHERE {idle} LIMIT 1", (cutoff,)).fetchone() is None:
@@ -1403,7 +1496,7 @@ def _may_keep_stats(conn, data_key, bin_size):
         return False
     if not claimed:
         log.info("statistics for data key %r and bin %d computed but not kept: those of %d others are "
-                 "(python microticks.py forgetstats frees room)", data_key, bin_size, MAX_KEPT_STATS_KINDS)
+                 "(%s forgetstats frees room)", data_key, bin_size, MAX_KEPT_STATS_KINDS, operator_command())
     return claimed
 
 
@@ -1803,6 +1896,7 @@ def database_status(conn, path, silent_after):
         device["silent"] = device["last_seen_age_s"] is None or device["last_seen_age_s"] > limit
     return {
         "database": os.path.abspath(path), "database_bytes": size(path), "wal_bytes": size(path + "-wal"),
+        "read_only": conn.read_only,
         "schema_version": schema_version(conn),
         "events": conn.execute("SELECT count(*) FROM events").fetchone()[0],
         "sessions": conn.execute("SELECT count(*) FROM sessions").fetchone()[0],
@@ -2752,8 +2846,9 @@ def make_app(settings):
                 log.error("database error on %s %s: %s", request.method, request.path, error)
                 if sentry:
                     sentry.capture_exception(error)
-                raise MicroticksError(503, f"The database is unavailable ({error}); try again later",
-                                      headers={"Retry-After": "5"}) from None
+                message = f"The database {error}" if isinstance(error, ReadOnlyDatabase) else \
+                    f"The database is unavailable ({error}); try again later"
+                raise MicroticksError(503, message, headers={"Retry-After": "5"}) from None
             except Exception as error:
                 log.exception("unexpected error on %s %s", request.method, request.path)
                 if sentry:
@@ -2844,7 +2939,7 @@ def make_app(settings):
         if isinstance(answer, bottle.HTTPError):
             raise MicroticksError(answer.status_code, f"No such example file: {filename}"
                                   + ("" if os.path.isdir(EXAMPLES_DIR) else
-                                     " (the examples/ folder is not beside microticks.py)"))
+                                     f" (there is no folder {EXAMPLES_DIR})"))
         return answer
 
     @app.get("/health")
@@ -3680,6 +3775,8 @@ def openapi_spec():
                         "responses": {"200": answer("The status", {"type": "object", "properties": {
                             "events": {"type": "integer"}, "sessions": {"type": "integer"},
                             "open_sessions": {"type": "integer"}, "consumers": {"type": "array"},
+                            "read_only": {"type": ["string", "null"],
+                                          "description": "why the database can only be read; null: writable"},
                             "devices": {"type": "array"}}}), **errors(401, 429, 503)}},
             },
             "/metrics": {
@@ -3729,7 +3826,8 @@ def render_docs(spec, base):
     """The API documentation page (GET /), rendered from the OpenAPI
     description so that the two never disagree. Everything is escaped."""
     e = html.escape
-    out = [DOCS_HEAD.replace("__BASE__", e(base)).replace("__VERSION__", e(__version__))]
+    out = [DOCS_HEAD.replace("__BASE__", e(base)).replace("__VERSION__", e(__version__))
+           .replace("__COMMAND__", e(operator_command()))]
     out.append('<h2 id="endpoints">Endpoints</h2>')
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
@@ -3801,7 +3899,7 @@ first touch, posts events, and stops the session when nobody has touched the scr
 <a href="examples/">Tracker demo</a><a href="#endpoints">Endpoints</a></nav>
 
 <h2>Quick start</h2>
-<p>Register the frontend once on the server: <code>python microticks.py createconsumer lobby-table</code>
+<p>Register the frontend once on the server: <code>__COMMAND__ createconsumer lobby-table</code>
 prints its consumer key. Then, from the kiosk:</p>
 <pre><code>curl -d 'consumer_key=KEY&amp;ts=2017-08-25T17:09:19.438Z' __BASE__/sessions
 # {"token": "TOKEN", "status": 200}
@@ -4230,7 +4328,7 @@ def cmd_createconsumer(args, settings):
 def cmd_consumers(args, settings):
     consumers = list_consumers(open_database(settings))
     if not consumers:
-        print("No consumers yet: python microticks.py createconsumer NAME")
+        print(f"No consumers yet: {operator_command()} createconsumer NAME")
         return
     print(f"{'ID':>4}  {'NAME':<24} {'CREATED':<19}  {'SESSIONS':>8}  STATUS")
     for c in consumers:
@@ -4268,9 +4366,7 @@ def cmd_read(args, settings):
     """`events` and `sessions`: a page as JSON, like the HTTP API, or every
     matching row as CSV or NDJSON (`export`)."""
     params = read_params(args)
-    export = args.command == "export" or params.get("format") in ("csv", "ndjson")
-    if args.command == "export":
-        params.setdefault("format", "csv")
+    export = params["format"] in ("csv", "ndjson")
     kind = getattr(args, "kind", None) or args.command
     query = clean_read_query(params, kind, settings.tz, export=export)
     conn = open_database(settings)
@@ -4464,7 +4560,8 @@ def cmd_status(args, settings):
         print()
         return
     print(f"Database {status['database']}: {status['database_bytes']:,} bytes (+{status['wal_bytes']:,} in the WAL),"
-          f" schema version {status['schema_version']}")
+          f" schema version {status['schema_version']}"
+          + (f"; read-only: {status['read_only']}" if status["read_only"] else ""))
     print(f"{status['events']:,} events in {status['sessions']:,} sessions, {status['open_sessions']} open;"
           f" last event {status['last_event_at'] or 'never'}")
     for consumer in status["consumers"]:
@@ -4538,7 +4635,9 @@ def release_freed_memory():
 def cmd_serve(args, settings):
     # Create or upgrade the file now, so that a problem shows at start-up;
     # the app opens its own connections (per thread, after any fork).
-    open_database(settings).close()
+    conn = open_database(settings)
+    read_only = f"; read-only, so writes are answered 503: {conn.read_only}" if conn.read_only else ""
+    conn.close()
     app = make_app(settings)
     settle_for_serving()
     where = f"http://{settings.host}:{settings.port}/"
@@ -4551,7 +4650,7 @@ def cmd_serve(args, settings):
                                        f"{getattr(error, 'strerror', None) or error}") from None
         where = f"http://{settings.host}:{server.server_port}/"
         print(f"Microticks {__version__} listening on {where} "
-              f"(database: {os.path.abspath(settings.db_path)}); Ctrl+C stops it", flush=True)
+              f"(database: {os.path.abspath(settings.db_path)}{read_only}); Ctrl+C stops it", flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:
@@ -4563,7 +4662,7 @@ def cmd_serve(args, settings):
         raise MicroticksError(400, f"Unknown server {settings.server!r}; choose threads or one of: "
                                    + ", ".join(sorted(bottle.server_names)))
     print(f"Microticks {__version__} starting {settings.server} on {where} "
-          f"(database: {os.path.abspath(settings.db_path)})", flush=True)
+          f"(database: {os.path.abspath(settings.db_path)}{read_only})", flush=True)
     try:
         bottle.run(app, server=settings.server, host=settings.host, port=settings.port, quiet=True)
     except ImportError as error:
@@ -4573,14 +4672,19 @@ def cmd_serve(args, settings):
 
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", help="SQLite database file (default: $MICROTICKS_DB, "
-                                     "else microticks.db beside microticks.py)")
+    # Given before or after the command: `microticks --db x.db status` and
+    # `microticks status --db x.db`. SUPPRESS keeps the command's unset
+    # option from overwriting the one given before it.
+    db_option = dict(default=argparse.SUPPRESS, metavar="FILE",
+                     help=f"SQLite database file (default: $MICROTICKS_DB, else {DEFAULT_DB_PATH})")
+    common.add_argument("--db", **db_option)
     parser = argparse.ArgumentParser(
-        prog="microticks.py",
+        prog=operator_command().replace("python ", ""),
         description="Microticks: simple analytics for kiosk and touch-table apps.",
         epilog="Settings also come from environment variables (MICROTICKS_DB, ...: see the README); "
                "a flag given wins.")
     parser.add_argument("--version", action="version", version=f"Microticks {__version__}")
+    parser.add_argument("--db", **db_option)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name, func, help):
@@ -4632,7 +4736,7 @@ def build_parser():
                      help="call a consumer or kiosk silent after this many hours "
                           "(default: $MICROTICKS_SILENT_HOURS, else 24)")
     sub.add_argument("--json", action="store_true", help="print the JSON of GET /status")
-    def read_filters(sub, formats=True):
+    def read_filters(sub, formats=EXPORT_FORMATS):
         group = sub.add_argument_group("filters (as the HTTP API's query parameters)")
         group.add_argument("--from", dest="from_", metavar="TIME",
                            help="from this day (YYYY-MM-DD) or ISO 8601 time on")
@@ -4651,7 +4755,10 @@ def build_parser():
             group.add_argument("--after-id", type=int, help="rows after this id (cursor paging)")
             group.add_argument("--fields", help="comma-separated fields, or all")
             group.add_argument("--data-keys", help="CSV: add columns for these data keys, e.g. subject,clickX")
-            sub.add_argument("--format", choices=EXPORT_FORMATS, help="json (a page, default), csv or ndjson (every row)")
+            what = {"json": "a page, as the HTTP API answers", "csv": "every row", "ndjson": "every row"}
+            sub.add_argument("--format", choices=formats, default=formats[0],
+                             help=", ".join(f"{name} ({what[name]})" for name in formats)
+                             + "; default: %(default)s")
             sub.add_argument("--output", "-o", metavar="FILE", help="write CSV or NDJSON here, not to stdout")
 
     read_filters(command("events", cmd_read, "list events as the HTTP API does (JSON, CSV or NDJSON)"))
@@ -4659,14 +4766,14 @@ def build_parser():
     sub = command("export", cmd_read, "write every matching event or session as CSV (default) or NDJSON")
     sub.add_argument("kind", nargs="?", choices=("events", "sessions"), default="events",
                      help="what to export (default: events)")
-    read_filters(sub)
+    read_filters(sub, formats=("csv", "ndjson"))
     sub = command("import", cmd_import, "load a GET /events JSON export or an NDJSON export, "
                                         "keeping ids, sessions, times and data; a file loads once")
     sub.add_argument("file", help="the export file")
     sub.add_argument("--consumer", default="import", help="consumer the sessions belong to "
                                                           "(created if missing; default: %(default)s)")
     sub = command("stats", cmd_stats, "print the statistics of GET /stats as readable tables")
-    read_filters(sub, formats=False)
+    read_filters(sub, formats=())
     sub.add_argument("--data-key", help=f"the data key naming screens (default: {DEFAULT_DATA_KEY})")
     sub.add_argument("--bin", type=int, help=f"heatmap bin size in pixels (default: {DEFAULT_HEATMAP_BIN})")
     sub.add_argument("--tz", help="time zone, e.g. Europe/Berlin (default: $MICROTICKS_TZ, else the server's)")
@@ -4716,7 +4823,7 @@ def main(argv=None):
         return 0
     args = build_parser().parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "server", "threads", "cpus")}
-    settings = load_settings(db_path=args.db, **overrides)
+    settings = load_settings(db_path=getattr(args, "db", None), **overrides)
     configure_logging(settings)
     try:
         args.func(args, settings)

@@ -1261,9 +1261,110 @@ def test_cli_reads_the_database_from_the_environment_and_the_flag_wins(tmp_path)
     assert stored(flag_db, "SELECT name FROM consumers") == [("b",)]
 
 
+def test_db_and_every_shared_option_work_before_and_after_the_command(tmp_path):
+    before, after = str(tmp_path / "before.db"), str(tmp_path / "after.db")
+    run_cli("--db", before, "createconsumer", "a")
+    run_cli("createconsumer", "b", "--db", after)
+    assert stored(before, "SELECT name FROM consumers") == [("a",)]
+    assert stored(after, "SELECT name FROM consumers") == [("b",)]
+    assert str(tmp_path / "before.db") in run_cli("--db", before, "status").stdout
+    assert str(tmp_path / "after.db") in run_cli("--db", before, "status", "--db", after).stdout  # the last wins
+    for command in subcommands():  # every command takes it on either side
+        assert "--db FILE" in run_cli(command, "--help").stdout
+    assert "--db FILE" in run_cli("--help").stdout
+
+
+def test_export_help_names_the_default_format_it_uses(tmp_path):
+    said = " ".join(run_cli("export", "--help").stdout.split())
+    assert said.rsplit("--format {csv,ndjson} ", 1)[1].startswith("csv (every row), ndjson (every row); default: csv")
+    assert run_cli("export", "--db", str(tmp_path / "x.db")).stdout.startswith("\ufeffid,session_id,time")
+    assert "default: json" in " ".join(run_cli("events", "--help").stdout.split())
+
+
+def test_usage_lines_name_the_file_when_it_is_run_as_a_file():
+    assert run_cli("--help").stdout.startswith("usage: microticks.py ")
+    assert run_cli("status", "--help").stdout.startswith("usage: microticks.py status ")
+
+
 def test_cli_explains_a_missing_directory(tmp_path):
     proc = run_cli("initdb", "--db", str(tmp_path / "no" / "such" / "x.db"), check=False)
     assert proc.returncode == 1 and "directory does not exist" in proc.stderr
+
+
+def without_root_power():
+    """A command prefix that runs a program with file permissions applying to
+    it as to any user: as root, without the capabilities that override them."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return []
+    require_tool("setpriv", "runs a command as root without its power over file permissions")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+@pytest.mark.parametrize("what_cannot_be_written, reason", [
+    ("the file", "the file is read-only for this user"),
+    ("its directory", "its directory cannot be written by this user (SQLite keeps -wal and -shm files there)"),
+])
+def test_a_read_only_database_is_read_and_refuses_writes_at_once(tmp_path, served, what_cannot_be_written,
+                                                                 reason):
+    """Researchers open copies on read-only shares; a service whose user lost
+    its write permission must say so rather than wait 10 s and fail."""
+    share = tmp_path / "share"
+    share.mkdir()
+    db = share / "week.db"
+    run_cli("import", str(SAMPLE), "--db", str(db), "--consumer", "touchtable")
+    key = run_cli("createconsumer", "kiosk", "--db", str(db)).stdout.split()[-1]
+    before = db.read_bytes()
+    locked = db if what_cannot_be_written == "the file" else share
+    locked.chmod(0o444 if locked == db else 0o555)
+    python = (*without_root_power(), sys.executable)
+    try:
+        started = time.monotonic()
+        status = run_cli("status", "--db", str(db), python=python).stdout
+        assert f"read-only: {reason}" in status and "1,628 events in 83 sessions" in status
+        refused = run_cli("createconsumer", "another", "--db", str(db), python=python, check=False)
+        assert refused.returncode == 1 and f"{db}: cannot be written: {reason}" in refused.stderr
+        assert time.monotonic() - started < microticks.BUSY_TIMEOUT  # told at once, not after a busy wait
+
+        client, proc = served("--db", str(db), python=python)
+        assert client.get("/events", limit=1).json["count"] == 1628
+        assert client.get("/stats").json["sessions"] == 83
+        assert client.get("/status").json["read_only"] == reason
+        for reply in (client.get("/health"), client.form("/sessions", {"consumer_key": key, "ts": "2017-08-25T17:09:19Z"})):
+            assert reply.status == 503 and reply.json["error"] == f"The database cannot be written: {reason}"
+        proc.terminate()
+        said = proc.communicate(timeout=10)[0]
+        assert f"read-only, so writes are answered 503: {reason}" in said and "Traceback" not in said
+    finally:
+        locked.chmod(0o644 if locked == db else 0o755)
+    assert db.read_bytes() == before
+
+
+def test_database_paths_that_cannot_work_are_named_at_once(tmp_path):
+    python = (*without_root_power(), sys.executable)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    first_generation = tmp_path / "old.db"
+    conn = sqlite3.connect(first_generation)
+    conn.executescript(";".join(microticks.FIRST_GENERATION_SCHEMA))
+    conn.close()
+    first_generation.chmod(0o444)
+    try:
+        for path, said in [
+                (tmp_path, f"The database path {tmp_path} is a directory: name a file in it"),
+                (locked / "new.db", f"Cannot create the database {locked / 'new.db'}: permission denied"
+                                    f" in its directory {locked}"),
+                (first_generation, f"The database {first_generation} has schema version 0 and this Microticks"
+                                   f" needs {microticks.SCHEMA_VERSION}, but it cannot be upgraded: the file is"
+                                   " read-only for this user")]:
+            started = time.monotonic()
+            proc = run_cli("status", "--db", str(path), python=python, check=False)
+            assert proc.returncode == 1 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+            assert time.monotonic() - started < microticks.BUSY_TIMEOUT
+    finally:
+        locked.chmod(0o755)
+        first_generation.chmod(0o644)
+    assert not (locked / "new.db").exists()
 
 
 @pytest.mark.parametrize("args, status, said", [
@@ -1496,6 +1597,91 @@ def test_module_copied_with_bottle_py_runs_offline_and_without_it_says_why(tmp_p
 # Deployment: gunicorn, CGI, Apache mod_wsgi ##################################
 ###############################################################################
 
+def copy_of_the_repository(target):
+    """The files a clone of the repository has (the tracked ones, as they
+    are in the work tree), copied into `target`: nothing beside it."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=HERE, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: cannot tell which files a clone has")
+    for name in listed.stdout.decode().split("\0"):
+        if name and (HERE / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(HERE / name, target / name)
+    return target
+
+
+def test_the_tests_bench_and_examples_need_nothing_outside_the_repository(tmp_path):
+    """A clone has no ../shared (or anything else) beside it: the tests that
+    read the real week, the benchmark's loader and the demo page work in a
+    copy of the repository alone."""
+    clone = copy_of_the_repository(tmp_path / "clone")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_microticks.py",
+                           "-k", "import_round_trips_the_first_microticks_export or event_filters_match"],
+                          cwd=clone, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and " passed" in proc.stdout and "error" not in proc.stdout, proc.stdout[-3000:]
+    loaded = subprocess.run([sys.executable, "-c", "import bench_microticks as b; print(len(b.sample_week()))"],
+                            cwd=clone, capture_output=True, text=True, timeout=60)
+    assert loaded.stdout.strip() == "1628", loaded.stderr
+    page = (clone / "examples" / "index.html").read_text(encoding="utf-8")
+    for link in re.findall(r'(?:src|href)="([^"#]+)"', page):
+        assert "://" not in link and not link.startswith(("/", "..")), link
+        assert (clone / "examples" / link).is_file(), link
+
+
+def test_pip_install_gives_a_working_service_run_from_anywhere(tmp_path):
+    """The README's `pip install .`: the wheel installed (not editable) in a
+    fresh virtual environment, `microticks serve` run from another folder:
+    the database lands there, never among the installed packages; the
+    examples are served; usage lines say `microticks`."""
+    assert "python -m pip install ." in README and "microticks serve" in README
+    clone = copy_of_the_repository(tmp_path / "clone")
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "wheel"), str(clone)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
+    wheel = next((tmp_path / "wheel").glob("microticks-*.whl"))
+    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                   check=True, timeout=120)
+    site_packages = Path(subprocess.run([str(bin_dir / "python"), "-c", "import sysconfig;"
+                                         " print(sysconfig.get_path('purelib'))"],
+                                        capture_output=True, text=True, check=True).stdout.strip())
+    import bottle
+    shutil.copy(bottle.__file__, site_packages)  # Bottle's one file, as the offline install has it
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MICROTICKS_", "PYTHON"))}
+
+    def microticks_command(*args, **kwargs):
+        return subprocess.run([str(bin_dir / "microticks"), *args], cwd=elsewhere, env=env, capture_output=True,
+                              text=True, timeout=60, **kwargs)
+
+    assert microticks_command("--help").stdout.startswith("usage: microticks [-h]")
+    assert microticks_command("status", "--help").stdout.startswith("usage: microticks status ")
+    assert "No consumers yet: microticks createconsumer NAME" in microticks_command("consumers").stdout
+    key = microticks_command("createconsumer", "lobby").stdout.split()[-1]
+    port = free_port()
+    proc = subprocess.Popen([str(bin_dir / "microticks"), "serve", "--port", str(port)], cwd=elsewhere, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(port, proc)
+        client = Client(f"http://127.0.0.1:{port}")
+        client.event(client.start(key))
+        assert client.get("/events").json["count"] == 1
+        index = client.get("/examples/index.html")
+        assert index.status == 200 and "microticks.js" in index.body
+        assert client.get("/examples/").status == 303
+        assert "Microticks" in client.get("/examples/microticks.js").body
+        assert "<code>microticks createconsumer lobby-table</code>" in client.get("/").body
+    finally:
+        proc.terminate()
+        said = proc.communicate(timeout=10)[0]
+    assert f"(database: {elsewhere / 'microticks.db'})" in said, said
+    assert (elsewhere / "microticks.db").exists()
+    assert not list(venv.rglob("microticks.db*")), "a database was made inside the environment"
+
+
 SETTLED_PROCESS = """
 import gc, sys, threading, time
 sys.path.insert(0, sys.argv[3])
@@ -1679,7 +1865,7 @@ def test_apache_serves_the_write_api_under_a_sub_path(apache, mount):
 # Read side: queries, exports, import, statistics ##############################
 ###############################################################################
 
-SAMPLE = HERE.parent / "shared" / "data" / "kiosk-sample-events.json"
+SAMPLE = HERE / "examples" / "kiosk-sample-week.json"
 
 
 @pytest.fixture(scope="module")
