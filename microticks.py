@@ -45,6 +45,9 @@ CGI, Apache's SetEnv works too):
     MICROTICKS_RETENTION_DAYS  delete sessions older than this (default: 0, never)
     MICROTICKS_SILENT_HOURS  hours after which `status` and /metrics call a
                              consumer or kiosk silent (default: 24)
+    MICROTICKS_TRUSTED_PROXIES  addresses or networks of reverse proxies whose
+                             X-Forwarded-For / Forwarded name the client,
+                             comma-separated (default: 127.0.0.1,::1; none: "")
 
 Needs Python 3.9 or newer and Bottle 0.13 (`pip install bottle`, or Bottle's
 single file bottle.py copied beside this one).
@@ -69,6 +72,7 @@ import select
 import selectors
 import socket
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -183,6 +187,9 @@ class Settings:
     retention_days: int = 0
     #: Hours without a sign of life after which `status` calls a kiosk silent.
     silent_hours: int = 24
+    #: Reverse proxies (addresses or networks) trusted to name the client in
+    #: X-Forwarded-For or Forwarded; by default one on the same machine.
+    trusted_proxies: tuple = ("127.0.0.1", "::1")
     #: Problems found while reading the environment, reported at start-up.
     warnings: tuple = field(default=(), compare=False)
 
@@ -241,9 +248,21 @@ def load_settings(wsgi_environ=None, **overrides):
         store_ip=choice("MICROTICKS_STORE_IP", ("truncated", "full", "none")),
         retention_days=integer("MICROTICKS_RETENTION_DAYS", 0, 0, MAX_AGE.days),
         silent_hours=integer("MICROTICKS_SILENT_HOURS", 24, 1, MAX_AGE // timedelta(hours=1)),
+        trusted_proxies=proxies_setting(env.get("MICROTICKS_TRUSTED_PROXIES", "127.0.0.1,::1"), warnings),
         warnings=tuple(warnings),
     )
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def proxies_setting(text, warnings):
+    proxies = []
+    for entry in (e.strip() for e in text.split(",")):
+        try:
+            proxies.append(str(ipaddress.ip_network(entry, strict=False)) if "/" in entry else
+                           str(ipaddress.ip_address(entry)) if entry else None)
+        except ValueError:
+            warnings.append(f"MICROTICKS_TRUSTED_PROXIES: {entry!r} is neither an address nor a network; left out")
+    return tuple(p for p in proxies if p)
 
 
 def timezone_setting(name, warnings):
@@ -522,6 +541,12 @@ def connect(path):
         # about 3x in raw SQLite speed, far above what HTTP can deliver.
         conn.execute("PRAGMA synchronous=FULL")
         migrate(conn)
+    except sqlite3.OperationalError as error:
+        conn.close()
+        full = full_disk(path)  # SQLite says "disk I/O error" for some of it
+        if full:
+            raise MicroticksError(503, f"Cannot open the database {os.path.abspath(path)}: {full}: {error}") from None
+        raise
     except Exception:
         conn.close()
         raise
@@ -724,8 +749,8 @@ def _use_wal(conn):
     while True:
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        except sqlite3.OperationalError:
-            if time.monotonic() > deadline:
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
             continue
@@ -1217,11 +1242,10 @@ SESSION_SORTS = {
 #: A data key's value in an export, each ? its path: as a CSV cell shows it
 #: (true, not json_extract's 1), and for NDJSON as JSON text (an object stays
 #: an object, not a string holding one).
-_DATA_KEY_CELL = ("CASE json_type(e.data, ?) WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'"
-                  " ELSE json_extract(e.data, ?) END")
-_DATA_KEY_JSON = ("CASE json_type(e.data, ?) WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' WHEN 'object'"
-                  " THEN json_extract(e.data, ?) WHEN 'array' THEN json_extract(e.data, ?)"
-                  " ELSE json_quote(json_extract(e.data, ?)) END")
+# A data key's value in an export: its JSON text, as the client sent it
+# (NULL when absent). json_extract() would turn a number beyond 64 bits into
+# an approximation, or into Inf, which no JSON reader takes.
+_DATA_KEY_VALUE = "e.data -> ?"
 
 
 def _filters(query):
@@ -1275,9 +1299,8 @@ def _select(query, fields, count=False):
         clauses.append(f"{id_column} {'<' if backwards else '>'} ?")
         params.append(query.after_id)
     select = [f"{columns[f]} AS {f}" for f in fields]
-    value = _DATA_KEY_JSON if query.format == "ndjson" else _DATA_KEY_CELL
-    select += [f"{value} AS data_key_{n}" for n in range(len(query.data_keys))]
-    paths = [f'$."{key}"' for key in query.data_keys for _ in range(value.count("?"))]
+    select += [f"{_DATA_KEY_VALUE} AS data_key_{n}" for n in range(len(query.data_keys))]
+    paths = [f'$."{key}"' for key in query.data_keys]
     params = paths + params  # the select list's come first
     order, ordered = [], set()
     for name, descending in query.sort:
@@ -1331,11 +1354,19 @@ def export_chunks(conn, query):
         # anyone with the kiosks' key can send such an action or screen name)
         # gets a leading ' that shows it as text; `data` is JSON, which starts
         # so only as a number.
-        def cell(c):
-            defused = "" if c == "data" else (
+        def quoted(c, defuse=True):
+            defused = "" if not defuse else (
                 f"CASE WHEN substr({c}, 1, 1) IN ('=', '+', '-', '@', char(9), char(13)) THEN '''' ELSE '' END || ")
-            return (f"""CASE typeof({c}) WHEN 'null' THEN '' WHEN 'integer' THEN {c} WHEN 'real' THEN {c}"""
-                    f""" ELSE '"' || {defused}replace({c}, '"', '""') || '"' END""")
+            return f"""'"' || {defused}replace({c}, '"', '""') || '"'"""
+
+        def cell(c):
+            if c.startswith("data_key_"):  # JSON text: a number bare as sent, a string's text, the rest quoted
+                return (f"CASE WHEN {c} IS NULL OR {c} = 'null' THEN ''"
+                        f" WHEN substr({c}, 1, 1) IN ('-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9') THEN {c}"
+                        f""" WHEN substr({c}, 1, 1) = '"' THEN {quoted(f"({c} ->> '$')")}"""
+                        f" ELSE {quoted(c, defuse=False)} END")
+            return (f"CASE typeof({c}) WHEN 'null' THEN '' WHEN 'integer' THEN {c} WHEN 'real' THEN {c}"
+                    f" ELSE {quoted(c, defuse=c != 'data')} END")
         cells = " || ',' || ".join(cell(c) for c in columns)
         sql = f"SELECT {cells} FROM ({inner})"
         # The byte order mark makes spreadsheets read the file as UTF-8.
@@ -1906,8 +1937,31 @@ def database_status(conn, path, silent_after):
     }
 
 
-def check_writable(conn):
-    """Raise unless a write transaction can be started (for /health)."""
+#: Less room than this on the database's disk counts as full (/health, and
+#: start-up's message): a batch and its WAL frames take up to about this.
+MIN_FREE_BYTES = 2 * MAX_BODY_BYTES
+
+
+def full_disk(path):
+    """What is wrong when the disk holding the database at `path` has almost
+    no room left, or None. Starting a write transaction needs no room, and
+    the WAL reuses its file, so a write may even work for a while: this
+    tells an operator before the kiosks' events are refused."""
+    try:
+        disk = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return None
+    free = disk.f_bavail * disk.f_frsize
+    if free >= MIN_FREE_BYTES:
+        return None
+    return f"its disk is full ({free:,} bytes free)"
+
+
+def check_writable(conn, path):
+    """Raise unless the database can take writes (for /health)."""
+    full = full_disk(path)
+    if full:
+        raise MicroticksError(503, f"The database cannot be written: {full}", headers={"Retry-After": "60"})
     with write_transaction(conn):
         pass
 
@@ -1991,12 +2045,41 @@ def _finite_float(text):
 _STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
+class IntegerBeyond64Bits:
+    """What parse_json makes of an integer that 64 bits cannot hold. SQLite's
+    JSON functions read one as an approximation or as Inf, which would
+    break statistics and exports; no JSON encoder takes this, so the event
+    whose data holds one is refused (_data) and nothing else is."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text):
+        self.text = text
+
+
+def _integer_of_64_bits(text):
+    number = int(text)
+    return number if -2**63 <= number < 2**63 else IntegerBeyond64Bits(text)
+
+
+_CHECKING_JSON = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float,
+                                  parse_int=_integer_of_64_bits)
+#: Maps every digit to "0" and every other byte to " ": a text without 19
+#: zeros in a row then holds no integer beyond 64 bits, and is parsed with
+#: the decoder that calls no Python function per integer (a third faster).
+_DIGITS_AS_ZEROS = bytes(48 if 48 <= byte <= 57 else 32 for byte in range(256))
+
+
+def may_hold_long_integers(text):
+    return b"0000000000000000000" in text.encode("utf-8", "surrogatepass").translate(_DIGITS_AS_ZEROS)
+
+
 def parse_json(text, max_depth=MAX_DATA_DEPTH):
     """Strict JSON (no NaN or Infinity, which other readers refuse), nesting
     at most `max_depth` levels (None: as deep as the parser goes); ValueError
     otherwise."""
     try:
-        value = _STRICT_JSON.decode(text)
+        value = (_CHECKING_JSON if may_hold_long_integers(text) else _STRICT_JSON).decode(text)
     except RecursionError:
         raise ValueError(f"nests deeper than {MAX_DATA_DEPTH} levels") from None
     # An escape can name half a surrogate pair, which no database can store.
@@ -2004,7 +2087,7 @@ def parse_json(text, max_depth=MAX_DATA_DEPTH):
     # memchr (0.1 us for a batch of 100), for two a scan of 13 us.
     if "\\" in text and "\\u" in text:
         try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
+            json.dumps(value, ensure_ascii=False, default=lambda beyond_64_bits: 0).encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("holds a \\u escape of half a surrogate pair (not a character)") from None
     if max_depth is not None and nests_deeper(text, value, max_depth):
@@ -2043,6 +2126,8 @@ def _text(fields, name, max_chars, required=True):
         raise ValueError(f'"{name}" must be a string')
     if len(value) > max_chars:
         raise ValueError(f'"{name}" is longer than {max_chars} characters')
+    if "\0" in value:  # C readers of the file (and many a CSV tool) end the text there
+        raise ValueError(f'"{name}" holds a NUL character')
     return value
 
 
@@ -2080,6 +2165,37 @@ _compact_json = _compact_json_encoder()
 _answer_json = _compact_json_encoder(ensure_ascii=True, allow_nan=True)
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _refuse_repeated_keys(pairs):
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        raise _RepeatedKey
+    return value
+
+
+_KEY_CHECKING_JSON = json.JSONDecoder(object_pairs_hook=_refuse_repeated_keys)
+
+
+def repeats_a_key(text):
+    """Whether JSON text (valid) gives a key twice in one object."""
+    try:
+        _KEY_CHECKING_JSON.decode(text)
+    except _RepeatedKey:
+        return True
+    return False
+
+
+def _compact_json_of_data(value, name):
+    try:
+        return _compact_json(value)
+    except TypeError:  # an IntegerBeyond64Bits
+        raise ValueError(f'"{name}" holds an integer beyond 64 bits (from -2**63 to 2**63 - 1):'
+                         ' send such a number as a string') from None
+
+
 def _data(fields, name, from_form):
     """Event data as the JSON text to store (always valid JSON, so SQLite's
     JSON functions can read every new row), or None when absent."""
@@ -2092,11 +2208,17 @@ def _data(fields, name, from_form):
         if len(value.encode("utf-8")) > MAX_DATA_BYTES:
             raise ValueError(f'"{name}" is larger than {MAX_DATA_BYTES} bytes')
         try:
-            parse_json(value)
-            return value
+            parsed = parse_json(value)
         except ValueError:
             return json.dumps(value, ensure_ascii=False)
-    text = _compact_json(value)
+        if may_hold_long_integers(value):
+            _compact_json_of_data(parsed, name)
+        if isinstance(parsed, (dict, list)) and repeats_a_key(value):
+            # Stored as parsed, with the key once (its last value, as
+            # JSON.parse reads it): SQLite's JSON functions would read the first.
+            return _compact_json_of_data(parsed, name)
+        return value
+    text = _compact_json_of_data(value, name)
     if len(text) * 4 > MAX_DATA_BYTES and len(text.encode("utf-8")) > MAX_DATA_BYTES:
         raise ValueError(f'"{name}" is larger than {MAX_DATA_BYTES} bytes')
     if nests_deeper(text, value, MAX_DATA_DEPTH):
@@ -2166,6 +2288,10 @@ def clock_offset(sent_at, received):
     if sent_at is None:
         return None
     offset = received - datetime.fromisoformat(sent_at.utc[:-1]).replace(tzinfo=timezone.utc)
+    if abs(offset) > MAX_AGE:  # no clock is that far off: a wrong field, or a kiosk whose clock was never set
+        message = (f'"sent_at" is {abs(offset).days // 365:,} years from the server\'s clock:'
+                   ' send the time the request is sent, from the kiosk\'s clock')
+        raise MicroticksError(400, message, errors={"sent_at": [message]})
     return offset if abs(offset) >= MIN_CLOCK_CORRECTION else None
 
 
@@ -2305,6 +2431,71 @@ def address_allowed(ip, networks):
     except ValueError:
         return False
     return any(address in ipaddress.ip_network(n) for n in networks.split(",") if n)
+
+
+def plain_address(text):
+    """An address as stored and compared: an IPv4 client of a server listening
+    on :: arrives as ::ffff:a.b.c.d, and is a.b.c.d."""
+    if text[:7].lower() == "::ffff:" and "." in text:
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(text).ipv4_mapped or text)
+    return text
+
+
+class TrustedProxies:
+    """The reverse proxies whose word on the client's address is taken."""
+
+    def __init__(self, entries):
+        self.addresses = frozenset(e for e in entries if "/" not in e)
+        self.networks = tuple(ipaddress.ip_network(e) for e in entries if "/" in e)
+
+    def __contains__(self, address):
+        if address in self.addresses:
+            return True
+        if not self.networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.networks)
+
+
+def _forwarded_for(forwarded):
+    """The for= addresses of a Forwarded header (RFC 7239), left to right."""
+    hops = []
+    for element in forwarded.split(","):
+        for pair in element.split(";"):
+            name, _, value = pair.strip().partition("=")
+            if name.strip().lower() == "for":
+                value = value.strip().strip('"')
+                if value.startswith("["):  # [IPv6]:port
+                    value = value[1:].partition("]")[0]
+                elif value.count(":") == 1:  # IPv4:port
+                    value = value.partition(":")[0]
+                hops.append(value)
+    return hops
+
+
+def client_address(peer, trusted, forwarded="", x_forwarded_for=""):
+    """The client's address: the connecting peer's, unless the peer is a
+    trusted proxy: then, walking the proxies' Forwarded (or else
+    X-Forwarded-For) entries from the right, the first that is not a
+    trusted proxy. A client that connects directly cannot pose as another
+    with these headers; a proxy appends the address it saw to the right."""
+    peer = plain_address(peer)
+    if peer not in trusted or not (forwarded or x_forwarded_for):
+        return peer
+    hops = _forwarded_for(forwarded) if forwarded else [h.strip() for h in x_forwarded_for.split(",")]
+    for hop in reversed(hops):
+        hop = plain_address(hop)
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return "unknown"  # "unknown", an obfuscated name, or garbage: no address to go by
+        if hop not in trusted:
+            return hop
+    return plain_address(hops[0]) if hops else peer
 
 
 def kept_address(ip, mode):
@@ -2585,9 +2776,12 @@ def clean_exported_event(record, number):
     except OverflowError:
         raise MicroticksError(400, f"record {number}: time {record['time']!r} is out of range") from None
     data = record.get("data")
+    try:
+        data = None if data is None else _compact_json_of_data(data, "data")
+    except ValueError as error:
+        raise MicroticksError(400, f"record {number}: {error}") from None
     return {"id": record["id"], "session_id": record["session_id"], "time": record["time"],
-            "action": record["action"], "time_utc": time_utc,
-            "data": None if data is None else json.dumps(data, ensure_ascii=False, separators=(",", ":"))}
+            "action": record["action"], "time_utc": time_utc, "data": data}
 
 
 ###############################################################################
@@ -2787,18 +2981,21 @@ def make_app(settings):
     request, response = bottle.request, bottle.response
     api_key = settings.api_key.encode("utf-8")
     rate_limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
+    trusted_proxies = TrustedProxies(settings.trusted_proxies)
     #: This process's counters for /metrics (each worker process counts its own).
     counters = {"events_stored": 0, "events_refused": 0, "events_duplicate": 0, "requests_refused": 0,
                 "database_errors": 0}
 
-    any_origin = dict(cors_headers(settings, None), **{"Cache-Control": "no-store"}) \
-        if "*" in settings.cors_origins else None
+    # nosniff: a browser takes a JSON or CSV answer for nothing else (an
+    # event's text, shown as HTML, would be a way in for script).
+    fixed_headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+    any_origin = dict(cors_headers(settings, None), **fixed_headers) if "*" in settings.cors_origins else None
 
     def common_headers(preflight=False):
         if any_origin and not preflight:  # the same for every answer: built once
             return any_origin
         headers = cors_headers(settings, request.environ.get("HTTP_ORIGIN"), preflight)  # as supplied_api_key
-        headers["Cache-Control"] = "no-store"
+        headers.update(fixed_headers)
         return headers
 
     def set_common_headers():
@@ -2816,6 +3013,10 @@ def make_app(settings):
         status = error.status_code
         if isinstance(error, MicroticksError):
             message = error.message
+        elif status == 500 and getattr(error, "traceback", None):
+            # Raised where no plugin sees it (a streamed answer's first part).
+            log.error("unexpected error on %s %s:\n%s", request.method, request.path, error.traceback)
+            message = STATUS_MESSAGES[500]
         elif status == 404:
             message = f"No such endpoint: {request.method} {request.path}"
         else:
@@ -2866,7 +3067,7 @@ def make_app(settings):
             raise bottle.HTTPResponse(status=204, headers=common_headers(preflight=True))
         if request.path in PUBLIC_PATHS or request.path.startswith("/examples/"):
             return  # monitoring, and pages that hold no data (they ask for the key themselves)
-        if rate_limiter and not rate_limiter.allow(request.environ.get("REMOTE_ADDR", "")):
+        if rate_limiter and not rate_limiter.allow(client_ip()):
             raise MicroticksError(429, f"Too many requests from this address: at most {settings.rate_limit}"
                                        " a second; send events in batches", headers={"Retry-After": "1"})
         if not api_key:
@@ -2882,7 +3083,7 @@ def make_app(settings):
         if log.isEnabledFor(logging.INFO):
             started = request.environ.get("microticks.started", time.perf_counter())
             # The path only: the query string may carry the API key.
-            log.info("%s %s %s %d %.1fms", request.environ.get("REMOTE_ADDR", "-"), request.method,
+            log.info("%s %s %s %d %.1fms", client_ip(), request.method,
                      request.path, response.status_code, (time.perf_counter() - started) * 1000)
 
     def page(text, nonce=None):
@@ -2936,6 +3137,7 @@ def make_app(settings):
     def examples(filename):
         # static_file refuses paths that leave the folder (404 JSON otherwise).
         answer = bottle.static_file(filename, root=EXAMPLES_DIR)
+        answer.set_header("Content-Security-Policy", EXAMPLES_SECURITY)
         if isinstance(answer, bottle.HTTPError):
             raise MicroticksError(answer.status_code, f"No such example file: {filename}"
                                   + ("" if os.path.isdir(EXAMPLES_DIR) else
@@ -2944,12 +3146,19 @@ def make_app(settings):
 
     @app.get("/health")
     def health():
-        check_writable(db.connection())
+        check_writable(db.connection(), settings.db_path)
         return {"status": "ok", "version": __version__}
 
     def client_ip():
-        # REMOTE_ADDR, not request.remote_addr: that one trusts X-Forwarded-For.
-        return request.environ.get("REMOTE_ADDR") or "unknown"
+        """The client's address, worked out once per request. Not Bottle's
+        request.remote_addr, which believes any X-Forwarded-For."""
+        environ = request.environ
+        address = environ.get("microticks.client")
+        if address is None:
+            address = environ["microticks.client"] = client_address(
+                environ.get("REMOTE_ADDR") or "unknown", trusted_proxies,
+                environ.get("HTTP_FORWARDED", ""), environ.get("HTTP_X_FORWARDED_FOR", ""))
+        return address
 
     def close_idle():
         close_idle_sessions(db.connection(), settings.session_timeout)
@@ -3164,17 +3373,49 @@ class _BodyReader:
 
 
 class _ResponseWriter(ServerHandler):
-    """wsgiref's response writer, noting whether the response said its
-    length (then the connection can carry another request)."""
+    """wsgiref's response writer, noting whether the response said where it
+    ends (then the connection can carry another request). A streamed answer
+    of unknown length (an export) goes to an HTTP/1.1 client in chunks, so
+    that one cut short by an error lacks its last chunk and the client can
+    tell: a connection closed after a partial body reads as a whole one."""
 
     http_version = "1.1"
     length_known = False
+    chunked = False
+    #: Set when the application failed after the answer had begun.
+    broken = False
     #: wsgiref copies the process's environment into every request's
     #: environ (MICROTICKS_KEY included); the app reads its settings once.
     os_environ = {}
 
+    def cleanup_headers(self):
+        super().cleanup_headers()  # a Content-Length where the whole body is known
+        if ("Content-Length" not in self.headers and self.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+                and self.environ.get("REQUEST_METHOD") != "HEAD" and self.status[:3] not in ("204", "304")):
+            self.headers["Transfer-Encoding"] = "chunked"
+            self.chunked = True
+
+    def write(self, data):
+        if self.status and not self.headers_sent:
+            self.send_headers()  # decides on chunks; goes out with the first part, in one packet
+        if self.chunked and data:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        super().write(data)
+
+    def finish_content(self):
+        if self.chunked and self.headers_sent:
+            self._write(b"0\r\n\r\n")
+            self._flush()
+        else:
+            super().finish_content()
+
+    def log_exception(self, exc_info):
+        self.broken = self.headers_sent
+        log.error("%s %s failed after its answer began: the client gets it cut short",
+                  self.environ.get("REQUEST_METHOD"), self.environ.get("PATH_INFO"), exc_info=exc_info)
+
     def close(self):
-        self.length_known = self.headers is not None and "Content-Length" in self.headers
+        self.length_known = self.headers is not None and ("Content-Length" in self.headers or self.chunked)
         super().close()  # forgets the headers
 
 
@@ -3192,6 +3433,8 @@ class ConnectionHandler(WSGIRequestHandler):
     wbufsize = 64 * 1024
     #: Unread request bodies up to this size are drained, not cut off.
     drain_limit = 2 * MAX_BODY_BYTES
+    #: Whether an answer failed midway: the connection is reset, not closed.
+    aborted = False
 
     def __init__(self, request, client_address, server):
         # Not BaseRequestHandler's __init__, which would handle the request at once.
@@ -3329,6 +3572,10 @@ class ConnectionHandler(WSGIRequestHandler):
                     pass
         if body.left or chunked or not handler.length_known:
             self.close_connection = True  # the body's end is the connection's end
+        if handler.broken:  # closed with a reset, which no client takes for the end of the answer
+            self.aborted = True
+            with contextlib.suppress(OSError):
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         return not self.close_connection
 
     #: Seconds a worker waits for a busy client's next request before it
@@ -3488,7 +3735,10 @@ class PooledWSGIServer(WSGIServer):
     def _close(self, connection):
         with contextlib.suppress(Exception):
             connection.finish()
-        self.shutdown_request(connection.connection)
+        if connection.aborted:  # no FIN first (shutdown_request sends one): the client would read an end
+            self.close_request(connection.connection)
+        else:
+            self.shutdown_request(connection.connection)
 
     def shutdown(self):
         self.stopping.set()
@@ -3542,6 +3792,19 @@ def make_http_server(app, host, port, threads=8, one_cpu=True):
 # API description and pages ###################################################
 ###############################################################################
 
+def _years_pattern(first, last):
+    """A regular expression for the four-digit years from `first` to `last`."""
+    parts, year = [], first
+    while year <= last:
+        if year % 10 == 0 and year + 9 <= last:
+            parts.append(f"{year // 10}[0-9]")
+            year += 10
+        else:
+            parts.append(str(year))
+            year += 1
+    return "|".join(parts)
+
+
 def openapi_spec():
     """The OpenAPI 3.1 description of every endpoint (GET /openapi.json);
     the documentation page at / is rendered from it."""
@@ -3591,6 +3854,15 @@ def openapi_spec():
                  "examples": ["2017-08-25T17:09:19.438Z"],
                  "description": "ISO 8601 with a zone (Z or an offset); seconds and fractions optional"}
     client_id = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"}
+
+    def text(max_chars, min_chars=1):
+        """A text field: no NUL, which C readers of the file take for its end."""
+        return {"type": "string", "minLength": min_chars, "maxLength": max_chars, "pattern": "^[^\\u0000]*$"}
+
+    this_year = datetime.now().year
+    sent_at = {**timestamp, "pattern": f"^({_years_pattern(this_year - 98, this_year + 98)})-",
+               "description": "The client's clock when sending: corrects a wrong clock; within"
+                              f" {MAX_AGE.days // 365} years of the server's"}
     filters = [
         param("from", "From this day (YYYY-MM-DD) or time on (events: their time; sessions: their start)",
               day_or_time),
@@ -3622,8 +3894,8 @@ def openapi_spec():
 
     exports = {"text/csv": {"schema": {"type": "string"}}, "application/x-ndjson": {"schema": {"type": "string"}}}
     event_fields = {
-        "token": {"type": "string", "minLength": 1, "maxLength": MAX_TOKEN_CHARS, "description": "From POST /sessions"},
-        "action": {"type": "string", "minLength": 1, "maxLength": MAX_ACTION_CHARS, "examples": ["click"]},
+        "token": {**text(MAX_TOKEN_CHARS), "description": "From POST /sessions"},
+        "action": {**text(MAX_ACTION_CHARS), "examples": ["click"]},
         "data": {"description": f"Forms: a JSON string (plain text is kept as a string). JSON bodies: any"
                                 f" JSON value. At most {MAX_DATA_BYTES} bytes, {MAX_DATA_DEPTH} levels deep."},
         "ts": timestamp,
@@ -3631,7 +3903,7 @@ def openapi_spec():
         "seq": optional({"type": "integer", "minimum": 0, "maximum": 2**53 - 1},
                         "The event's number in its session: 1, 2, 3..."),
         "boot": optional(client_id, "The page load that sent the event"),
-        "sent_at": optional(timestamp, "The client's clock when sending: corrects a wrong clock"),
+        "sent_at": optional(sent_at),
     }
     spec = {
         "openapi": "3.1.0",
@@ -3650,10 +3922,10 @@ def openapi_spec():
                     "error": {"type": "string"}, "status": {"type": "integer"},
                     "errors": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}}}},
                 "SessionStart": {"type": "object", "required": ["consumer_key", "ts"], "properties": {
-                    "consumer_key": {"type": "string", "minLength": 1, "maxLength": MAX_TOKEN_CHARS * 2},
+                    "consumer_key": text(MAX_TOKEN_CHARS * 2),
                     "ts": timestamp, "uuid": event_fields["uuid"], "sent_at": event_fields["sent_at"],
-                    "device": optional({"type": "string", "maxLength": MAX_DEVICE_CHARS}),
-                    "app_version": optional({"type": "string", "maxLength": MAX_DEVICE_CHARS})}},
+                    "device": optional(text(MAX_DEVICE_CHARS, 0)),
+                    "app_version": optional(text(MAX_DEVICE_CHARS, 0))}},
                 "Event": {"type": "object", "required": ["token", "action", "ts"], "properties": event_fields},
                 "Batch": {"type": "object", "required": ["events"], "properties": {
                     "events": {"type": "array", "maxItems": MAX_BATCH_EVENTS,
@@ -3674,9 +3946,9 @@ def openapi_spec():
                 "Stop": {"type": "object", "required": ["token", "ts"], "properties": {
                     "token": event_fields["token"], "ts": timestamp, "sent_at": event_fields["sent_at"]}},
                 "Heartbeat": {"type": "object", "required": ["consumer_key", "device"], "properties": {
-                    "consumer_key": {"type": "string", "minLength": 1, "maxLength": MAX_TOKEN_CHARS * 2},
-                    "device": {"type": "string", "minLength": 1, "maxLength": MAX_DEVICE_CHARS},
-                    "app_version": optional({"type": "string", "maxLength": MAX_DEVICE_CHARS}),
+                    "consumer_key": text(MAX_TOKEN_CHARS * 2),
+                    "device": text(MAX_DEVICE_CHARS),
+                    "app_version": optional(text(MAX_DEVICE_CHARS, 0)),
                     "queue": optional({"type": "integer", "minimum": 0, "maximum": 2**53 - 1})}},
                 "EventsPage": {"type": "object", "required": ["events", "count"], "properties": {
                     "events": {"type": "array", "items": {"type": "object", "properties": {
@@ -3872,6 +4144,9 @@ def _schema_names(schema):
 
 PAGE_SECURITY = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
                  "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+#: The demo runs only its own files' scripts; it may send to any service URL typed into it.
+EXAMPLES_SECURITY = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
+                     " connect-src *; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 DOCS_HEAD = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -4504,6 +4779,14 @@ def name_argument(text):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def proxies_argument(text):
+    problems = []
+    proxies = proxies_setting(text, problems)
+    if problems:
+        raise argparse.ArgumentTypeError(problems[0].split(": ", 1)[1])
+    return proxies
+
+
 def networks_argument(text):
     try:
         return clean_networks(text)
@@ -4704,6 +4987,10 @@ def build_parser():
     sub.add_argument("--cpus", choices=CPUS_CHOICES,
                      help="one: the built-in server keeps to one CPU core, where Python's threads take"
                           " turns fastest; all: it runs on any (default: $MICROTICKS_CPUS, else one)")
+    sub.add_argument("--trusted-proxies", type=proxies_argument, metavar="LIST",
+                     help="reverse proxies whose X-Forwarded-For or Forwarded header names the client:"
+                          " addresses or networks, comma-separated; '' for none"
+                          " (default: $MICROTICKS_TRUSTED_PROXIES, else 127.0.0.1,::1)")
     sub = command("createconsumer", cmd_createconsumer, "register a frontend and print its consumer key")
     sub.add_argument("name", type=name_argument, help="a name for the frontend, e.g. the kiosk's location")
     sub.add_argument("--allow", type=networks_argument, metavar="NETWORKS",
@@ -4822,7 +5109,7 @@ def main(argv=None):
         bottle.CGIServer().run(application)
         return 0
     args = build_parser().parse_args(argv)
-    overrides = {k: getattr(args, k, None) for k in ("host", "port", "server", "threads", "cpus")}
+    overrides = {k: getattr(args, k, None) for k in ("host", "port", "server", "threads", "cpus", "trusted_proxies")}
     settings = load_settings(db_path=getattr(args, "db", None), **overrides)
     configure_logging(settings)
     try:

@@ -570,6 +570,13 @@ BAD_REQUESTS = [
     ("stop without token", ("/sessions/stop", "form", {"ts": "2017-08-25T17:09:19Z"}), 400, "token"),
     ("stop unknown token", ("/sessions/stop", "form", {"token": "x", "ts": "2017-08-25T17:09:19Z"}), 404, "Could not find"),
     ("too many form fields", ("/events", "raw-form", "&".join(f"f{i}=1" for i in range(200)).encode()), 400, "too many"),
+    ("NUL in action", ("/events", "form", {**GOOD_EVENT, "token": "TOKEN", "action": "cl\0ick"}), 400, "NUL"),
+    ("NUL in a session's device", ("/sessions", "json", {"consumer_key": "KEY", "ts": "2017-08-25T17:09:19Z",
+                                                         "device": "a\0b"}), 400, "NUL"),
+    ("sent_at 2,000 years off", ("/events", "form", {**GOOD_EVENT, "token": "TOKEN", "sent_at": "0017-08-25T17:09:19Z"}),
+     400, '"sent_at" is 2,0'),
+    ("integer beyond 64 bits", ("/events", "json", {**GOOD_EVENT, "token": "TOKEN", "data": {"x": 2**64}}), 400,
+     "beyond 64 bits"),
 ]
 
 
@@ -580,7 +587,8 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(client, consumer_key, 
     before = stored(db_path, "SELECT * FROM events"), stored(db_path, "SELECT * FROM sessions")
     path, kind, body = req
     if isinstance(body, dict):
-        body = {k: (token if v == "TOKEN" else v) for k, v in body.items()}
+        body = {k: {"TOKEN": token, "KEY": consumer_key}.get(v, v) if isinstance(v, str) else v
+                for k, v in body.items()}
     if kind == "form":
         reply = client.form(path, body)
     elif kind == "json":
@@ -596,6 +604,17 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(client, consumer_key, 
     assert reply.json["status"] == status
     assert reply.headers["access-control-allow-origin"] == "*"
     assert (stored(db_path, "SELECT * FROM events"), stored(db_path, "SELECT * FROM sessions")) == before
+
+
+def test_a_key_given_twice_in_form_data_counts_once_everywhere(client, consumer_key, db_path):
+    """The last one, as JSON.parse and Python read it; SQLite's JSON
+    functions (exports' data keys, /stats) would read the first."""
+    token = client.start(consumer_key)
+    client.event(token, data='{"subject": "year", "subject": "main", "clickX": 5}')
+    assert stored(db_path, "SELECT data FROM events") == [('{"subject":"main","clickX":5}',)]
+    [exported] = [json.loads(line) for line in client.get("/events", format="ndjson", data_keys="subject").body.splitlines()]
+    assert exported["data.subject"] == exported["data"]["subject"] == client.get("/events").json["events"][0]["data"]["subject"] == "main"
+    assert [v["value"] for v in client.get("/stats").json["values"]] == ["main"]
 
 
 def test_field_errors_are_listed_per_field(client):
@@ -719,14 +738,20 @@ def test_preflight_and_health_need_no_key(start_server):
     assert client.request("GET", "/health").status == 200
 
 
-def test_every_answer_has_cors_and_no_store(client, consumer_key):
+def test_every_answer_has_cors_no_store_and_nosniff(client, consumer_key):
     replies = [client.get("/events"), client.get("/nowhere"), client.form("/events", {}),
-               client.form("/sessions", {"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"})]
+               client.form("/sessions", {"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"}),
+               client.get("/events", format="csv"), client.get("/sessions", format="ndjson"), client.get("/stats"),
+               client.get("/examples/microticks.js"), client.get("/examples/index.html"), client.get("/health")]
     for reply in replies:
         assert reply.headers["access-control-allow-origin"] == "*", reply
         assert reply.headers["cache-control"] == "no-store", reply
+        # A browser takes a JSON or CSV answer for nothing else (text shown as HTML, a way in for script).
+        assert reply.headers["x-content-type-options"] == "nosniff", reply
         # What a browser may send is the preflight's answer alone.
         assert "access-control-allow-methods" not in reply.headers, reply
+    for reply in replies[-3:-1]:  # the demo runs its own files' scripts only
+        assert "script-src 'self';" in reply.headers["content-security-policy"], reply
 
 
 def test_cors_can_be_limited_to_origins(start_server):
@@ -2060,6 +2085,88 @@ def test_exports_give_each_data_key_as_the_data_holds_it(client, consumer_key):
         "one": "1", "half": "1.5", "text": "true", "missing": ""}
 
 
+def test_an_integer_beyond_64_bits_is_refused_with_its_event_alone(client, consumer_key, db_path):
+    """SQLite's JSON functions read such a number as an approximation or as
+    Inf: /stats answered Infinity (not JSON) and the NDJSON export 500."""
+    token = client.start(consumer_key)
+    huge = "1" + "0" * 400
+    body = ('{"events": [{"token": "%s", "action": "click", "data": {"subject": %s}, "ts": "2017-08-25T17:09:20Z"},'
+            ' {"token": "%s", "action": "click", "data": {"subject": "main", "id": 9223372036854775807},'
+            ' "ts": "2017-08-25T17:09:21Z"}]}' % (token, huge, token))
+    reply = client.request("POST", "/events", body, {"Content-Type": "application/json"})
+    [refused, kept] = reply.json["results"]
+    assert refused["status"] == 400 and "integer beyond 64 bits" in refused["error"] and "event_id" in kept
+    form = client.form("/events", {"token": token, "action": "click", "data": '{"x": -%s}' % huge,
+                                   "ts": "2017-08-25T17:09:22Z"})
+    assert form.status == 400 and "integer beyond 64 bits" in form.json["error"]
+    assert stored(db_path, "SELECT data FROM events") == [('{"subject":"main","id":9223372036854775807}',)]
+    strict = json.JSONDecoder(parse_constant=microticks._reject_constant)
+    assert strict.decode(client.get("/stats").body)["events"] == 1
+
+
+def test_exports_give_numbers_exactly_as_stored_even_beyond_64_bits(client, consumer_key, db_path):
+    """An event stored before such numbers were refused exports as it is,
+    in every format, with rows before and after it (its NDJSON line broke
+    the export: 500, or 200 with the lines before it only)."""
+    import csv
+    import io
+    token = client.start(consumer_key)
+    for n in range(2500):
+        client_time = f"2017-08-25T17:{n // 60 % 60:02d}:{n % 60:02d}Z"
+        if n == 2100:
+            conn = sqlite3.connect(db_path)
+            conn.execute("INSERT INTO events (session_id, time, action, data, received_at, time_utc)"
+                         " SELECT id, ?, 'click', ?, ?, ? FROM sessions",
+                         (client_time, '{"subject":-1%s,"clickX":1.50}' % ("0" * 400), client_time, client_time))
+            conn.commit()
+            conn.close()
+        elif n % 500 == 0 or n > 2490:
+            client.event(token, data='{"subject":"main","clickX":%d}' % n, ts=client_time)
+    lines = client.get("/events", format="ndjson", data_keys="subject,clickX").body.splitlines()
+    huge = -int("1" + "0" * 400)
+    exported = [json.loads(line) for line in lines]
+    assert len(exported) == 15 and [e["data.subject"] for e in exported].count(huge) == 1
+    assert [e for e in exported if e["data.subject"] == huge][0]["data"] == {"subject": huge, "clickX": 1.5}
+    reply = client.get("/events", format="csv", data_keys="subject,clickX")
+    rows = list(csv.DictReader(io.StringIO(reply.body.encode("utf-8").decode("utf-8-sig"))))
+    assert len(rows) == 15 and [r["data.subject"] for r in rows].count(str(huge)) == 1
+    assert client.get("/events", limit=100).json["events"][5]["data"]["subject"] == huge
+
+
+def test_an_answer_that_fails_midway_ends_as_a_broken_transfer_and_is_logged(caplog):
+    """A streamed answer (an export) that fails after its first part must not
+    end the way a whole one ends: over HTTP/1.1 it lacks its last chunk,
+    and the connection is reset either way. The cause goes to the log."""
+    def failing_export(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/x-ndjson")])
+        yield b'{"id": 1}\n'
+        raise RuntimeError("the disk went away")
+
+    server = microticks.make_http_server(failing_export, "127.0.0.1", 0, threads=2)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    microticks.log.addHandler(caplog.handler)  # the service's log does not propagate to the root's
+    try:
+        for version in ("HTTP/1.1", "HTTP/1.0"):
+            with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
+                sock.sendall(f"GET /events?format=ndjson {version}\r\nHost: x\r\n\r\n".encode())
+                answer = b""
+                with pytest.raises(ConnectionResetError):
+                    while True:
+                        part = sock.recv(65536)
+                        if not part:
+                            break
+                        answer += part
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b'{"id": 1}' in body and not body.endswith(b"0\r\n\r\n")
+            assert (b"Transfer-Encoding: chunked" in head) == (version == "HTTP/1.1")
+    finally:
+        microticks.log.removeHandler(caplog.handler)
+        server.shutdown()
+        server.server_close()
+    failures = [r for r in caplog.records if "failed after its answer began" in r.getMessage()]
+    assert len(failures) == 2 and all("the disk went away" in str(r.exc_info[1]) for r in failures)
+
+
 def test_cli_export_matches_the_http_export(sample_client, db_path):
     http_csv = sample_client.get("/events", format="csv", action="click").body
     cli_csv = run_cli("export", "--format", "csv", "--action", "click", "--db", db_path).stdout
@@ -3147,8 +3254,67 @@ def test_truncation_keeps_the_network():
     assert microticks.kept_address("2001:db8:1:2:3::4", "truncated") == "2001:db8:1::/48"
 
 
+@pytest.mark.parametrize("peer, trusted, forwarded, x_forwarded_for, client", [
+    ("10.0.0.7", (), "", "6.6.6.6", "10.0.0.7"),                            # no proxy trusted
+    ("10.0.0.7", ("127.0.0.1", "::1"), "for=6.6.6.6", "6.6.6.6", "10.0.0.7"),  # a client that connects directly
+    ("127.0.0.1", ("127.0.0.1", "::1"), "", "10.1.2.3", "10.1.2.3"),          # nginx on the same machine
+    ("127.0.0.1", ("127.0.0.1",), "", "6.6.6.6, 10.1.2.3", "10.1.2.3"),       # the client's own claim comes first
+    ("192.168.1.2", ("192.168.0.0/16", "10.0.0.1"), "", " 10.1.2.3 ,192.168.1.9 , 10.0.0.1", "10.1.2.3"),
+    ("192.168.1.2", ("192.168.0.0/16",), "", "192.168.1.5, 192.168.1.9", "192.168.1.5"),  # all proxies: the first
+    ("::1", ("::1",), 'for=192.0.2.60;proto=http;by=203.0.113.43, for="[2001:db8:cafe::17]:4711"', "6.6.6.6",
+     "2001:db8:cafe::17"),                                                    # Forwarded wins over X-Forwarded-For
+    ("::1", ("::1",), "for=192.0.2.60:8080", "", "192.0.2.60"),
+    ("127.0.0.1", ("127.0.0.1",), "for=unknown", "", "unknown"),
+    ("127.0.0.1", ("127.0.0.1",), "", "<script>", "unknown"),
+    ("::ffff:10.1.2.3", (), "", "", "10.1.2.3"),                            # IPv4 through a server on ::
+    ("::FFFF:127.0.0.1", ("127.0.0.1",), "", "::ffff:10.9.8.7", "10.9.8.7"),
+])
+def test_the_client_address_is_the_first_not_trusted_from_the_right(peer, trusted, forwarded, x_forwarded_for,
+                                                                    client):
+    proxies = microticks.TrustedProxies(trusted)
+    assert microticks.client_address(peer, proxies, forwarded, x_forwarded_for) == client
+
+
+def test_behind_a_trusted_proxy_each_kiosk_is_its_own_address(start_server, consumer_key, db_path):
+    """nginx on the same machine forwards every kiosk: they must not share
+    one stored address, one rate limit bucket, or one network restriction."""
+    client = start_server(store_ip="full", rate_limit=2)  # trusts 127.0.0.1, as by default
+    run_cli("allowips", "kiosk1", "10.1.0.0/16", "--db", db_path)
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    start = urllib.parse.urlencode({"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"})
+    for kiosk in ("10.1.0.1", "10.1.0.2"):
+        replies = [client.request("POST", "/sessions", start, {**headers, "X-Forwarded-For": kiosk})
+                   for _ in range(8)]  # a burst of 4 seconds' worth, then refused
+        assert [r.status for r in replies] == [200] * 8, replies  # from one address they'd share one bucket
+    assert {ip for (ip,) in stored(db_path, "SELECT ip FROM sessions")} == {"10.1.0.1", "10.1.0.2"}
+    outside = client.request("POST", "/sessions", start, {**headers, "X-Forwarded-For": "10.2.0.1"})
+    assert outside.status == 403
+    limited = [client.request("POST", "/sessions", start, {**headers, "X-Forwarded-For": "10.1.0.3"}).status
+               for _ in range(12)]
+    assert limited.count(429) >= 2 and limited[:8] == [200] * 8  # its own bucket: 4 s x 2 a second
+
+
+def test_a_server_on_every_address_sees_ipv4_clients_as_ipv4(db_path, consumer_key):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    app = microticks.make_app(microticks.Settings(db_path=db_path, store_ip="truncated", rate_limit=0))
+    try:
+        server = microticks.make_http_server(app, "::", 0, threads=2)
+    except OSError as error:
+        pytest.skip(f"cannot listen on ::: {error}")
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        run_cli("allowips", "kiosk1", "127.0.0.0/8", "--db", db_path)
+        client = Client(f"http://127.0.0.1:{server.server_port}")
+        client.start(consumer_key)  # refused (403) when the address read ::ffff:127.0.0.1
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert stored(db_path, "SELECT ip FROM sessions") == [("127.0.0.0/24",)]
+
+
 def test_spoofed_forwarding_headers_change_nothing_stored(start_server, consumer_key, db_path):
-    client = start_server(store_ip="full")
+    client = start_server(store_ip="full", trusted_proxies=())  # as a client on the network connects
     client.request("POST", "/sessions", urllib.parse.urlencode({"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"}),
                    {"Content-Type": "application/x-www-form-urlencoded", "X-Forwarded-For": "6.6.6.6",
                     "X-Real-IP": "6.6.6.6", "Forwarded": "for=6.6.6.6"})
@@ -3426,11 +3592,17 @@ def test_a_full_disk_answers_503_keeps_reads_and_recovers(tiny_filesystem, start
         if statuses[-3:] == [503, 503, 503]:
             break
     assert 503 in statuses and 500 not in statuses
+    health = client.get("/health")  # it said ok while every write failed
+    assert health.status == 503 and health.json["error"].startswith("The database cannot be written: its disk is full")
+    started = time.monotonic()
+    new_database = run_cli("status", "--db", str(tiny_filesystem / "new.db"), check=False)
+    assert new_database.returncode == 1 and time.monotonic() - started < microticks.BUSY_TIMEOUT
+    assert f"Cannot open the database {tiny_filesystem / 'new.db'}: its disk is full" in new_database.stderr
     reads = client.get("/events", limit=1000)
     assert reads.status == 200 and [e["id"] for e in reads.json["events"]] == stored_ids
     filler.unlink()  # an operator frees space
     reply = client.form("/events", {"token": token, "action": "after", "ts": microticks.utc_now()})
-    assert reply.status == 200
+    assert reply.status == 200 and client.get("/health").status == 200
     assert stored(db, "PRAGMA integrity_check") == [("ok",)]
     reliability_report(f"disk full: {statuses.count(503)} writes answered 503, {len(stored_ids)} stored before, "
                        "reads kept working, writes resumed after freeing space, integrity_check ok")
