@@ -3,7 +3,7 @@
 
     apt-get install wrk                         # the load generator (once)
     python bench_microticks.py                  # everything (about 6 minutes; 13 with --repeat 3)
-    python bench_microticks.py --only ingest    # one part: ingest, batches or big (with the reads)
+    python bench_microticks.py --only ingest    # one part: ingest, batches, big (with the reads) or hostile
 
 Every figure stands beside a baseline measured in the same run, as a ratio,
 so that runs on different machines can be compared:
@@ -25,6 +25,11 @@ so that runs on different machines can be compared:
   50,000 sessions (the sample week repeated, shifted week by week, loaded
   with `microticks.py import`), beside the empty database.
 - reads: /stats and exports on that database; peak memory of `serve`.
+- hostile: a thousand connections sending 1 MiB bodies with a wrong API
+  key, and to a service with none set: `serve`'s memory at rest, at its
+  peak, and how soon after the attack it is under 80 MB; and a normal client's latency beside 64 connections
+  that stall (an Expect: 100-continue head without a body, a refused 2 MB
+  body), against its latency alone.
 
 Peak memory of `serve` is measured in every ingest run, and also where no
 bytecode can be cached (a directory the service cannot write), where every
@@ -617,6 +622,104 @@ def bench_big(workdir, results, seconds):
     bench_reads(workdir, results, db=db)
 
 
+def flood_with_bodies(port, connections, body_bytes, key=None, seconds=20):
+    """`connections` clients each sending a POST of `body_bytes` at once, as
+    fast as the server reads them; returns when all is sent, or after `seconds`."""
+    import socket
+    head = (f"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + (f"X-Microticks-Key: {key}\r\n" if key else "") + f"Content-Length: {body_bytes}\r\n\r\n").encode()
+    request = memoryview(head + b"x" * body_bytes)
+    clients = []
+    for _ in range(connections):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.setblocking(False)
+        clients.append([sock, 0])
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(sent < len(request) for _, sent in clients):
+        progress = 0
+        for client in clients:
+            sock, sent = client
+            if sent < len(request):
+                with contextlib.suppress(BlockingIOError, InterruptedError, OSError):
+                    n = sock.send(request[sent:sent + 262144])
+                    client[1], progress = sent + n, progress + n
+        if not progress:
+            time.sleep(0.02)
+    return clients
+
+
+def vm_mb(pid, field):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def normal_latencies(port, token, n=200):
+    """Seconds each of `n` single-event posts took, one after another."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        conn.request("POST", "/events", body=form_body(token),
+                     headers={"Content-Type": "application/x-www-form-urlencoded", "X-Microticks-Key": "bench-key"})
+        conn.getresponse().read()
+        times.append(time.perf_counter() - started)
+    conn.close()
+    return sorted(times)
+
+
+def bench_hostile(workdir, results, seconds):
+    """A thousand connections sending 1 MiB bodies (without the API key, and
+    to a service with none set): serve's peak memory, and how soon after they
+    close it is under 80 MB; 64 connections that stall (an Expect: 100-continue head
+    and no body; a refused 2 MB body a byte now and then) beside a normal
+    client, whose latency is compared with its latency alone."""
+    import resource
+    import socket
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))  # a thousand sockets each side
+    for label, env in (("wrong key", {}), ("no key set", {"MICROTICKS_KEY": ""})):
+        command, server_env, cwd = servers(workdir, "serve", "microticks", workdir / f"hostile-{label[0]}.db")
+        with Process(command, {**server_env, **env}, cwd) as server:
+            at_rest = vm_mb(server.proc.pid, "VmRSS")
+            clients = flood_with_bodies(server.port, 1000, 1 << 20, key="wrong" if label == "wrong key" else None)
+            for sock, _ in clients:
+                sock.close()
+            closed = time.monotonic()
+            while vm_mb(server.proc.pid, "VmRSS") >= 80 and time.monotonic() - closed < 60:
+                time.sleep(0.25)
+            settled = time.monotonic() - closed
+            peak, after = vm_mb(server.proc.pid, "VmHWM"), vm_mb(server.proc.pid, "VmRSS")
+        row = {"attack": f"1,000 x 1 MiB, {label}", "rss_at_rest_mb": round(at_rest, 1), "peak_mb": round(peak, 1),
+               "rss_after_mb": round(after, 1), "seconds_to_under_80_mb": round(settled, 1),
+               "aim": "under 200 MB, under 80 MB soon after"}
+        print_row(row)
+        results.setdefault("hostile", {})[label] = row
+    db = workdir / "stalls.db"
+    command, server_env, cwd = servers(workdir, "serve", "microticks", db)
+    token = microticks_db(db)
+    stalled = []
+    with Process(command, server_env, cwd) as server, contextlib.ExitStack() as closing:
+        port = server.port
+        alone = normal_latencies(port, token)
+        for n in range(64):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            head = (b"POST /events HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.6.%d.%d\r\n" % (n // 256, n % 256)
+                    + (b"Expect: 100-continue\r\nContent-Length: 900\r\n\r\n" if n % 2 else
+                       b"X-Microticks-Key: bench-key\r\nContent-Length: 2000000\r\n\r\nx"))
+            sock.sendall(head)
+            stalled.append(closing.enter_context(sock))
+        beside = normal_latencies(port, token)
+    row = {"normal_client": "single events, one after another", "alone_p50_ms": round(alone[100] * 1000, 2),
+           "alone_p99_ms": round(alone[197] * 1000, 2), "beside_64_stalled_p50_ms": round(beside[100] * 1000, 2),
+           "beside_64_stalled_p99_ms": round(beside[197] * 1000, 2),
+           "p99_ratio": round(beside[197] / alone[197], 2), "aim": "p99 under 1 s"}
+    print_row(row)
+    results.setdefault("hostile", {})["stalls"] = row
+
+
 def cpu_times():
     """(stolen, total) CPU time so far, from /proc/stat (zeros elsewhere). On
     a VM, time the hypervisor gave to other guests ("steal") slows every
@@ -633,7 +736,7 @@ def print_row(row):
     print("  " + ", ".join(f"{k}={v}" for k, v in row.items() if v is not None), flush=True)
 
 
-PARTS = {"ingest": bench_ingest, "batches": bench_batches, "big": bench_big}
+PARTS = {"ingest": bench_ingest, "batches": bench_batches, "big": bench_big, "hostile": bench_hostile}
 
 
 def main():

@@ -54,15 +54,18 @@ single file bottle.py copied beside this one).
 """
 
 import argparse
+import collections
 import contextlib
 import gc
 import hashlib
 import hmac
 import html
 import http.client
+import io
 import ipaddress
 import json
 import logging
+import mmap
 import os
 import pathlib
 import queue
@@ -126,6 +129,9 @@ MAX_DEVICE_CHARS = 100
 MAX_CONSUMER_NAME_CHARS = 100
 #: How deeply `data` may nest: a kiosk's click data is two levels deep.
 MAX_DATA_DEPTH = 32
+#: Wrong keys (API or consumer) one client address may send in a minute;
+#: beyond them, its requests are answered 429 until the minute is over.
+MAX_KEY_FAILURES = 10
 #: Events one batch may hold (answered 413 beyond it, as is a body over 1 MiB).
 MAX_BATCH_EVENTS = 1000
 #: Sessions one batch may start (a closing page's beacon: see clean_batch_sessions).
@@ -700,23 +706,28 @@ class WriterTurns:
 
 def _open_lock_file(database_path):
     """The lock file beside a database, opened read-only (an flock needs no
-    more, whoever made the file). A new one is made as SQLite makes its -wal
-    and -shm files: with the database's permissions, whatever the umask,
-    and by root with the database's owner, so that the service's user can
-    take turns at a file the command line made."""
+    more, whoever made the file)."""
+    return open_beside_database(database_path, "-lock", os.O_RDONLY)
+
+
+def open_beside_database(database_path, suffix, flags):
+    """A file of ours beside a database. A new one is made as SQLite makes
+    its -wal and -shm files: with the database's permissions, whatever the
+    umask, and by root with the database's owner, so that the service's
+    user can use a file the command line made."""
     try:
-        return os.open(database_path + "-lock", os.O_RDONLY)
+        return os.open(database_path + suffix, flags)
     except FileNotFoundError:
         pass
-    lock_file = os.open(database_path + "-lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    made = os.open(database_path + suffix, flags | os.O_CREAT, 0o644)
     try:
         database = os.stat(database_path)
-        os.fchmod(lock_file, database.st_mode & 0o666)
+        os.fchmod(made, database.st_mode & 0o666)
         if os.geteuid() == 0:
-            os.fchown(lock_file, database.st_uid, database.st_gid)
+            os.fchown(made, database.st_uid, database.st_gid)
     except OSError:  # not ours to change (another user made it meanwhile), or no database yet
         pass
-    return lock_file
+    return made
 
 
 #: One WriterTurns per database file and process.
@@ -2804,18 +2815,25 @@ def content_length(text):
     return int(text) if text.isascii() and text.isdigit() else None
 
 
+def body_length(environ):
+    """The length of a request's body, refused unless the service would read
+    it: chunked (411), or over MAX_BODY_BYTES (413)."""
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        raise MicroticksError(411, "Send the body with a Content-Length, not chunked")
+    length = content_length(environ.get("CONTENT_LENGTH"))
+    if length is None:
+        raise MicroticksError(400, "Content-Length is not a number of bytes")
+    if length > MAX_BODY_BYTES:
+        raise MicroticksError(413, STATUS_MESSAGES[413])
+    return length
+
+
 def request_fields(request):
     """The fields of a write request, and whether they came from a form.
 
     Form bodies (what the first frontends' jQuery sent) and JSON objects,
     also sent as text/plain (navigator.sendBeacon cannot set a JSON type)."""
-    if "chunked" in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        raise MicroticksError(411, "Send the body with a Content-Length, not chunked")
-    length = content_length(request.environ.get("CONTENT_LENGTH"))
-    if length is None:
-        raise MicroticksError(400, "Content-Length is not a number of bytes")
-    if length > MAX_BODY_BYTES:
-        raise MicroticksError(413, STATUS_MESSAGES[413])
+    length = body_length(request.environ)
     try:
         raw = request.body.read(MAX_BODY_BYTES + 1) if length > 0 else b""
     except OSError:  # the client stopped sending the body (a timeout), or went away
@@ -2949,23 +2967,95 @@ def prometheus_metrics(status, counters):
 class RateLimiter:
     """Requests per second per client address, with bursts of four seconds'
     worth: a runaway kiosk cannot flood the box. Per process (a gunicorn
-    worker or mod_wsgi daemon each count on their own; CGI counts nothing)."""
+    worker or mod_wsgi daemon each count on their own; CGI counts nothing).
+    The addresses last seen are kept, the longest unseen forgotten first:
+    the cost of a request stays the same however many addresses call."""
+
+    max_addresses = 10000
 
     def __init__(self, rate):
         self.rate, self.burst = float(rate), 4.0 * rate
-        self.buckets = {}  # address -> (tokens, when)
+        self.buckets = collections.OrderedDict()  # address -> (tokens, when), the longest unseen first
         self.lock = threading.Lock()
 
     def allow(self, address):
         now = time.monotonic()
         with self.lock:
-            if len(self.buckets) > 10000:  # forget idle addresses
-                self.buckets = {a: b for a, b in self.buckets.items() if now - b[1] < 60}
-            tokens, then = self.buckets.get(address, (self.burst, now))
+            tokens, then = self.buckets.pop(address, (self.burst, now))
             tokens = min(self.burst, tokens + (now - then) * self.rate)
             allowed = tokens >= 1
             self.buckets[address] = (tokens - 1 if allowed else tokens, now)
+            if len(self.buckets) > self.max_addresses:
+                self.buckets.popitem(last=False)  # a forgotten address starts again with a full burst
             return allowed
+
+
+class KeyFailures:
+    """Wrong API and consumer keys per client address and minute, counted by
+    every process serving one database (gunicorn and mod_wsgi workers each
+    kept their own count: four workers let four times the guesses through)
+    in a small file beside it, `-keyfailures`, mapped into memory: a lookup
+    costs a microsecond, whatever the number of addresses. Where that file
+    cannot be made, this process counts alone. An address with more than
+    MAX_KEY_FAILURES in a minute is refused (429) until the minute is over,
+    whatever key it sends then: else a guess that hits would still get in."""
+
+    slots = 8192
+    slot = struct.Struct("<QQI4x")  # address hash, minute, failures
+    probes = 4
+
+    def __init__(self, database_path=None):
+        size = self.slots * self.slot.size
+        self.lock, self.file = threading.Lock(), None
+        if database_path and database_path != ":memory:" and fcntl:
+            try:
+                self.file = open_beside_database(database_path, "-keyfailures", os.O_RDWR)
+                if os.fstat(self.file).st_size < size:
+                    os.ftruncate(self.file, size)
+                self.counts = mmap.mmap(self.file, size)
+                return
+            except (OSError, ValueError) as error:
+                log.warning("cannot keep %s-keyfailures (%s): each process counts wrong keys on its own",
+                            database_path, error)
+                if self.file is not None:
+                    os.close(self.file)
+                self.file = None
+        self.counts = bytearray(size)
+
+    def _find(self, address, minute):
+        """The slot of `address` (its own, or the first free or stale one)
+        and what it holds."""
+        key = int.from_bytes(hashlib.blake2b(address.encode("utf-8", "replace"), digest_size=8).digest(), "little")
+        key = key or 1  # 0 marks a free slot
+        first = key % self.slots
+        choice = None
+        for n in range(self.probes):
+            offset = (first + n) % self.slots * self.slot.size
+            held_key, held_minute, failures = self.slot.unpack_from(self.counts, offset)
+            if held_key == key:
+                return offset, key, (failures if held_minute == minute else 0)
+            if choice is None and (held_key == 0 or held_minute != minute):
+                choice = offset
+        return (first * self.slot.size if choice is None else choice), key, 0
+
+    def refused_for(self, address):
+        """Seconds `address` must wait before its keys are looked at again (0: none)."""
+        now = time.time()
+        minute = int(now // 60)
+        failures = self._find(address, minute)[2]
+        return 60 - int(now % 60) if failures >= MAX_KEY_FAILURES else 0
+
+    def record(self, address):
+        minute = int(time.time() // 60)
+        with self.lock:
+            if self.file is not None:
+                fcntl.lockf(self.file, fcntl.LOCK_EX)  # a lock per process (an flock is shared across a fork)
+            try:
+                offset, key, failures = self._find(address, minute)
+                self.slot.pack_into(self.counts, offset, key, minute, failures + 1)
+            finally:
+                if self.file is not None:
+                    fcntl.lockf(self.file, fcntl.LOCK_UN)
 
 
 def make_app(settings):
@@ -2981,6 +3071,7 @@ def make_app(settings):
     request, response = bottle.request, bottle.response
     api_key = settings.api_key.encode("utf-8")
     rate_limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
+    key_failures = KeyFailures(settings.db_path)
     trusted_proxies = TrustedProxies(settings.trusted_proxies)
     #: This process's counters for /metrics (each worker process counts its own).
     counters = {"events_stored": 0, "events_refused": 0, "events_duplicate": 0, "requests_refused": 0,
@@ -3065,22 +3156,41 @@ def make_app(settings):
         if request.method == "OPTIONS":
             # CORS preflights carry no credentials, whatever the path.
             raise bottle.HTTPResponse(status=204, headers=common_headers(preflight=True))
-        if request.path in PUBLIC_PATHS or request.path.startswith("/examples/"):
-            return  # monitoring, and pages that hold no data (they ask for the key themselves)
-        if rate_limiter and not rate_limiter.allow(client_ip()):
-            raise MicroticksError(429, f"Too many requests from this address: at most {settings.rate_limit}"
-                                       " a second; send events in batches", headers={"Retry-After": "1"})
-        if not api_key:
-            return
-        if not hmac.compare_digest(supplied_api_key(request), api_key):
-            raise MicroticksError(401, "Missing or wrong API key: send it as ?key=, "
-                                       "an X-Microticks-Key header or Authorization: Bearer",
-                                  headers={"WWW-Authenticate": 'Bearer realm="microticks"'})
+        # The built-in server asks with a request's head alone, before it
+        # reads a body still to come: a refused one is then never held.
+        head_only = request.environ.get("microticks.head_only")
+        if head_only:
+            body_length(request.environ)
+        if request.path not in PUBLIC_PATHS and not request.path.startswith("/examples/"):
+            # Not monitoring, nor a page that holds no data (pages ask for the key themselves).
+            if rate_limiter and not head_only and not rate_limiter.allow(client_ip()):
+                raise MicroticksError(429, f"Too many requests from this address: at most {settings.rate_limit}"
+                                           " a second; send events in batches", headers={"Retry-After": "1"})
+            if api_key:
+                refuse_after_wrong_keys()
+                if not hmac.compare_digest(supplied_api_key(request), api_key):
+                    key_failures.record(client_ip())
+                    raise MicroticksError(401, "Missing or wrong API key: send it as ?key=, "
+                                               "an X-Microticks-Key header or Authorization: Bearer",
+                                          headers={"WWW-Authenticate": 'Bearer realm="microticks"'})
+        if head_only:
+            raise bottle.HTTPResponse(status=100)  # go on: the body is read, and the request answered with it
+
+    def refuse_after_wrong_keys():
+        wait = key_failures.refused_for(client_ip())
+        if wait:
+            raise MicroticksError(429, f"Too many wrong keys from this address: over {MAX_KEY_FAILURES} in a"
+                                       f" minute. Try again in {wait} s", headers={"Retry-After": str(wait)})
+
+    def count_wrong_consumer_keys(*refusals):
+        for refusal in refusals:
+            if isinstance(refusal, MicroticksError) and refusal.status_code == 403:
+                key_failures.record(client_ip())
 
     @app.hook("after_request")
     def finish():
         set_common_headers()
-        if log.isEnabledFor(logging.INFO):
+        if log.isEnabledFor(logging.INFO) and response.status_code != 100:
             started = request.environ.get("microticks.started", time.perf_counter())
             # The path only: the query string may carry the API key.
             log.info("%s %s %s %d %.1fms", client_ip(), request.method,
@@ -3185,8 +3295,13 @@ def make_app(settings):
         clean = clean_session_start(fields, received)
         close_idle()
         apply_retention()
-        token, existed = start_session(db.connection(), clean["consumer_key"], clean["ts"], client_ip(),
-                                       clean["uuid"], clean["device"], clean["app_version"], settings.store_ip)
+        refuse_after_wrong_keys()
+        try:
+            token, existed = start_session(db.connection(), clean["consumer_key"], clean["ts"], client_ip(),
+                                           clean["uuid"], clean["device"], clean["app_version"], settings.store_ip)
+        except MicroticksError as refusal:
+            count_wrong_consumer_keys(refusal)
+            raise
         return {"token": token, "status": 200, **({"duplicate": True} if existed else {})}
 
     @app.post("/events")
@@ -3195,8 +3310,11 @@ def make_app(settings):
         fields, from_form = request_fields(request)
         if not from_form and "events" in fields:
             check_batch(fields)
-            tokens = start_sessions(db.connection(), clean_batch_sessions(fields, received), client_ip(),
-                                    settings.store_ip)
+            starts = clean_batch_sessions(fields, received)
+            if starts:
+                refuse_after_wrong_keys()
+            tokens = start_sessions(db.connection(), starts, client_ip(), settings.store_ip)
+            count_wrong_consumer_keys(*tokens.values())
             return {"results": count(db.store_events(clean_batch(fields, received, tokens))), "status": 200}
         offset = request_clock_offset(fields, received)
         result = count(db.store_events([clean_event(fields, from_form, offset)]))[0]
@@ -3215,8 +3333,13 @@ def make_app(settings):
     def post_heartbeat():
         fields, _ = request_fields(request)
         clean = clean_heartbeat(fields)
-        device_id = record_heartbeat(db.connection(), clean["consumer_key"], clean["device"],
-                                     clean["app_version"], clean["queue"], client_ip(), settings.store_ip)
+        refuse_after_wrong_keys()
+        try:
+            device_id = record_heartbeat(db.connection(), clean["consumer_key"], clean["device"],
+                                         clean["app_version"], clean["queue"], client_ip(), settings.store_ip)
+        except MicroticksError as refusal:
+            count_wrong_consumer_keys(refusal)
+            raise
         return {"device_id": device_id, "status": 200}
 
     def read(kind):
@@ -3247,6 +3370,9 @@ def make_app(settings):
 
     app.config["microticks.settings"] = settings
     app.config["microticks.db"] = db
+    app.config["microticks.answers_heads"] = True  # see preflight_and_authenticate
+    # For the built-in server's own answers (408): an origin's CORS headers and the rest.
+    app.config["microticks.common_headers"] = lambda origin: {**cors_headers(settings, origin), **fixed_headers}
     return app
 
 
@@ -3256,8 +3382,14 @@ class _ReadAhead:
     (read_now, request_ready) before a worker thread takes it, so a client
     that sends half a request and stalls, or connects and says nothing,
     holds no worker: eight such clients used to hold all eight for 15 s.
-    A worker reads from the socket itself only where a request's end is not
-    known ahead: Expect: 100-continue, a chunked or an oversized body."""
+    A body that has not come with its head is read only once the app has
+    seen the head and would not refuse it whatever the body holds (a wrong
+    API key, a body over the limit): a refused body is read and dropped
+    (dropping), so it costs neither a worker nor memory, and the answer is
+    not destroyed by a reset, as closing a socket with unread data makes
+    one. The selector also answers Expect: 100-continue itself. A worker
+    reads from the socket itself only what a request's framing leaves
+    unknown (a chunked body, which the app refuses)."""
 
     #: Unfinished heads (request line and headers) are handed to a worker
     #: beyond this size, to be refused (414, 431) as the limits say.
@@ -3272,45 +3404,96 @@ class _ReadAhead:
         self.started = 0.0  # time.monotonic() when the first byte read ahead came
         #: Seconds a request has to arrive whole, from its first byte.
         self.timeout = timeout
+        #: The request being read: whether its head was shown to the app (and
+        #: 100 Continue sent, if asked for), and how many bytes of a refused
+        #: one's body are still to be dropped (None: none refused).
+        self.head_checked = self.continued = False
+        self.dropping = None
+        #: The size of the request being read, once its head is let through
+        #: and its body is still to come; how much of the server's buffer
+        #: budget it has (PooledWSGIServer).
+        self.due = self.reserved = 0
+
+    def next_request(self):
+        """Forget the request just taken: what is read ahead is the next one."""
+        self.head_checked = self.continued = False
+        self.due = 0
 
     def time_left(self):
         """Seconds the request being read has left to arrive whole."""
         return self.started + self.timeout - time.monotonic()
 
-    def _recv(self, timeout):
+    def _recv(self, timeout, size=65536):
         """One recv, waiting at most `timeout` seconds (0: not at all); the
         socket's own timeout (for writing the answer) is kept."""
         kept = self.sock.gettimeout()
         self.sock.settimeout(timeout)
         try:
-            return self.sock.recv(65536)
+            return self.sock.recv(size)
         finally:
             self.sock.settimeout(kept)
 
-    def read_now(self):
-        """Read what the client has sent, without waiting; False once it has closed."""
+    def read_now(self, size=65536):
+        """Read what the client has sent (up to `size` bytes), without waiting;
+        False once it has closed, or once a refused request's body has been
+        dropped whole."""
         try:
-            data = self._recv(0)  # a timeout would wait on a socket select() called readable in error
+            data = self._recv(0, size)  # a timeout would wait on a socket select() called readable in error
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
             return False
+        if self.dropping is not None:
+            self.dropping -= len(data)
+            return bool(data) and self.dropping > 0
         if data and not self.ahead:
             self.started = time.monotonic()
         self.ahead += data
         return bool(data)
 
-    def request_ready(self):
+    def request_ready(self, answer_to_head):
         """Whether the bytes read ahead hold the next request whole, or as much
-        of it as the server waits for before a worker takes it."""
+        of it as the server waits for before a worker takes it. A body still
+        to come is awaited only if answer_to_head(head, length) has no
+        answer to the head alone; else that is sent, and the body dropped."""
+        if self.dropping is not None:
+            return False
         end = self.head_end.search(self.ahead)
         if end is None:
             return len(self.ahead) > self.max_head
-        framing = self.body_headers.findall(self.ahead, 0, end.start() + 1)
-        if len(framing) != 1 or framing[0][0].lower() != b"content-length":
+        found = [(name.lower(), value) for name, value in self.body_headers.findall(self.ahead, 0, end.start() + 1)]
+        framing = dict(found)
+        if [name for name, _ in found].count(b"content-length") != 1 or b"transfer-encoding" in framing:
             return True  # no body, or one whose end the worker finds out (or refuses)
-        length = content_length(framing[0][1].decode("latin-1"))
-        return length is None or length > MAX_BODY_BYTES or len(self.ahead) >= end.end() + length
+        length = content_length(framing[b"content-length"].decode("latin-1"))
+        if length is None or len(self.ahead) >= end.end() + length:
+            return True
+        if not self.head_checked:
+            self.head_checked = True
+            answer = answer_to_head(bytes(self.ahead[:end.end()]), length)
+            if answer is not None:  # refused: drop the body as it comes, then close
+                self.dropping = end.end() + length - len(self.ahead)
+                del self.ahead[:]
+                self._send_now(answer)
+                return False
+            if (framing.get(b"expect", b"").strip().lower() == b"100-continue"
+                    and self.ahead[:end.start()].split(b"\n", 1)[0].rstrip().endswith(b"HTTP/1.1")):
+                self._send_now(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.continued = True
+            self.due = end.end() + length
+        return False
+
+    def _send_now(self, data):
+        """Send without waiting (the selector thread must not): an answer
+        this small fits the socket's buffer; a client that reads nothing
+        loses it, as it deserves."""
+        kept = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        try:
+            with contextlib.suppress(OSError):
+                self.sock.send(data)
+        finally:
+            self.sock.settimeout(kept)
 
     def _take(self, size):
         data = bytes(self.ahead[:size])
@@ -3493,7 +3676,7 @@ class ConnectionHandler(WSGIRequestHandler):
             return False
         connection = self.header("connection").lower()
         self.close_connection = connection == "close" or (minor == 0 and connection != "keep-alive")
-        if minor >= 1 and self.header("expect").lower() == "100-continue":
+        if minor >= 1 and self.header("expect").lower() == "100-continue" and not self.rfile.continued:
             self.handle_expect_100()
             self.wfile.flush()  # buffered: the client (curl, for a body over 1 KB) waits for it
         return True
@@ -3507,22 +3690,64 @@ class ConnectionHandler(WSGIRequestHandler):
         """wsgiref's environ, from the header lines parse_request read
         (wsgiref's reads them through an email message, whose every lookup
         lower-cases every header's name)."""
+        return self.environ_of(self.command, self.path, self.request_version, self.header_lines, self.fields)
+
+    def environ_of(self, method, target, version, header_lines, fields):
         env = self.server.base_environ.copy()
-        path, _, query = self.path.partition("?")
-        env.update(SERVER_PROTOCOL=self.request_version, SERVER_SOFTWARE=self.server_version,
-                   REQUEST_METHOD=self.command, PATH_INFO=unquote(path, "iso-8859-1"), QUERY_STRING=query,
+        path, _, query = target.partition("?")
+        env.update(SERVER_PROTOCOL=version, SERVER_SOFTWARE=self.server_version,
+                   REQUEST_METHOD=method, PATH_INFO=unquote(path, "iso-8859-1"), QUERY_STRING=query,
                    REMOTE_ADDR=self.client_address[0])
-        env["CONTENT_TYPE"] = self.fields["content-type"][0] if "content-type" in self.fields else "text/plain"
-        length = self.header("content-length")
-        if length:
-            env["CONTENT_LENGTH"] = length
-        for name, value in self.header_lines:
+        env["CONTENT_TYPE"] = fields["content-type"][0] if "content-type" in fields else "text/plain"
+        if fields.get("content-length", [""])[0]:
+            env["CONTENT_LENGTH"] = fields["content-length"][0]
+        for name, value in header_lines:
             key = name.replace("-", "_").upper()
             if key in env:  # Content-Type and Content-Length, set above
                 continue
             key = "HTTP_" + key
             env[key] = env[key] + "," + value if key in env else value  # repeated lines, comma-separated
         return env
+
+    def answer_to_head(self, head, length):
+        """The whole answer (bytes) to a request refused on its head alone, its
+        body still to come, or None. The app decides, where it can (it sets
+        microticks.answers_heads): a wrong API key, an unknown path, a body
+        over the limit; another app is only held to the limit."""
+        app = self.server.get_app()
+        if not getattr(app, "config", {}).get("microticks.answers_heads"):
+            if length <= MAX_BODY_BYTES:
+                return None
+            body = _answer_json({"error": STATUS_MESSAGES[413], "status": 413}).encode()
+            return (b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        lines = head.decode("iso-8859-1").split("\n")
+        words = lines[0].split()
+        header_lines, fields = [], {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if colon and name and name == name.strip():
+                header_lines.append((name, value.strip()))
+                fields.setdefault(name.lower(), []).append(value.strip())
+        if len(words) != 3:
+            return None  # malformed: the worker refuses it
+        environ = self.environ_of(*words, header_lines, fields)
+        environ.update({"wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr, "wsgi.version": (1, 0),
+                        "wsgi.url_scheme": "http", "wsgi.multithread": True, "wsgi.multiprocess": False,
+                        "wsgi.run_once": False, "microticks.head_only": True})
+        answer = []
+
+        def start_response(status, headers, exc_info=None):
+            answer[:] = [status, headers]
+
+        body = b"".join(app(environ, start_response))
+        status, headers = answer
+        if status.startswith("100"):
+            return None  # the app takes the body: read it
+        headers = [(k, v) for k, v in headers if k.lower() not in ("content-length", "connection")]
+        return (f"HTTP/1.1 {status}\r\n".encode("latin-1")
+                + "".join(f"{k}: {v}\r\n" for k, v in headers).encode("latin-1")
+                + b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
     def send_error(self, code, message=None, explain=None):
         """BaseHTTPRequestHandler's answer to a request it cannot parse, in the
@@ -3572,6 +3797,7 @@ class ConnectionHandler(WSGIRequestHandler):
                     pass
         if body.left or chunked or not handler.length_known:
             self.close_connection = True  # the body's end is the connection's end
+        self.rfile.next_request()
         if handler.broken:  # closed with a reset, which no client takes for the end of the answer
             self.aborted = True
             with contextlib.suppress(OSError):
@@ -3587,16 +3813,16 @@ class ConnectionHandler(WSGIRequestHandler):
         """Whether the next request is here whole (pipelined, or arriving
         within `linger`)."""
         self.rfile.started = time.monotonic()  # the next request's `timeout` counts from this answer
-        if self.rfile.request_ready():
+        if self.rfile.request_ready(self.answer_to_head):
             return True
         if not self.rfile.read_now():
             return False
-        if self.rfile.request_ready():
+        if self.rfile.request_ready(self.answer_to_head):
             return True
         if self.server.waiting:  # others wait for a worker: do not hold this one
             return False
         return (bool(select.select([self.connection], [], [], self.linger)[0]) and self.rfile.read_now()
-                and self.rfile.request_ready())
+                and self.rfile.request_ready(self.answer_to_head))
 
     def refuse_late_request(self):
         """Answer 408 to a request that did not arrive whole in `timeout`
@@ -3606,10 +3832,12 @@ class ConnectionHandler(WSGIRequestHandler):
         log.info("%s sent part of a request and not the rest within %s s: answered 408",
                  self.client_address[0], self.rfile.timeout)
         body = _answer_json({"error": f"The request did not arrive whole within {self.rfile.timeout} s", "status": 408})
-        self.connection.setblocking(False)
-        with contextlib.suppress(OSError):
-            self.connection.send(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type:"
-                                 b" application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body.encode()))
+        origin = re.search(rb"\n[Oo][Rr][Ii][Gg][Ii][Nn][ \t]*:[ \t]*([^\r\n]*)", self.rfile.ahead)
+        app_headers = getattr(self.server.get_app(), "config", {}).get("microticks.common_headers")
+        headers = app_headers(origin.group(1).decode("latin-1").strip() if origin else None) if app_headers else {}
+        self.rfile._send_now(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                             + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
+                             + b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode()))
 
     def address_string(self):  # no reverse DNS lookup per request
         return self.client_address[0]
@@ -3633,6 +3861,13 @@ class PooledWSGIServer(WSGIServer):
     one_cpu = True
     #: Seconds a kept-alive connection may stay idle.
     idle_timeout = 30
+    #: Bytes of bodies still arriving that the selector holds for all
+    #: connections together (a thousand clients sending a megabyte each
+    #: took a gigabyte). A body larger than buffer_per_connection (a kiosk's
+    #: batch or two) is read once there is room for all of it; until then
+    #: it waits in the kernel, and the client with it.
+    buffer_budget = 16 * MAX_BODY_BYTES
+    buffer_per_connection = 64 * 1024
     pool = None
 
     def server_activate(self):
@@ -3655,10 +3890,41 @@ class PooledWSGIServer(WSGIServer):
         self.selector.register(self.socket, selectors.EVENT_READ, None)
         self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
         watched = {}  # connection: since when it waits for its next request
+        waiting = {}  # connections whose body waits for room in the buffer budget, first come first
+        reserved = 0  # bytes of the bodies being read, each reserved whole once its head was let through
+        trim = False  # whether much was read since freed memory last went back to the system
+
+        def admit_or_wait(connection):
+            """Reserve room for a body still to come, or leave it in the kernel
+            (not read) until there is: each body let in can arrive whole, so
+            the clients let in finish and make room for the next."""
+            nonlocal reserved, trim
+            rfile = connection.rfile
+            if not rfile.due or rfile.reserved:
+                return
+            if rfile.due <= self.buffer_per_connection or reserved + rfile.due <= self.buffer_budget or not reserved:
+                rfile.reserved = rfile.due
+                reserved += rfile.due
+                trim = trim or reserved > self.buffer_per_connection * 64
+            else:
+                self.selector.unregister(connection.connection)
+                waiting[connection] = True
+
+        def forget(connection):
+            nonlocal reserved
+            if waiting.pop(connection, None) is None:
+                self.selector.unregister(connection.connection)
+            del watched[connection]
+            reserved -= connection.rfile.reserved
+            connection.rfile.reserved = 0
+
         try:
             while not self.stopping.is_set():
                 events = self.selector.select(poll_interval)
                 now = time.monotonic()
+                if not events and trim and not reserved:  # a quiet moment after a rush of bodies
+                    release_freed_memory()
+                    trim = False
                 for key, _ in events:
                     if key.data is None:
                         connection = self._accept()
@@ -3670,27 +3936,39 @@ class PooledWSGIServer(WSGIServer):
                             self.wake_reader.recv(4096)
                     else:
                         connection = key.data
-                        closed = not connection.rfile.read_now()
-                        if closed or connection.rfile.request_ready():
-                            self.selector.unregister(connection.connection)
-                            del watched[connection]
+                        # While bodies wait for room, a head takes a small read: a
+                        # thousand clients' first 64 KiB would be 64 MB.
+                        closed = not connection.rfile.read_now(4096 if waiting and not connection.rfile.reserved
+                                                               else 65536)
+                        if closed or connection.rfile.request_ready(connection.answer_to_head):
+                            forget(connection)
                             if closed:
                                 self._close(connection)
                             else:
                                 self._submit(connection)
+                        else:
+                            admit_or_wait(connection)
                 while not self.returned.empty():
                     connection = self.returned.get()
                     self.selector.register(connection.connection, selectors.EVENT_READ, connection)
                     watched[connection] = now
+                    admit_or_wait(connection)
+                while waiting:
+                    connection = next(iter(waiting))
+                    if reserved and reserved + connection.rfile.due > self.buffer_budget:
+                        break
+                    del waiting[connection]
+                    self.selector.register(connection.connection, selectors.EVENT_READ, connection)
+                    admit_or_wait(connection)
                 for connection, since in list(watched.items()):
-                    if connection.rfile.ahead:  # part of a request: it has `timeout` seconds to arrive whole
-                        late, idle = connection.rfile.time_left() < 0, False
+                    rfile = connection.rfile
+                    if rfile.ahead or rfile.dropping is not None:  # it has `timeout` seconds to arrive whole
+                        late, idle = rfile.time_left() < 0, False
                     else:
                         late, idle = False, now - since > self.idle_timeout
                     if late or idle:
-                        self.selector.unregister(connection.connection)
-                        del watched[connection]
-                        if late:
+                        forget(connection)
+                        if late and rfile.dropping is None:  # a refused one has its answer
                             connection.refuse_late_request()
                         self._close(connection)
         finally:
@@ -3733,6 +4011,7 @@ class PooledWSGIServer(WSGIServer):
         self._close(connection)
 
     def _close(self, connection):
+        del connection.rfile.ahead[:]  # now, not when the handler is collected: it may hold a megabyte
         with contextlib.suppress(Exception):
             connection.finish()
         if connection.aborted:  # no FIN first (shutdown_request sends one): the client would read an end
