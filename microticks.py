@@ -141,6 +141,9 @@ MIN_CLOCK_CORRECTION = timedelta(seconds=2)
 #: The longest timeout, retention or silence taken: beyond a century, the
 #: dates computed from one leave the calendar (the year 1 or 9999).
 MAX_AGE = timedelta(days=100 * 365)
+#: The data key naming the screen (/stats, session paths) and the heatmaps'
+#: bin size in pixels, unless asked otherwise.
+DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN = "subject", 50
 #: Rows one page of GET /events or GET /sessions holds.
 DEFAULT_PAGE_LIMIT = 1000
 MAX_PAGE_LIMIT = 10000
@@ -445,6 +448,11 @@ MIGRATIONS = [
         "CREATE TABLE stats_kinds (data_key TEXT NOT NULL, bin INTEGER NOT NULL,"
         " PRIMARY KEY (data_key, bin)) WITHOUT ROWID",
         "INSERT INTO stats_kinds SELECT DISTINCT data_key, bin FROM stats_sessions",
+    ]),
+    ("time on a screen ends where the next screen begins: the kept figures are computed again", [
+        # They measured a session's last screen up to its stop, an idle timeout after the last touch.
+        "DELETE FROM stats_values", "DELETE FROM stats_heat", "DELETE FROM stats_actions",
+        "DELETE FROM stats_sessions",
     ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -1242,6 +1250,37 @@ SESSION_COLUMNS = {
     "device": "(SELECT d.name FROM devices d WHERE d.id = s.device_id)",
 }
 SESSION_DEFAULT_FIELDS = tuple(SESSION_COLUMNS)
+#: The actions that are a visitor touching the screen (the first Microticks'
+#: analysis scripts call them clicks).
+TOUCH_ACTIONS = ("click", "swipe")
+_TOUCH = "x.action IN (" + ", ".join(f"'{action}'" for action in TOUCH_ACTIONS) + ")"
+_SCREEN = f"json_extract(x.data, '$.\"{DEFAULT_DATA_KEY}\"')"
+# A session's visits to screens, as /stats counts them (VALUES_DEFINITION):
+# runs of its events with the same screen, events without one aside.
+_SESSION_VISITS = (
+    f"WITH valued AS (SELECT x.id, x.seq, x.time_utc, x.action, {_SCREEN} AS screen FROM events x"
+    " WHERE x.session_id = s.id),"
+    " marked AS (SELECT *, screen IS NOT lag(screen) OVER (ORDER BY seq, id) AS new_visit FROM valued"
+    " WHERE screen IS NOT NULL),"
+    " numbered AS (SELECT *, sum(new_visit) OVER (ORDER BY seq, id) AS visit FROM marked),"
+    f" visits AS (SELECT visit, screen, min(time_utc) AS arrived, sum({_TOUCH.replace('x.', '')}) AS touches"
+    " FROM numbered GROUP BY visit)"
+    " SELECT visit, screen, round((julianday(lead(arrived) OVER (ORDER BY visit)) - julianday(arrived)) * 86400, 3)"
+    " AS seconds, touches FROM visits ORDER BY visit")
+#: What a session's path holds, computed when asked for (fields=...): not
+#: among the default fields, and JSON (the path, the actions) where marked.
+SESSION_PATH_COLUMNS = {
+    "path": "(SELECT json_group_array(json_object('screen', screen, 'seconds', seconds, 'touches', touches))"
+            f" FROM ({_SESSION_VISITS}))",
+    "screens": f"(SELECT count(DISTINCT {_SCREEN}) FROM events x WHERE x.session_id = s.id)",
+    "touches": f"(SELECT count(*) FROM events x WHERE x.session_id = s.id AND {_TOUCH})",
+    "page_changes": "(SELECT count(*) FROM events x WHERE x.session_id = s.id AND x.action = 'pageChange')",
+    "actions": "(SELECT json_group_object(action, n) FROM (SELECT x.action, count(*) AS n FROM events x"
+               " WHERE x.session_id = s.id GROUP BY x.action))",
+}
+SESSION_COLUMNS.update(SESSION_PATH_COLUMNS)
+#: Fields whose SQL value is JSON text: parsed for JSON answers, embedded in NDJSON.
+JSON_FIELDS = ("data", "path", "actions")
 SESSION_SORTS = {
     "id": ("s.id",), "consumer_id": ("s.consumer_id", "s.id"), "ip": ("s.ip", "s.id"),
     "started_at": ("s.started_utc", "s.id"), "stopped_at": ("s.stopped_utc", "s.id"),
@@ -1338,9 +1377,10 @@ def read_page(conn, query):
     fields = query.fields
     sql, params = _select(query, fields)
     rows = [dict(zip(fields, row)) for row in conn.execute(sql, params)]
-    if "data" in fields:
-        for row in rows:
-            row["data"] = json.loads(row["data"]) if row["data"] is not None else None
+    for name in JSON_FIELDS:
+        if name in fields:
+            for row in rows:
+                row[name] = json.loads(row[name]) if row[name] is not None else None
     count_sql, count_params = _select(query, fields, count=True)
     count = conn.execute(count_sql, count_params).fetchone()[0]
     return {query.kind: rows, "count": count}
@@ -1356,7 +1396,8 @@ def export_chunks(conn, query):
     names = list(fields) + [f"data.{key}" for key in query.data_keys]
     if query.format == "ndjson":
         # data and the data keys are JSON text already: embedded as JSON, not as strings.
-        pairs = ", ".join(f"?, json({c})" if c == "data" or c.startswith("data_key_") else f"?, {c}" for c in columns)
+        pairs = ", ".join(f"?, json({c})" if c in JSON_FIELDS or c.startswith("data_key_") else f"?, {c}"
+                          for c in columns)
         sql, params = f"SELECT json_object({pairs}) FROM ({inner})", names + params
         header, newline = None, "\n"
     else:
@@ -1377,7 +1418,7 @@ def export_chunks(conn, query):
                         f""" WHEN substr({c}, 1, 1) = '"' THEN {quoted(f"({c} ->> '$')")}"""
                         f" ELSE {quoted(c, defuse=False)} END")
             return (f"CASE typeof({c}) WHEN 'null' THEN '' WHEN 'integer' THEN {c} WHEN 'real' THEN {c}"
-                    f" ELSE {quoted(c, defuse=c != 'data')} END")
+                    f" ELSE {quoted(c, defuse=c not in JSON_FIELDS)} END")
         cells = " || ',' || ".join(cell(c) for c in columns)
         sql = f"SELECT {cells} FROM ({inner})"
         # The byte order mark makes spreadsheets read the file as UTF-8.
@@ -1419,8 +1460,6 @@ def _summary(values):
 # the figures were computed from), and the temporary tables of this
 # connection where a request's newly computed figures gather first.
 KEPT_STATS = {"stats_values": "fresh_values", "stats_heat": "fresh_heat", "stats_actions": "fresh_actions"}
-# What /stats groups by and bins heatmaps in unless asked otherwise.
-DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN = "subject", 50
 MAX_HEATMAP_BIN = 10000
 #: Besides the default's, the (data key, bin) pairs whose figures are kept:
 #: each holds about a quarter of the file's size, and a researcher trying
@@ -1449,19 +1488,21 @@ def _compute_session_stats(conn, data_key, bin_size):
     conn.execute(
         f"INSERT INTO temp.fresh_actions SELECT e.session_id, ?, ?, e.action, count(*) FROM {events}"
         " GROUP BY e.session_id, e.action", (data_key, bin_size))
-    # A visit is a run of events with the same value in a session; it lasts
-    # until the next event that carries another value (or none, like stopSession).
+    # A visit is a run of events with the same value in a session (events
+    # without one, like stopSession, aside); it lasts until the next visit
+    # begins. The last visit of a session is not measured: after its last
+    # touch came only the idle time before the kiosk stopped the session.
     conn.execute(
         f"INSERT INTO temp.fresh_values WITH valued AS (SELECT e.id, e.seq, e.session_id, e.time_utc, e.action,"
         f" json_extract(e.data, ?) AS value FROM {events}),"
         " counts AS (SELECT session_id, value, count(*) AS events, sum(action = 'click') AS clicks,"
         " sum(action = 'pageChange') AS turns FROM valued WHERE value IS NOT NULL GROUP BY session_id, value),"
         " marked AS (SELECT *, value IS NOT lag(value) OVER (PARTITION BY session_id ORDER BY seq, id)"
-        " AS new_run FROM valued),"
+        " AS new_run FROM valued WHERE value IS NOT NULL),"
         " runs AS (SELECT session_id, seq, id, value, time_utc, lead(time_utc) OVER"
         " (PARTITION BY session_id ORDER BY seq, id) AS next_time FROM marked WHERE new_run),"
         " picks AS (SELECT session_id, value, row_number() OVER (PARTITION BY session_id ORDER BY seq, id) AS n,"
-        " (julianday(next_time) - julianday(time_utc)) * 86400 AS spent FROM runs WHERE value IS NOT NULL),"
+        " (julianday(next_time) - julianday(time_utc)) * 86400 AS spent FROM runs),"
         " visits AS (SELECT session_id, value, count(*) AS visits, sum(n = 1) AS first, sum(n = 2) AS second,"
         " sum(n = 3) AS third, count(spent) AS measured, min(spent) AS low, sum(spent) AS total,"
         " max(spent) AS high FROM picks GROUP BY session_id, value)"
@@ -3362,6 +3403,15 @@ def make_app(settings):
     def get_sessions():
         return read("sessions")
 
+    @app.get("/sessions/<session_id:int>")
+    def get_session(session_id):
+        query = clean_read_query({"session": str(session_id), "fields": "all"}, "sessions", settings.tz)
+        close_idle()
+        sessions = read_page(db.connection(), query)["sessions"]
+        if not sessions:
+            raise MicroticksError(404, f"No session {session_id}")
+        return {"session": sessions[0], "status": 200}
+
     @app.get("/stats")
     def get_stats():
         query, tz_name, data_key, bin_size = clean_stats_query(query_params(request), settings.tz)
@@ -4071,6 +4121,26 @@ def make_http_server(app, host, port, threads=8, one_cpu=True):
 # API description and pages ###################################################
 ###############################################################################
 
+#: What a session's path fields mean (the API description).
+SESSION_PATH_DEFINITION = (
+    "Not among the default fields; ask for them with fields= (or all): path, the session's visits in order,"
+    " each {screen, seconds, touches}: a visit is a run of events with the same screen (the data key"
+    f" {DEFAULT_DATA_KEY}), events without one aside; seconds, from its first event to the next visit's"
+    " (null for the last visit: only idle time came after it); touches, its click and swipe events."
+    " screens: distinct screens; touches: click and swipe events; page_changes: pageChange events;"
+    " actions: events per action.")
+#: What /stats' per-screen figures mean (the API description and the docs page).
+VALUES_DEFINITION = (
+    "Per value of the data key (the screen), in the selected sessions: events carrying it, clicks,"
+    " page_turns (pageChange events), sessions, and visits. A visit is a run of a session's events with"
+    " this value, in the tracker's order (seq, else as stored); events without a value (stopSession)"
+    " neither begin nor end one. first, second, third: how often it was a session's first, second or"
+    " third visit. time_spent (seconds): a visit's time on the screen, from its first event (arriving on"
+    " it) to the first event of the next visit (the next screen change); min, mean, max over the visits"
+    " measured (measured: how many). A session's last visit is not measured: after its last touch came"
+    " only the idle time until the kiosk stopped the session.")
+
+
 def _years_pattern(first, last):
     """A regular expression for the four-digit years from `first` to `last`."""
     parts, year = [], first
@@ -4235,16 +4305,18 @@ def openapi_spec():
                         "action": {"type": "string"}, "data": {}}}},
                     "count": {"type": "integer", "description": "Rows matching the filters, not the page length"},
                     "status": {"type": "integer"}}},
+                "Session": {"type": "object", "description": SESSION_PATH_DEFINITION,
+                            "properties": {name: {} for name in SESSION_COLUMNS}},
                 "SessionsPage": {"type": "object", "required": ["sessions", "count"], "properties": {
-                    "sessions": {"type": "array", "items": {"type": "object", "properties": {
-                        name: {} for name in SESSION_COLUMNS}}},
+                    "sessions": {"type": "array", "items": ref("Session")},
                     "count": {"type": "integer"}, "status": {"type": "integer"}}},
                 "Stats": {"type": "object", "required": ["sessions", "events"], "properties": {
                     "sessions": {"type": "integer"}, "events": {"type": "integer"}, "timezone": {"type": "string"},
                     "sessions_per_day": {"type": "array"}, "sessions_per_hour": {"type": "array"},
                     "sessions_per_weekday": {"type": "array"}, "duration": {"type": "object"},
                     "events_per_session": {"type": "object"}, "actions": {"type": "array"},
-                    "data_key": {"type": "string"}, "values": {"type": "array"}, "heatmaps": {"type": "object"},
+                    "data_key": {"type": "string"}, "heatmaps": {"type": "object"},
+                    "values": {"type": "array", "description": VALUES_DEFINITION},
                     "status": {"type": "integer"}}},
             },
         },
@@ -4284,6 +4356,14 @@ def openapi_spec():
                                               "content": {"application/json": {"schema": ref("EventsPage")},
                                                           **exports}},
                                       **errors(400, 401, 429, 503)}},
+            },
+            "/sessions/{session_id}": {
+                "get": {"summary": "One session, with every field: its path among them", "operationId": "getSession",
+                        "parameters": [{"name": "session_id", "in": "path", "required": True, "schema": whole}],
+                        "responses": {"200": answer("The session", {"type": "object", "required": ["session"],
+                                                                    "properties": {"session": ref("Session"),
+                                                                                   "status": {"type": "integer"}}}),
+                                      **errors(400, 401, 404, 429, 503)}},
             },
             "/sessions/stop": {
                 "post": {"summary": "Stop a session", "operationId": "stopSession",
