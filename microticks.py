@@ -63,6 +63,7 @@ import html
 import http.client
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import mmap
@@ -1619,20 +1620,27 @@ def _find_stale_sessions(conn, selected, params, data_key, bin_size):
         [*params, data_key, bin_size])
 
 
-def compute_stats(conn, query, tz_name, data_key, bin_size):
+def _selected_sessions(query):
+    """The sessions a ReadQuery selects, as a WITH clause `sel` (its SQL and
+    parameters), and whether that is every session."""
+    clauses, params = _filters(replace(query, kind="sessions"))
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    return f"sel AS (SELECT s.id FROM sessions s{where})", params, not clauses
+
+
+def compute_stats(conn, query, tz_name, data_key, bin_size, type_separator=":"):
     """What researchers compute by hand from an export, for the sessions a
     ReadQuery selects: per day, hour and weekday (local time in `tz_name`),
     durations, events per session and per action, and for the data key (the
-    screen): visits, picks, time spent, page turns and click heatmaps.
+    screen): visits, picks, time spent, page turns, click heatmaps, and the
+    visits per screen type (the part of its name before `type_separator`).
 
     The figures of each session are kept (stats_* tables) and used again
     while the session's events are unchanged: their number and newest id
     are recorded with them, ids only grow and a deletion lowers the count.
     Sessions without valid kept figures are computed afresh, in this
     connection's temporary tables, and kept once closed."""
-    clauses, params = _filters(replace(query, kind="sessions"))
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    selected = f"sel AS (SELECT s.id FROM sessions s{where})"
+    selected, params, everything = _selected_sessions(query)
     conn.execute("BEGIN")  # one snapshot for every figure
     try:
         _find_stale_sessions(conn, selected, params, data_key, bin_size)
@@ -1647,12 +1655,97 @@ def compute_stats(conn, query, tz_name, data_key, bin_size):
             conn.execute("BEGIN")
             _find_stale_sessions(conn, selected, params, data_key, bin_size)
         _compute_session_stats(conn, data_key, bin_size)
-        stats = _add_up_stats(conn, selected, params, not clauses, tz_name, data_key, bin_size)
+        stats = _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_size)
     finally:
         if conn.in_transaction:  # else an error ended it (SQLite rolls back after some): that one is told
             conn.execute("COMMIT")
     _keep_session_stats(conn, data_key, bin_size)
+    stats["screen_types"] = screen_types(stats["values"], type_separator)
     return stats
+
+
+def stats_figures(conn, request):
+    """The /stats answer for a clean StatsQuery: compute_stats' figures, and
+    the path figures where asked for (path_statistics)."""
+    figures = compute_stats(conn, request.query, request.tz, request.data_key, request.bin, request.type_separator)
+    if request.path_length or request.funnel:
+        figures.update(path_statistics(conn, request))
+    return figures
+
+
+def screen_types(values, separator):
+    """Visits per screen type: the part of a screen's name before `separator`
+    (main, year, youtube, ebook in the real week), the whole name if it has none."""
+    types = {}
+    for value in values:
+        name = str(value["value"]).split(separator, 1)[0]
+        kind = types.setdefault(name, {"type": name, "visits": 0, "events": 0, "screens": 0})
+        kind["visits"] += value["visits"]
+        kind["events"] += value["events"]
+        kind["screens"] += 1
+    return sorted(types.values(), key=lambda kind: (-kind["visits"], kind["type"]))
+
+
+#: Where transitions begin and end: a session's first screen comes from
+#: ENTRY, its last goes to EXIT.
+ENTRY, EXIT = "(entry)", "(exit)"
+#: How many of the most common paths /stats lists.
+COMMON_PATHS = 20
+
+
+def path_statistics(conn, request):
+    """What the selected sessions' paths add up to, computed from their
+    events on each request (a day's in milliseconds; not kept: over a
+    million events, seconds): touches per hour, transitions between screens,
+    the most common paths of their first `path_length` screens, and the
+    funnel of `funnel`'s screens. Visits are those of VALUES_DEFINITION."""
+    selected, params, _ = _selected_sessions(request.query)
+    touches = [0] * 24
+    touch = " OR ".join("e.action = ?" for _ in TOUCH_ACTIONS)
+    for local, n in _in_local_time(conn.execute(
+            f"WITH {selected} SELECT substr(e.time_utc, 1, 16) AS m, count(*) FROM events e JOIN sel"
+            f" ON sel.id = e.session_id WHERE {touch} GROUP BY m", [*params, *TOUCH_ACTIONS]), request.tz):
+        touches[local.hour] += n
+    visits = conn.execute(
+        f"WITH {selected}, valued AS (SELECT e.session_id, e.id, e.seq, e.time_utc, json_extract(e.data, ?) AS screen"
+        " FROM events e JOIN sel ON sel.id = e.session_id),"
+        " marked AS (SELECT *, screen IS NOT lag(screen) OVER (PARTITION BY session_id ORDER BY seq, id) AS new_visit"
+        " FROM valued WHERE screen IS NOT NULL),"
+        " numbered AS (SELECT *, sum(new_visit) OVER (PARTITION BY session_id ORDER BY seq, id) AS visit FROM marked)"
+        " SELECT session_id, screen, min(time_utc) FROM numbered GROUP BY session_id, visit"
+        " ORDER BY session_id, visit", [*params, f'$."{request.data_key}"'])
+    moves, paths, funnel = {}, {}, [[0, []] for _ in request.funnel]
+    for _, session in itertools.groupby(visits, key=lambda visit: visit[0]):
+        # Times to the microsecond, from the stored text: julianday() is a float of
+        # days, whose differences are a few microseconds off, and a median of two
+        # (the half of an odd number of milliseconds) would then round either way.
+        path = [(screen, datetime.fromisoformat(arrived[:-1])) for _, screen, arrived in session]
+        for (screen, arrived), (following, next_arrived) in zip([(ENTRY, None), *path], [*path, (EXIT, None)]):
+            move = moves.setdefault((screen, following), [0, []])
+            move[0] += 1
+            if arrived is not None and next_arrived is not None:
+                move[1].append((next_arrived - arrived).total_seconds())
+        if request.path_length:
+            first = tuple(screen for screen, _ in path[:request.path_length])
+            paths[first] = paths.get(first, 0) + 1
+        step, started = 0, None
+        for screen, arrived in path:
+            if step < len(request.funnel) and screen == request.funnel[step]:
+                started = arrived if step == 0 else started
+                funnel[step][0] += 1
+                funnel[step][1].append((arrived - started).total_seconds())
+                step += 1
+    figures = {"touches_per_hour": [{"hour": hour, "touches": n} for hour, n in enumerate(touches)]}
+    if request.path_length:
+        figures["transitions"] = sorted(
+            ({"from": a, "to": b, "count": n, "median_seconds": _summary(times)["median"]}
+             for (a, b), (n, times) in moves.items()), key=lambda m: (-m["count"], str(m["from"]), str(m["to"])))
+        figures["common_paths"] = [{"path": list(path), "sessions": n} for path, n in sorted(
+            paths.items(), key=lambda item: (-item[1], [str(screen) for screen in item[0]]))[:COMMON_PATHS]]
+    if request.funnel:
+        figures["funnel"] = [{"screen": screen, "sessions": n, "median_seconds": _summary(times)["median"]}
+                             for screen, (n, times) in zip(request.funnel, funnel)]
+    return figures
 
 
 def keep_stats(conn, first_session=0, last_session=None, data_key=DEFAULT_DATA_KEY, bin_size=DEFAULT_HEATMAP_BIN):
@@ -1680,6 +1773,23 @@ def keep_stats(conn, first_session=0, last_session=None, data_key=DEFAULT_DATA_K
         if part < closed:  # not to be kept (a read-only file, or no room for this data key and bin)
             break
     return kept
+
+
+def _in_local_time(minutes, tz_name):
+    """(local time, n) for each (UTC minute as stored, n). Grouped by UTC
+    minute in SQL, the zone's offset is looked up once an hour in Python
+    (zones change offset on whole UTC hours or half-hours)."""
+    zone, offsets = load_timezone(tz_name), {}
+    for minute, n in minutes:
+        try:
+            utc = datetime(int(minute[:4]), int(minute[5:7]), int(minute[8:10]), int(minute[11:13]),
+                           int(minute[14:16]), tzinfo=timezone.utc)
+        except (TypeError, ValueError):
+            continue
+        hour_key = minute[:13] + minute[14]
+        if hour_key not in offsets:
+            offsets[hour_key] = utc.astimezone(zone).utcoffset()
+        yield utc + offsets[hour_key], n
 
 
 def _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_size):
@@ -1714,21 +1824,10 @@ def _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_siz
                 totals[key] = new if old is None else [_combine(how, a, b) for how, a, b in zip(hows, old, new)]
         return totals
 
-    # Grouped by UTC minute in SQL; the zone's offset is looked up once an
-    # hour in Python (zones change offset on whole UTC hours or half-hours).
-    zone, offsets = load_timezone(tz_name), {}
     per_day, per_hour, per_weekday = {}, [0] * 24, [0] * 7
-    for minute, n in conn.execute(f"WITH {selected} SELECT substr(s.started_utc, 1, 16) AS m, count(*)"
-                                  " FROM sessions s JOIN sel ON sel.id = s.id GROUP BY m", params):
-        try:
-            utc = datetime(int(minute[:4]), int(minute[5:7]), int(minute[8:10]), int(minute[11:13]),
-                           int(minute[14:16]), tzinfo=timezone.utc)
-        except (TypeError, ValueError):
-            continue
-        hour_key = minute[:13] + minute[14]
-        if hour_key not in offsets:
-            offsets[hour_key] = utc.astimezone(zone).utcoffset()
-        local = utc + offsets[hour_key]
+    for local, n in _in_local_time(conn.execute(f"WITH {selected} SELECT substr(s.started_utc, 1, 16) AS m,"
+                                                " count(*) FROM sessions s JOIN sel ON sel.id = s.id GROUP BY m",
+                                                params), tz_name):
         day = f"{local.year:04d}-{local.month:02d}-{local.day:02d}"
         per_day[day] = per_day.get(day, 0) + n
         per_hour[local.hour] += n
@@ -1769,7 +1868,7 @@ def _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_siz
     return {
         "sessions": len(sessions),
         "events": sum(event_counts),
-        "timezone": tz_name or str(zone),
+        "timezone": tz_name or str(load_timezone(tz_name)),
         "sessions_per_day": [{"day": day, "sessions": n} for day, n in sorted(per_day.items())],
         "sessions_per_hour": [{"hour": h, "sessions": n} for h, n in enumerate(per_hour)],
         "sessions_per_weekday": [{"weekday": WEEKDAYS[d], "sessions": n} for d, n in enumerate(per_weekday)],
@@ -2593,7 +2692,9 @@ def clean_session_stop(fields, received):
 #: Filters every read takes; `key` is the API key, not a filter.
 READ_FILTERS = ("from", "to", "date", "ip", "consumer", "consumer_name", "action", "session", "key")
 PAGE_PARAMETERS = ("after_id", "sort", "sort.desc", "limit", "offset", "format", "fields", "data_keys")
-STATS_PARAMETERS = ("data_key", "bin", "tz")
+STATS_PARAMETERS = ("data_key", "bin", "tz", "type_separator", "paths", "funnel")
+#: The longest common path (paths=) and funnel (funnel=) /stats takes.
+MAX_PATH_STEPS = 10
 EXPORT_FORMATS = ("json", "csv", "ndjson")
 _DATA_KEY = re.compile(r"[A-Za-z0-9_:-]{1,64}", re.ASCII)
 _DAY = re.compile(r"(\d{4})-(\d\d)-(\d\d)", re.ASCII)
@@ -2780,9 +2881,25 @@ def clean_read_query(params, kind, tz_name="", export=False):
         fields=clean["fields"], data_keys=clean["data_keys"])
 
 
+class StatsQuery(NamedTuple):
+    """A clean /stats request."""
+
+    query: "ReadQuery"
+    tz: str
+    data_key: str
+    bin: int
+    #: Screen types are the part of a screen's name before this.
+    type_separator: str = ":"
+    #: The path figures: the common paths of this many first screens (0: none).
+    path_length: int = 0
+    #: The screens of a funnel, in order (none: no funnel).
+    funnel: tuple = ()
+
+
 def clean_stats_query(params, settings_tz):
     """The filters of a statistics request, the data key, the heatmap bin
-    size in pixels and the time zone."""
+    size in pixels, the time zone and what the path figures are asked for:
+    a StatsQuery."""
     stats_params = {k: v for k, v in params.items() if k in STATS_PARAMETERS}
     filters = {k: v for k, v in params.items() if k not in STATS_PARAMETERS}
     unknown = sorted(set(filters) - set(READ_FILTERS))
@@ -2808,9 +2925,35 @@ def clean_stats_query(params, settings_tz):
             raise ValueError(f'"bin" must be a whole number of pixels from 1 to {MAX_HEATMAP_BIN}')
         return number
 
-    extra = _check(stats_params, {"tz": tz, "data_key": data_key, "bin": bin_size})
+    # An empty value counts as absent, as everywhere (HTML forms send them).
+    def type_separator(p, name):
+        value = p.get(name) or ":"
+        if len(value) > 3:
+            raise ValueError('"type_separator" is 1 to 3 characters, like : (the default) or /')
+        return value
+
+    def path_length(p, name):
+        if not p.get(name):
+            return 0
+        number = _whole(p[name], MAX_PATH_STEPS)
+        if not number:
+            raise ValueError(f'"paths" is how many first screens a common path has: 1 to {MAX_PATH_STEPS}')
+        return number
+
+    def funnel(p, name):
+        if not p.get(name):
+            return ()
+        steps = tuple(p[name].split(","))  # screen names as sent, spaces included
+        if not 2 <= len(steps) <= MAX_PATH_STEPS or not all(steps) or len(p[name]) > 2000:
+            raise ValueError(f'"funnel" is 2 to {MAX_PATH_STEPS} screens in order, comma-separated, like'
+                             ' main,year:2017,ebook:nash')
+        return steps
+
+    extra = _check(stats_params, {"tz": tz, "data_key": data_key, "bin": bin_size, "type_separator": type_separator,
+                                  "paths": path_length, "funnel": funnel})
     query = clean_read_query(filters, "sessions", extra["tz"], export=True)
-    return query, extra["tz"], extra["data_key"], extra["bin"]
+    return StatsQuery(query, extra["tz"], extra["data_key"], extra["bin"], extra["type_separator"], extra["paths"],
+                      extra["funnel"])
 
 
 def clean_exported_event(record, number):
@@ -3414,9 +3557,9 @@ def make_app(settings):
 
     @app.get("/stats")
     def get_stats():
-        query, tz_name, data_key, bin_size = clean_stats_query(query_params(request), settings.tz)
+        request_stats = clean_stats_query(query_params(request), settings.tz)
         close_idle()
-        return dict(compute_stats(db.connection(), query, tz_name, data_key, bin_size), status=200)
+        return dict(stats_figures(db.connection(), request_stats), status=200)
 
     app.config["microticks.settings"] = settings
     app.config["microticks.db"] = db
@@ -4129,6 +4272,16 @@ SESSION_PATH_DEFINITION = (
     " (null for the last visit: only idle time came after it); touches, its click and swipe events."
     " screens: distinct screens; touches: click and swipe events; page_changes: pageChange events;"
     " actions: events per action.")
+#: What /stats' path figures mean (the API description).
+PATH_FIGURES_DEFINITION = (
+    "With paths= or funnel=; computed from the events on each request. touches_per_hour: click and swipe"
+    " events per hour of the day, in tz. transitions (paths=): {from, to, count, median_seconds} for each"
+    " move from one visit's screen to the next visit's (VALUES_DEFINITION), a session's first coming from"
+    " (entry) and its last going to (exit); median_seconds, of the time on the from screen (none for entry"
+    " and exit). common_paths (paths=N): the 20 most common sequences of a session's first N visited screens,"
+    " with how many sessions had each. funnel (funnel=a,b,c): per step, how many sessions visited its"
+    " screen after the steps before it, in order (other screens between allowed), and the median seconds"
+    " from arriving on the first step's screen to arriving on this step's; an unknown screen reaches 0.")
 #: What /stats' per-screen figures mean (the API description and the docs page).
 VALUES_DEFINITION = (
     "Per value of the data key (the screen), in the selected sessions: events carrying it, clicks,"
@@ -4317,6 +4470,10 @@ def openapi_spec():
                     "events_per_session": {"type": "object"}, "actions": {"type": "array"},
                     "data_key": {"type": "string"}, "heatmaps": {"type": "object"},
                     "values": {"type": "array", "description": VALUES_DEFINITION},
+                    "screen_types": {"type": "array", "description": "Per screen type (the part of a screen's name"
+                                     " before type_separator): visits, events and screens of that type"},
+                    "touches_per_hour": {"type": "array", "description": PATH_FIGURES_DEFINITION},
+                    "transitions": {"type": "array"}, "common_paths": {"type": "array"}, "funnel": {"type": "array"},
                     "status": {"type": "integer"}}},
             },
         },
@@ -4391,7 +4548,15 @@ def openapi_spec():
                             param("tz", "Time zone, e.g. Europe/Berlin (default MICROTICKS_TZ)",
                                   {"type": "string", "enum": ["UTC", "Europe/Berlin", "America/New_York",
                                                               "Asia/Tokyo", "Asia/Kolkata"],
-                                   "description": "Any IANA zone name; these are examples"})],
+                                   "description": "Any IANA zone name; these are examples"}),
+                            param("type_separator", "Screen types are the part of a screen's name before this"
+                                                    " (default :)", {"type": "string", "minLength": 1, "maxLength": 3}),
+                            param("paths", "Add the path figures (touches_per_hour, transitions, common_paths):"
+                                           " common paths of this many first screens",
+                                  {"type": "integer", "minimum": 1, "maximum": MAX_PATH_STEPS}),
+                            param("funnel", f"Add a funnel of these 2 to {MAX_PATH_STEPS} screens, in order,"
+                                            " comma-separated", {"type": "string", "pattern": "^[^,]+(,[^,]+){1,9}$",
+                                                                 "maxLength": 2000, "examples": ["main,year:2017"]})],
                         "responses": {"200": answer("The statistics", ref("Stats")), **errors(400, 401, 429, 503)}},
             },
             "/consumers": {
@@ -5066,10 +5231,10 @@ def cmd_import(args, settings):
 
 def cmd_stats(args, settings):
     params = read_params(args)
-    params.update({k: str(v) for k, v in (("data_key", args.data_key), ("bin", args.bin), ("tz", args.tz))
-                   if v is not None})
-    query, tz_name, data_key, bin_size = clean_stats_query(params, settings.tz)
-    stats = compute_stats(open_database(settings), query, tz_name, data_key, bin_size)
+    params.update({k: str(v) for k, v in (("data_key", args.data_key), ("bin", args.bin), ("tz", args.tz),
+                                          ("paths", args.paths), ("funnel", args.funnel),
+                                          ("type_separator", args.type_separator)) if v is not None})
+    stats = stats_figures(open_database(settings), clean_stats_query(params, settings.tz))
     if args.json:
         json.dump(stats, sys.stdout, indent=2, ensure_ascii=False)
         print()
@@ -5104,6 +5269,21 @@ def print_stats(stats):
          v["time_spent"]["mean"] if v["time_spent"]["mean"] is not None else "-", v["page_turns"])
         for v in stats["values"]],
         (stats["data_key"], "events", "clicks", "visits", "sessions", "1st", "2nd", "3rd", "mean s", "pages"))
+    table(f"Screen types (the part before {stats.get('type_separator', ':')!r})",
+          [(t["type"], t["screens"], t["visits"], t["events"]) for t in stats["screen_types"]],
+          ("type", "screens", "visits", "events"))
+    if "touches_per_hour" in stats:
+        table("Touches per hour", [(f"{h['hour']:02d}:00", h["touches"]) for h in stats["touches_per_hour"]
+                                   if h["touches"]], ("hour", "touches"))
+    if "transitions" in stats:
+        table("Transitions (the 30 most frequent)", [
+            (m["from"], m["to"], m["count"], "-" if m["median_seconds"] is None else m["median_seconds"])
+            for m in stats["transitions"][:30]], ("from", "to", "count", "median s"))
+        table("Common paths", [(" > ".join(map(str, p["path"])), p["sessions"]) for p in stats["common_paths"]],
+              ("path", "sessions"))
+    if "funnel" in stats:
+        table("Funnel", [(f["screen"], f["sessions"], "-" if f["median_seconds"] is None else f["median_seconds"])
+                         for f in stats["funnel"]], ("step", "sessions", "median s from the first step"))
     screens = stats["heatmaps"]["screens"]
     table("Touch points per screen (GET /stats has the heatmap bins)",
           sorted(((screen or "(none)", h["points"]) for screen, h in screens.items()), key=lambda r: -r[1]),
@@ -5423,6 +5603,11 @@ def build_parser():
     sub.add_argument("--data-key", help=f"the data key naming screens (default: {DEFAULT_DATA_KEY})")
     sub.add_argument("--bin", type=int, help=f"heatmap bin size in pixels (default: {DEFAULT_HEATMAP_BIN})")
     sub.add_argument("--tz", help="time zone, e.g. Europe/Berlin (default: $MICROTICKS_TZ, else the server's)")
+    sub.add_argument("--type-separator", help="screen types are the part of a name before this (default: :)")
+    sub.add_argument("--paths", type=int, metavar="N",
+                     help=f"add touches per hour, transitions, and the common paths of the first N screens"
+                          f" (1 to {MAX_PATH_STEPS})")
+    sub.add_argument("--funnel", metavar="SCREENS", help="add the funnel of these screens, in order, comma-separated")
     sub.add_argument("--json", action="store_true", help="print the JSON that GET /stats answers")
     sub = command("closestale", cmd_closestale, "close sessions without an event for a while (the "
                                                 "service does this too, on requests; this is for cron)")

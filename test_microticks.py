@@ -2481,6 +2481,79 @@ def test_session_paths_equal_an_independent_computation_over_the_sample_week(sam
     assert "path" not in default and "clicks" in default  # computed only when asked for
 
 
+def independent_path_figures(events, path_length, funnel, tz="UTC"):
+    """Touches per hour, screen types, transitions, common paths and a funnel,
+    in plain Python from the export, as a researcher computes them."""
+    import zoneinfo
+    from datetime import datetime
+    from statistics import median
+    paths = independent_paths(events)
+    arrivals = {}  # each session's visits with their arrival times, as independent_paths orders them
+    for e in sorted(events, key=lambda e: (e["time"], e["id"])):
+        screen = e["data"].get("subject") if isinstance(e["data"], dict) else None
+        if screen is None:
+            continue
+        visits = arrivals.setdefault(e["session_id"], [])
+        if not visits or visits[-1][0] != screen:
+            visits.append((screen, datetime.fromisoformat(e["time"].replace("Z", "+00:00"))))
+    touches = [0] * 24
+    for e in events:
+        if e["action"] in ("click", "swipe"):
+            touches[datetime.fromisoformat(e["time"].replace("Z", "+00:00")).astimezone(zoneinfo.ZoneInfo(tz)).hour] += 1
+    moves, common, reached = {}, {}, [[] for _ in funnel]
+    for sid, visits in arrivals.items():
+        assert [v[0] for v in visits] == [v["screen"] for v in paths[sid]["path"]]
+        for (a, at), (b, bt) in zip([("(entry)", None)] + visits, visits + [("(exit)", None)]):
+            moves.setdefault((a, b), []).append((bt - at).total_seconds() if at and bt else None)
+        first = tuple(screen for screen, _ in visits[:path_length])
+        common[first] = common.get(first, 0) + 1
+        step = 0
+        for screen, at in visits:
+            if step < len(funnel) and screen == funnel[step]:
+                reached[step].append((at - visits_start).total_seconds() if step else 0.0)
+                visits_start = at if step == 0 else visits_start
+                step += 1
+    transitions = {(a, b): (len(times), round(median([t for t in times if t is not None]), 3)
+                            if any(t is not None for t in times) else None) for (a, b), times in moves.items()}
+    types = {}
+    for sid, info in paths.items():
+        for visit in info["path"]:
+            types[visit["screen"].split(":")[0]] = types.get(visit["screen"].split(":")[0], 0) + 1
+    return {"touches": touches, "transitions": transitions, "common": common, "types": types,
+            "funnel": [(len(times), round(median(times), 3) if times else None) for times in reached]}
+
+
+def test_path_figures_equal_an_independent_computation_over_the_sample_week(sample_client, sample_events):
+    funnel = ["main", "year:2017", "year:2016", "no such screen"]
+    stats = sample_client.get("/stats", tz="Europe/Berlin", paths="3", funnel=",".join(funnel)).json
+    expected = independent_path_figures(sample_events, 3, funnel, tz="Europe/Berlin")
+    assert [h["touches"] for h in stats["touches_per_hour"]] == expected["touches"]
+    assert sum(expected["touches"]) == 1271 + 36  # clicks and swipes
+    assert {(m["from"], m["to"]): (m["count"], m["median_seconds"]) for m in stats["transitions"]} == expected["transitions"]
+    assert sum(m["count"] for m in stats["transitions"] if m["from"] == "(entry)") == 83
+    top = sorted(expected["common"].values(), reverse=True)[:len(stats["common_paths"])]
+    assert [p["sessions"] for p in stats["common_paths"]] == top
+    assert all(expected["common"][tuple(p["path"])] == p["sessions"] for p in stats["common_paths"])
+    assert [(f["sessions"], f["median_seconds"]) for f in stats["funnel"]] == expected["funnel"]
+    assert stats["funnel"][-1] == {"screen": "no such screen", "sessions": 0, "median_seconds": None}
+    assert {t["type"]: t["visits"] for t in stats["screen_types"]} == expected["types"]
+    assert {t["type"] for t in stats["screen_types"]} == {"main", "year", "youtube", "ebook"}
+    assert "transitions" not in sample_client.get("/stats").json  # path figures only when asked for
+    slashed = sample_client.get("/stats", type_separator="2").json["screen_types"]
+    assert {t["type"] for t in slashed} >= {"year:", "main"}
+
+
+@pytest.mark.parametrize("params, name", [
+    ({"funnel": ","}, "funnel"), ({"funnel": "main"}, "funnel"), ({"funnel": ",".join(["main"] * 50)}, "funnel"),
+    ({"funnel": "main,,year:2017"}, "funnel"), ({"paths": "0"}, "paths"), ({"paths": "11"}, "paths"),
+    ({"paths": "three"}, "paths"), ({"type_separator": "----"}, "type_separator"),
+])
+def test_bad_path_figure_parameters_are_400_naming_them(sample_client, params, name):
+    reply = sample_client.get("/stats", **params)
+    assert reply.status == 400 and name in reply.json["errors"], reply
+    assert "allowed" in reply.json["error"] or "like" in reply.json["error"] or "to" in reply.json["error"]
+
+
 def test_stats_follow_the_time_zone_and_filters(sample_client):
     utc = sample_client.get("/stats", tz="UTC").json
     tokyo = sample_client.get("/stats", tz="Asia/Tokyo").json
