@@ -4812,14 +4812,26 @@ DASHBOARD_HTML = r"""<!doctype html>
     <div class="card"><span class="value" data-figure="top-screen" style="font-size:18px;word-break:break-all">–</span><span class="label">most used screen</span></div>
   </div>
   <div class="grid">
+    <section class="wide" id="empty-range" hidden><h2>No sessions in this range</h2>
+      <p class="note" id="data-range"></p><button id="show-all" hidden>Show the range with data</button></section>
     <section class="wide"><h2>Sessions per day</h2><div id="per-day"></div></section>
     <section><h2>Sessions by hour of day (<span id="tz"></span>)</h2><div id="per-hour"></div></section>
+    <section><h2>Touches by hour of day (clicks and swipes)</h2><div id="touches-per-hour"></div></section>
     <section><h2>Sessions by weekday</h2><div id="per-weekday"></div></section>
     <section><h2>Session duration</h2><div id="durations"></div></section>
     <section><h2>Events per session</h2><div id="per-session"></div></section>
     <section><h2>Top actions</h2><div id="actions" class="bars"></div></section>
-    <section class="wide"><h2>Screens</h2><p class="note">Visits count repeated touches on the same screen once; 1st, 2nd and 3rd: how often people picked it first, second, third in a session; time: seconds until they moved on.</p>
-      <div class="scroll"><table id="screens"><thead><tr><th>Screen</th><th>Events</th><th>Visits</th><th>Sessions</th><th>1st</th><th>2nd</th><th>3rd</th><th>Mean time (s)</th><th>Page turns</th></tr></thead><tbody></tbody></table></div></section>
+    <section><h2>Screen types</h2><div id="screen-types" class="bars"></div></section>
+    <section class="wide"><h2>Screens</h2><p class="note">Visits count repeated touches on the same screen once; 1st, 2nd and 3rd: how often people picked it first, second, third in a session; time: seconds from arriving on it to the next screen change (a session's last screen is not measured: only idle time came after it).</p>
+      <div class="scroll"><table id="screens"><thead><tr><th>Screen</th><th>Events</th><th>Visits</th><th>Sessions</th><th>1st</th><th>2nd</th><th>3rd</th><th>Measured</th><th>Min (s)</th><th>Mean (s)</th><th>Max (s)</th><th>Page turns</th></tr></thead><tbody></tbody></table></div></section>
+    <section class="wide"><h2>Flow between screens</h2><p class="note">Each screen's moves to the next, as many as the visits they were made in; (entry) and (exit) are where sessions begin and end. The width of a band is its number of moves; the time is the median on the screen moved from.</p>
+      <div id="flow" class="scroll"></div></section>
+    <section class="wide"><h2>Most common paths (first three screens)</h2><div id="common-paths" class="bars"></div></section>
+    <section class="wide" id="explorer"><h2>Session explorer</h2>
+      <div class="heat-controls"><label>Session <select id="explore-session"></select></label>
+        <span class="note" id="explore-summary"></span></div>
+      <div id="explore-path"></div>
+      <canvas id="explore-heatmap" width="960" height="540"></canvas></section>
     <section class="wide"><h2>Touches on a screen</h2>
       <div class="heat-controls">
         <label>Screen <select id="heat-screen"></select></label>
@@ -4950,16 +4962,23 @@ function render(data) {
   columnChart($("durations"), data.duration.distribution.map((b) => ({label: b.bucket, value: b.sessions})));
   columnChart($("per-session"), data.events_per_session.distribution.map((b) => ({label: b.bucket, value: b.sessions})));
   barList($("actions"), data.actions.slice(0, 12).map((a) => ({label: a.action, value: a.events})));
+  columnChart($("touches-per-hour"), data.touches_per_hour.map((h) => ({label: String(h.hour).padStart(2, "0"), value: h.touches})));
+  barList($("screen-types"), data.screen_types.map((t) => ({label: t.type, value: t.visits})));
   const body = $("screens").querySelector("tbody");
   body.replaceChildren();
-  for (const v of data.values.slice(0, 25)) {
+  const time = (value) => (value === null ? "–" : value.toFixed(1));
+  for (const v of data.values) {
     const row = el("tr");
-    for (const cell of [v.value, v.events, v.visits, v.sessions, v.first, v.second, v.third,
-                        v.time_spent.mean === null ? "–" : v.time_spent.mean.toFixed(1), v.page_turns]) {
+    for (const cell of [v.value, v.events, v.visits, v.sessions, v.first, v.second, v.third, v.time_spent.measured,
+                        time(v.time_spent.min), time(v.time_spent.mean), time(v.time_spent.max), v.page_turns]) {
       row.appendChild(el("td", {}, cell));
     }
     body.appendChild(row);
   }
+  drawFlow($("flow"), data.transitions);
+  barList($("common-paths"), data.common_paths.map((p) => ({label: p.path.join(" → "), value: p.sessions})));
+  $("empty-range").hidden = data.sessions > 0;
+  if (!data.sessions) showDataRange();
   const screens = Object.entries(data.heatmaps.screens).sort((a, b) => b[1].points - a[1].points);
   const select = $("heat-screen"), previous = select.value;
   select.replaceChildren();
@@ -4975,23 +4994,117 @@ function render(data) {
 function roundUp(size, otherwise) { return size ? Math.ceil(size / 10) * 10 : otherwise; }
 
 function drawHeatmap() {
-  const canvas = $("heatmap"), context = canvas.getContext("2d");
+  const heat = stats && stats.heatmaps.screens[$("heat-screen").value];
+  figure("heatmap-points", heat ? heat.points : 0);
+  paintHeat($("heatmap"), heat ? [heat] : [], stats ? stats.heatmaps.bin : 50);
+}
+
+// The bins of `heats` (one screen's, or all a session touched) on a canvas
+// of the screen's size as set above.
+function paintHeat(canvas, heats, bin) {
+  const context = canvas.getContext("2d");
   const width = Number($("heat-width").value) || 1920, height = Number($("heat-height").value) || 1080;
   canvas.width = 960;
   canvas.height = Math.max(60, Math.round(960 * height / width));
   context.fillStyle = "#0f172a";
   context.fillRect(0, 0, canvas.width, canvas.height);
-  const heat = stats && stats.heatmaps.screens[$("heat-screen").value];
-  figure("heatmap-points", heat ? heat.points : 0);
-  if (!heat) return;
-  const bin = stats.heatmaps.bin, scale = canvas.width / width;
-  const max = Math.max(...heat.bins.map((b) => b[2]));
-  for (const [x, y, n] of heat.bins) {
+  const bins = heats.flatMap((heat) => heat.bins), scale = canvas.width / width;
+  const max = Math.max(1, ...bins.map((b) => b[2]));
+  for (const [x, y, n] of bins) {
     const strength = Math.sqrt(n / max);
     context.fillStyle = `hsla(${Math.round(50 - 50 * strength)}, 100%, 55%, ${0.25 + 0.75 * strength})`;
     context.fillRect(x * scale, y * scale, Math.max(1, bin * scale), Math.max(1, bin * scale));
   }
 }
+
+// A flow diagram (Sankey-style): screens on the left that moves leave,
+// screens on the right that they reach, bands as wide as their moves. A
+// screen is both (people come back), so each side lists it; the 40 largest
+// bands are drawn, the rest said in a line.
+function drawFlow(target, transitions) {
+  const shown = transitions.slice(0, 40), total = transitions.reduce((sum, m) => sum + m.count, 0);
+  const sides = [new Map(), new Map()];
+  for (const m of shown) {
+    sides[0].set(m.from, (sides[0].get(m.from) || 0) + m.count);
+    sides[1].set(m.to, (sides[1].get(m.to) || 0) + m.count);
+  }
+  const moves = shown.reduce((sum, m) => sum + m.count, 0);
+  const width = Math.max(640, target.clientWidth || 900), gap = 4, label = Math.min(250, width * 0.3);
+  // A screen's box is as tall as its moves, and at least a line of text.
+  const unit = 360 / Math.max(1, moves), line = 15;
+  const place = sides.map((side) => {
+    const at = new Map();
+    let y = 5;
+    for (const [screen, n] of [...side.entries()].sort((a, b) => b[1] - a[1])) {
+      at.set(screen, {y, h: Math.max(line, n * unit), used: 0});
+      y += Math.max(line, n * unit) + gap;
+    }
+    return at;
+  });
+  const height = 10 + Math.max(...place.map((at) => [...at.values()].reduce((end, box) => Math.max(end, box.y + box.h), 0)));
+  const chart = el("svg:svg", {viewBox: `0 0 ${width} ${height}`, role: "img"});
+  const left = label, right = width - label;
+  for (const m of shown) {
+    const a = place[0].get(m.from), b = place[1].get(m.to), h = Math.max(1, m.count * unit);
+    const y1 = a.y + a.used + h / 2, y2 = b.y + b.used + h / 2;
+    a.used += h; b.used += h;
+    const band = el("svg:path", {d: `M${left},${y1} C${(left + right) / 2},${y1} ${(left + right) / 2},${y2} ${right},${y2}`,
+                                 fill: "none", stroke: "#2563eb", "stroke-opacity": 0.35, "stroke-width": h});
+    band.appendChild(el("svg:title", {}, `${m.from} → ${m.to}: ${m.count}` + (m.median_seconds === null ? "" : `, median ${m.median_seconds} s`)));
+    chart.appendChild(band);
+  }
+  place.forEach((at, side) => {
+    for (const [screen, box] of at) {
+      chart.appendChild(el("svg:rect", {x: side ? right : left - 6, y: box.y, width: 6, height: box.h, fill: "#1f2937"}));
+      const text = el("svg:text", {x: side ? right + 10 : left - 10, y: box.y + box.h / 2 + 4, "font-size": 12,
+                                    "text-anchor": side ? "start" : "end"}, screen.length > 32 ? screen.slice(0, 31) + "…" : screen);
+      text.appendChild(el("svg:title", {}, screen));
+      chart.appendChild(text);
+    }
+  });
+  const rest = total - moves;
+  target.replaceChildren(chart, el("p", {class: "note"}, rest ? `${rest} more moves in ${transitions.length - shown.length} smaller bands are not drawn.` : ""));
+}
+
+// An empty range says where the data is.
+async function showDataRange() {
+  try {
+    const first = await api("/sessions", {limit: 1, sort: "started_at", fields: "started_utc", consumer: $("consumer").value});
+    if (!first.count) { $("data-range").textContent = "This Microticks has no sessions yet."; $("show-all").hidden = true; return; }
+    const last = await api("/sessions", {limit: 1, "sort.desc": "started_at", fields: "started_utc", consumer: $("consumer").value});
+    const from = first.sessions[0].started_utc.slice(0, 10), to = last.sessions[0].started_utc.slice(0, 10);
+    $("data-range").textContent = `The ${first.count} sessions there are run from ${from} to ${to}.`;
+    $("show-all").hidden = false;
+    $("show-all").onclick = () => { $("from").value = from; $("to").value = to; loadStats(); };
+  } catch (error) { showError(error); }
+}
+
+// One session: its path as a timeline (a bar per visit, as long as its
+// time; the last, unmeasured, drawn short and hatched) and its touches.
+async function exploreSession() {
+  const id = $("explore-session").value;
+  if (!id) return;
+  try {
+    const [{session}, figures] = await Promise.all([api(`/sessions/${id}`), api("/stats", {session: id, data_key: $("data_key").value.trim()})]);
+    $("explore-summary").textContent = `${session.path.length} visits to ${session.screens} screens, ${session.touches} touches, ${seconds(session.duration)}`;
+    const measured = session.path.reduce((sum, v) => sum + (v.seconds || 0), 0) || 1;
+    const width = Math.max(480, $("explore-path").clientWidth || 900), rowHeight = 22;
+    const chart = el("svg:svg", {viewBox: `0 0 ${width} ${session.path.length * rowHeight + 8}`, role: "img"});
+    let x = 0;
+    session.path.forEach((visit, n) => {
+      const w = visit.seconds === null ? 8 : Math.max(2, (width * 0.55) * visit.seconds / measured);
+      const bar = el("svg:rect", {x: width * 0.4 + x, y: n * rowHeight + 4, width: w, height: rowHeight - 6, rx: 2,
+                                  fill: visit.seconds === null ? "#94a3b8" : "#2563eb"});
+      chart.appendChild(bar);
+      chart.appendChild(el("svg:text", {x: width * 0.4 - 8, y: n * rowHeight + 17, "font-size": 12, "text-anchor": "end"},
+                           `${visit.screen}  ${visit.seconds === null ? "(last: not measured)" : visit.seconds + " s"}, ${visit.touches} touches`));
+      x += visit.seconds === null ? 0 : w;
+    });
+    $("explore-path").replaceChildren(chart);
+    paintHeat($("explore-heatmap"), Object.values(figures.heatmaps.screens), figures.heatmaps.bin);
+  } catch (error) { showError(error); }
+}
+$("explore-session").addEventListener("change", exploreSession);
 
 let resizeTimer = null;
 window.addEventListener("resize", () => {
@@ -5025,7 +5138,7 @@ async function loadStats() {
     return;
   }
   try {
-    render(await api("/stats", Object.assign(filters(), {data_key: $("data_key").value.trim()})));
+    render(await api("/stats", Object.assign(filters(), {data_key: $("data_key").value.trim(), paths: 3})));
     showError(null);
     markStale(false);
   } catch (error) { showStatsError(error); }
@@ -5055,6 +5168,11 @@ async function loadLive() {
       return item;
     }));
     list.replaceChildren(...items);
+    const choose = $("explore-session"), chosen = choose.value;
+    choose.replaceChildren(el("option", {value: ""}, "Pick one of the latest sessions"),
+                           ...page.sessions.map((session) => el("option", {value: session.id},
+                             `#${session.id}, ${new Date(session.started_utc).toLocaleString()}, ${session.events} events`)));
+    if (page.sessions.some((session) => String(session.id) === chosen)) choose.value = chosen;
   } catch (error) { showError(error); }
 }
 

@@ -3395,6 +3395,43 @@ def test_dashboard_figures_equal_the_stats_and_an_independent_computation(sample
         page.screenshot(path=str(Path(shots) if shots else tmp_path) + f"/dash-{name}.png", full_page=True)
 
 
+def test_dashboard_shows_paths_flows_and_one_session_as_the_stats_give_them(sample_client, dash_page):
+    page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-29")
+    page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "83"')
+    stats = sample_client.get("/stats", **{"from": "2017-05-22", "to": "2017-05-29", "paths": "3"}).json
+    touches = page.eval_on_selector_all("#touches-per-hour svg rect title", "ts => ts.map(t => t.textContent)")
+    assert touches == [f"{h['hour']:02d}: {h['touches']}" for h in stats["touches_per_hour"]]
+    assert len(page.query_selector_all("#screens tbody tr")) == len(stats["values"]) > 25  # every screen
+    top = stats["transitions"][0]
+    bands = page.eval_on_selector_all("#flow svg path title", "ts => ts.map(t => t.textContent)")
+    assert len(bands) == min(40, len(stats["transitions"]))
+    assert bands[0] == f"{top['from']} → {top['to']}: {top['count']}"
+    assert page.inner_text("#screen-types").split()[:2] == [stats["screen_types"][0]["type"],
+                                                              str(stats["screen_types"][0]["visits"])]
+    paths = page.inner_text("#common-paths")
+    assert " → ".join(stats["common_paths"][1]["path"]) in paths
+    page.wait_for_function("document.querySelectorAll('#explore-session option').length > 1")
+    chosen = page.eval_on_selector_all("#explore-session option", "os => os.map(o => o.value)")[1]
+    page.select_option("#explore-session", chosen)
+    session = sample_client.get(f"/sessions/{chosen}").json["session"]
+    page.wait_for_function("document.querySelector('#explore-summary').textContent !== ''")
+    assert page.text_content("#explore-summary").startswith(
+        f"{len(session['path'])} visits to {session['screens']} screens, {session['touches']} touches")
+    assert len(page.query_selector_all("#explore-path svg rect")) == len(session["path"])
+    assert not page.errors
+
+
+def test_dashboard_on_an_empty_range_offers_the_range_with_data(sample_client, dash_page):
+    """A new user who imported the 2017 week saw zeros for the last seven days."""
+    page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash")
+    page.wait_for_function("!document.querySelector('#empty-range').hidden && !document.querySelector('#show-all').hidden")
+    assert page.text_content("#data-range") == "The 83 sessions there are run from 2017-05-22 to 2017-05-29."
+    page.click("#show-all")
+    page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "83"')
+    assert page.is_hidden("#empty-range") and page.input_value("#from") == "2017-05-22"
+    assert not page.errors
+
+
 def test_dashboard_says_when_a_range_is_backwards_and_what_the_service_refused(sample_client, dash_page):
     page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-29")
     page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "83"')
