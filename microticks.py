@@ -3933,7 +3933,11 @@ class ConnectionHandler(WSGIRequestHandler):
         def start_response(status, headers, exc_info=None):
             answer[:] = [status, headers]
 
-        body = b"".join(app(environ, start_response))
+        try:
+            body = b"".join(app(environ, start_response))
+        except Exception:  # the selector thread must go on: the worker will answer it
+            log.exception("answering the head of %s %s", words[0], words[1][:200])
+            return None
         status, headers = answer
         if status.startswith("100"):
             return None  # the app takes the body: read it
@@ -4962,7 +4966,6 @@ function render(data) {
   columnChart($("durations"), data.duration.distribution.map((b) => ({label: b.bucket, value: b.sessions})));
   columnChart($("per-session"), data.events_per_session.distribution.map((b) => ({label: b.bucket, value: b.sessions})));
   barList($("actions"), data.actions.slice(0, 12).map((a) => ({label: a.action, value: a.events})));
-  columnChart($("touches-per-hour"), data.touches_per_hour.map((h) => ({label: String(h.hour).padStart(2, "0"), value: h.touches})));
   barList($("screen-types"), data.screen_types.map((t) => ({label: t.type, value: t.visits})));
   const body = $("screens").querySelector("tbody");
   body.replaceChildren();
@@ -4975,8 +4978,6 @@ function render(data) {
     }
     body.appendChild(row);
   }
-  drawFlow($("flow"), data.transitions);
-  barList($("common-paths"), data.common_paths.map((p) => ({label: p.path.join(" → "), value: p.sessions})));
   $("empty-range").hidden = data.sessions > 0;
   if (!data.sessions) showDataRange();
   const screens = Object.entries(data.heatmaps.screens).sort((a, b) => b[1].points - a[1].points);
@@ -4988,6 +4989,16 @@ function render(data) {
   if (!$("heat-height").dataset.set) $("heat-height").value = roundUp(data.heatmaps.height, 1080);
   drawHeatmap();
   $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
+}
+
+// The path figures come in a second answer: computed from the events on
+// each request, over a big range they take seconds the rest need not wait.
+let paths = null;
+function renderPaths(data) {
+  paths = data;
+  columnChart($("touches-per-hour"), data.touches_per_hour.map((h) => ({label: String(h.hour).padStart(2, "0"), value: h.touches})));
+  drawFlow($("flow"), data.transitions);
+  barList($("common-paths"), data.common_paths.map((p) => ({label: p.path.join(" → "), value: p.sessions})));
 }
 
 // No touch points yet: a full-HD screen, the touch tables' most common.
@@ -5109,7 +5120,7 @@ $("explore-session").addEventListener("change", exploreSession);
 let resizeTimer = null;
 window.addEventListener("resize", () => {
   clearTimeout(resizeTimer);
-  resizeTimer = setTimeout(() => stats && render(stats), 200);
+  resizeTimer = setTimeout(() => { if (stats) render(stats); if (paths) renderPaths(paths); }, 200);
 });
 
 for (const id of ["heat-width", "heat-height"]) {
@@ -5138,9 +5149,11 @@ async function loadStats() {
     return;
   }
   try {
-    render(await api("/stats", Object.assign(filters(), {data_key: $("data_key").value.trim(), paths: 3})));
+    const query = Object.assign(filters(), {data_key: $("data_key").value.trim()});
+    render(await api("/stats", query));
     showError(null);
     markStale(false);
+    renderPaths(await api("/stats", Object.assign(query, {paths: 3})));
   } catch (error) { showStatsError(error); }
 }
 

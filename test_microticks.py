@@ -3399,6 +3399,7 @@ def test_dashboard_shows_paths_flows_and_one_session_as_the_stats_give_them(samp
     page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-29")
     page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "83"')
     stats = sample_client.get("/stats", **{"from": "2017-05-22", "to": "2017-05-29", "paths": "3"}).json
+    page.wait_for_function("document.querySelectorAll('#flow svg path').length > 0")  # the second answer
     touches = page.eval_on_selector_all("#touches-per-hour svg rect title", "ts => ts.map(t => t.textContent)")
     assert touches == [f"{h['hour']:02d}: {h['touches']}" for h in stats["touches_per_hour"]]
     assert len(page.query_selector_all("#screens tbody tr")) == len(stats["values"]) > 25  # every screen
