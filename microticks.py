@@ -74,10 +74,12 @@ import re
 import secrets
 import select
 import selectors
+import shutil
 import socket
 import sqlite3
 import struct
 import sys
+import tempfile
 import threading
 import time
 import zoneinfo
@@ -5296,6 +5298,13 @@ def cmd_read(args, settings):
     """`events` and `sessions`: a page as JSON, like the HTTP API, or every
     matching row as CSV or NDJSON (`export`)."""
     params = read_params(args)
+    if getattr(args, "bundle", None):
+        filters = {k: v for k, v in params.items() if k in READ_FILTERS}
+        bundle = write_research_bundle(open_database(settings), filters, args.bundle, settings.tz,
+                                       settings.session_timeout, os.path.abspath(settings.db_path))
+        print(f"Wrote {bundle['folder']}: {', '.join(bundle['files'])} ({bundle['sessions']:,} sessions,"
+              f" {bundle['events']:,} events)")
+        return
     export = params["format"] in ("csv", "ndjson")
     kind = getattr(args, "kind", None) or args.command
     query = clean_read_query(params, kind, settings.tz, export=export)
@@ -5314,6 +5323,162 @@ def cmd_read(args, settings):
             write_export(conn, query, stream)
     if output:
         print(f"Wrote {args.output}", file=sys.stderr)
+
+
+#: The files of a research bundle (write_research_bundle), and the DuckDB SQL
+#: that computes its headline figures from them: run in the folder,
+#: `duckdb < analysis.sql`. Its definitions are /stats' (VALUES_DEFINITION),
+#: and the tests hold it to /stats on the real week.
+BUNDLE_ANALYSIS_SQL = """\
+-- The headline figures of this bundle, from its NDJSON files, with DuckDB:
+--     cd this-folder && duckdb < analysis.sql
+-- Days are UTC days. Definitions: README.md in this folder.
+CREATE OR REPLACE VIEW events AS SELECT * FROM read_json('events.ndjson', format = 'newline_delimited',
+    columns = {id: 'BIGINT', session_id: 'BIGINT', time: 'VARCHAR', time_utc: 'VARCHAR', action: 'VARCHAR',
+               data: 'JSON', seq: 'BIGINT'});
+CREATE OR REPLACE VIEW sessions AS SELECT * FROM read_json('sessions.ndjson', format = 'newline_delimited',
+    columns = {id: 'BIGINT', started_utc: 'VARCHAR', stopped_utc: 'VARCHAR', events: 'BIGINT', duration: 'DOUBLE'});
+CREATE OR REPLACE VIEW sessions_per_day AS
+    SELECT substr(started_utc, 1, 10) AS day, count(*) AS sessions FROM sessions GROUP BY day ORDER BY day;
+CREATE OR REPLACE VIEW events_per_action AS
+    SELECT action, count(*) AS events FROM events GROUP BY action ORDER BY events DESC, action;
+-- A visit: a run of a session's events with the same screen, events without one aside.
+CREATE OR REPLACE VIEW visits AS
+    WITH valued AS (
+        SELECT session_id, id, seq, CAST(time_utc AS TIMESTAMP) AS t, json_extract_string(data, '$.__KEY__') AS screen
+        FROM events WHERE json_extract_string(data, '$.__KEY__') IS NOT NULL),
+    marked AS (
+        SELECT *, screen IS DISTINCT FROM lag(screen) OVER (PARTITION BY session_id ORDER BY seq NULLS FIRST, id)
+            AS new_visit
+        FROM valued),
+    numbered AS (
+        SELECT *, sum(CAST(new_visit AS INTEGER)) OVER (PARTITION BY session_id ORDER BY seq NULLS FIRST, id) AS visit
+        FROM marked)
+    SELECT session_id, visit, first(screen) AS screen, min(t) AS arrived FROM numbered GROUP BY session_id, visit;
+-- Time on a screen: up to the next visit's arrival. A session's last visit is not measured.
+CREATE OR REPLACE VIEW screens AS
+    WITH timed AS (
+        SELECT *, epoch(lead(arrived) OVER (PARTITION BY session_id ORDER BY visit)) - epoch(arrived) AS seconds
+        FROM visits)
+    SELECT screen, count(*) AS visits, count(seconds) AS measured, round(avg(seconds), 3) AS mean_seconds,
+           count(*) FILTER (WHERE visit = 1) AS first_picks
+    FROM timed GROUP BY screen ORDER BY visits DESC, screen;
+SELECT * FROM sessions_per_day;
+SELECT * FROM events_per_action;
+SELECT * FROM screens;
+"""
+
+BUNDLE_README = """\
+# Microticks research bundle
+
+Written by Microticks {version} on {written} (UTC) from `{database}`.
+Sessions selected: {selection}. {sessions:,} sessions, {events:,} events.
+
+Touch-table or kiosk analytics: a session starts on a visitor's first touch
+and ends when the kiosk stops it, after its idle timeout (`stop_reason`
+`client`), or when the server closes it after `{timeout}` seconds without an
+event (`timeout`). Each event has an action (`click`, `swipe`, `pageChange`,
+`stopSession`, ...) and a JSON `data` object; the screen is its data key
+`{data_key}`.
+
+## Files
+
+| File | What |
+| --- | --- |
+| `events.ndjson`, `events.csv` | every event of the selected sessions, one a line / row |
+| `sessions.ndjson`, `sessions.csv` | the sessions, each with its path |
+| `stats.json` | the figures of `GET /stats` for the same sessions, in time zone `{tz}`, with the path figures (`paths=3`) |
+| `analysis.sql` | the headline figures again, from the NDJSON files, with DuckDB: `duckdb < analysis.sql` in this folder |
+
+CSV: UTF-8 with a byte order mark, a header row, text quoted; a text cell
+starting with `=`, `+`, `-`, `@`, a tab or a carriage return has a leading
+`'` (so that a spreadsheet shows it, not runs it); the NDJSON files have the
+text exactly as sent.
+
+## Events
+
+| Field | Type | Meaning |
+| --- | --- | --- |
+| `id` | integer | the event's id (ascending in the order events were stored) |
+| `session_id` | integer | its session |
+| `time` | text | the client's time, exactly as the kiosk sent it (ISO 8601) |
+| `time_utc` | text | the client's time in UTC, `YYYY-MM-DDTHH:MM:SS.mmmZ`, corrected for the kiosk's clock when it sent `sent_at` |
+| `received_at` | text | the server's time (UTC) when the event arrived |
+| `action` | text | what happened |
+| `data` | JSON | the event's data as the kiosk sent it (CSV: JSON text) |
+| `ip` | text | the kiosk's address as kept (by default its /24 or /48 network) |
+| `consumer_id`, `consumer` | integer, text | the frontend (kiosk app) that sent it |
+| `uuid`, `seq`, `boot` | text, integer, text | the tracker's event id, number in its session, and page load |
+
+## Sessions
+
+| Field | Type | Meaning |
+| --- | --- | --- |
+| `id` | integer | the session's id |
+| `consumer_id`, `consumer`, `ip`, `device` | | who sent it |
+| `started_at`, `stopped_at` | text | the client's times as sent |
+| `started_utc`, `stopped_utc` | text | the same in UTC, corrected for the kiosk's clock |
+| `received_at` | text | when the server saw it start (UTC) |
+| `stop_reason` | text | `client` (the kiosk stopped it), `timeout` (the server did), `import`, or empty while open |
+| `duration` | seconds | from the start to the stop (to the last event while open) |
+| `events`, `clicks`, `touches`, `page_changes` | integers | its events; `click` events; `click` and `swipe` events; `pageChange` events |
+| `actions` | JSON object | events per action |
+| `screens` | integer | distinct screens visited |
+| `path` | JSON array | {path} |
+| `last_action`, `last_event_at`, `missing_events`, `uuid` | | its last event's action and time; tracker numbers that never arrived; the tracker's session id |
+
+## Figures (`stats.json`)
+
+Days, hours and weekdays are in time zone `{tz}`.
+
+- {values}
+- {paths}
+"""
+
+
+def write_research_bundle(conn, filters, directory, tz_name, timeout, database):
+    """Write the bundle of the sessions `filters` selects (GET /sessions'
+    query parameters) into the new folder `directory`: exports, statistics,
+    a data dictionary and DuckDB SQL (BUNDLE_README). It is written under a
+    temporary name beside it and renamed at the end: a folder either holds a
+    whole bundle or does not exist. Returns the files' names and counts."""
+    target = os.path.abspath(directory)
+    if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
+        raise MicroticksError(400, f"{target} exists and is not an empty folder: nothing was written")
+    parent = os.path.dirname(target)
+    try:
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
+        umask = os.umask(0o22)  # mkdtemp makes it private: the bundle is made to be handed on
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
+    except OSError as error:
+        raise MicroticksError(400, f"Cannot write in {parent}: {error.strerror or error}") from None
+    try:
+        for kind in ("events", "sessions"):
+            for fmt in ("ndjson", "csv"):
+                query = clean_read_query({**filters, "fields": "all", "format": fmt}, kind, tz_name, export=True)
+                with open(os.path.join(staging, f"{kind}.{fmt}"), "w", encoding="utf-8", newline="") as stream:
+                    write_export(conn, query, stream)
+        figures = stats_figures(conn, clean_stats_query({**filters, "paths": "3"}, tz_name))
+        with open(os.path.join(staging, "stats.json"), "w", encoding="utf-8") as stream:
+            json.dump(figures, stream, indent=1, ensure_ascii=False)
+        with open(os.path.join(staging, "analysis.sql"), "w", encoding="utf-8") as stream:
+            stream.write(BUNDLE_ANALYSIS_SQL.replace("__KEY__", DEFAULT_DATA_KEY))
+        selection = ", ".join(f"{name}={value}" for name, value in sorted(filters.items())) or "all"
+        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as stream:
+            stream.write(BUNDLE_README.format(
+                version=__version__, written=utc_now(), database=database, selection=selection,
+                sessions=figures["sessions"], events=figures["events"], timeout=timeout, data_key=DEFAULT_DATA_KEY,
+                tz=figures["timezone"], path=SESSION_PATH_DEFINITION, values=VALUES_DEFINITION,
+                paths=PATH_FIGURES_DEFINITION))
+        if os.path.isdir(target):
+            os.rmdir(target)  # empty, as checked
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"folder": target, "files": sorted(os.listdir(target)), "sessions": figures["sessions"],
+            "events": figures["events"]}
 
 
 def read_export_file(path):
@@ -5724,6 +5889,9 @@ def build_parser():
     sub.add_argument("kind", nargs="?", choices=("events", "sessions"), default="events",
                      help="what to export (default: events)")
     read_filters(sub, formats=("csv", "ndjson"))
+    sub.add_argument("--bundle", metavar="DIR", help="write a research bundle into this new folder instead: the"
+                     " events and sessions as NDJSON and CSV, stats.json, a data dictionary (README.md) and DuckDB"
+                     " SQL for the headline figures (analysis.sql); takes the filters")
     sub = command("import", cmd_import, "load a GET /events JSON export or an NDJSON export, "
                                         "keeping ids, sessions, times and data; a file loads once")
     sub.add_argument("file", help="the export file")

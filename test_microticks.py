@@ -2304,6 +2304,70 @@ def test_an_answer_that_fails_midway_ends_as_a_broken_transfer_and_is_logged(cap
     assert len(failures) == 2 and all("the disk went away" in str(r.exc_info[1]) for r in failures)
 
 
+BUNDLE_DUCKDB = """
+import duckdb, json
+con = duckdb.connect()
+for statement in open("analysis.sql").read().split(";"):
+    if statement.strip():
+        con.execute(statement)
+print(json.dumps({view: con.execute(f"SELECT * FROM {view}").fetchall()
+                  for view in ("sessions_per_day", "events_per_action", "screens")}, default=str))
+"""
+
+
+def test_a_research_bundle_holds_the_data_its_dictionary_and_sql_that_gives_the_stats(sample_client, db_path,
+                                                                                       tmp_path):
+    require_module("duckdb")
+    bundle = tmp_path / "study"
+    said = run_cli("export", "--bundle", str(bundle), "--db", db_path, env={"MICROTICKS_TZ": "UTC"}).stdout
+    assert f"Wrote {bundle}" in said and "83 sessions, 1,628 events" in said
+    assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "analysis.sql", "events.csv", "events.ndjson",
+                                                          "sessions.csv", "sessions.ndjson", "stats.json"]
+    events = [json.loads(line) for line in (bundle / "events.ndjson").read_text(encoding="utf-8").splitlines()]
+    assert [{k: e[k] for k in ("id", "session_id", "time", "action", "data")} for e in events] == \
+        sample_client.get("/events", limit=10000).json["events"]
+    sessions_csv = (bundle / "sessions.csv").read_text(encoding="utf-8-sig").splitlines()
+    assert len(sessions_csv) == 84 and "path" in sessions_csv[0].split(",")
+    stats = sample_client.get("/stats", tz="UTC", paths="3").json
+    kept = json.loads((bundle / "stats.json").read_text(encoding="utf-8"))
+    assert {k: kept[k] for k in ("sessions", "events", "values", "transitions")} == \
+        {k: stats[k] for k in ("sessions", "events", "values", "transitions")}
+    dictionary = (bundle / "README.md").read_text(encoding="utf-8")
+    assert f"Microticks {microticks.__version__}" in dictionary and "last visit is not measured" in dictionary
+    for field in (*microticks.EVENT_COLUMNS, *microticks.SESSION_COLUMNS):
+        assert f"`{field}`" in dictionary, f"the data dictionary does not say what {field} is"
+    figures = json.loads(subprocess.run([sys.executable, "-c", BUNDLE_DUCKDB], cwd=bundle, capture_output=True,
+                                        text=True, check=True, timeout=120).stdout)
+    assert {day: n for day, n in figures["sessions_per_day"]} == {d["day"]: d["sessions"] for d in stats["sessions_per_day"]}
+    assert {a: n for a, n in figures["events_per_action"]} == {a["action"]: a["events"] for a in stats["actions"]}
+    by_value = {v["value"]: v for v in stats["values"]}
+    for screen, visits, measured, mean_seconds, first in figures["screens"]:
+        figures_of = by_value[screen]
+        assert (visits, measured, first) == (figures_of["visits"], figures_of["time_spent"]["measured"], figures_of["first"])
+        # Both round to the millisecond: a mean ending in half of one may round either way.
+        assert mean_seconds == pytest.approx(figures_of["time_spent"]["mean"], abs=0.0011)
+    assert len(figures["screens"]) == len(stats["values"])
+
+
+def test_a_bundle_is_never_written_over_nor_left_half_written(sample_client, db_path, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    proc = run_cli("export", "--bundle", str(taken), "--db", db_path, check=False)
+    assert proc.returncode == 1 and f"{taken} exists and is not an empty folder: nothing was written" in proc.stderr
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        proc = run_cli("export", "--bundle", str(locked / "study"), "--db", db_path, check=False,
+                       python=(*without_root_power(), sys.executable))
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 1 and f"Cannot write in {locked}: Permission denied" in proc.stderr, proc.stderr
+    assert not list(locked.iterdir()) and not [p for p in tmp_path.rglob("*") if ".partial-" in p.name]
+
+
 def test_cli_export_matches_the_http_export(sample_client, db_path):
     http_csv = sample_client.get("/events", format="csv", action="click").body
     cli_csv = run_cli("export", "--format", "csv", "--action", "click", "--db", db_path).stdout
