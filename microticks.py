@@ -3196,7 +3196,11 @@ class KeyFailures:
         if database_path and database_path != ":memory:" and fcntl:
             try:
                 self.file = open_beside_database(database_path, "-keyfailures", os.O_RDWR)
-                if os.fstat(self.file).st_size < size:
+                # Its blocks allocated now: a write to a hole of a mapped file on
+                # a full disk is a SIGBUS, which would end the service.
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(self.file, 0, size)
+                elif os.fstat(self.file).st_size < size:
                     os.ftruncate(self.file, size)
                 self.counts = mmap.mmap(self.file, size)
                 return
