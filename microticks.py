@@ -3363,8 +3363,10 @@ def make_app(settings):
                     raise MicroticksError(401, "Missing or wrong API key: send it as ?key=, "
                                                "an X-Microticks-Key header or Authorization: Bearer",
                                           headers={"WWW-Authenticate": 'Bearer realm="microticks"'})
-        if head_only:
-            raise bottle.HTTPResponse(status=100)  # go on: the body is read, and the request answered with it
+        if head_only:  # go on: the body is read, and the request answered with it
+            # Kept where answer_to_head finds it: Bottle's frame holds what was
+            # raised, whose traceback holds that frame (and the environ), a cycle.
+            raise request.environ.setdefault("microticks.go_on", bottle.HTTPResponse(status=100))
 
     def refuse_after_wrong_keys():
         wait = key_failures.refused_for(client_ip())
@@ -3944,6 +3946,10 @@ class ConnectionHandler(WSGIRequestHandler):
         except Exception:  # the selector thread must go on: the worker will answer it
             log.exception("answering the head of %s %s", words[0], words[1][:200])
             return None
+        finally:
+            go_on = environ.pop("microticks.go_on", None)
+            if go_on is not None:
+                go_on.__traceback__ = None  # see preflight_and_authenticate
         status, headers = answer
         if status.startswith("100"):
             return None  # the app takes the body: read it

@@ -834,6 +834,13 @@ def test_answered_requests_leave_no_reference_cycles(start_server, consumer_key)
             client.request("POST", "/events", b"{not json", {"Content-Type": "application/json"}),
             Client(f"http://{client.host}:{client.port}", key="wrong").get("/events"),
         ]
+        with socket.create_connection((client.host, client.port), timeout=10) as sock:  # a body after its head:
+            body = urllib.parse.urlencode({"token": token, "action": "late", "ts": "2017-08-25T17:09:22Z"}).encode()
+            sock.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                         b"X-Microticks-Key: %s\r\nContent-Length: %d\r\n\r\n" % (SECRET.encode(), len(body)))
+            time.sleep(0.1)  # the server shows the app its head first
+            [(status, _, _)] = raw_exchange(sock, body)
+            assert status == "200"
         gc.collect()
         environs = [garbage.get("PATH_INFO") for garbage in gc.garbage  # this server's, not another test's
                     if isinstance(garbage, dict) and garbage.get("SERVER_PORT") == str(client.port)]
