@@ -156,6 +156,14 @@ def bench_reads(workdir, results, db):
         # over a database upgraded from the first Microticks.
         measure("stats, everything, first call after the import", "/stats", repeat=1, target=2.0)
         measure("stats, everything, again", "/stats", target=2.0)
+        paths = "paths=3&funnel=main,year:2017,year:2016,year:2015"
+        measure("stats with path figures and a 4-step funnel, one day", f"/stats?from={day}&to={day}&{paths}",
+                target=0.1)
+        measure("stats with path figures and a 4-step funnel, everything", f"/stats?{paths}", target=1.0)
+        _, seconds, _ = measure("sessions with their paths, streamed", "/sessions?format=ndjson&fields=id,path,touches",
+                                repeat=1)
+        rows.append({"read": "sessions with paths, rate", "sessions_per_s": round(sessions / seconds),
+                     "target_sessions_per_s": 20_000})
         measure("stats, everything, nothing kept (another bin)", "/stats?bin=20", repeat=1)
         rows.append({"read": "serve peak memory after stats", "peak_rss_mb": round(peak_rss_mb(server.proc.pid), 1)})
         _, seconds, size = measure("CSV export, everything", "/events?format=csv", repeat=1)

@@ -2768,7 +2768,13 @@ def test_stats_kept_per_session_equal_figures_computed_afresh_as_sessions_change
     for params in ({"data_key": "currentPage", "bin": "100"}, {"from": "2017-05-23", "to": "2017-05-23"},
                    {"from": "2017-05-25", "to": "2017-05-25"}):  # 4 sessions of 84: their kept rows found by index
         assert both_ways(**params)["sessions"] > 0
-    assert stored(db_path, "SELECT count(*) FROM stats_values WHERE session_id = ?", (erased,)) == [(0,)]
+    paths = {"paths": "3", "funnel": "main,year:2017,year:2016"}  # added up from kept visits and touches
+    for params in (paths, {**paths, "from": "2017-05-23", "to": "2017-05-23"}):
+        figures = both_ways(**params)
+        assert figures["transitions"] and sum(h["touches"] for h in figures["touches_per_hour"]) > 0
+    assert "year:1900" in {m["to"] for m in both_ways(**paths)["transitions"]}  # the late event's screen
+    for table in ("stats_values", "stats_visits", "stats_touches"):
+        assert stored(db_path, f"SELECT count(*) FROM {table} WHERE session_id = ?", (erased,)) == [(0,)]
 
 
 def test_stats_with_nothing_kept_keep_figures_part_by_part_and_a_stop_midway_keeps_the_parts_done(
