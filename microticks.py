@@ -462,7 +462,7 @@ MIGRATIONS = [
         # common paths, funnels and touches per hour add these up instead of
         # reading every event again (over a million events: 4.3 s to 1.1 s).
         "CREATE TABLE stats_visits (session_id INTEGER NOT NULL, data_key TEXT NOT NULL, bin INTEGER NOT NULL,"
-        " visit INTEGER NOT NULL, screen NOT NULL, arrived TEXT, ms INTEGER,"
+        " visit INTEGER NOT NULL, screen NOT NULL, arrived TEXT, ms INTEGER, touches INTEGER,"
         " PRIMARY KEY (data_key, bin, session_id, visit)) WITHOUT ROWID",
         "CREATE INDEX stats_visits_session ON stats_visits (session_id)",
         "CREATE TABLE stats_touches (session_id INTEGER NOT NULL, data_key TEXT NOT NULL, bin INTEGER NOT NULL,"
@@ -1295,9 +1295,21 @@ _SESSION_VISITS = (
     " AS seconds, touches FROM visits ORDER BY visit")
 #: What a session's path holds, computed when asked for (fields=...): not
 #: among the default fields, and JSON (the path, the actions) where marked.
+# A closed session's visits are kept by /stats (stats_visits, for the default
+# data key and bin) while its events are unchanged: read there, a path costs
+# a lookup instead of a pass over its events with three window functions.
+_KEPT_VISITS_VALID = (
+    "EXISTS (SELECT 1 FROM stats_sessions k WHERE k.session_id = s.id"
+    f" AND k.data_key = '{DEFAULT_DATA_KEY}' AND k.bin = {DEFAULT_HEATMAP_BIN}"
+    " AND k.events = (SELECT count(*) FROM events x WHERE x.session_id = s.id)"
+    " AND k.last_event_id IS (SELECT max(x.id) FROM events x WHERE x.session_id = s.id))")
 SESSION_PATH_COLUMNS = {
-    "path": "(SELECT json_group_array(json_object('screen', screen, 'seconds', seconds, 'touches', touches))"
-            f" FROM ({_SESSION_VISITS}))",
+    "path": f"CASE WHEN {_KEPT_VISITS_VALID} THEN (SELECT json_group_array(json_object('screen', v.screen,"
+            " 'seconds', v.ms / 1000.0, 'touches', v.touches)) FROM (SELECT * FROM stats_visits v"
+            f" WHERE v.data_key = '{DEFAULT_DATA_KEY}' AND v.bin = {DEFAULT_HEATMAP_BIN} AND v.session_id = s.id"
+            " ORDER BY v.visit) v)"
+            " ELSE (SELECT json_group_array(json_object('screen', screen, 'seconds', seconds, 'touches', touches))"
+            f" FROM ({_SESSION_VISITS})) END",
     "screens": f"(SELECT count(DISTINCT {_SCREEN}) FROM events x WHERE x.session_id = s.id)",
     "touches": f"(SELECT count(*) FROM events x WHERE x.session_id = s.id AND {_TOUCH})",
     "page_changes": "(SELECT count(*) FROM events x WHERE x.session_id = s.id AND x.action = 'pageChange')",
@@ -1540,17 +1552,18 @@ def _compute_session_stats(conn, data_key, bin_size):
         (key_path, data_key, bin_size))
     # The visits again, in order, for the path figures (path_statistics).
     conn.execute(
-        f"INSERT INTO temp.fresh_visits WITH valued AS (SELECT e.session_id, e.id, e.seq, e.time_utc,"
+        f"INSERT INTO temp.fresh_visits WITH valued AS (SELECT e.session_id, e.id, e.seq, e.time_utc, e.action,"
         f" json_extract(e.data, ?) AS screen FROM {events}),"
         " marked AS (SELECT *, screen IS NOT lag(screen) OVER (PARTITION BY session_id ORDER BY seq, id)"
         " AS new_visit FROM valued WHERE screen IS NOT NULL),"
         " numbered AS (SELECT *, sum(new_visit) OVER (PARTITION BY session_id ORDER BY seq, id) AS visit FROM marked),"
-        " visits AS (SELECT session_id, visit, screen, min(time_utc) AS arrived FROM numbered GROUP BY session_id, visit)"
+        " visits AS (SELECT session_id, visit, screen, min(time_utc) AS arrived,"
+        f" sum({_TOUCH.replace('x.', '')}) AS touches FROM numbered GROUP BY session_id, visit)"
         # Whole milliseconds (the times' own precision): julianday() is a float
         # of days, a few hundredths of a millisecond off, which rounding removes.
         " SELECT session_id, ?, ?, visit, screen, arrived, CAST(round((julianday(lead(arrived) OVER"
-        " (PARTITION BY session_id ORDER BY visit)) - julianday(arrived)) * 86400000) AS INTEGER) FROM visits",
-        (key_path, data_key, bin_size))
+        " (PARTITION BY session_id ORDER BY visit)) - julianday(arrived)) * 86400000) AS INTEGER), touches"
+        " FROM visits", (key_path, data_key, bin_size))
     conn.execute(
         f"INSERT INTO temp.fresh_touches SELECT e.session_id, ?, ?, substr(e.time_utc, 1, 16), count(*) FROM {events}"
         f" WHERE e.action IN ({', '.join('?' for _ in TOUCH_ACTIONS)}) GROUP BY e.session_id, substr(e.time_utc, 1, 16)",
