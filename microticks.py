@@ -1505,6 +1505,10 @@ MAX_HEATMAP_BIN = 10000
 #: bins, or anyone with the key, would otherwise grow the file without end.
 #: Others are computed for every request.
 MAX_KEPT_STATS_KINDS = 3
+#: An open session with this many events has its figures kept too (valid
+#: until its next event): one client posting 200,000 events into one
+#: session made every later /stats read them all again (3 s each).
+KEEP_OPEN_SESSIONS_FROM = 1000
 #: Sessions whose figures keep_stats computes and keeps at a time: each part
 #: is committed, SQLite's sorters hold a part, and a command or request
 #: stopped midway (a gunicorn worker's timeout) leaves its work done.
@@ -1669,11 +1673,11 @@ def _find_stale_sessions(conn, selected, params, data_key, bin_size):
         f"INSERT INTO temp.stale WITH {selected}, now AS (SELECT sel.id,"
         " (SELECT count(*) FROM events x WHERE x.session_id = sel.id) AS events,"
         " (SELECT max(x.id) FROM events x WHERE x.session_id = sel.id) AS last_event_id FROM sel)"
-        " SELECT now.id, now.events, now.last_event_id, s.stopped_at IS NOT NULL FROM now"
+        " SELECT now.id, now.events, now.last_event_id, s.stopped_at IS NOT NULL OR now.events >= ? FROM now"
         " JOIN sessions s ON s.id = now.id LEFT JOIN main.stats_sessions k"
         " ON k.session_id = now.id AND k.data_key = ? AND k.bin = ?"
         " WHERE k.session_id IS NULL OR k.events != now.events OR k.last_event_id IS NOT now.last_event_id",
-        [*params, data_key, bin_size])
+        [*params, KEEP_OPEN_SESSIONS_FROM, data_key, bin_size])
 
 
 def _selected_sessions(query):
@@ -1695,7 +1699,8 @@ def compute_stats(conn, query, tz_name, data_key, bin_size, type_separator=":"):
     while the session's events are unchanged: their number and newest id
     are recorded with them, ids only grow and a deletion lowers the count.
     Sessions without valid kept figures are computed afresh, in this
-    connection's temporary tables, and kept once closed."""
+    connection's temporary tables, and kept once closed (or once they hold
+    KEEP_OPEN_SESSIONS_FROM events)."""
     selected, params, everything = _selected_sessions(query)
     conn.execute("BEGIN")  # one snapshot for every figure
     try:

@@ -2784,6 +2784,25 @@ def test_stats_kept_per_session_equal_figures_computed_afresh_as_sessions_change
         assert stored(db_path, f"SELECT count(*) FROM {table} WHERE session_id = ?", (erased,)) == [(0,)]
 
 
+def test_a_huge_open_session_is_kept_until_its_next_event(start_server, db_path, consumer_key, monkeypatch):
+    """One client can post a huge open session; open sessions were computed
+    on every /stats. From KEEP_OPEN_SESSIONS_FROM events one is kept too."""
+    monkeypatch.setattr(microticks, "KEEP_OPEN_SESSIONS_FROM", 50)
+    client = start_server(tz="UTC")
+    small, huge = client.start(consumer_key), client.start(consumer_key)
+    client.event(small, data='{"subject": "main"}')
+    events = [{"token": huge, "action": "click", "ts": f"2017-08-25T17:{n // 60:02d}:{n % 60:02d}Z",
+               "data": {"subject": f"s{n % 3}", "clickX": n, "clickY": n}} for n in range(60)]
+    assert client.post_json("/events", {"events": events}).status == 200
+    first = client.get("/stats", paths="2").json
+    kept = stored(db_path, "SELECT session_id FROM stats_sessions")
+    assert kept == [(2,)]  # the huge one, open; not the small one
+    assert client.get("/stats", paths="2").json == first
+    client.event(huge, data='{"subject": "s9"}', ts="2017-08-25T18:00:00Z")  # its kept figures no longer hold
+    later = client.get("/stats", paths="2").json
+    assert later["events"] == first["events"] + 1 and "s9" in {v["value"] for v in later["values"]}
+
+
 def test_stats_with_nothing_kept_keep_figures_part_by_part_and_a_stop_midway_keeps_the_parts_done(
         sample_client, db_path, monkeypatch):
     """After an upgrade nothing is kept, and the first /stats computes every
