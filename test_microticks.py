@@ -1780,9 +1780,9 @@ def copy_of_the_repository(target):
 
 
 def test_the_tests_bench_and_examples_need_nothing_outside_the_repository(tmp_path):
-    """A clone has no ../shared (or anything else) beside it: the tests that
-    read the real week, the benchmark's loader and the demo page work in a
-    copy of the repository alone."""
+    """A clone has nothing beside it: the tests that read the real week, the
+    benchmark's loader and the demo page work in a copy of the repository
+    alone."""
     clone = copy_of_the_repository(tmp_path / "clone")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_microticks.py",
                            "-k", "import_round_trips_the_first_microticks_export or event_filters_match"],
