@@ -1279,22 +1279,32 @@ SESSION_DEFAULT_FIELDS = tuple(SESSION_COLUMNS)
 #: The actions that are a visitor touching the screen (the first Microticks'
 #: analysis scripts call them clicks).
 TOUCH_ACTIONS = ("click", "swipe")
-_TOUCH = "x.action IN (" + ", ".join(f"'{action}'" for action in TOUCH_ACTIONS) + ")"
-_SCREEN = f"json_extract(x.data, '$.\"{DEFAULT_DATA_KEY}\"')"
-# A session's visits to screens, as /stats counts them (VALUES_DEFINITION):
-# runs of its events with the same screen, events without one aside.
-_SESSION_VISITS = (
-    f"WITH valued AS (SELECT x.id, x.seq, x.time_utc, x.action, {_SCREEN} AS screen FROM events x"
-    " WHERE x.session_id = s.id),"
-    " marked AS (SELECT *, screen IS NOT lag(screen) OVER (ORDER BY seq, id) AS new_visit FROM valued"
-    " WHERE screen IS NOT NULL),"
-    " numbered AS (SELECT *, sum(new_visit) OVER (ORDER BY seq, id) AS visit FROM marked),"
-    f" visits AS (SELECT visit, screen, min(time_utc) AS arrived, sum({_TOUCH.replace('x.', '')}) AS touches"
-    " FROM numbered GROUP BY visit)"
-    " SELECT visit, screen, round((julianday(lead(arrived) OVER (ORDER BY visit)) - julianday(arrived)) * 86400, 3)"
-    " AS seconds, touches FROM visits ORDER BY visit")
-#: What a session's path holds, computed when asked for (fields=...): not
-#: among the default fields, and JSON (the path, the actions) where marked.
+#: Whether an events row is a touch (its table's name put before it where needed).
+_IS_TOUCH = "action IN (" + ", ".join(f"'{action}'" for action in TOUCH_ACTIONS) + ")"
+
+
+def _visits_sql(events, screen):
+    """WITH clauses ending in `visits` (session_id, visit, screen, arrived,
+    ms, touches): the visits of the sessions whose events `events` holds (a
+    FROM clause naming them e), `screen` being the SQL of an event's screen.
+    A visit is a run of a session's events with the same screen, events
+    without one aside (VALUES_DEFINITION); `visit` numbers them from 1; `ms`
+    is the whole milliseconds to the next visit's arrival (the times' own
+    precision: julianday() is a float of days, a few hundredths of a
+    millisecond off, which rounding removes), NULL for the last."""
+    return (f"valued AS (SELECT e.session_id, e.id, e.seq, e.time_utc, e.action, {screen} AS screen FROM {events}),"
+            " marked AS (SELECT *, screen IS NOT lag(screen) OVER (PARTITION BY session_id ORDER BY seq, id)"
+            " AS new_visit FROM valued WHERE screen IS NOT NULL),"
+            " numbered AS (SELECT *, sum(new_visit) OVER (PARTITION BY session_id ORDER BY seq, id) AS visit"
+            " FROM marked),"
+            f" grouped AS (SELECT session_id, visit, screen, min(time_utc) AS arrived, sum({_IS_TOUCH}) AS touches"
+            " FROM numbered GROUP BY session_id, visit),"
+            " visits AS (SELECT *, CAST(round((julianday(lead(arrived) OVER (PARTITION BY session_id ORDER BY visit))"
+            " - julianday(arrived)) * 86400000) AS INTEGER) AS ms FROM grouped)")
+
+
+#: An event's screen in a session's path: its default data key.
+_SCREEN = f"json_extract(e.data, '$.\"{DEFAULT_DATA_KEY}\"')"
 # A closed session's visits are kept by /stats (stats_visits, for the default
 # data key and bin) while its events are unchanged: read there, a path costs
 # a lookup instead of a pass over its events with three window functions.
@@ -1303,15 +1313,17 @@ _KEPT_VISITS_VALID = (
     f" AND k.data_key = '{DEFAULT_DATA_KEY}' AND k.bin = {DEFAULT_HEATMAP_BIN}"
     " AND k.events = (SELECT count(*) FROM events x WHERE x.session_id = s.id)"
     " AND k.last_event_id IS (SELECT max(x.id) FROM events x WHERE x.session_id = s.id))")
+_PATH_OF_VISITS = "json_group_array(json_object('screen', screen, 'seconds', ms / 1000.0, 'touches', touches))"
+#: What a session's path holds, computed when asked for (fields=...): not
+#: among the default fields, and JSON (the path, the actions) where marked.
 SESSION_PATH_COLUMNS = {
-    "path": f"CASE WHEN {_KEPT_VISITS_VALID} THEN (SELECT json_group_array(json_object('screen', v.screen,"
-            " 'seconds', v.ms / 1000.0, 'touches', v.touches)) FROM (SELECT * FROM stats_visits v"
+    "path": f"CASE WHEN {_KEPT_VISITS_VALID} THEN (SELECT {_PATH_OF_VISITS} FROM (SELECT * FROM stats_visits v"
             f" WHERE v.data_key = '{DEFAULT_DATA_KEY}' AND v.bin = {DEFAULT_HEATMAP_BIN} AND v.session_id = s.id"
-            " ORDER BY v.visit) v)"
-            " ELSE (SELECT json_group_array(json_object('screen', screen, 'seconds', seconds, 'touches', touches))"
-            f" FROM ({_SESSION_VISITS})) END",
-    "screens": f"(SELECT count(DISTINCT {_SCREEN}) FROM events x WHERE x.session_id = s.id)",
-    "touches": f"(SELECT count(*) FROM events x WHERE x.session_id = s.id AND {_TOUCH})",
+            " ORDER BY v.visit))"
+            f" ELSE (SELECT {_PATH_OF_VISITS} FROM (WITH {_visits_sql('events e WHERE e.session_id = s.id', _SCREEN)}"
+            " SELECT * FROM visits ORDER BY visit)) END",
+    "screens": f"(SELECT count(DISTINCT {_SCREEN}) FROM events e WHERE e.session_id = s.id)",
+    "touches": f"(SELECT count(*) FROM events x WHERE x.session_id = s.id AND x.{_IS_TOUCH})",
     "page_changes": "(SELECT count(*) FROM events x WHERE x.session_id = s.id AND x.action = 'pageChange')",
     "actions": "(SELECT json_group_object(action, n) FROM (SELECT x.action, count(*) AS n FROM events x"
                " WHERE x.session_id = s.id GROUP BY x.action))",
@@ -1327,9 +1339,6 @@ SESSION_SORTS = {
 }
 
 
-#: A data key's value in an export, each ? its path: as a CSV cell shows it
-#: (true, not json_extract's 1), and for NDJSON as JSON text (an object stays
-#: an object, not a string holding one).
 # A data key's value in an export: its JSON text, as the client sent it
 # (NULL when absent). json_extract() would turn a number beyond 64 bits into
 # an approximation, or into Inf, which no JSON reader takes.
@@ -1531,47 +1540,30 @@ def _compute_session_stats(conn, data_key, bin_size):
     conn.execute(
         f"INSERT INTO temp.fresh_actions SELECT e.session_id, ?, ?, e.action, count(*) FROM {events}"
         " GROUP BY e.session_id, e.action", (data_key, bin_size))
-    # A visit is a run of events with the same value in a session (events
-    # without one, like stopSession, aside); it lasts until the next visit
-    # begins. The last visit of a session is not measured: after its last
-    # touch came only the idle time before the kiosk stopped the session.
+    # The visits (VALUES_DEFINITION) in order, for the path figures
+    # (path_statistics) and the per-value ones below; touches per minute.
+    conn.execute(f"INSERT INTO temp.fresh_visits WITH {_visits_sql(events, 'json_extract(e.data, ?)')}"
+                 " SELECT session_id, ?, ?, visit, screen, arrived, ms, touches FROM visits",
+                 (key_path, data_key, bin_size))
     conn.execute(
-        f"INSERT INTO temp.fresh_values WITH valued AS (SELECT e.id, e.seq, e.session_id, e.time_utc, e.action,"
-        f" json_extract(e.data, ?) AS value FROM {events}),"
+        f"INSERT INTO temp.fresh_touches SELECT e.session_id, ?, ?, substr(e.time_utc, 1, 16), count(*) FROM {events}"
+        f" WHERE e.{_IS_TOUCH} GROUP BY e.session_id, substr(e.time_utc, 1, 16)", (data_key, bin_size))
+    # Per value: its events, and its visits: how many, how often a session's
+    # first, second, third, and their time, to the next visit (the last
+    # visit of a session is not measured: only idle time came after it).
+    conn.execute(
+        f"INSERT INTO temp.fresh_values WITH valued AS (SELECT e.session_id, e.action, json_extract(e.data, ?) AS value"
+        f" FROM {events}),"
         " counts AS (SELECT session_id, value, count(*) AS events, sum(action = 'click') AS clicks,"
         " sum(action = 'pageChange') AS turns FROM valued WHERE value IS NOT NULL GROUP BY session_id, value),"
-        " marked AS (SELECT *, value IS NOT lag(value) OVER (PARTITION BY session_id ORDER BY seq, id)"
-        " AS new_run FROM valued WHERE value IS NOT NULL),"
-        " runs AS (SELECT session_id, seq, id, value, time_utc, lead(time_utc) OVER"
-        " (PARTITION BY session_id ORDER BY seq, id) AS next_time FROM marked WHERE new_run),"
-        " picks AS (SELECT session_id, value, row_number() OVER (PARTITION BY session_id ORDER BY seq, id) AS n,"
-        " (julianday(next_time) - julianday(time_utc)) * 86400 AS spent FROM runs),"
-        " visits AS (SELECT session_id, value, count(*) AS visits, sum(n = 1) AS first, sum(n = 2) AS second,"
-        " sum(n = 3) AS third, count(spent) AS measured, min(spent) AS low, sum(spent) AS total,"
-        " max(spent) AS high FROM picks GROUP BY session_id, value)"
+        " visits AS (SELECT session_id, screen AS value, count(*) AS visits, sum(visit = 1) AS first,"
+        " sum(visit = 2) AS second, sum(visit = 3) AS third, count(ms) AS measured, min(ms) / 1000.0 AS low,"
+        " sum(ms) / 1000.0 AS total, max(ms) / 1000.0 AS high FROM temp.fresh_visits GROUP BY session_id, screen)"
         " SELECT c.session_id, ?, ?, c.value, c.events, c.clicks, c.turns, coalesce(v.visits, 0),"
         " coalesce(v.first, 0), coalesce(v.second, 0), coalesce(v.third, 0), coalesce(v.measured, 0),"
         " v.low, v.total, v.high FROM counts c"
         " LEFT JOIN visits v ON v.session_id = c.session_id AND v.value = c.value",
         (key_path, data_key, bin_size))
-    # The visits again, in order, for the path figures (path_statistics).
-    conn.execute(
-        f"INSERT INTO temp.fresh_visits WITH valued AS (SELECT e.session_id, e.id, e.seq, e.time_utc, e.action,"
-        f" json_extract(e.data, ?) AS screen FROM {events}),"
-        " marked AS (SELECT *, screen IS NOT lag(screen) OVER (PARTITION BY session_id ORDER BY seq, id)"
-        " AS new_visit FROM valued WHERE screen IS NOT NULL),"
-        " numbered AS (SELECT *, sum(new_visit) OVER (PARTITION BY session_id ORDER BY seq, id) AS visit FROM marked),"
-        " visits AS (SELECT session_id, visit, screen, min(time_utc) AS arrived,"
-        f" sum({_TOUCH.replace('x.', '')}) AS touches FROM numbered GROUP BY session_id, visit)"
-        # Whole milliseconds (the times' own precision): julianday() is a float
-        # of days, a few hundredths of a millisecond off, which rounding removes.
-        " SELECT session_id, ?, ?, visit, screen, arrived, CAST(round((julianday(lead(arrived) OVER"
-        " (PARTITION BY session_id ORDER BY visit)) - julianday(arrived)) * 86400000) AS INTEGER), touches"
-        " FROM visits", (key_path, data_key, bin_size))
-    conn.execute(
-        f"INSERT INTO temp.fresh_touches SELECT e.session_id, ?, ?, substr(e.time_utc, 1, 16), count(*) FROM {events}"
-        f" WHERE e.action IN ({', '.join('?' for _ in TOUCH_ACTIONS)}) GROUP BY e.session_id, substr(e.time_utc, 1, 16)",
-        (data_key, bin_size, *TOUCH_ACTIONS))
     conn.execute(
         "INSERT INTO temp.fresh_heat WITH points AS (SELECT e.session_id, json_extract(e.data, '$.clickX') AS x,"
         f" json_extract(e.data, '$.clickY') AS y, e.data AS data FROM {events} WHERE x IS NOT NULL)"
@@ -3458,8 +3450,7 @@ def make_app(settings):
     def page(text, nonce=None):
         response.content_type = "text/html; charset=utf-8"
         policy = PAGE_SECURITY + (f"; script-src 'nonce-{nonce}'" if nonce else "")
-        response.set_header("Content-Security-Policy", policy)
-        response.set_header("X-Content-Type-Options", "nosniff")
+        response.set_header("Content-Security-Policy", policy)  # nosniff comes with every answer's headers
         return text
 
     @app.get("/")
@@ -3870,6 +3861,13 @@ class _ResponseWriter(ServerHandler):
         super().close()  # forgets the headers
 
 
+def _closing_answer(status, headers, body):
+    """The bytes of an answer the server writes itself (no app between, or
+    the app's answer to a head alone), after which the connection closes."""
+    return (f"HTTP/1.1 {status}\r\n".encode("latin-1") + "".join(f"{k}: {v}\r\n" for k, v in headers).encode("latin-1")
+            + b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
 class ConnectionHandler(WSGIRequestHandler):
     """One client connection, answering requests one at a time (HTTP/1.1
     keep-alive). The server hands it to a worker thread whenever the client
@@ -3987,8 +3985,7 @@ class ConnectionHandler(WSGIRequestHandler):
             if length <= MAX_BODY_BYTES:
                 return None
             body = _answer_json({"error": STATUS_MESSAGES[413], "status": 413}).encode()
-            return (b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            return _closing_answer("413 Content Too Large", [("Content-Type", "application/json")], body)
         lines = head.decode("iso-8859-1").split("\n")
         words = lines[0].split()
         header_lines, fields = [], {}
@@ -4020,10 +4017,8 @@ class ConnectionHandler(WSGIRequestHandler):
         status, headers = answer
         if status.startswith("100"):
             return None  # the app takes the body: read it
-        headers = [(k, v) for k, v in headers if k.lower() not in ("content-length", "connection")]
-        return (f"HTTP/1.1 {status}\r\n".encode("latin-1")
-                + "".join(f"{k}: {v}\r\n" for k, v in headers).encode("latin-1")
-                + b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        return _closing_answer(status, [(k, v) for k, v in headers if k.lower() not in ("content-length", "connection")],
+                               body)
 
     def send_error(self, code, message=None, explain=None):
         """BaseHTTPRequestHandler's answer to a request it cannot parse, in the
@@ -4111,9 +4106,8 @@ class ConnectionHandler(WSGIRequestHandler):
         origin = re.search(rb"\n[Oo][Rr][Ii][Gg][Ii][Nn][ \t]*:[ \t]*([^\r\n]*)", self.rfile.ahead)
         app_headers = getattr(self.server.get_app(), "config", {}).get("microticks.common_headers")
         headers = app_headers(origin.group(1).decode("latin-1").strip() if origin else None) if app_headers else {}
-        self.rfile._send_now(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: application/json\r\n"
-                             + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
-                             + b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode()))
+        self.rfile._send_now(_closing_answer("408 Request Timeout", [("Content-Type", "application/json"),
+                                                                     *headers.items()], body.encode()))
 
     def address_string(self):  # no reverse DNS lookup per request
         return self.client_address[0]
