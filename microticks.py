@@ -66,6 +66,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import mmap
 import os
 import pathlib
@@ -147,6 +148,11 @@ MAX_AGE = timedelta(days=100 * 365)
 #: The data key naming the screen (/stats, session paths) and the heatmaps'
 #: bin size in pixels, unless asked otherwise.
 DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN = "subject", 50
+#: A session with this many touches or more is meaningful (/stats' meaningful=).
+DEFAULT_MEANINGFUL_TOUCHES = 2
+MAX_MEANINGFUL_TOUCHES = 1000
+#: The longest annotation, in characters.
+MAX_ANNOTATION_CHARS = 1000
 #: Rows one page of GET /events or GET /sessions holds.
 DEFAULT_PAGE_LIMIT = 1000
 MAX_PAGE_LIMIT = 10000
@@ -478,6 +484,30 @@ MIGRATIONS = [
         " DELETE FROM stats_touches WHERE session_id = OLD.id; END",
         # The sessions kept so far have none: all are computed again.
         "DELETE FROM stats_values", "DELETE FROM stats_heat", "DELETE FROM stats_actions",
+        "DELETE FROM stats_sessions",
+    ]),
+    ("annotations, and each session's engagement figures kept for /stats", [
+        # What happened at a kiosk ("new ebook shelf", "school holidays"):
+        # markers on the time charts, listed in exports. consumer_id NULL: every consumer.
+        "CREATE TABLE annotations (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,"
+        " time_utc TEXT NOT NULL, text TEXT NOT NULL, consumer_id INTEGER, site TEXT, created_at TEXT NOT NULL)",
+        "CREATE INDEX annotations_time_utc ON annotations (time_utc)",
+        # Touches, distinct screens and the first touch's milliseconds after the start.
+        "CREATE TABLE stats_engagement (session_id INTEGER NOT NULL, data_key TEXT NOT NULL, bin INTEGER NOT NULL,"
+        " touches INTEGER, screens INTEGER, first_touch_ms INTEGER,"
+        " PRIMARY KEY (data_key, bin, session_id)) WITHOUT ROWID",
+        "CREATE INDEX stats_engagement_session ON stats_engagement (session_id)",
+        "DROP TRIGGER stats_forget_session",
+        "CREATE TRIGGER stats_forget_session AFTER DELETE ON sessions BEGIN"
+        " DELETE FROM stats_sessions WHERE session_id = OLD.id;"
+        " DELETE FROM stats_values WHERE session_id = OLD.id;"
+        " DELETE FROM stats_heat WHERE session_id = OLD.id;"
+        " DELETE FROM stats_actions WHERE session_id = OLD.id;"
+        " DELETE FROM stats_visits WHERE session_id = OLD.id;"
+        " DELETE FROM stats_touches WHERE session_id = OLD.id;"
+        " DELETE FROM stats_engagement WHERE session_id = OLD.id; END",
+        # The sessions kept so far have none: they are computed again (their
+        # other kept rows are replaced then).
         "DELETE FROM stats_sessions",
     ]),
 ]
@@ -1226,6 +1256,53 @@ def close_idle_sessions(conn, timeout):
             f" stop_received_at = ?, stop_reason = 'timeout' WHERE {idle}", (utc_now(), cutoff)).rowcount
 
 
+def add_annotation(conn, time, text, consumer_name=None, site=None):
+    """Store what happened at a kiosk at `time` (a Timestamp): a marker on
+    the time charts, for every consumer or one; returns it as listed."""
+    with write_transaction(conn):
+        consumer_id = None
+        if consumer_name:
+            row = conn.execute("SELECT id FROM consumers WHERE name = ?", (consumer_name,)).fetchone()
+            if row is None:
+                message = f'"consumer": no consumer is named {consumer_name!r}'
+                raise MicroticksError(400, message, {"consumer": [message]})
+            consumer_id = row[0]
+        annotation_id = conn.execute(
+            "INSERT INTO annotations (time, time_utc, text, consumer_id, site, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (time.text, time.utc, text, consumer_id, site, utc_now())).lastrowid
+    return read_annotations(conn, annotation_id=annotation_id)[0]
+
+
+def read_annotations(conn, query=None, annotation_id=None):
+    """The annotations in a ReadQuery's time range (from, to, date), in time
+    order; with a consumer filter, that consumer's and those for every consumer."""
+    clauses, params = [], []
+    if annotation_id is not None:
+        clauses.append("a.id = ?")
+        params.append(annotation_id)
+    if query is not None:
+        for clause, value in (("a.time_utc >= ?", query.start_utc), ("a.time_utc < ?", query.end_utc),
+                              ("a.time_utc >= ?", query.date and query.date[0]),
+                              ("a.time_utc < ?", query.date and query.date[1]),
+                              ("(a.consumer_id IS NULL OR a.consumer_id = ?)", query.consumer_id),
+                              ("(a.consumer_id IS NULL OR a.consumer_id IN (SELECT id FROM consumers"
+                               " WHERE name = ?))", query.consumer_name)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = conn.execute("SELECT a.id, a.time, a.time_utc, a.text, a.consumer_id, c.name, a.site, a.created_at"
+                        f" FROM annotations a LEFT JOIN consumers c ON c.id = a.consumer_id{where}"
+                        " ORDER BY a.time_utc, a.id", params)
+    return [dict(zip(ANNOTATION_FIELDS, row)) for row in rows]
+
+
+def delete_annotation(conn, annotation_id):
+    """Delete an annotation; whether there was one."""
+    with write_transaction(conn):
+        return conn.execute("DELETE FROM annotations WHERE id = ?", (annotation_id,)).rowcount == 1
+
+
 def decode_data(text):
     """Stored data as the client meant it: parsed JSON, or the plain string
     that an old frontend sent."""
@@ -1276,6 +1353,8 @@ SESSION_COLUMNS = {
     "device": "(SELECT d.name FROM devices d WHERE d.id = s.device_id)",
 }
 SESSION_DEFAULT_FIELDS = tuple(SESSION_COLUMNS)
+#: An annotation as listed (GET /annotations, /stats, research bundles).
+ANNOTATION_FIELDS = ("id", "time", "time_utc", "text", "consumer_id", "consumer", "site", "created_at")
 #: The actions that are a visitor touching the screen (the first Microticks'
 #: analysis scripts call them clicks).
 TOUCH_ACTIONS = ("click", "swipe")
@@ -1507,7 +1586,8 @@ def _summary(values):
 # the figures were computed from), and the temporary tables of this
 # connection where a request's newly computed figures gather first.
 KEPT_STATS = {"stats_values": "fresh_values", "stats_heat": "fresh_heat", "stats_actions": "fresh_actions",
-              "stats_visits": "fresh_visits", "stats_touches": "fresh_touches"}
+              "stats_visits": "fresh_visits", "stats_touches": "fresh_touches",
+              "stats_engagement": "fresh_engagement"}
 MAX_HEATMAP_BIN = 10000
 #: Besides the default's, the (data key, bin) pairs whose figures are kept:
 #: each holds about a quarter of the file's size, and a researcher trying
@@ -1572,6 +1652,17 @@ def _compute_session_stats(conn, data_key, bin_size):
         " FROM points WHERE typeof(x) IN ('integer', 'real') AND typeof(y) IN ('integer', 'real')"
         " GROUP BY session_id, screen, bx, by",
         (data_key, bin_size, prev_path, key_path, bin_size, bin_size, bin_size, bin_size))
+    # Every stale session gets a row, its touches and screens 0 if it had none
+    # (ENGAGEMENT_DEFINITION): /stats and /compare count sessions here.
+    conn.execute(
+        f"INSERT INTO temp.fresh_engagement WITH touched AS (SELECT e.session_id, count(*) AS touches,"
+        f" min(e.time_utc) AS first_touch FROM {events} WHERE e.{_IS_TOUCH} GROUP BY e.session_id),"
+        " viewed AS (SELECT session_id, count(DISTINCT screen) AS screens FROM temp.fresh_visits GROUP BY session_id)"
+        " SELECT st.session_id, ?, ?, coalesce(t.touches, 0), coalesce(v.screens, 0),"
+        " CAST(round((julianday(t.first_touch) - julianday(s.started_utc)) * 86400000) AS INTEGER)"
+        " FROM temp.stale st JOIN sessions s ON s.id = st.session_id"
+        " LEFT JOIN touched t ON t.session_id = st.session_id LEFT JOIN viewed v ON v.session_id = st.session_id",
+        (data_key, bin_size))
 
 
 def _keep_session_stats(conn, data_key, bin_size, chunk=1000):
@@ -1680,20 +1771,26 @@ def _selected_sessions(query):
     return f"sel AS (SELECT s.id FROM sessions s{where})", params, not clauses
 
 
-def compute_stats(conn, query, tz_name, data_key, bin_size, type_separator=":"):
+def compute_stats(conn, request, samples=None):
     """What researchers compute by hand from an export, for the sessions a
-    ReadQuery selects: per day, hour and weekday (local time in `tz_name`),
-    durations, events per session and per action, and for the data key (the
-    screen): visits, picks, time spent, page turns, click heatmaps, and the
-    visits per screen type (the part of its name before `type_separator`).
+    StatsQuery selects: per day, hour and weekday (local time in its zone),
+    durations, events per session and per action, engagement
+    (ENGAGEMENT_DEFINITION), and for the data key (the screen): visits,
+    picks, time spent, page turns, click heatmaps, and the visits per screen
+    type (the part of its name before the type separator).
 
     The figures of each session are kept (stats_* tables) and used again
     while the session's events are unchanged: their number and newest id
     are recorded with them, ids only grow and a deletion lowers the count.
     Sessions without valid kept figures are computed afresh, in this
     connection's temporary tables, and kept once closed (or once they hold
-    KEEP_OPEN_SESSIONS_FROM events)."""
-    selected, params, everything = _selected_sessions(query)
+    KEEP_OPEN_SESSIONS_FROM events).
+
+    `samples`, a dict if given, receives what /compare tests: per session
+    its duration, touches and distinct screens, and per screen the measured
+    times of its visits (seconds)."""
+    data_key, bin_size = request.data_key, request.bin
+    selected, params, everything = _selected_sessions(request.query)
     conn.execute("BEGIN")  # one snapshot for every figure
     try:
         _find_stale_sessions(conn, selected, params, data_key, bin_size)
@@ -1708,22 +1805,72 @@ def compute_stats(conn, query, tz_name, data_key, bin_size, type_separator=":"):
             conn.execute("BEGIN")
             _find_stale_sessions(conn, selected, params, data_key, bin_size)
         _compute_session_stats(conn, data_key, bin_size)
-        stats = _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_size)
+        stats = _add_up_stats(conn, selected, params, everything, request.tz, data_key, bin_size, samples)
+        stats.update(_engagement(conn, request, samples))
     finally:
         if conn.in_transaction:  # else an error ended it (SQLite rolls back after some): that one is told
             conn.execute("COMMIT")
     _keep_session_stats(conn, data_key, bin_size)
-    stats["screen_types"] = screen_types(stats["values"], type_separator)
+    stats["screen_types"] = screen_types(stats["values"], request.type_separator)
     return stats
 
 
-def stats_figures(conn, request):
-    """The /stats answer for a clean StatsQuery: compute_stats' figures, and
-    the path figures where asked for (path_statistics)."""
-    figures = compute_stats(conn, request.query, request.tz, request.data_key, request.bin, request.type_separator)
+def stats_figures(conn, request, samples=None):
+    """The /stats answer for a clean StatsQuery: compute_stats' figures, the
+    path figures where asked for (path_statistics), and the annotations of
+    its range and consumer."""
+    figures = compute_stats(conn, request, samples)
     if request.path_length or request.funnel:
         figures.update(path_statistics(conn, request))
+    figures["annotations"] = read_annotations(conn, request.query)
     return figures
+
+
+def _kept_and_fresh(conn, request, kept, columns, tail=""):
+    """Rows of a kept stats table for the sessions a StatsQuery selects whose
+    kept figures are valid, then those of its fresh table (the stale
+    sessions'): right after compute_stats, on the same connection."""
+    selected, params, everything = _selected_sessions(request.query)
+    kind = [request.data_key, request.bin]
+    not_stale = "k.session_id NOT IN (SELECT session_id FROM temp.stale)"
+    if everything:
+        rows = conn.execute(f"SELECT {columns} FROM main.{kept} k WHERE k.data_key = ? AND k.bin = ?"
+                            f" AND {not_stale} {tail}", kind)
+    else:
+        rows = conn.execute(f"WITH {selected} SELECT {columns} FROM sel CROSS JOIN main.{kept} k"
+                            f" ON k.data_key = ? AND k.bin = ? AND k.session_id = sel.id WHERE {not_stale} {tail}",
+                            [*params, *kind])
+    yield from rows
+    yield from conn.execute(f"SELECT {columns} FROM temp.{KEPT_STATS[kept]} k {tail}")
+
+
+def _share(part, whole):
+    return round(part / whole, 4) if whole else None
+
+
+def _engagement(conn, request, samples=None):
+    """The engagement figures (ENGAGEMENT_DEFINITION) of the sessions a
+    StatsQuery selects, from each one's kept or fresh stats_engagement row;
+    into `samples` (compute_stats) the touches and screens of each, and the
+    measured times of each screen's visits."""
+    rows = list(_kept_and_fresh(conn, request, "stats_engagement", "k.touches, k.screens, k.first_touch_ms"))
+    touches, screens = [row[0] for row in rows], [row[1] for row in rows]
+    first_touches = [row[2] / 1000 for row in rows if row[2] is not None]
+    meaningful = sum(n >= request.meaningful for n in touches)
+    bounces = sum(n <= 1 for n in touches)
+    if samples is not None:
+        samples.update(touches=touches, screens=screens, time_on_screen={})
+        for screen, ms in _kept_and_fresh(conn, request, "stats_visits", "k.screen, k.ms"):
+            if ms is not None:  # a session's last visit is not measured
+                samples["time_on_screen"].setdefault(screen, []).append(ms / 1000)
+    return {
+        "meaningful_touches": request.meaningful,
+        "meaningful_sessions": meaningful, "meaningful_share": _share(meaningful, len(rows)),
+        "bounces": bounces, "bounce_share": _share(bounces, len(rows)),
+        "touches_per_session": _summary(touches),
+        "screens_per_session": _summary(screens),
+        "time_to_first_touch": {**_summary(first_touches), "unit": "seconds", "sessions": len(first_touches)},
+    }
 
 
 def screen_types(values, separator):
@@ -1754,21 +1901,8 @@ def path_statistics(conn, request):
     touches (stats_visits, stats_touches), or the fresh ones compute_stats
     has just made for the sessions it found stale (temp.stale): call it
     right after compute_stats, on the same connection and request."""
-    selected, params, everything = _selected_sessions(request.query)
-    kind = [request.data_key, request.bin]
-    not_stale = "k.session_id NOT IN (SELECT session_id FROM temp.stale)"
-
     def kept_and_fresh(kept, columns, tail):
-        """Rows of a kept table for the selected sessions not stale, then the fresh table's."""
-        if everything:
-            rows = conn.execute(f"SELECT {columns} FROM main.{kept} k WHERE k.data_key = ? AND k.bin = ?"
-                                f" AND {not_stale} {tail}", kind)
-        else:
-            rows = conn.execute(f"WITH {selected} SELECT {columns} FROM sel CROSS JOIN main.{kept} k"
-                                f" ON k.data_key = ? AND k.bin = ? AND k.session_id = sel.id WHERE {not_stale} {tail}",
-                                [*params, *kind])
-        yield from rows
-        yield from conn.execute(f"SELECT {columns} FROM temp.{KEPT_STATS[kept]} k {tail}")
+        return _kept_and_fresh(conn, request, kept, columns, tail)
 
     touches = [0] * 24
     minutes = {}
@@ -1807,6 +1941,122 @@ def path_statistics(conn, request):
         figures["funnel"] = [{"screen": screen, "sessions": n, "median_seconds": _summary(times)["median"]}
                              for screen, (n, times) in zip(request.funnel, funnel)]
     return figures
+
+
+def compare_figures(conn, comparison):
+    """GET /compare: the /stats figures of two sets of sessions (a
+    CompareQuery's sides a and b) and their differences
+    (COMPARE_DEFINITION): medians with a Mann-Whitney U test, shares with
+    a chi-square or Fisher's exact test, and how many tests were made."""
+    (a, samples_a), (b, samples_b) = [(stats_figures(conn, side, samples), samples)
+                                      for side, samples in ((comparison.a, {}), (comparison.b, {}))]
+
+    def medians(sample_a, sample_b):
+        u, p_value = mann_whitney_u(sample_a, sample_b)
+        median_a, median_b = _summary(sample_a)["median"], _summary(sample_b)["median"]
+        return {"a_median": median_a, "b_median": median_b,
+                "difference": None if None in (median_a, median_b) else _round(median_b - median_a),
+                "a_n": len(sample_a), "b_n": len(sample_b), "u": u, "p_value": p_value,
+                "test": "mann-whitney" if p_value is not None else None}
+
+    def shares(hits_a, total_a, hits_b, total_b):
+        p_value, test = proportion_test(hits_a, total_a, hits_b, total_b)
+        share_a, share_b = _share(hits_a, total_a), _share(hits_b, total_b)
+        return {"a": share_a, "b": share_b,
+                "difference": None if None in (share_a, share_b) else round(share_b - share_a, 4),
+                "a_count": hits_a, "a_total": total_a, "b_count": hits_b, "b_total": total_b,
+                "p_value": p_value, "test": test}
+
+    def per_screen(figure):
+        """shares() of a per-screen figure (first picks, visits) on both sides."""
+        counts_a = {value["value"]: value[figure] for value in a["values"]}
+        counts_b = {value["value"]: value[figure] for value in b["values"]}
+        total_a, total_b = sum(counts_a.values()), sum(counts_b.values())
+        screens = sorted(set(counts_a) | set(counts_b),
+                         key=lambda s: (-counts_a.get(s, 0) - counts_b.get(s, 0), str(s)))
+        return [{"screen": screen, **shares(counts_a.get(screen, 0), total_a, counts_b.get(screen, 0), total_b)}
+                for screen in screens if counts_a.get(screen) or counts_b.get(screen)]
+
+    times_a, times_b = samples_a["time_on_screen"], samples_b["time_on_screen"]
+    differences = {
+        "duration": medians(samples_a["duration"], samples_b["duration"]),
+        "touches_per_session": medians(samples_a["touches"], samples_b["touches"]),
+        "screens_per_session": medians(samples_a["screens"], samples_b["screens"]),
+        "time_on_screen": [{"screen": screen, **medians(times_a.get(screen, []), times_b.get(screen, []))}
+                           for screen in sorted(set(times_a) | set(times_b), key=lambda s: (
+                               -len(times_a.get(s, ())) - len(times_b.get(s, ())), str(s)))],
+        "meaningful_share": shares(a["meaningful_sessions"], a["sessions"], b["meaningful_sessions"], b["sessions"]),
+        "first_picks": per_screen("first"),
+        "visit_shares": per_screen("visits"),
+    }
+    p_values = [figure["p_value"] for figure in differences.values() if isinstance(figure, dict)]
+    p_values += [row["p_value"] for figure in differences.values() if isinstance(figure, list) for row in figure]
+    return {"a": a, "b": b, "differences": differences, "tests": sum(p is not None for p in p_values)}
+
+
+def mann_whitney_u(sample_a, sample_b):
+    """The two-sided Mann-Whitney U test of two samples: (U of sample_a, p
+    value), by the normal approximation with the tie and the continuity
+    corrections (scipy.stats.mannwhitneyu, method="asymptotic"); (None,
+    None) when a sample is empty."""
+    n_a, n_b = len(sample_a), len(sample_b)
+    if not n_a or not n_b:
+        return None, None
+    pooled = sorted(itertools.chain(((value, True) for value in sample_a), ((value, False) for value in sample_b)),
+                    key=lambda pair: pair[0])
+    n, rank_sum_a, ties, start = n_a + n_b, 0.0, 0, 0
+    for _, group in itertools.groupby(pooled, key=lambda pair: pair[0]):
+        members = [in_a for _, in_a in group]
+        tied = len(members)
+        rank_sum_a += (start + 1 + start + tied) / 2 * sum(members)  # each tied value: their mean rank
+        ties += tied ** 3 - tied
+        start += tied
+    u_a = rank_sum_a - n_a * (n_a + 1) / 2
+    spread = math.sqrt(n_a * n_b / 12 * ((n + 1) - ties / (n * (n - 1))))
+    if spread == 0:  # every value the same: no evidence of a difference
+        return u_a, 1.0
+    z = (max(u_a, n_a * n_b - u_a) - n_a * n_b / 2 - 0.5) / spread
+    return u_a, min(1.0, math.erfc(z / math.sqrt(2)))
+
+
+def proportion_test(hits_a, total_a, hits_b, total_b):
+    """Whether two shares differ: (p value, the test's name) of the 2x2 table
+    of hits and misses, by the chi-square test with Yates' correction
+    (scipy.stats.chi2_contingency), or Fisher's exact test where a cell's
+    expected count is under 5; (None, None) when a side or a column is empty."""
+    table = [[hits_a, total_a - hits_a], [hits_b, total_b - hits_b]]
+    rows, columns = [total_a, total_b], [hits_a + hits_b, total_a + total_b - hits_a - hits_b]
+    n = total_a + total_b
+    if 0 in rows or 0 in columns:
+        return None, None
+    expected = [[row * column / n for column in columns] for row in rows]
+    if min(min(cells) for cells in expected) < 5:
+        return fisher_exact(table), "fisher"
+    chi2 = 0.0
+    for observed_row, expected_row in zip(table, expected):
+        for observed, due in zip(observed_row, expected_row):
+            gap = abs(due - observed)
+            chi2 += max(gap - 0.5, 0) ** 2 / due  # Yates: each cell moved half a count towards its expected
+    return math.erfc(math.sqrt(chi2 / 2)), "chi-square"  # the chi-square distribution of one degree of freedom
+
+
+def fisher_exact(table):
+    """The two-sided p value of Fisher's exact test of a 2x2 table: the
+    probability of the tables with its margins no likelier than it
+    (scipy.stats.fisher_exact)."""
+    (a, b), (c, d) = table
+    row, column, n = a + b, a + c, a + b + c + d
+
+    def log_probability(x):  # of x hits in the first row: hypergeometric
+        return _log_choose(column, x) + _log_choose(n - column, row - x) - _log_choose(n, row)
+
+    observed = log_probability(a) + math.log1p(1e-7)  # scipy's tolerance for equally likely tables
+    likelihoods = (log_probability(x) for x in range(max(0, row + column - n), min(row, column) + 1))
+    return min(1.0, sum(math.exp(value) for value in likelihoods if value <= observed))
+
+
+def _log_choose(n, k):
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 
 
 def keep_stats(conn, first_session=0, last_session=None, data_key=DEFAULT_DATA_KEY, bin_size=DEFAULT_HEATMAP_BIN):
@@ -1853,9 +2103,10 @@ def _in_local_time(minutes, tz_name):
         yield utc + offsets[hour_key], n
 
 
-def _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_size):
+def _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_size, samples=None):
     """The figures of the selected sessions: their own, and the per-session
-    ones (kept where valid, else fresh) added up."""
+    ones (kept where valid, else fresh) added up; their durations into
+    `samples` (compute_stats)."""
     # A few selected sessions (a day of many years) lead, their kept rows
     # found by index; many are added up in one pass over the kept table.
     # Spelled out (CROSS JOIN): without ANALYZE the planner takes the pass.
@@ -1901,6 +2152,8 @@ def _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_siz
         " FROM sessions s JOIN sel ON sel.id = s.id", params).fetchall()
     event_counts = [n for n, _ in sessions]
     durations = [d for _, d in sessions if d is not None]
+    if samples is not None:
+        samples["duration"] = durations
 
     actions = sorted(({"action": action, "events": n} for (action,), (n, _) in
                       add_up("stats_actions", ["action"], {"events": "sum"}).items()),
@@ -2753,7 +3006,7 @@ def clean_session_stop(fields, received):
 #: Filters every read takes; `key` is the API key, not a filter.
 READ_FILTERS = ("from", "to", "date", "ip", "consumer", "consumer_name", "action", "session", "key")
 PAGE_PARAMETERS = ("after_id", "sort", "sort.desc", "limit", "offset", "format", "fields", "data_keys")
-STATS_PARAMETERS = ("data_key", "bin", "tz", "type_separator", "paths", "funnel")
+STATS_PARAMETERS = ("data_key", "bin", "tz", "type_separator", "paths", "funnel", "meaningful")
 #: The longest common path (paths=) and funnel (funnel=) /stats takes.
 MAX_PATH_STEPS = 10
 EXPORT_FORMATS = ("json", "csv", "ndjson")
@@ -2955,6 +3208,8 @@ class StatsQuery(NamedTuple):
     path_length: int = 0
     #: The screens of a funnel, in order (none: no funnel).
     funnel: tuple = ()
+    #: A session with at least this many touches is meaningful (ENGAGEMENT_DEFINITION).
+    meaningful: int = DEFAULT_MEANINGFUL_TOUCHES
 
 
 def clean_stats_query(params, settings_tz):
@@ -3010,11 +3265,85 @@ def clean_stats_query(params, settings_tz):
                              ' main,year:2017,ebook:nash')
         return steps
 
+    def meaningful(p, name):
+        if not p.get(name):
+            return DEFAULT_MEANINGFUL_TOUCHES
+        number = _whole(p[name], MAX_MEANINGFUL_TOUCHES)
+        if not number:
+            raise ValueError(f'"meaningful" is how many touches make a session meaningful: 1 to {MAX_MEANINGFUL_TOUCHES}')
+        return number
+
     extra = _check(stats_params, {"tz": tz, "data_key": data_key, "bin": bin_size, "type_separator": type_separator,
-                                  "paths": path_length, "funnel": funnel})
+                                  "paths": path_length, "funnel": funnel, "meaningful": meaningful})
     query = clean_read_query(filters, "sessions", extra["tz"], export=True)
     return StatsQuery(query, extra["tz"], extra["data_key"], extra["bin"], extra["type_separator"], extra["paths"],
-                      extra["funnel"])
+                      extra["funnel"], extra["meaningful"])
+
+
+class CompareQuery(NamedTuple):
+    """A clean /compare request: the StatsQuery of each side."""
+
+    a: StatsQuery
+    b: StatsQuery
+
+
+#: The filters one side of /compare takes, each prefixed with its side (a.from, b.consumer).
+SIDE_FILTERS = tuple(name for name in READ_FILTERS if name != "key")
+
+
+def clean_compare_query(params, settings_tz):
+    """Two sets of /stats filters, prefixed a. and b., and the other /stats
+    parameters shared by both: a CompareQuery. A side without a filter, an
+    unknown prefix or parameter: a 400 naming it."""
+    sides, shared, unknown = {"a": {}, "b": {}}, {}, []
+    for name, value in params.items():
+        prefix, _, filter_name = name.partition(".")
+        if prefix in sides and filter_name in SIDE_FILTERS:
+            sides[prefix][filter_name] = value
+        elif name in STATS_PARAMETERS or name == "key":
+            shared[name] = value
+        else:
+            unknown.append(name)
+    if unknown:
+        allowed = [f"{side}.{name}" for side in sides for name in SIDE_FILTERS] + list(STATS_PARAMETERS)
+        raise MicroticksError(400, f"Unknown parameter {sorted(unknown)[0]!r}; allowed: {', '.join(allowed)}",
+                              {name: ["unknown parameter"] for name in sorted(unknown)})
+    queries = {}
+    for side, filters in sides.items():
+        if not any(filters.values()):
+            message = (f'Side {side} has no filter: give at least one of {side}.from, {side}.to, {side}.consumer,'
+                       f' ... (a side without one is every session)')
+            raise MicroticksError(400, message, {side: [message]})
+        try:
+            queries[side] = clean_stats_query({**filters, **shared}, settings_tz)
+        except MicroticksError as refusal:  # name the side's parameter: "from" is "a.from"
+            errors = {(f"{side}.{name}" if name in filters else name): [
+                message.replace(f'"{name}"', f'"{side}.{name}"') if name in filters else message
+                for message in messages] for name, messages in refusal.errors.items()}
+            raise MicroticksError(400, next(iter(errors.values()))[0] if errors else refusal.message, errors) from None
+    return CompareQuery(queries["a"], queries["b"])
+
+
+def clean_annotation(fields):
+    """An annotation to store: its time (ISO 8601 with a zone), text, and
+    optionally the consumer (a name) and site it belongs to."""
+    return _check(fields, {"time": _timestamp,
+                           "text": lambda f, n: _text(f, n, MAX_ANNOTATION_CHARS),
+                           "consumer": lambda f, n: _text(f, n, MAX_CONSUMER_NAME_CHARS, required=False),
+                           "site": lambda f, n: _text(f, n, MAX_CONSUMER_NAME_CHARS, required=False)})
+
+
+#: The filters GET /annotations takes.
+ANNOTATION_FILTERS = ("from", "to", "date", "consumer", "consumer_name", "key")
+
+
+def clean_annotation_query(params, tz_name):
+    """The filters of GET /annotations, as a ReadQuery (read_annotations)."""
+    unknown = sorted(set(params) - set(ANNOTATION_FILTERS))
+    if unknown:
+        raise MicroticksError(400, f"Unknown parameter {unknown[0]!r}; allowed: {', '.join(ANNOTATION_FILTERS)}",
+                              {name: ["unknown parameter"] for name in unknown})
+    return clean_read_query(params, "sessions", tz_name, export=True)
 
 
 def clean_exported_event(record, number):
@@ -3159,7 +3488,7 @@ def cors_headers(settings, origin, preflight=False):
     if allowed != "*":
         headers["Vary"] = "Origin"
     if preflight:
-        headers.update({"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        headers.update({"Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
                         "Access-Control-Allow-Headers": "Content-Type, Authorization, X-Microticks-Key",
                         "Access-Control-Max-Age": "86400"})
     return headers
@@ -3626,6 +3955,31 @@ def make_app(settings):
         request_stats = clean_stats_query(query_params(request), settings.tz)
         close_idle()
         return dict(stats_figures(db.connection(), request_stats), status=200)
+
+    @app.get("/compare")
+    def get_compare():
+        comparison = clean_compare_query(query_params(request), settings.tz)
+        close_idle()
+        return dict(compare_figures(db.connection(), comparison), status=200)
+
+    @app.post("/annotations")
+    def post_annotation():
+        fields, _ = request_fields(request)
+        clean = clean_annotation(fields)
+        annotation = add_annotation(db.connection(), clean["time"], clean["text"], clean["consumer"], clean["site"])
+        response.status = 201
+        return {"annotation": annotation, "status": 201}
+
+    @app.get("/annotations")
+    def get_annotations():
+        query = clean_annotation_query(query_params(request), settings.tz)
+        return {"annotations": read_annotations(db.connection(), query), "status": 200}
+
+    @app.delete("/annotations/<annotation_id:int>")
+    def remove_annotation(annotation_id):
+        if not delete_annotation(db.connection(), annotation_id):
+            raise MicroticksError(404, f"No annotation {annotation_id}")
+        return {"deleted": annotation_id, "status": 200}
 
     app.config["microticks.settings"] = settings
     app.config["microticks.db"] = db

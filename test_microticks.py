@@ -2811,7 +2811,7 @@ def test_stats_with_nothing_kept_keep_figures_part_by_part_and_a_stop_midway_kee
     answer = sample_client.get("/stats").json  # from the figures the import kept
     monkeypatch.setattr(microticks, "STATS_CHUNK", 10)
     conn = microticks.connect(db_path)
-    query = microticks.clean_read_query({}, "sessions")
+    request = microticks.clean_stats_query({}, "UTC")
 
     def first_stats_call(stop_after=None):
         """compute_stats with nothing kept; SQLite stops it after `stop_after`
@@ -2825,7 +2825,7 @@ def test_stats_with_nothing_kept_keep_figures_part_by_part_and_a_stop_midway_kee
 
         conn.set_progress_handler(progress, 1000)
         try:
-            assert {**microticks.compute_stats(conn, query, "UTC", "subject", 50), "status": 200} == answer
+            assert {**microticks.compute_stats(conn, request), "annotations": [], "status": 200} == answer
         finally:
             conn.set_progress_handler(None, 0)
         return steps[0]
