@@ -4713,6 +4713,30 @@ PATH_FIGURES_DEFINITION = (
     " with how many sessions had each. funnel (funnel=a,b,c): per step, how many sessions visited its"
     " screen after the steps before it, in order (other screens between allowed), and the median seconds"
     " from arriving on the first step's screen to arriving on this step's; an unknown screen reaches 0.")
+#: What /stats' engagement figures mean (the API description and the docs page).
+ENGAGEMENT_DEFINITION = (
+    "Per session: its touches (click and swipe events); its screens (the distinct values of the data key"
+    " among its events); its time to first touch (seconds from the session's start to its first touch;"
+    " sessions without a touch are not counted, and a tracker that starts the session with the first touch"
+    " makes it 0). meaningful_sessions: sessions with at least meaningful_touches touches (meaningful=,"
+    f" default {DEFAULT_MEANINGFUL_TOUCHES}), meaningful_share their share of all sessions; bounces: sessions"
+    " with one touch or none, bounce_share theirs. touches_per_session, screens_per_session and"
+    " time_to_first_touch: min, median, mean and max over the sessions. The median and mean session"
+    " duration are duration's (from the start to the stop, else to the last event).")
+#: What /compare answers (the API description and the docs page).
+COMPARE_DEFINITION = (
+    "a and b: the /stats answer for each side's filters (a.from, b.consumer_name, ...; the other /stats"
+    " parameters are shared). differences: for duration (seconds), touches_per_session, screens_per_session"
+    " and time_on_screen (per screen, over its measured visits): a_median, b_median, difference (b - a),"
+    " a_n and b_n (sessions or visits), u (the Mann-Whitney U of side a) and p_value, two-sided, by the"
+    " normal approximation with tie and continuity correction. For meaningful_share (of the sessions),"
+    " first_picks (per screen, its share of the sessions' first visits) and visit_shares (per screen, its"
+    " share of all visits): a and b (the shares), difference (b - a), the counts and totals, and the p_value"
+    " of their 2x2 table by the chi-square test with Yates' correction, or by Fisher's exact test (test:"
+    " fisher) where an expected count is under 5. p_value is null where a side has nothing to test (an"
+    " empty side). tests: how many p values were computed: where nothing differs, about one in twenty"
+    " still comes out under 0.05 by chance. A session's visits are not independent of each other, so the"
+    " visit-level tests (time_on_screen, visit_shares) overstate their certainty.")
 #: What /stats' per-screen figures mean (the API description and the docs page).
 VALUES_DEFINITION = (
     "Per value of the data key (the screen), in the selected sessions: events carrying it, clicks,"
@@ -4807,6 +4831,25 @@ def openapi_spec():
         param("action", "Events with this action (sessions: having one)",
               {"type": "string", "maxLength": MAX_ACTION_CHARS}),
         param("session", "One session's id", whole),
+    ]
+    stats_params = [
+        param("data_key", f"The data key naming screens (default {DEFAULT_DATA_KEY})",
+              {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,64}$"}),
+        param("bin", f"Heatmap bin size in pixels (default {DEFAULT_HEATMAP_BIN})",
+              {"type": "integer", "minimum": 1, "maximum": 10000}),
+        param("tz", "Time zone, e.g. Europe/Berlin (default MICROTICKS_TZ)",
+              {"type": "string", "enum": ["UTC", "Europe/Berlin", "America/New_York", "Asia/Tokyo", "Asia/Kolkata"],
+               "description": "Any IANA zone name; these are examples"}),
+        param("type_separator", "Screen types are the part of a screen's name before this (default :)",
+              {"type": "string", "minLength": 1, "maxLength": 3}),
+        param("paths", "Add the path figures (touches_per_hour, transitions, common_paths): common paths of this"
+                       " many first screens", {"type": "integer", "minimum": 1, "maximum": MAX_PATH_STEPS}),
+        param("funnel", f"Add a funnel of these 2 to {MAX_PATH_STEPS} screens, in order, comma-separated",
+              {"type": "string", "pattern": "^[^,]+(,[^,]+){1,9}$", "maxLength": 2000,
+               "examples": ["main,year:2017"]}),
+        param("meaningful", f"Sessions with this many touches or more are meaningful (default"
+                            f" {DEFAULT_MEANINGFUL_TOUCHES})",
+              {"type": "integer", "minimum": 1, "maximum": MAX_MEANINGFUL_TOUCHES}),
     ]
     paging = [
         param("after_id", "Rows with a larger id (with sort.desc=id: smaller): cursor paging", whole),
@@ -4905,7 +4948,25 @@ def openapi_spec():
                                      " before type_separator): visits, events and screens of that type"},
                     "touches_per_hour": {"type": "array", "description": PATH_FIGURES_DEFINITION},
                     "transitions": {"type": "array"}, "common_paths": {"type": "array"}, "funnel": {"type": "array"},
+                    "meaningful_sessions": {"type": "integer", "description": ENGAGEMENT_DEFINITION},
+                    "meaningful_touches": {"type": "integer"}, "meaningful_share": {"type": ["number", "null"]},
+                    "bounces": {"type": "integer"}, "bounce_share": {"type": ["number", "null"]},
+                    "touches_per_session": {"type": "object"}, "screens_per_session": {"type": "object"},
+                    "time_to_first_touch": {"type": "object"},
+                    "annotations": {"type": "array", "items": ref("Annotation"),
+                                    "description": "The annotations in the range, for every consumer or the"
+                                                   " one filtered for"},
                     "status": {"type": "integer"}}},
+                "NewAnnotation": {"type": "object", "required": ["time", "text"], "properties": {
+                    "time": {**timestamp, "description": "When it happened: ISO 8601 with a zone"},
+                    "text": text(MAX_ANNOTATION_CHARS),
+                    "consumer": optional(text(MAX_CONSUMER_NAME_CHARS), "The consumer it concerns (a name;"
+                                                                        " default: every consumer)"),
+                    "site": optional(text(MAX_CONSUMER_NAME_CHARS), "The site it concerns")}},
+                "NewAnnotationForm": {"type": "object", "required": ["time", "text"], "properties": {
+                    "time": {"type": "string"}, "text": {"type": "string"}, "consumer": {"type": "string"},
+                    "site": {"type": "string"}}},
+                "Annotation": {"type": "object", "properties": {name: {} for name in ANNOTATION_FIELDS}},
             },
         },
         "security": [{}, {"queryKey": []}, {"headerKey": []}, {"bearer": []}],
@@ -4971,24 +5032,38 @@ def openapi_spec():
             },
             "/stats": {
                 "get": {"summary": "Statistics of the selected sessions", "operationId": "stats",
-                        "parameters": filters + [
-                            param("data_key", f"The data key naming screens (default {DEFAULT_DATA_KEY})",
-                                  {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,64}$"}),
-                            param("bin", f"Heatmap bin size in pixels (default {DEFAULT_HEATMAP_BIN})",
-                                  {"type": "integer", "minimum": 1, "maximum": 10000}),
-                            param("tz", "Time zone, e.g. Europe/Berlin (default MICROTICKS_TZ)",
-                                  {"type": "string", "enum": ["UTC", "Europe/Berlin", "America/New_York",
-                                                              "Asia/Tokyo", "Asia/Kolkata"],
-                                   "description": "Any IANA zone name; these are examples"}),
-                            param("type_separator", "Screen types are the part of a screen's name before this"
-                                                    " (default :)", {"type": "string", "minLength": 1, "maxLength": 3}),
-                            param("paths", "Add the path figures (touches_per_hour, transitions, common_paths):"
-                                           " common paths of this many first screens",
-                                  {"type": "integer", "minimum": 1, "maximum": MAX_PATH_STEPS}),
-                            param("funnel", f"Add a funnel of these 2 to {MAX_PATH_STEPS} screens, in order,"
-                                            " comma-separated", {"type": "string", "pattern": "^[^,]+(,[^,]+){1,9}$",
-                                                                 "maxLength": 2000, "examples": ["main,year:2017"]})],
+                        "parameters": filters + stats_params,
                         "responses": {"200": answer("The statistics", ref("Stats")), **errors(400, 401, 429, 503)}},
+            },
+            "/compare": {
+                "get": {"summary": "Compare two sets of sessions: both sides' statistics, their differences and"
+                                   " p values", "operationId": "compare", "description": COMPARE_DEFINITION,
+                        "parameters": [{**p, "name": f"{side}.{p['name']}", "description": f"Side {side}: "
+                                        + p["description"]} for side in "ab" for p in filters] + stats_params,
+                        "responses": {"200": answer("Both sides' statistics and their differences", {
+                            "type": "object", "required": ["a", "b", "differences", "tests"], "properties": {
+                                "a": ref("Stats"), "b": ref("Stats"), "differences": {"type": "object"},
+                                "tests": {"type": "integer"}, "status": {"type": "integer"}}}),
+                            **errors(400, 401, 429, 503)}},
+            },
+            "/annotations": {
+                "post": {"summary": "Note what happened at a time (new content, a kiosk moved)",
+                         "operationId": "addAnnotation", "requestBody": body(ref("NewAnnotation"), "NewAnnotation"),
+                         "responses": {"201": answer("The annotation stored", {"type": "object", "properties": {
+                             "annotation": ref("Annotation"), "status": {"type": "integer"}}}),
+                             **errors(400, 401, 411, 413, 415, 429, 503)}},
+                "get": {"summary": "List annotations, in time order", "operationId": "listAnnotations",
+                        "parameters": [p for p in filters if p["name"] in ANNOTATION_FILTERS],
+                        "responses": {"200": answer("The annotations", {"type": "object", "properties": {
+                            "annotations": {"type": "array", "items": ref("Annotation")},
+                            "status": {"type": "integer"}}}), **errors(400, 401, 429, 503)}},
+            },
+            "/annotations/{annotation_id}": {
+                "delete": {"summary": "Delete an annotation", "operationId": "deleteAnnotation",
+                           "parameters": [{"name": "annotation_id", "in": "path", "required": True, "schema": whole}],
+                           "responses": {"200": answer("Deleted", {"type": "object", "properties": {
+                               "deleted": {"type": "integer"}, "status": {"type": "integer"}}}),
+                               **errors(401, 404, 429, 503)}},
             },
             "/consumers": {
                 "get": {"summary": "List consumers", "operationId": "listConsumers",
@@ -5954,7 +6029,8 @@ def cmd_stats(args, settings):
     params = read_params(args)
     params.update({k: str(v) for k, v in (("data_key", args.data_key), ("bin", args.bin), ("tz", args.tz),
                                           ("paths", args.paths), ("funnel", args.funnel),
-                                          ("type_separator", args.type_separator)) if v is not None})
+                                          ("type_separator", args.type_separator),
+                                          ("meaningful", args.meaningful)) if v is not None})
     stats = stats_figures(open_database(settings), clean_stats_query(params, settings.tz))
     if args.json:
         json.dump(stats, sys.stdout, indent=2, ensure_ascii=False)
@@ -5963,20 +6039,28 @@ def cmd_stats(args, settings):
     print_stats(stats)
 
 
-def print_stats(stats):
-    def table(title, rows, header):
-        print(f"\n{title}")
-        widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)] if rows else []
-        for row in [header, *rows]:
-            print("  " + "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
-                                   for i, (x, w) in enumerate(zip(row, widths))))
+def _print_table(title, rows, header):
+    """A titled table: the first column left-aligned, the others right."""
+    print(f"\n{title}")
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)] if rows else []
+    for row in [header, *rows]:
+        print("  " + "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
+                               for i, (x, w) in enumerate(zip(row, widths))))
 
+
+def print_stats(stats):
+    table = _print_table
     duration, per_session = stats["duration"], stats["events_per_session"]
     print(f"{stats['sessions']} sessions, {stats['events']} events (times in {stats['timezone']})")
     print(f"Session duration: median {duration['median']} s, mean {duration['mean']} s, "
           f"max {duration['max']} s")
     print(f"Events per session: median {per_session['median']}, mean {per_session['mean']}, "
           f"max {per_session['max']}")
+    touches, screens, first = stats["touches_per_session"], stats["screens_per_session"], stats["time_to_first_touch"]
+    print(f"Meaningful sessions (>= {stats['meaningful_touches']} touches): {stats['meaningful_sessions']}"
+          f" ({stats['meaningful_share']}); bounces (one touch or none): {stats['bounces']} ({stats['bounce_share']})")
+    print(f"Touches per session: median {touches['median']}, mean {touches['mean']}; distinct screens: median"
+          f" {screens['median']}, mean {screens['mean']}; first touch after the start: median {first['median']} s")
     table("Sessions per day", [(d["day"], d["sessions"]) for d in stats["sessions_per_day"]], ("day", "sessions"))
     table("Sessions per weekday", [(d["weekday"], d["sessions"]) for d in stats["sessions_per_weekday"]],
           ("weekday", "sessions"))
@@ -6005,10 +6089,91 @@ def print_stats(stats):
     if "funnel" in stats:
         table("Funnel", [(f["screen"], f["sessions"], "-" if f["median_seconds"] is None else f["median_seconds"])
                          for f in stats["funnel"]], ("step", "sessions", "median s from the first step"))
+    if stats["annotations"]:
+        table("Annotations", [(a["time"], a["consumer"] or "(all)", a["text"]) for a in stats["annotations"]],
+              ("time", "consumer", "text"))
     screens = stats["heatmaps"]["screens"]
     table("Touch points per screen (GET /stats has the heatmap bins)",
           sorted(((screen or "(none)", h["points"]) for screen, h in screens.items()), key=lambda r: -r[1]),
           ("screen", "points"))
+
+
+def cmd_compare(args, settings):
+    params = {name: str(value) for name, value in vars(args).items()
+              if name[:2] in ("a.", "b.") and value is not None}
+    params.update({k: str(v) for k, v in (("data_key", args.data_key), ("tz", args.tz),
+                                          ("meaningful", args.meaningful)) if v is not None})
+    comparison = compare_figures(open_database(settings), clean_compare_query(params, settings.tz))
+    if args.json:
+        json.dump(comparison, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+        return
+    print_comparison(comparison)
+
+
+def print_comparison(comparison):
+    a, b, differences = comparison["a"], comparison["b"], comparison["differences"]
+
+    def number(value):
+        return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    def medians(label, figure):
+        return (label, number(figure["a_median"]), number(figure["b_median"]), number(figure["difference"]),
+                number(figure["p_value"]), f"{figure['a_n']}/{figure['b_n']}")
+
+    def shares(label, figure):
+        return (label, number(figure["a"]), number(figure["b"]), number(figure["difference"]),
+                number(figure["p_value"]), f"{figure['a_count']}/{figure['b_count']}")
+
+    print(f"A: {a['sessions']} sessions, {a['events']} events; B: {b['sessions']} sessions, {b['events']} events"
+          f" (times in {a['timezone']})")
+    _print_table("Sessions (medians; p: Mann-Whitney U)", [
+        medians("duration (s)", differences["duration"]),
+        medians("touches per session", differences["touches_per_session"]),
+        medians("screens per session", differences["screens_per_session"]),
+        shares(f"meaningful share (>= {a['meaningful_touches']} touches)", differences["meaningful_share"])],
+        ("figure", "A", "B", "B - A", "p", "n A/B"))
+    _print_table("Time on screen (median s; p: Mann-Whitney U)",
+                 [medians(str(row["screen"]), row) for row in differences["time_on_screen"]],
+                 ("screen", "A", "B", "B - A", "p", "visits A/B"))
+    _print_table("First picks (share of sessions' first screens; p: chi-square or Fisher)",
+                 [shares(str(row["screen"]), row) for row in differences["first_picks"]],
+                 ("screen", "A", "B", "B - A", "p", "sessions A/B"))
+    _print_table("Visit shares (share of all visits; p: chi-square or Fisher)",
+                 [shares(str(row["screen"]), row) for row in differences["visit_shares"]],
+                 ("screen", "A", "B", "B - A", "p", "visits A/B"))
+    tests = comparison["tests"]
+    print(f"\n{tests} tests made: even with no real difference, about {tests * 0.05:.1f} of them would come out"
+          " below p = 0.05 by chance (see the README, Comparing two periods)")
+
+
+def cmd_annotate(args, settings):
+    try:
+        clean = clean_annotation({"time": args.at, "text": args.text, "consumer": args.consumer, "site": args.site})
+    except MicroticksError as refusal:  # named as on the command line
+        raise MicroticksError(400, refusal.message.replace('"time"', "--at")) from None
+    annotation = add_annotation(open_database(settings), clean["time"], clean["text"], clean["consumer"],
+                                clean["site"])
+    print(f"annotation {annotation['id']} at {annotation['time_utc']}: {annotation['text']}")
+
+
+def cmd_annotations(args, settings):
+    conn = open_database(settings)
+    if args.delete is not None:
+        if not delete_annotation(conn, args.delete):
+            raise MicroticksError(404, f"No annotation {args.delete}")
+        print(f"annotation {args.delete} deleted")
+        return
+    params = {name: value for name, value in (("from", args.from_), ("to", args.to),
+                                              ("consumer_name", args.consumer_name)) if value is not None}
+    annotations = read_annotations(conn, clean_annotation_query(params, settings.tz))
+    if args.json:
+        json.dump(annotations, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+        return
+    _print_table(f"{len(annotations)} annotations", [
+        (a["id"], a["time"], a["consumer"] or "(all)", a["site"] or "", a["text"]) for a in annotations],
+        ("id", "time", "consumer", "site", "text"))
 
 
 def cmd_rotatekey(args, settings):
@@ -6332,7 +6497,38 @@ def build_parser():
                      help=f"add touches per hour, transitions, and the common paths of the first N screens"
                           f" (1 to {MAX_PATH_STEPS})")
     sub.add_argument("--funnel", metavar="SCREENS", help="add the funnel of these screens, in order, comma-separated")
+    sub.add_argument("--meaningful", type=int, metavar="N", help="sessions with N touches or more are"
+                     f" meaningful (default: {DEFAULT_MEANINGFUL_TOUCHES})")
     sub.add_argument("--json", action="store_true", help="print the JSON that GET /stats answers")
+    sub = command("compare", cmd_compare, "compare two sets of sessions (two periods, consumers, ...): both"
+                  " sides' medians and shares, their differences and p values, as GET /compare answers")
+    for side in "ab":
+        group = sub.add_argument_group(f"side {side.upper()} (at least one filter; as /compare's {side}.*)")
+        group.add_argument(f"--{side}-from", dest=f"{side}.from", metavar="TIME", help="from this day or time on")
+        group.add_argument(f"--{side}-to", dest=f"{side}.to", metavar="TIME",
+                           help="up to this day (included) or time (excluded)")
+        group.add_argument(f"--{side}-consumer", dest=f"{side}.consumer", type=int, metavar="ID", help="consumer id")
+        group.add_argument(f"--{side}-consumer-name", dest=f"{side}.consumer_name", metavar="NAME",
+                           help="consumer name")
+        group.add_argument(f"--{side}-ip", dest=f"{side}.ip", metavar="ADDRESS", help="client address")
+    sub.add_argument("--data-key", help=f"the data key naming screens (default: {DEFAULT_DATA_KEY})")
+    sub.add_argument("--tz", help="time zone of days and times (default: $MICROTICKS_TZ, else the server's)")
+    sub.add_argument("--meaningful", type=int, metavar="N", help="sessions with N touches or more are"
+                     f" meaningful (default: {DEFAULT_MEANINGFUL_TOUCHES})")
+    sub.add_argument("--json", action="store_true", help="print the JSON that GET /compare answers")
+    sub = command("annotate", cmd_annotate, "note what happened at a time (new content, a kiosk moved):"
+                  " a marker on the dashboard's time charts")
+    sub.add_argument("text", help=f"what happened (up to {MAX_ANNOTATION_CHARS} characters)")
+    sub.add_argument("--at", required=True, metavar="TIME", help="when: an ISO 8601 time with a zone,"
+                     " e.g. 2017-05-24T10:00+02:00")
+    sub.add_argument("--consumer", metavar="NAME", help="the consumer it concerns (default: every one)")
+    sub.add_argument("--site", help="the site it concerns")
+    sub = command("annotations", cmd_annotations, "list the annotations (or delete one)")
+    sub.add_argument("--from", dest="from_", metavar="TIME", help="from this day or time on")
+    sub.add_argument("--to", metavar="TIME", help="up to this day (included) or time (excluded)")
+    sub.add_argument("--consumer-name", metavar="NAME", help="that consumer's, and those for every consumer")
+    sub.add_argument("--delete", type=whole_argument(1, 10**18 - 1), metavar="ID", help="delete this annotation")
+    sub.add_argument("--json", action="store_true", help="print the JSON of GET /annotations")
     sub = command("closestale", cmd_closestale, "close sessions without an event for a while (the "
                                                 "service does this too, on requests; this is for cron)")
     sub.add_argument("--timeout", type=whole_argument(1, MAX_AGE // timedelta(seconds=1), " of seconds"),
