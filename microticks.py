@@ -1265,7 +1265,7 @@ def add_annotation(conn, time, text, consumer_name=None, site=None):
             row = conn.execute("SELECT id FROM consumers WHERE name = ?", (consumer_name,)).fetchone()
             if row is None:
                 message = f'"consumer": no consumer is named {consumer_name!r}'
-                raise MicroticksError(400, message, {"consumer": [message]})
+                raise MicroticksError(404, message, {"consumer": [message]})
             consumer_id = row[0]
         annotation_id = conn.execute(
             "INSERT INTO annotations (time, time_utc, text, consumer_id, site, created_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -4778,7 +4778,7 @@ def openapi_spec():
         reasons = {400: "A field or parameter is missing or malformed; `errors` names each.",
                    401: "MICROTICKS_KEY is set and the request does not carry it.",
                    403: "Unknown or revoked consumer key.",
-                   404: "Unknown session token.",
+                   404: "Unknown session token, session, annotation, or consumer named.",
                    409: "The session was stopped by its client.",
                    411: "A chunked body: send a Content-Length.",
                    413: f"A body over {MAX_BODY_BYTES} bytes or a batch over {MAX_BATCH_EVENTS} events.",
@@ -4963,9 +4963,6 @@ def openapi_spec():
                     "consumer": optional(text(MAX_CONSUMER_NAME_CHARS), "The consumer it concerns (a name;"
                                                                         " default: every consumer)"),
                     "site": optional(text(MAX_CONSUMER_NAME_CHARS), "The site it concerns")}},
-                "NewAnnotationForm": {"type": "object", "required": ["time", "text"], "properties": {
-                    "time": {"type": "string"}, "text": {"type": "string"}, "consumer": {"type": "string"},
-                    "site": {"type": "string"}}},
                 "Annotation": {"type": "object", "properties": {name: {} for name in ANNOTATION_FIELDS}},
             },
         },
@@ -5051,7 +5048,7 @@ def openapi_spec():
                          "operationId": "addAnnotation", "requestBody": body(ref("NewAnnotation"), "NewAnnotation"),
                          "responses": {"201": answer("The annotation stored", {"type": "object", "properties": {
                              "annotation": ref("Annotation"), "status": {"type": "integer"}}}),
-                             **errors(400, 401, 411, 413, 415, 429, 503)}},
+                             **errors(400, 401, 404, 411, 413, 415, 429, 503)}},
                 "get": {"summary": "List annotations, in time order", "operationId": "listAnnotations",
                         "parameters": [p for p in filters if p["name"] in ANNOTATION_FILTERS],
                         "responses": {"200": answer("The annotations", {"type": "object", "properties": {
@@ -5114,7 +5111,7 @@ def openapi_spec():
     }
     # Forms cannot say null: their schemas are the JSON ones without it.
     schemas = spec["components"]["schemas"]
-    for name in ("SessionStart", "Event", "Stop", "Heartbeat"):
+    for name in ("SessionStart", "Event", "Stop", "Heartbeat", "NewAnnotation"):
         properties = {}
         for field_name, field_schema in schemas[name]["properties"].items():
             if "anyOf" in field_schema:
