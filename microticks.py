@@ -5288,6 +5288,12 @@ DASHBOARD_HTML = r"""<!doctype html>
                   max-height: 140px; overflow: auto; word-break: break-all; }
   #error { display: none; margin: 0 0 12px; padding: 10px 14px; border-radius: 8px; background: #fee2e2; color: #991b1b; }
   .stale { opacity: .35; }
+  svg .marker { stroke: var(--warm); stroke-dasharray: 3 3; }
+  svg .marker-label { font-size: 11px; fill: var(--warm); }
+  #compare-controls { display: contents; }
+  #compare-controls[hidden] { display: none; }
+  .pair { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 420px), 1fr)); gap: 16px; }
+  td.small-p { color: var(--warm); font-weight: 650; }
   #keyform { display: none; position: fixed; inset: 0; background: rgba(15,23,42,.55); z-index: 5; align-items: center; justify-content: center; }
   #keyform form { background: #fff; padding: 24px; border-radius: 12px; width: min(420px, 92vw); display: grid; gap: 12px; }
   @media (max-width: 600px) { header, main { padding-left: 12px; padding-right: 12px; } .card .value { font-size: 22px; }
@@ -5301,6 +5307,12 @@ DASHBOARD_HTML = r"""<!doctype html>
   <label>To <input type="date" id="to"></label>
   <label>Consumer <select id="consumer"><option value="">All consumers</option></select></label>
   <label>Screens are named by <input id="data_key" value="subject" size="10"></label>
+  <label><span><input type="checkbox" id="compare"> Compare with</span></label>
+  <span id="compare-controls" hidden>
+    <label>B from <input type="date" id="from-b"></label>
+    <label>B to <input type="date" id="to-b"></label>
+    <label>B consumer <select id="consumer-b"><option value="">All consumers</option></select></label>
+  </span>
   <button id="apply">Show</button>
   <span class="note" id="updated"></span>
 </header>
@@ -5313,11 +5325,19 @@ DASHBOARD_HTML = r"""<!doctype html>
     <div class="card"><span class="value" data-figure="median-events">–</span><span class="label">median events per session</span></div>
     <div class="card"><span class="value" data-figure="busiest-day-sessions">–</span><span class="label">sessions on the busiest day, <span data-figure="busiest-day">–</span></span></div>
     <div class="card"><span class="value" data-figure="top-screen" style="font-size:18px;word-break:break-all">–</span><span class="label">most used screen</span></div>
+    <div class="card"><span class="value" data-figure="meaningful-share">–</span><span class="label">meaningful sessions (<span data-figure="meaningful-touches">2</span>+ touches)</span></div>
+    <div class="card"><span class="value" data-figure="bounce-share">–</span><span class="label">bounces: <span data-figure="bounces">–</span> sessions of one touch or none</span></div>
+    <div class="card"><span class="value" data-figure="median-touches">–</span><span class="label">median touches per session</span></div>
+    <div class="card"><span class="value" data-figure="median-screens">–</span><span class="label">median screens per session</span></div>
   </div>
   <div class="grid">
     <section class="wide" id="empty-range" hidden><h2>No sessions in this range</h2>
       <p class="note" id="data-range"></p><button id="show-all" hidden>Show the range with data</button></section>
-    <section class="wide"><h2>Sessions per day</h2><div id="per-day"></div></section>
+    <section class="wide" id="comparison" hidden><h2>Comparison: A (<span id="label-a"></span>) and B (<span id="label-b"></span>)</h2>
+      <p class="note">Medians are compared by the Mann-Whitney U test, shares by the chi-square test (Fisher's exact test for small counts). A p value is the chance of a difference at least this large if A and B did not differ at all; under 0.05 is marked. <span id="compare-tests"></span></p>
+      <div class="scroll"><table id="compare-table"><thead><tr><th>Figure</th><th>A</th><th>B</th><th>B − A</th><th>p</th><th>n (A / B)</th></tr></thead><tbody></tbody></table></div>
+      <div class="pair"><div><h2>A: sessions per day</h2><div id="per-day-a"></div></div><div><h2>B: sessions per day</h2><div id="per-day-b"></div></div></div></section>
+    <section class="wide"><h2>Sessions per day</h2><div id="per-day"></div><ul class="note" id="annotations"></ul></section>
     <section><h2>Sessions by hour of day (<span id="tz"></span>)</h2><div id="per-hour"></div></section>
     <section><h2>Touches by hour of day (clicks and swipes)</h2><div id="touches-per-hour"></div></section>
     <section><h2>Sessions by weekday</h2><div id="per-weekday"></div></section>
@@ -5426,8 +5446,29 @@ function columnChart(target, items, options) {
     if (item.value) chart.appendChild(el("svg:text", {class: "value", x: x + bar / 2, y: height - bottom - h - 4}, item.value));
     if (n % options.labelEvery === 0) chart.appendChild(el("svg:text", {class: "axis", x: x + bar / 2, y: height - bottom + 14}, item.label));
     if (item.sub && n % options.labelEvery === 0) chart.appendChild(el("svg:text", {class: "axis", x: x + bar / 2, y: height - bottom + 27}, item.sub));
+    // Annotations: a dashed line at their slot, the first one's text beside it.
+    const notes = (options.markers || []).filter((marker) => marker.key === item.key);
+    if (notes.length) {
+      const line = el("svg:line", {class: "marker", x1: n * slot + 1, x2: n * slot + 1, y1: 2, y2: height - bottom});
+      line.appendChild(el("svg:title", {}, notes.map((marker) => marker.text).join("\n")));
+      chart.appendChild(line);
+      chart.appendChild(el("svg:text", {class: "marker-label", x: n * slot + 4, y: 11},
+                           notes[0].text.length > 24 ? notes[0].text.slice(0, 23) + "…" : notes[0].text));
+    }
   });
   target.replaceChildren(chart);
+}
+
+// The day of an annotation in the zone the figures are in.
+function localDay(utc, zone) {
+  try { return new Intl.DateTimeFormat("en-CA", {timeZone: zone, year: "numeric", month: "2-digit", day: "2-digit"}).format(new Date(utc)); }
+  catch (error) { return utc.slice(0, 10); }
+}
+
+function dayChart(target, data) {
+  const days = data.sessions_per_day.map((d) => ({key: d.day, label: d.day.slice(5), sub: new Date(d.day + "T12:00:00Z").toLocaleDateString("en", {weekday: "short", timeZone: "UTC"}), value: d.sessions}));
+  const markers = (data.annotations || []).map((a) => ({key: localDay(a.time_utc, data.timezone), text: a.text}));
+  columnChart(target, days, {markers});
 }
 
 function barList(target, items) {
@@ -5457,9 +5498,17 @@ function render(data) {
   figure("busiest-day", busiest ? busiest.day : "–");
   figure("busiest-day-sessions", busiest ? busiest.sessions : "–");
   figure("top-screen", data.values.length ? data.values[0].value : "–");
+  const share = (value) => (value === null || value === undefined ? "–" : `${Math.round(value * 1000) / 10}%`);
+  figure("meaningful-share", share(data.meaningful_share));
+  figure("meaningful-touches", data.meaningful_touches);
+  figure("bounce-share", share(data.bounce_share));
+  figure("bounces", data.bounces);
+  figure("median-touches", data.touches_per_session.median ?? "–");
+  figure("median-screens", data.screens_per_session.median ?? "–");
   $("tz").textContent = data.timezone;
-  const days = data.sessions_per_day.map((d) => ({label: d.day.slice(5), sub: new Date(d.day + "T12:00:00Z").toLocaleDateString("en", {weekday: "short", timeZone: "UTC"}), value: d.sessions}));
-  columnChart($("per-day"), days);
+  dayChart($("per-day"), data);
+  $("annotations").replaceChildren(...data.annotations.map((a) => el("li", {"data-annotation": a.id},
+    `${localDay(a.time_utc, data.timezone)}: ${a.text}` + (a.consumer ? ` (${a.consumer})` : ""))));
   columnChart($("per-hour"), data.sessions_per_hour.map((h) => ({label: String(h.hour).padStart(2, "0"), value: h.sessions})));
   columnChart($("per-weekday"), data.sessions_per_weekday.map((d) => ({label: d.weekday.slice(0, 3), value: d.sessions})));
   columnChart($("durations"), data.duration.distribution.map((b) => ({label: b.bucket, value: b.sessions})));
@@ -5641,6 +5690,49 @@ function markStale(stale) {
   }
 }
 
+function renderComparison(data, labels) {
+  $("comparison").hidden = false;
+  $("label-a").textContent = labels.a;
+  $("label-b").textContent = labels.b;
+  const number = (value) => (value === null || value === undefined ? "–" : String(Math.round(value * 1000) / 1000));
+  const rows = [], d = data.differences;
+  const medians = (label, f) => rows.push([label, number(f.a_median), number(f.b_median), number(f.difference), f.p_value, `${f.a_n} / ${f.b_n}`]);
+  const shares = (label, f) => rows.push([label, number(f.a), number(f.b), number(f.difference), f.p_value, `${f.a_count} / ${f.b_count}`]);
+  medians("Session duration, median (s)", d.duration);
+  medians("Touches per session, median", d.touches_per_session);
+  medians("Distinct screens per session, median", d.screens_per_session);
+  shares(`Meaningful sessions (${data.a.meaningful_touches}+ touches), share`, d.meaningful_share);
+  for (const f of d.time_on_screen.slice(0, 15)) medians(`Time on ${f.screen}, median (s)`, f);
+  for (const f of d.first_picks.slice(0, 10)) shares(`Picked ${f.screen} first, share of sessions`, f);
+  for (const f of d.visit_shares.slice(0, 10)) shares(`Visits to ${f.screen}, share`, f);
+  const body = $("compare-table").querySelector("tbody");
+  body.replaceChildren(...rows.map(([label, a, b, difference, p, n]) => {
+    const row = el("tr");
+    row.append(el("td", {}, label), el("td", {}, a), el("td", {}, b), el("td", {}, difference),
+               el("td", p !== null && p < 0.05 ? {class: "small-p"} : {}, p === null ? "–" : p < 0.001 ? "< 0.001" : p.toFixed(3)),
+               el("td", {}, n));
+    return row;
+  }));
+  $("compare-tests").textContent = `${data.tests} tests were made (the table shows the largest screens): where nothing differs, about one in twenty still comes out under 0.05.`;
+  dayChart($("per-day-a"), data.a);
+  dayChart($("per-day-b"), data.b);
+}
+
+async function loadComparison(query) {
+  if (!$("compare").checked) { $("comparison").hidden = true; return; }
+  const side = {from: $("from-b").value, to: $("to-b").value, consumer: $("consumer-b").value};
+  const a = filters(), params = {data_key: query.data_key};
+  for (const [name, value] of Object.entries(a)) params[`a.${name}`] = value;
+  for (const [name, value] of Object.entries(side)) params[`b.${name}`] = value;
+  const label = (f, select) => `${f.from || "…"} to ${f.to || "…"}` + (f.consumer ? `, ${select.selectedOptions[0].textContent}` : "");
+  renderComparison(await api("/compare", params), {a: label(a, $("consumer")), b: label(side, $("consumer-b"))});
+}
+
+$("compare").addEventListener("change", () => {
+  $("compare-controls").hidden = !$("compare").checked;
+  if (!$("compare").checked) $("comparison").hidden = true;
+});
+
 async function loadStats() {
   const range = filters();
   if (range.from && range.to && range.from > range.to) {  // the API answers that with nothing at all
@@ -5650,6 +5742,7 @@ async function loadStats() {
   try {
     const query = Object.assign(filters(), {data_key: $("data_key").value.trim()});
     render(await api("/stats", query));
+    await loadComparison(query);
     showError(null);
     markStale(false);
     renderPaths(await api("/stats", Object.assign(query, {paths: 3})));
@@ -5704,17 +5797,20 @@ async function loadKiosks() {
 
 async function loadConsumers() {
   const answer = await api("/consumers");
-  const select = $("consumer"), chosen = select.value;
-  select.replaceChildren(el("option", {value: ""}, "All consumers"));
-  for (const consumer of answer.consumers) select.appendChild(el("option", {value: consumer.id}, consumer.name));
-  select.value = chosen;
+  for (const select of [$("consumer"), $("consumer-b")]) {
+    const chosen = select.value;
+    select.replaceChildren(el("option", {value: ""}, "All consumers"));
+    for (const consumer of answer.consumers) select.appendChild(el("option", {value: consumer.id}, consumer.name));
+    select.value = chosen;
+  }
 }
 
 let liveTimer = null;
 async function start() {
   try { await loadConsumers(); } catch (error) { showError(error); return; }
-  const wanted = new URLSearchParams(location.search).get("consumer");
-  if (wanted) $("consumer").value = wanted;
+  const wanted = new URLSearchParams(location.search);
+  if (wanted.get("consumer")) $("consumer").value = wanted.get("consumer");
+  if (wanted.get("b.consumer")) $("consumer-b").value = wanted.get("b.consumer");
   await Promise.all([loadStats(), loadLive(), loadKiosks().catch(showError)]);
   clearInterval(liveTimer);
   liveTimer = setInterval(() => { loadLive(); loadKiosks().catch(showError); }, 3000);
@@ -5726,6 +5822,12 @@ const today = new Date();
 $("to").value = params.get("to") || isoDay(today);
 $("from").value = params.get("from") || isoDay(new Date(today.getTime() - 6 * 86400000));
 $("data_key").value = params.get("data_key") || "subject";
+if (params.get("b.from") || params.get("b.to") || params.get("b.consumer")) {
+  $("compare").checked = true;
+  $("compare-controls").hidden = false;
+  $("from-b").value = params.get("b.from") || "";
+  $("to-b").value = params.get("b.to") || "";
+}
 $("apply").addEventListener("click", () => { loadStats(); loadLive(); });
 start();
 </script>

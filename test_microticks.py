@@ -3865,6 +3865,39 @@ def test_dashboard_shows_paths_flows_and_one_session_as_the_stats_give_them(samp
     assert not page.errors
 
 
+def test_dashboard_compares_two_ranges_and_marks_annotations_as_the_api_gives_them(sample_client, dash_page, tmp_path):
+    note = sample_client.post_json("/annotations", {"time": "2017-05-24T10:00:00Z", "text": "New ebook shelf installed"})
+    assert note.status == 201
+    page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-24"
+                     "&b.from=2017-05-25&b.to=2017-05-29", height=1400)
+    page.wait_for_function("document.querySelectorAll('#compare-table tbody tr').length > 0")
+    answer = sample_client.get("/compare", **{"a.from": "2017-05-22", "a.to": "2017-05-24", "b.from": "2017-05-25",
+                                              "b.to": "2017-05-29"}).json
+    rows = page.eval_on_selector_all("#compare-table tbody tr", "rs => rs.map(r => [...r.cells].map(c => c.textContent))")
+    touches = answer["differences"]["touches_per_session"]
+
+    def shown(value):  # as JavaScript writes a number rounded to 3 places
+        value = round(value, 3)
+        return str(int(value)) if value == int(value) else str(value)
+    assert rows[1] == ["Touches per session, median", shown(touches["a_median"]), shown(touches["b_median"]),
+                       shown(touches["difference"]), f"{touches['p_value']:.3f}", f"{touches['a_n']} / {touches['b_n']}"]
+    small = [row for row in rows if row[4] not in ("–", "< 0.001") and float(row[4]) < 0.05]
+    assert len(page.query_selector_all("#compare-table td.small-p")) == len(small) > 0  # marked
+    assert f"{answer['tests']} tests were made" in page.inner_text("#comparison")
+    assert dash_figure(page, "meaningful-share") == f"{round(answer['a']['meaningful_share'] * 100, 1)}%"
+    assert dash_figure(page, "bounces") == str(answer["a"]["bounces"])
+    # The annotation: on A's day chart, the main one, and listed; not on B's.
+    for chart, marked in (("#per-day", True), ("#per-day-a", True), ("#per-day-b", False)):
+        titles = page.eval_on_selector_all(f"{chart} line.marker title", "ts => ts.map(t => t.textContent)")
+        assert titles == (["New ebook shelf installed"] if marked else []), chart
+    assert page.inner_text("#annotations") == "2017-05-24: New ebook shelf installed"
+    page.uncheck("#compare")
+    assert page.is_hidden("#comparison")
+    assert not page.errors
+    shots = os.environ.get("MICROTICKS_SCREENSHOTS")
+    page.screenshot(path=str(Path(shots) if shots else tmp_path) + "/dash-compare.png", full_page=True)
+
+
 def test_dashboard_on_an_empty_range_offers_the_range_with_data(sample_client, dash_page):
     """A new user who imported the 2017 week saw zeros for the last seven days."""
     page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash")
