@@ -5987,6 +5987,7 @@ event (`timeout`). Each event has an action (`click`, `swipe`, `pageChange`,
 | `events.ndjson`, `events.csv` | every event of the selected sessions, one a line / row |
 | `sessions.ndjson`, `sessions.csv` | the sessions, each with its path |
 | `stats.json` | the figures of `GET /stats` for the same sessions, in time zone `{tz}`, with the path figures (`paths=3`) |
+| `annotations.ndjson` | what happened at the kiosks in the selected range (new content, a kiosk moved): `id`, `time` (as given), `time_utc`, `text`, `consumer_id` and `consumer` (empty: every consumer), `site`, `created_at` |
 | `analysis.sql` | the headline figures again, from the NDJSON files, with DuckDB: `duckdb < analysis.sql` in this folder |
 
 CSV: UTF-8 with a byte order mark, a header row, text quoted; a text cell
@@ -6032,6 +6033,7 @@ Days, hours and weekdays are in time zone `{tz}`.
 
 - {values}
 - {paths}
+- {engagement}
 """
 
 
@@ -6061,6 +6063,8 @@ def write_research_bundle(conn, filters, directory, tz_name, timeout, database):
         figures = stats_figures(conn, clean_stats_query({**filters, "paths": "3"}, tz_name))
         with open(os.path.join(staging, "stats.json"), "w", encoding="utf-8") as stream:
             json.dump(figures, stream, indent=1, ensure_ascii=False)
+        with open(os.path.join(staging, "annotations.ndjson"), "w", encoding="utf-8") as stream:
+            stream.writelines(json.dumps(annotation, ensure_ascii=False) + "\n" for annotation in figures["annotations"])
         with open(os.path.join(staging, "analysis.sql"), "w", encoding="utf-8") as stream:
             stream.write(BUNDLE_ANALYSIS_SQL.replace("__KEY__", DEFAULT_DATA_KEY))
         selection = ", ".join(f"{name}={value}" for name, value in sorted(filters.items())) or "all"
@@ -6069,7 +6073,7 @@ def write_research_bundle(conn, filters, directory, tz_name, timeout, database):
                 version=__version__, written=utc_now(), database=database, selection=selection,
                 sessions=figures["sessions"], events=figures["events"], timeout=timeout, data_key=DEFAULT_DATA_KEY,
                 tz=figures["timezone"], path=SESSION_PATH_DEFINITION, values=VALUES_DEFINITION,
-                paths=PATH_FIGURES_DEFINITION))
+                paths=PATH_FIGURES_DEFINITION, engagement=ENGAGEMENT_DEFINITION))
         if os.path.isdir(target):
             os.rmdir(target)  # empty, as checked
         os.rename(staging, target)

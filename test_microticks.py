@@ -2328,10 +2328,15 @@ def test_a_research_bundle_holds_the_data_its_dictionary_and_sql_that_gives_the_
                                                                                        tmp_path):
     require_module("duckdb")
     bundle = tmp_path / "study"
+    run_cli("annotate", "Neue Regale im Foyer", "--at", "2017-05-24T10:00Z", "--db", db_path)
+    run_cli("annotate", "Later than the week", "--at", "2018-01-01T10:00Z", "--db", db_path)
     said = run_cli("export", "--bundle", str(bundle), "--db", db_path, env={"MICROTICKS_TZ": "UTC"}).stdout
     assert f"Wrote {bundle}" in said and "83 sessions, 1,628 events" in said
-    assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "analysis.sql", "events.csv", "events.ndjson",
-                                                          "sessions.csv", "sessions.ndjson", "stats.json"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "analysis.sql", "annotations.ndjson", "events.csv",
+                                                          "events.ndjson", "sessions.csv", "sessions.ndjson", "stats.json"]
+    annotations = [json.loads(line) for line in (bundle / "annotations.ndjson").read_text(encoding="utf-8").splitlines()]
+    assert [(a["text"], a["time_utc"]) for a in annotations] == [("Neue Regale im Foyer", "2017-05-24T10:00:00.000Z"),
+                                                                  ("Later than the week", "2018-01-01T10:00:00.000Z")]
     events = [json.loads(line) for line in (bundle / "events.ndjson").read_text(encoding="utf-8").splitlines()]
     assert [{k: e[k] for k in ("id", "session_id", "time", "action", "data")} for e in events] == \
         sample_client.get("/events", limit=10000).json["events"]
