@@ -160,6 +160,13 @@ def bench_reads(workdir, results, db):
         measure("stats with path figures and a 4-step funnel, one day", f"/stats?from={day}&to={day}&{paths}",
                 target=0.1)
         measure("stats with path figures and a 4-step funnel, everything", f"/stats?{paths}", target=1.0)
+        # Two halves of the sessions, by their start: both sides' /stats and the tests of their differences.
+        middle = sqlite3.connect(db).execute("SELECT substr(started_utc, 1, 10) FROM sessions ORDER BY started_utc"
+                                             " LIMIT 1 OFFSET ?", (sessions // 2,)).fetchone()[0]
+        measure("compare two halves, everything", f"/compare?a.to={middle}T00:00Z&b.from={middle}T00:00Z", target=2.0)
+        both = next(r["seconds"] for r in rows if r["read"] == "compare two halves, everything")
+        alone = next(r["seconds"] for r in rows if r["read"] == "stats, everything, again")
+        rows.append({"read": "compare two halves / stats of everything", "ratio": round(both / alone, 2)})
         _, seconds, _ = measure("sessions with their paths, streamed", "/sessions?format=ndjson&fields=id,path,touches",
                                 repeat=1)
         rows.append({"read": "sessions with paths, rate", "sessions_per_s": round(sessions / seconds),
