@@ -733,6 +733,49 @@ def bench_hostile(workdir, results, seconds):
            "p99_ratio": round(beside[197] / alone[197], 2), "aim": "p99 under 1 s"}
     print_row(row)
     results.setdefault("hostile", {})["stalls"] = row
+    bench_huge_open_session(workdir, results)
+
+
+def bench_huge_open_session(workdir, results, events=200_000):
+    """One client posts `events` events into one session, in batches of a
+    thousand, while another asks for /stats every half second: the time of
+    each /stats, beside /stats before the flood (a few small sessions)."""
+    import statistics
+    import threading
+    db = workdir / "huge.db"
+    command, server_env, cwd = servers(workdir, "serve", "microticks", db)
+    token = microticks_db(db)
+    with Process(command, server_env, cwd) as server:
+        before = [timed_get(server.url + "/stats")[1] for _ in range(5)]
+        done = threading.Event()
+
+        def flood():
+            for first in range(0, events, 1000):
+                batch = [{"token": token, "action": "click", "ts": "2017-08-25T17:10:00Z",
+                          "data": {"subject": f"s{n % 30}", "clickX": n % 1920, "clickY": n % 1080}}
+                         for n in range(first, first + 1000)]
+                request = urllib.request.Request(server.url + "/events", json.dumps({"events": batch}).encode(),
+                                                 {"Content-Type": "application/json", "X-Microticks-Key": "bench-key"})
+                urllib.request.urlopen(request, timeout=600).read()
+            done.set()
+
+        started = time.perf_counter()
+        poster = threading.Thread(target=flood)
+        poster.start()
+        during = []
+        while not done.is_set():
+            during.append(timed_get(server.url + "/stats")[1])
+            time.sleep(0.5)
+        poster.join()
+        flood_seconds = time.perf_counter() - started
+        after = [timed_get(server.url + "/stats")[1] for _ in range(5)]
+    row = {"huge_open_session": f"{events:,} events posted in {flood_seconds:.1f} s",
+           "stats_before_median_s": round(statistics.median(before), 4), "stats_calls_during": len(during),
+           "stats_during_median_s": round(statistics.median(during), 3), "stats_during_max_s": round(max(during), 3),
+           "stats_after_median_s": round(statistics.median(after), 4),
+           "during_median / before": round(statistics.median(during) / statistics.median(before), 1)}
+    print_row(row)
+    results.setdefault("hostile", {})["huge open session"] = row
 
 
 def cpu_times():

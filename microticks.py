@@ -497,6 +497,8 @@ MIGRATIONS = [
         " touches INTEGER, screens INTEGER, first_touch_ms INTEGER,"
         " PRIMARY KEY (data_key, bin, session_id)) WITHOUT ROWID",
         "CREATE INDEX stats_engagement_session ON stats_engagement (session_id)",
+        # When a session's figures were kept: a huge open one's are used for a while (OPEN_SESSION_LAG).
+        "ALTER TABLE stats_sessions ADD COLUMN kept_at TEXT",
         "DROP TRIGGER stats_forget_session",
         "CREATE TRIGGER stats_forget_session AFTER DELETE ON sessions BEGIN"
         " DELETE FROM stats_sessions WHERE session_id = OLD.id;"
@@ -1594,10 +1596,12 @@ MAX_HEATMAP_BIN = 10000
 #: bins, or anyone with the key, would otherwise grow the file without end.
 #: Others are computed for every request.
 MAX_KEPT_STATS_KINDS = 3
-#: An open session with this many events has its figures kept too (valid
-#: until its next event): one client posting 200,000 events into one
-#: session made every later /stats read them all again (3 s each).
+#: An open session with this many events has its figures kept too, and
+#: used for OPEN_SESSION_LAG after they were kept, new events or not: one
+#: client posting 200,000 events into one session made every /stats read
+#: them all again (3 s each), for as long as it went on posting.
 KEEP_OPEN_SESSIONS_FROM = 1000
+OPEN_SESSION_LAG = timedelta(seconds=60)
 #: Sessions whose figures keep_stats computes and keeps at a time: each part
 #: is committed, SQLite's sorters hold a part, and a command or request
 #: stopped midway (a gunicorn worker's timeout) leaves its work done.
@@ -1684,9 +1688,9 @@ def _keep_session_stats(conn, data_key, bin_size, chunk=1000):
                     conn.execute(f"DELETE FROM main.{kept} WHERE {closed}", bounds)
                     if fresh:
                         conn.execute(f"INSERT INTO main.{kept} SELECT * FROM temp.{fresh} WHERE {closed}", bounds)
-                conn.execute("INSERT INTO main.stats_sessions SELECT session_id, ?, ?, events, last_event_id"
+                conn.execute("INSERT INTO main.stats_sessions SELECT session_id, ?, ?, events, last_event_id, ?"
                              " FROM temp.stale WHERE closed AND session_id BETWEEN ? AND ?",
-                             (data_key, bin_size, low, high))
+                             (data_key, bin_size, utc_now(), low, high))
         except sqlite3.OperationalError as error:
             log.info("statistics computed but not kept (%s)", error)
             return start
@@ -1744,7 +1748,8 @@ def forget_stats(conn, data_key=None, bin_size=None):
 def _find_stale_sessions(conn, selected, params, data_key, bin_size):
     """Into temp.stale: the sessions `selected` (a CTE named sel, with its
     parameters) whose figures for this data key and bin are not kept, or
-    were kept before their events changed; and empty fresh_* tables."""
+    were kept before their events changed (but for a huge open session's,
+    within OPEN_SESSION_LAG of being kept); and empty fresh_* tables."""
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS stale (session_id INTEGER PRIMARY KEY,"
                  " events INTEGER, last_event_id INTEGER, closed INTEGER)")
     conn.execute("DELETE FROM temp.stale")
@@ -1759,8 +1764,10 @@ def _find_stale_sessions(conn, selected, params, data_key, bin_size):
         " SELECT now.id, now.events, now.last_event_id, s.stopped_at IS NOT NULL OR now.events >= ? FROM now"
         " JOIN sessions s ON s.id = now.id LEFT JOIN main.stats_sessions k"
         " ON k.session_id = now.id AND k.data_key = ? AND k.bin = ?"
-        " WHERE k.session_id IS NULL OR k.events != now.events OR k.last_event_id IS NOT now.last_event_id",
-        [*params, KEEP_OPEN_SESSIONS_FROM, data_key, bin_size])
+        " WHERE k.session_id IS NULL OR ((k.events != now.events OR k.last_event_id IS NOT now.last_event_id)"
+        " AND NOT (s.stopped_at IS NULL AND k.events >= ? AND k.kept_at > ?))",
+        [*params, KEEP_OPEN_SESSIONS_FROM, data_key, bin_size, KEEP_OPEN_SESSIONS_FROM,
+         format_utc(datetime.now(timezone.utc) - OPEN_SESSION_LAG)])
 
 
 def _selected_sessions(query):

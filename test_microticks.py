@@ -2791,10 +2791,13 @@ def test_stats_kept_per_session_equal_figures_computed_afresh_as_sessions_change
         assert stored(db_path, f"SELECT count(*) FROM {table} WHERE session_id = ?", (erased,)) == [(0,)]
 
 
-def test_a_huge_open_session_is_kept_until_its_next_event(start_server, db_path, consumer_key, monkeypatch):
+def test_a_huge_open_session_is_kept_and_its_new_events_counted_after_a_lag(start_server, db_path, consumer_key,
+                                                                            monkeypatch):
     """One client can post a huge open session; open sessions were computed
-    on every /stats. From KEEP_OPEN_SESSIONS_FROM events one is kept too."""
+    on every /stats. From KEEP_OPEN_SESSIONS_FROM events one is kept too, and
+    its kept figures serve for OPEN_SESSION_LAG, however many events come."""
     monkeypatch.setattr(microticks, "KEEP_OPEN_SESSIONS_FROM", 50)
+    monkeypatch.setattr(microticks, "OPEN_SESSION_LAG", dt.timedelta(seconds=2))
     client = start_server(tz="UTC")
     small, huge = client.start(consumer_key), client.start(consumer_key)
     client.event(small, data='{"subject": "main"}')
@@ -2805,9 +2808,18 @@ def test_a_huge_open_session_is_kept_until_its_next_event(start_server, db_path,
     kept = stored(db_path, "SELECT session_id FROM stats_sessions")
     assert kept == [(2,)]  # the huge one, open; not the small one
     assert client.get("/stats", paths="2").json == first
-    client.event(huge, data='{"subject": "s9"}', ts="2017-08-25T18:00:00Z")  # its kept figures no longer hold
-    later = client.get("/stats", paths="2").json
+    client.event(huge, data='{"subject": "s9"}', ts="2017-08-25T18:00:00Z")
+    lagging = client.get("/stats", paths="2").json  # the kept figures, computed under 2 s ago
+    assert "s9" not in {v["value"] for v in lagging["values"]} and lagging["events"] == first["events"] + 1
+    time.sleep(2.1)
+    later = client.get("/stats", paths="2").json  # computed again, and kept anew
     assert later["events"] == first["events"] + 1 and "s9" in {v["value"] for v in later["values"]}
+    client.event(small, data='{"subject": "s8"}', ts="2017-08-25T18:00:00Z")  # a small open one: always afresh
+    assert "s8" in {v["value"] for v in client.get("/stats").json["values"]}
+    client.event(huge, data='{"subject": "s6"}', ts="2017-08-25T18:00:30Z")
+    assert "s6" not in {v["value"] for v in client.get("/stats").json["values"]}  # lagging again
+    assert client.form("/sessions/stop", {"token": huge, "ts": "2017-08-25T18:01:00Z"}).status == 200
+    assert "s6" in {v["value"] for v in client.get("/stats").json["values"]}  # closed: counted at once
 
 
 def test_stats_with_nothing_kept_keep_figures_part_by_part_and_a_stop_midway_keeps_the_parts_done(
