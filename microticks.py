@@ -1922,10 +1922,10 @@ def path_statistics(conn, request):
         [(None, EXIT, None)])
     steps, length = request.funnel, request.path_length
     moves, paths, funnel = {}, {}, [[0, []] for _ in steps]
-    session = None
+    session = first_row = object()
     for session_id, screen, ms in visits:  # ms: on the screen, to the next visit (None for the last)
         if session_id != session:
-            if session is not None:  # the session read ends: its last screen goes to EXIT
+            if session is not first_row:  # the session read ends: its last screen goes to EXIT
                 move = moves.get((before, EXIT))
                 if move is None:
                     move = moves[before, EXIT] = [0, []]

@@ -2914,6 +2914,9 @@ def test_cli_output_cut_short_by_the_reader_ends_quietly(sample_client, db_path)
 def test_stats_on_an_empty_database(client):
     stats = client.get("/stats").json
     assert stats["sessions"] == 0 and stats["values"] == [] and stats["duration"]["median"] is None
+    paths = client.get("/stats", paths="3", funnel="main,year:2017").json
+    assert paths["transitions"] == paths["common_paths"] == [] and paths["funnel"][0]["sessions"] == 0
+    assert paths["meaningful_share"] is None and paths["touches_per_session"]["median"] is None
 
 
 def test_cli_stats_prints_readable_tables(sample_client, db_path):
