@@ -45,6 +45,8 @@ CGI, Apache's SetEnv works too):
     MICROTICKS_RETENTION_DAYS  delete sessions older than this (default: 0, never)
     MICROTICKS_SILENT_HOURS  hours after which `status` and /metrics call a
                              consumer or kiosk silent (default: 24)
+    MICROTICKS_SITE          this installation's site name, beside sites imported
+                             with `import --site` (default: the host name)
     MICROTICKS_TRUSTED_PROXIES  addresses or networks of reverse proxies whose
                              X-Forwarded-For / Forwarded name the client,
                              comma-separated (default: 127.0.0.1,::1; none: "")
@@ -171,6 +173,8 @@ DEFAULT_DB_PATH = "microticks.db" if INSTALLED else os.path.join(_HERE, "microti
 #: The browser tracker and its demo, served at /examples/ when present.
 EXAMPLES_DIR = os.path.join(_HERE, "microticks_examples" if INSTALLED else "examples")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: This installation's site name unless MICROTICKS_SITE says otherwise.
+DEFAULT_SITE = (socket.gethostname() or "local")[:MAX_CONSUMER_NAME_CHARS]
 #: The values of MICROTICKS_CPUS and `serve --cpus`, the default first.
 CPUS_CHOICES = ("one", "all")
 
@@ -208,6 +212,9 @@ class Settings:
     #: Reverse proxies (addresses or networks) trusted to name the client in
     #: X-Forwarded-For or Forwarded; by default one on the same machine.
     trusted_proxies: tuple = ("127.0.0.1", "::1")
+    #: This installation's site: the name its own sessions have beside
+    #: those imported from other sites (site=, exports).
+    site: str = DEFAULT_SITE
     #: Problems found while reading the environment, reported at start-up.
     warnings: tuple = field(default=(), compare=False)
 
@@ -267,6 +274,7 @@ def load_settings(wsgi_environ=None, **overrides):
         retention_days=integer("MICROTICKS_RETENTION_DAYS", 0, 0, MAX_AGE.days),
         silent_hours=integer("MICROTICKS_SILENT_HOURS", 24, 1, MAX_AGE // timedelta(hours=1)),
         trusted_proxies=proxies_setting(env.get("MICROTICKS_TRUSTED_PROXIES", "127.0.0.1,::1"), warnings),
+        site=site_setting(env.get("MICROTICKS_SITE", ""), warnings),
         warnings=tuple(warnings),
     )
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
@@ -281,6 +289,16 @@ def proxies_setting(text, warnings):
         except ValueError:
             warnings.append(f"MICROTICKS_TRUSTED_PROXIES: {entry!r} is neither an address nor a network; left out")
     return tuple(p for p in proxies if p)
+
+
+def site_setting(name, warnings):
+    if not name.strip():
+        return DEFAULT_SITE
+    try:
+        return clean_site_name(name)
+    except ValueError as error:
+        warnings.append(f"MICROTICKS_SITE: {error}; using {DEFAULT_SITE!r}")
+        return DEFAULT_SITE
 
 
 def timezone_setting(name, warnings):
@@ -512,6 +530,18 @@ MIGRATIONS = [
         # other kept rows are replaced then).
         "DELETE FROM stats_sessions",
     ]),
+    ("sites: sessions and consumers imported from other Microticks, with their ids there", [
+        # site NULL: collected here (the local site, Settings.site). An imported
+        # site's sessions and events get ids of their own; source_id is the
+        # id they had at their site, which makes importing again idempotent.
+        "ALTER TABLE sessions ADD COLUMN site TEXT",
+        "ALTER TABLE sessions ADD COLUMN source_id INTEGER",
+        "CREATE UNIQUE INDEX sessions_site_source ON sessions (site, source_id) WHERE site IS NOT NULL",
+        "CREATE INDEX sessions_site ON sessions (site, id)",
+        "ALTER TABLE events ADD COLUMN source_id INTEGER",
+        "CREATE UNIQUE INDEX events_source ON events (session_id, source_id) WHERE source_id IS NOT NULL",
+        "ALTER TABLE consumers ADD COLUMN site TEXT",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -568,8 +598,9 @@ class ReadOnlyDatabase(sqlite3.OperationalError):
     """A write asked of a database this process may only read."""
 
 
-def connect(path):
-    """Open the database at `path`, creating and upgrading it as needed.
+def connect(path, site=None):
+    """Open the database at `path`, creating and upgrading it as needed;
+    `site` names the sessions collected here (mt_site(), DEFAULT_SITE).
 
     A file this user may read but not write (a copy on a read-only share, a
     folder the service's user cannot write) is opened for reading only: the
@@ -594,7 +625,11 @@ def connect(path):
     try:
         conn.create_function("mt_utc", 1, _utc_or_none, deterministic=True)
         conn.create_function("mt_key_hash", 1, key_hash, deterministic=True)
+        local_site = site or DEFAULT_SITE
+        # A session's site: its own, or this installation's for those collected here.
+        conn.create_function("mt_site", 1, lambda name: local_site if name is None else name)
         if read_only:
+            _refuse_newer_schema(conn, path)
             version = schema_version(conn)
             if version < SCHEMA_VERSION:
                 raise MicroticksError(503, f"The database {os.path.abspath(path)} has schema version {version}"
@@ -612,6 +647,7 @@ def connect(path):
         # crashed process; a kiosk gets unplugged at closing time. It costs
         # about 3x in raw SQLite speed, far above what HTTP can deliver.
         conn.execute("PRAGMA synchronous=FULL")
+        _refuse_newer_schema(conn, path)
         migrate(conn)
     except sqlite3.OperationalError as error:
         conn.close()
@@ -623,6 +659,17 @@ def connect(path):
         conn.close()
         raise
     return conn
+
+
+def _refuse_newer_schema(conn, path):
+    """A file a newer Microticks has upgraded is not written (nor read) by
+    this one: its figures and indexes would no longer be kept as that one
+    keeps them."""
+    version = schema_version(conn)
+    if version > SCHEMA_VERSION:
+        raise MicroticksError(503, f"The database {os.path.abspath(path)} was upgraded by a newer Microticks"
+                                   f" (schema version {version}; this one, {__version__}, knows {SCHEMA_VERSION}"
+                                   " at most): run that Microticks, or restore a backup this one made")
 
 
 def _check_database_path(path):
@@ -890,8 +937,8 @@ class Database:
     the commit group writes events with, each opened on first use in its
     process so that none is shared across a fork."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, site=None):
+        self.path, self.site = path, site
         self._local = threading.local()
         #: The events of concurrent requests, committed together.
         self.commits = CommitGroup()
@@ -906,13 +953,13 @@ class Database:
         where each thread's own connection rereads the pages another thread's
         commit changed (half the reads of a batch under 8 clients)."""
         if self._writer is None or self._writer[0] != os.getpid():
-            self._writer = (os.getpid(), connect(self.path))
+            self._writer = (os.getpid(), connect(self.path, self.site))
         return self._writer[1]
 
     def connection(self):
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = connect(self.path)
+            conn = self._local.conn = connect(self.path, self.site)
         return conn
 
 
@@ -1277,7 +1324,8 @@ def add_annotation(conn, time, text, consumer_name=None, site=None):
 
 def read_annotations(conn, query=None, annotation_id=None):
     """The annotations in a ReadQuery's time range (from, to, date), in time
-    order; with a consumer filter, that consumer's and those for every consumer."""
+    order; with a consumer (or site) filter, that consumer's and those for
+    every consumer (site)."""
     clauses, params = [], []
     if annotation_id is not None:
         clauses.append("a.id = ?")
@@ -1288,7 +1336,8 @@ def read_annotations(conn, query=None, annotation_id=None):
                               ("a.time_utc < ?", query.date and query.date[1]),
                               ("(a.consumer_id IS NULL OR a.consumer_id = ?)", query.consumer_id),
                               ("(a.consumer_id IS NULL OR a.consumer_id IN (SELECT id FROM consumers"
-                               " WHERE name = ?))", query.consumer_name)):
+                               " WHERE name = ?))", query.consumer_name),
+                              ("(a.site IS NULL OR a.site = ?)", query.site)):
             if value is not None:
                 clauses.append(clause)
                 params.append(value)
@@ -1324,6 +1373,7 @@ EVENT_COLUMNS = {
     "time_utc": "e.time_utc", "received_at": "e.received_at",
     "ip": "s.ip", "consumer_id": "s.consumer_id", "consumer": "c.name",
     "uuid": "e.uuid", "seq": "e.seq", "boot": "e.boot",
+    "site": "mt_site(s.site)", "source_id": "e.source_id",
 }
 #: The first Microticks' event shape, which analysis scripts read.
 EVENT_DEFAULT_FIELDS = ("id", "session_id", "time", "action", "data")
@@ -1353,6 +1403,7 @@ SESSION_COLUMNS = {
                       " WHERE x.session_id = s.id AND x.seq IS NOT NULL)",
     "uuid": "s.uuid",
     "device": "(SELECT d.name FROM devices d WHERE d.id = s.device_id)",
+    "site": "mt_site(s.site)", "source_id": "s.source_id",
 }
 SESSION_DEFAULT_FIELDS = tuple(SESSION_COLUMNS)
 #: An annotation as listed (GET /annotations, /stats, research bundles).
@@ -1453,6 +1504,10 @@ def _filters(query):
               "EXISTS (SELECT 1 FROM events x WHERE x.session_id = s.id AND x.action = ?)", query.action)
     if query.session_id is not None:
         where("e.session_id = ?" if events else "s.id = ?", query.session_id)
+    if query.site:
+        where("mt_site(s.site) = ?", query.site)
+    if query.end_id is not None:
+        where("e.id <= ?" if events else "s.id <= ?", query.end_id)
     return clauses, params
 
 
@@ -1462,8 +1517,8 @@ def _select(query, fields, count=False):
     columns = EVENT_COLUMNS if events else SESSION_COLUMNS
     clauses, params = _filters(query)
     table = "events e JOIN sessions s ON s.id = e.session_id" if events else "sessions s"
-    needs_session = any(f in ("ip", "consumer_id", "consumer") for f in fields) or any(
-        getattr(query, f) for f in ("date", "ip", "consumer_name")) or query.consumer_id is not None
+    needs_session = any(f in ("ip", "consumer_id", "consumer", "site") for f in fields) or any(
+        getattr(query, f) for f in ("date", "ip", "consumer_name", "site")) or query.consumer_id is not None
     if events and not needs_session:
         table = "events e"  # a join per row costs a third of an export's time
     if "consumer" in fields:
@@ -2245,42 +2300,88 @@ def _round(value):
     return None if value is None else round(value, 3)
 
 
-def import_events(conn, records, source, digest, consumer_name):
+def import_events(conn, records, source, digest, consumer_name, site=None):
     """Load exported events (the GET /events shape: id, session_id, time,
     action, data) with their ids, sessions and times, in one transaction.
     A file is imported once (by its SHA-256); an event already present with
     the same content is skipped, one that differs stops the import. The
-    imported sessions' statistics are kept at once (see keep_stats)."""
+    imported sessions' statistics are kept at once (see keep_stats).
+
+    With `site`, the events are another site's (Settings.site there): they
+    and their sessions get ids of their own, the ids they had at their site
+    kept as source_id, and each session's consumer is the one its events
+    name (an export with fields=all), else `consumer_name`, as
+    consumer@site. What was imported for the site before is skipped:
+    importing an export again, or a later one that overlaps it, adds only
+    what is new."""
     with write_transaction(conn):
-        done = conn.execute("SELECT imported_at FROM imports WHERE sha256 = ?", (digest,)).fetchone()
-        if done:
+        done = conn.execute("SELECT imported_at FROM imports WHERE sha256 = ?",
+                            (digest if site is None else f"{digest}@{site}",)).fetchone()
+        if done and site is None:
             raise MicroticksError(409, f"{source} was imported already, on {done[0]}")
-        consumer = conn.execute("SELECT id FROM consumers WHERE name = ?", (consumer_name,)).fetchone()
-        if consumer is None:
-            # A consumer for the data only: revoked, so it starts no sessions
-            # and `status` does not wait for it to speak.
-            consumer_id = conn.execute(
-                "INSERT INTO consumers (name, key, created_at, deleted_at) VALUES (?, ?, ?, ?)",
-                (consumer_name, key_hash(secrets.token_hex(16)), _local_now(), _local_now())).lastrowid
-        else:
-            consumer_id = consumer[0]
+        consumers = {}
+
+        def consumer_id_of(name):
+            if site is not None:
+                name = f"{name}@{site}"
+            if name not in consumers:
+                row = conn.execute("SELECT id FROM consumers WHERE name = ?", (name,)).fetchone()
+                # A consumer for the data only: revoked, so it starts no
+                # sessions and `status` does not wait for it to speak.
+                consumers[name] = row[0] if row else conn.execute(
+                    "INSERT INTO consumers (name, key, created_at, deleted_at, site) VALUES (?, ?, ?, ?, ?)",
+                    (name, key_hash(secrets.token_hex(16)), _local_now(), _local_now(), site)).lastrowid
+            return consumers[name]
         sessions, added, skipped = {}, 0, 0
         now = utc_now()
+        site_sessions, new_site_sessions = {}, set()  # a site's session ids there -> here
         for number, record in enumerate(records, 1):
             event = clean_exported_event(record, number)
-            existing = conn.execute("SELECT session_id, time, action, data FROM events WHERE id = ?",
-                                    (event["id"],)).fetchone()
+            if site is not None:
+                source_session = event["session_id"]
+                if source_session not in site_sessions:
+                    row = conn.execute("SELECT id FROM sessions WHERE site = ? AND source_id = ?",
+                                       (site, source_session)).fetchone()
+                    if row is None:  # its times are set below, from its events
+                        named = record.get("consumer")
+                        try:
+                            named = clean_consumer_name(named) if isinstance(named, str) else consumer_name
+                        except ValueError:
+                            named = consumer_name
+                        row = [conn.execute(
+                            "INSERT INTO sessions (token, ip, started_at, consumer_id, received_at, started_utc,"
+                            " site, source_id) VALUES (?, '', ?, ?, ?, ?, ?, ?)",
+                            (secrets.token_hex(16), event["time"], consumer_id_of(named), now, event["time_utc"],
+                             site, source_session)).lastrowid]
+                        new_site_sessions.add(row[0])
+                    site_sessions[source_session] = row[0]
+                event["session_id"] = site_sessions[source_session]
+                existing = conn.execute("SELECT session_id, time, action, data FROM events"
+                                        " WHERE session_id = ? AND source_id = ?",
+                                        (event["session_id"], event["id"])).fetchone()
+            else:
+                existing = conn.execute("SELECT session_id, time, action, data FROM events WHERE id = ?",
+                                        (event["id"],)).fetchone()
             if existing is not None:
                 if (existing[0], existing[1], existing[2], decode_data(existing[3])) != (
                         event["session_id"], event["time"], event["action"], decode_data(event["data"])):
                     raise MicroticksError(409, f"event {event['id']} (record {number}) is in the database"
-                                               " already with other content; import into a new database (--db)")
+                                               " already with other content; import into a new database (--db)"
+                                               if site is None else
+                                               f"event {event['id']} (record {number}) of site {site!r} was"
+                                               " imported before with other content")
                 skipped += 1
                 continue
-            conn.execute("INSERT INTO events (id, session_id, time, action, data, received_at, time_utc)"
-                         " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (event["id"], event["session_id"], event["time"], event["action"], event["data"],
-                          now, event["time_utc"]))
+            if site is None:
+                conn.execute("INSERT INTO events (id, session_id, time, action, data, received_at, time_utc)"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (event["id"], event["session_id"], event["time"], event["action"], event["data"],
+                              now, event["time_utc"]))
+            else:
+                conn.execute("INSERT INTO events (session_id, time, action, data, received_at, time_utc, source_id)"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (event["session_id"], event["time"], event["action"], event["data"], now,
+                              event["time_utc"], event["id"]))
             added += 1
             span = sessions.setdefault(event["session_id"], [event, event, None])
             if event["time_utc"] < span[0]["time_utc"]:
@@ -2292,11 +2393,16 @@ def import_events(conn, records, source, digest, consumer_name):
         for session_id, (first, last, stop) in sessions.items():
             end = stop or last
             row = conn.execute("SELECT started_utc, stopped_utc FROM sessions WHERE id = ?", (session_id,)).fetchone()
-            if row is None:
+            if session_id in new_site_sessions:
+                conn.execute("UPDATE sessions SET started_at = ?, started_utc = ?, stopped_at = ?, stopped_utc = ?,"
+                             " stop_reason = ? WHERE id = ?", (first["time"], first["time_utc"], end["time"],
+                                                               end["time_utc"], "client" if stop else "import",
+                                                               session_id))
+            elif row is None:
                 conn.execute(
                     "INSERT INTO sessions (id, token, ip, started_at, stopped_at, consumer_id, received_at,"
                     " started_utc, stopped_utc, stop_reason) VALUES (?, ?, '', ?, ?, ?, ?, ?, ?, ?)",
-                    (session_id, secrets.token_hex(16), first["time"], end["time"], consumer_id, now,
+                    (session_id, secrets.token_hex(16), first["time"], end["time"], consumer_id_of(consumer_name), now,
                      first["time_utc"], end["time_utc"], "client" if stop else "import"))
             else:  # a session split across two export files
                 conn.execute(
@@ -2306,8 +2412,8 @@ def import_events(conn, records, source, digest, consumer_name):
                     " stopped_utc = max(coalesce(stopped_utc, ''), ?) WHERE id = ?",
                     (first["time_utc"], first["time"], first["time_utc"], end["time_utc"], end["time"],
                      end["time_utc"], session_id))
-        conn.execute("INSERT INTO imports (sha256, source, imported_at, events) VALUES (?, ?, ?, ?)",
-                     (digest, source, now, added))
+        conn.execute("INSERT OR IGNORE INTO imports (sha256, source, imported_at, events) VALUES (?, ?, ?, ?)",
+                     (digest if site is None else f"{digest}@{site}", source, now, added))
     if sessions:
         keep_stats(conn, min(sessions), max(sessions))
     return {"events": added, "skipped": skipped, "sessions": len(sessions)}
@@ -2914,6 +3020,14 @@ def clean_consumer_name(text):
     return name
 
 
+def clean_site_name(text):
+    """A site's name (MICROTICKS_SITE, import --site): as a consumer's."""
+    try:
+        return clean_consumer_name(text)
+    except ValueError as error:
+        raise ValueError(str(error).replace("is not a name", "is not a site name")) from None
+
+
 def clean_networks(text):
     """A comma-separated list of addresses or networks (10.0.0.0/24,
     2001:db8::/48), normalised; ValueError otherwise."""
@@ -3041,7 +3155,7 @@ def clean_session_stop(fields, received):
 
 
 #: Filters every read takes; `key` is the API key, not a filter.
-READ_FILTERS = ("from", "to", "date", "ip", "consumer", "consumer_name", "action", "session", "key")
+READ_FILTERS = ("from", "to", "date", "ip", "consumer", "consumer_name", "action", "session", "site", "key")
 PAGE_PARAMETERS = ("after_id", "sort", "sort.desc", "limit", "offset", "format", "fields", "data_keys")
 STATS_PARAMETERS = ("data_key", "bin", "tz", "type_separator", "paths", "funnel", "meaningful")
 #: The longest common path (paths=) and funnel (funnel=) /stats takes.
@@ -3064,7 +3178,11 @@ class ReadQuery:
     consumer_name: str = None
     action: str = None
     session_id: int = None
+    #: A site's sessions (Settings.site: those collected here).
+    site: str = None
     after_id: int = None
+    #: Events up to this id only (export --position's snapshot).
+    end_id: int = None
     #: (column, descending) pairs, most significant first.
     sort: tuple = (("id", False),)
     limit: int = DEFAULT_PAGE_LIMIT
@@ -3219,7 +3337,7 @@ def clean_read_query(params, kind, tz_name="", export=False):
     clean = _check(params, {
         "from": bound(False), "to": bound(True), "date": date, "ip": text(64),
         "consumer": _id_parameter, "consumer_name": text(200),
-        "action": text(MAX_ACTION_CHARS), "session": _id_parameter,
+        "action": text(MAX_ACTION_CHARS), "session": _id_parameter, "site": text(MAX_CONSUMER_NAME_CHARS),
         "after_id": _id_parameter, "sort": sort, "limit": limit,
         "offset": _id_parameter, "format": output_format, "fields": fields,
         "data_keys": data_keys,
@@ -3227,7 +3345,7 @@ def clean_read_query(params, kind, tz_name="", export=False):
     return ReadQuery(
         kind=kind, start_utc=clean["from"], end_utc=clean["to"], date=clean["date"], ip=clean["ip"],
         consumer_id=clean["consumer"], consumer_name=clean["consumer_name"], action=clean["action"],
-        session_id=clean["session"], after_id=clean["after_id"], sort=clean["sort"],
+        session_id=clean["session"], site=clean["site"], after_id=clean["after_id"], sort=clean["sort"],
         limit=clean["limit"], offset=clean["offset"] or 0, format=clean["format"],
         fields=clean["fields"], data_keys=clean["data_keys"])
 
@@ -3371,7 +3489,7 @@ def clean_annotation(fields):
 
 
 #: The filters GET /annotations takes.
-ANNOTATION_FILTERS = ("from", "to", "date", "consumer", "consumer_name", "key")
+ANNOTATION_FILTERS = ("from", "to", "date", "consumer", "consumer_name", "site", "key")
 
 
 def clean_annotation_query(params, tz_name):
@@ -3677,7 +3795,7 @@ def make_app(settings):
     """The WSGI application for `settings`."""
     configure_logging(settings)
     sentry = init_sentry(settings)
-    db = Database(settings.db_path)
+    db = Database(settings.db_path, settings.site)
     app = bottle.Bottle()
     # Bottle's own JSONPlugin calls json.dumps, which builds an encoder per
     # answer: 1.1% of the instructions of a batch of 100.
@@ -5879,7 +5997,7 @@ start();
 
 def open_database(settings):
     """The database for an admin command, created and upgraded if needed."""
-    return connect(settings.db_path)
+    return connect(settings.db_path, settings.site)
 
 
 def cmd_initdb(args, settings):
@@ -5915,7 +6033,7 @@ def read_params(args):
     """The read filters given on the command line, as the query parameters
     the HTTP API takes, so both are validated by the same function."""
     names = {"from_": "from", "to": "to", "date": "date", "ip": "ip", "consumer": "consumer",
-             "consumer_name": "consumer_name", "action": "action", "session": "session",
+             "consumer_name": "consumer_name", "action": "action", "session": "session", "site": "site",
              "after_id": "after_id", "limit": "limit", "offset": "offset", "format": "format",
              "fields": "fields", "data_keys": "data_keys"}
     params = {param: str(getattr(args, attr)) for attr, param in names.items()
@@ -5937,12 +6055,15 @@ def cmd_read(args, settings):
     if getattr(args, "bundle", None):
         filters = {k: v for k, v in params.items() if k in READ_FILTERS}
         bundle = write_research_bundle(open_database(settings), filters, args.bundle, settings.tz,
-                                       settings.session_timeout, os.path.abspath(settings.db_path))
+                                       settings.session_timeout, os.path.abspath(settings.db_path), settings.site)
         print(f"Wrote {bundle['folder']}: {', '.join(bundle['files'])} ({bundle['sessions']:,} sessions,"
               f" {bundle['events']:,} events)")
         return
     export = params["format"] in ("csv", "ndjson")
     kind = getattr(args, "kind", None) or args.command
+    if getattr(args, "position", None):
+        export_since_position(open_database(settings), params, args, settings)
+        return
     query = clean_read_query(params, kind, settings.tz, export=export)
     conn = open_database(settings)
     try:
@@ -5959,6 +6080,74 @@ def cmd_read(args, settings):
             write_export(conn, query, stream)
     if output:
         print(f"Wrote {args.output}", file=sys.stderr)
+
+
+def export_since_position(conn, params, args, settings):
+    """`export --position FILE`: the events after the id FILE holds (none
+    yet: every event), into --output (written under a temporary name, then
+    renamed) or stdout; then FILE holds the newest id written. A run that
+    fails midway leaves FILE as it was: the next one exports the same events
+    again, which an import for the same site skips."""
+    if getattr(args, "kind", "events") != "events" or params.get("after_id") or params.get("sort.desc") \
+            or params.get("sort", "id") != "id":
+        raise MicroticksError(400, "--position exports events in the order they were stored: without --after-id,"
+                                   " --sort or sessions")
+    try:
+        with open(args.position, encoding="utf-8") as stream:
+            text = stream.read().strip()
+    except FileNotFoundError:
+        text = "0"
+    except OSError as error:
+        raise MicroticksError(400, f"Cannot read {args.position}: {error.strerror or error}") from None
+    if not text.isascii() or not text.isdigit():
+        raise MicroticksError(400, f"{args.position} should hold the id of the last event exported, not {text[:40]!r}")
+    after = int(text)
+    conn.execute("BEGIN")  # one snapshot: the newest id read is the export's last
+    try:
+        newest = conn.execute("SELECT max(id) FROM events WHERE id > ?", (after,)).fetchone()[0]
+        if newest is None:
+            print(f"No events after id {after}: nothing written", file=sys.stderr)
+            return
+        query = clean_read_query({**params, "after_id": str(after)}, "events", settings.tz, export=True)
+        query = replace(query, end_id=newest)
+        if args.output:
+            _write_atomically(args.output, lambda stream: write_export(conn, query, stream))
+        else:
+            sys.stdout.reconfigure(newline="")
+            write_export(conn, query, sys.stdout)
+            sys.stdout.flush()
+    finally:
+        conn.execute("COMMIT")
+    _write_atomically(args.position, lambda stream: stream.write(f"{newest}\n"))
+    print(f"Exported the events after id {after} to {newest}" + (f" into {args.output}" if args.output else "")
+          + f"; {args.position} now holds {newest}", file=sys.stderr)
+
+
+def _write_atomically(path, write):
+    """Call write(stream) on a temporary file beside `path`, then put it in
+    `path`'s place (synced first): `path` holds the old content or the new."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+    except OSError as error:
+        raise MicroticksError(400, f"Cannot write in {folder}: {error.strerror or error}") from None
+    try:
+        with open(handle, "w", encoding="utf-8", newline="") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_current_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _current_umask():
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 #: The files of a research bundle (write_research_bundle), and the DuckDB SQL
@@ -6004,6 +6193,9 @@ SELECT * FROM events_per_action;
 SELECT * FROM screens;
 """
 
+#: The version of the research bundle's layout (bundle.json's format):
+#: raised when a change would mislead an older reader.
+BUNDLE_FORMAT = 1
 BUNDLE_README = """\
 # Microticks research bundle
 
@@ -6024,6 +6216,7 @@ event (`timeout`). Each event has an action (`click`, `swipe`, `pageChange`,
 | `events.ndjson`, `events.csv` | every event of the selected sessions, one a line / row |
 | `sessions.ndjson`, `sessions.csv` | the sessions, each with its path |
 | `stats.json` | the figures of `GET /stats` for the same sessions, in time zone `{tz}`, with the path figures (`paths=3`) |
+| `bundle.json` | what wrote it: `format` (of the bundle: {bundle_format}), `microticks` (its version), `written`, `site`, the `selection` and the counts; `import` reads a bundle folder, and refuses one of a newer format |
 | `annotations.ndjson` | what happened at the kiosks in the selected range (new content, a kiosk moved): `id`, `time` (as given), `time_utc`, `text`, `consumer_id` and `consumer` (empty: every consumer), `site`, `created_at` |
 | `analysis.sql` | the headline figures again, from the NDJSON files, with DuckDB: `duckdb < analysis.sql` in this folder |
 
@@ -6046,6 +6239,7 @@ text exactly as sent.
 | `ip` | text | the kiosk's address as kept (by default its /24 or /48 network) |
 | `consumer_id`, `consumer` | integer, text | the frontend (kiosk app) that sent it |
 | `uuid`, `seq`, `boot` | text, integer, text | the tracker's event id, number in its session, and page load |
+| `site`, `source_id` | text, integer | the site it was collected at (MICROTICKS_SITE there), and its id there when it was imported from another site |
 
 ## Sessions
 
@@ -6063,6 +6257,7 @@ text exactly as sent.
 | `screens` | integer | distinct screens visited |
 | `path` | JSON array | {path} |
 | `last_action`, `last_event_at`, `missing_events`, `uuid` | | its last event's action and time; tracker numbers that never arrived; the tracker's session id |
+| `site`, `source_id` | text, integer | the site it was collected at, and its id there when it was imported from another site |
 
 ## Figures (`stats.json`)
 
@@ -6074,7 +6269,7 @@ Days, hours and weekdays are in time zone `{tz}`.
 """
 
 
-def write_research_bundle(conn, filters, directory, tz_name, timeout, database):
+def write_research_bundle(conn, filters, directory, tz_name, timeout, database, database_site=DEFAULT_SITE):
     """Write the bundle of the sessions `filters` selects (GET /sessions'
     query parameters) into the new folder `directory`: exports, statistics,
     a data dictionary and DuckDB SQL (BUNDLE_README). It is written under a
@@ -6100,6 +6295,10 @@ def write_research_bundle(conn, filters, directory, tz_name, timeout, database):
         figures = stats_figures(conn, clean_stats_query({**filters, "paths": "3"}, tz_name))
         with open(os.path.join(staging, "stats.json"), "w", encoding="utf-8") as stream:
             json.dump(figures, stream, indent=1, ensure_ascii=False)
+        with open(os.path.join(staging, "bundle.json"), "w", encoding="utf-8") as stream:
+            json.dump({"format": BUNDLE_FORMAT, "microticks": __version__, "written": utc_now(),
+                       "site": database_site, "selection": filters, "sessions": figures["sessions"],
+                       "events": figures["events"]}, stream, indent=1, ensure_ascii=False)
         with open(os.path.join(staging, "annotations.ndjson"), "w", encoding="utf-8") as stream:
             stream.writelines(json.dumps(annotation, ensure_ascii=False) + "\n" for annotation in figures["annotations"])
         with open(os.path.join(staging, "analysis.sql"), "w", encoding="utf-8") as stream:
@@ -6110,7 +6309,7 @@ def write_research_bundle(conn, filters, directory, tz_name, timeout, database):
                 version=__version__, written=utc_now(), database=database, selection=selection,
                 sessions=figures["sessions"], events=figures["events"], timeout=timeout, data_key=DEFAULT_DATA_KEY,
                 tz=figures["timezone"], path=SESSION_PATH_DEFINITION, values=VALUES_DEFINITION,
-                paths=PATH_FIGURES_DEFINITION, engagement=ENGAGEMENT_DEFINITION))
+                paths=PATH_FIGURES_DEFINITION, engagement=ENGAGEMENT_DEFINITION, bundle_format=BUNDLE_FORMAT))
         if os.path.isdir(target):
             os.rmdir(target)  # empty, as checked
         os.rename(staging, target)
@@ -6151,18 +6350,43 @@ def read_export_file(path):
                     raise MicroticksError(400, f"{path} line {number} is not JSON: {error}") from None
 
 
-def cmd_import(args, settings):
+def export_file_of(path):
+    """The events file to import from `path`: the file itself, or a research
+    bundle's events.ndjson, once its bundle.json says this Microticks reads it."""
+    if not os.path.isdir(path):
+        return path
+    manifest = os.path.join(path, "bundle.json")
     try:
-        with open(args.file, "rb") as stream:
+        with open(manifest, encoding="utf-8") as stream:
+            written = json.load(stream)
+    except FileNotFoundError:
+        raise MicroticksError(400, f"{path} is a folder but not a research bundle: it has no bundle.json") from None
+    except (OSError, ValueError) as error:
+        raise MicroticksError(400, f"Cannot read {manifest}: {error}") from None
+    bundle_format = written.get("format") if isinstance(written, dict) else None
+    if type(bundle_format) is not int:
+        raise MicroticksError(400, f"{manifest} is not a research bundle's (no format number)")
+    if bundle_format > BUNDLE_FORMAT:
+        raise MicroticksError(400, f"{path} was written by a newer Microticks ({written.get('microticks')}, bundle"
+                                   f" format {bundle_format}); this one ({__version__}) reads format"
+                                   f" {BUNDLE_FORMAT}: import it with that Microticks, or upgrade this one")
+    return os.path.join(path, "events.ndjson")
+
+
+def cmd_import(args, settings):
+    path = export_file_of(args.file)
+    try:
+        with open(path, "rb") as stream:
             digest = hashlib.file_digest(stream, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
                 else hashlib.sha256(stream.read()).hexdigest()
     except OSError as error:
-        raise MicroticksError(400, f"Cannot read {args.file}: {error.strerror or error}") from None
-    result = import_events(open_database(settings), read_export_file(args.file), os.path.basename(args.file),
-                           digest, args.consumer)
+        raise MicroticksError(400, f"Cannot read {path}: {error.strerror or error}") from None
+    result = import_events(open_database(settings), read_export_file(path), os.path.basename(path),
+                           digest, args.consumer, args.site)
     print(f"Imported {result['events']} events in {result['sessions']} sessions from {args.file}"
           + (f" ({result['skipped']} already present, skipped)" if result["skipped"] else "")
-          + f" as consumer {args.consumer!r}")
+          + (f" of site {args.site!r} (its consumers as NAME@{args.site}; unnamed: {args.consumer}@{args.site})"
+             if args.site else f" as consumer {args.consumer!r}"))
 
 
 def cmd_stats(args, settings):
@@ -6518,6 +6742,13 @@ def cmd_serve(args, settings):
                                    f"pip install {settings.server}, or use --server threads") from None
 
 
+def site_argument(text):
+    try:
+        return clean_site_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     # Given before or after the command: `microticks --db x.db status` and
@@ -6599,6 +6830,8 @@ def build_parser():
         group.add_argument("--consumer-name", help="consumer name")
         group.add_argument("--action", help="events with this action (sessions: having one)")
         group.add_argument("--session", type=int, help="session id")
+        group.add_argument("--site", help="a site's sessions (this installation's: $MICROTICKS_SITE, else the host"
+                                          " name; others: import --site)")
         if formats:
             group.add_argument("--sort", help="column to sort by (default: id)")
             group.add_argument("--desc", action="store_true", help="sort descending")
@@ -6619,14 +6852,21 @@ def build_parser():
     sub.add_argument("kind", nargs="?", choices=("events", "sessions"), default="events",
                      help="what to export (default: events)")
     read_filters(sub, formats=("csv", "ndjson"))
+    sub.add_argument("--position", metavar="FILE",
+                     help="export only the events after the id this file holds (every event if it does not exist"
+                          " yet), then save the newest id exported in it: for a cron job that ships new events")
     sub.add_argument("--bundle", metavar="DIR", help="write a research bundle into this new folder instead: the"
                      " events and sessions as NDJSON and CSV, stats.json, a data dictionary (README.md) and DuckDB"
                      " SQL for the headline figures (analysis.sql); takes the filters")
     sub = command("import", cmd_import, "load a GET /events JSON export or an NDJSON export, "
                                         "keeping ids, sessions, times and data; a file loads once")
-    sub.add_argument("file", help="the export file")
+    sub.add_argument("file", help="the export file, or a research bundle's folder")
     sub.add_argument("--consumer", default="import", help="consumer the sessions belong to "
                                                           "(created if missing; default: %(default)s)")
+    sub.add_argument("--site", type=site_argument, metavar="NAME",
+                     help="the export is of another site (its MICROTICKS_SITE): its events and sessions get ids of"
+                          " their own, the consumer is named CONSUMER@NAME, and what was imported for the site"
+                          " before is skipped, so a later export that overlaps adds only what is new")
     sub = command("stats", cmd_stats, "print the statistics of GET /stats as readable tables")
     read_filters(sub, formats=())
     sub.add_argument("--data-key", help=f"the data key naming screens (default: {DEFAULT_DATA_KEY})")
@@ -6651,6 +6891,7 @@ def build_parser():
         group.add_argument(f"--{side}-consumer-name", dest=f"{side}.consumer_name", metavar="NAME",
                            help="consumer name")
         group.add_argument(f"--{side}-ip", dest=f"{side}.ip", metavar="ADDRESS", help="client address")
+        group.add_argument(f"--{side}-site", dest=f"{side}.site", metavar="NAME", help="site")
     sub.add_argument("--data-key", help=f"the data key naming screens (default: {DEFAULT_DATA_KEY})")
     sub.add_argument("--tz", help="time zone of days and times (default: $MICROTICKS_TZ, else the server's)")
     sub.add_argument("--meaningful", type=int, metavar="N", help="sessions with N touches or more are"
