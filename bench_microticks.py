@@ -47,6 +47,7 @@ import json
 import os
 import platform
 import py_compile
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -184,6 +185,21 @@ def bench_reads(workdir, results, db):
         peak = peak_rss_mb(server.proc.pid)
         rows.append({"read": "serve peak memory after the exports", "peak_rss_mb": round(peak, 1),
                      "database_mb": round(db.stat().st_size / 1e6, 1)})
+    # A research bundle of everything (the events and sessions as NDJSON and
+    # CSV, stats.json...), written by the command, and its peak memory.
+    bundle = workdir / "bundle"
+    started = time.perf_counter()
+    peak_kb = subprocess.run(
+        [sys.executable, "-c", "import resource, sys, microticks; code = microticks.main(sys.argv[1:]);"
+         " print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)",
+         "export", "--bundle", str(bundle), "--db", str(db)],
+        check=True, capture_output=True, text=True, cwd=HERE, env={**os.environ, **MICROTICKS_ENV}).stdout.split()[-1]
+    seconds = time.perf_counter() - started
+    rows.append({"read": "research bundle of everything (events and sessions, NDJSON and CSV)",
+                 "seconds": round(seconds, 1), "event_rows_per_s": round(events / seconds),
+                 "peak_rss_mb": round(int(peak_kb) / 1024, 1), "target_rows_per_s": 100_000,
+                 "bytes": sum(f.stat().st_size for f in bundle.iterdir())})
+    shutil.rmtree(bundle)
     # The baseline: SQLite alone reading every row in-process.
     conn = sqlite3.connect(db)
     started = time.perf_counter()
