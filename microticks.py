@@ -365,6 +365,25 @@ class MicroticksError(bottle.HTTPError):
         self.message = message
         self.errors = errors or {}
 
+    def fields(self):
+        """As one of a batch's results: error_fields."""
+        return error_fields(self.status_code, self.message, self.errors)
+
+
+def error_fields(status, message, errors=None):
+    """What every error answer holds, the app's and the built-in server's own
+    (a request it cannot parse, or that did not arrive whole): its message,
+    its status, and what was wrong with each field, if that is known."""
+    fields = {"error": message, "status": status}
+    if errors:
+        fields["errors"] = errors
+    return fields
+
+
+def error_json(status, message, errors=None):
+    """error_fields as the JSON text of an answer."""
+    return _answer_json(error_fields(status, message, errors))
+
 
 ###############################################################################
 # Database ####################################################################
@@ -989,10 +1008,16 @@ def list_consumers(conn):
     return [dict(row) for row in rows]
 
 
+def _newest_event(column, session):
+    """SQL: `column` of the newest event (the last stored) of the session
+    whose id is the SQL `session`; NULL without events."""
+    return f"(SELECT x.{column} FROM events x WHERE x.session_id = {session} ORDER BY x.id DESC LIMIT 1)"
+
+
 # When a consumer's newest event arrived: computed when asked (status,
 # metrics), not written with every event, which would cost ingest a second write.
-_CONSUMER_LAST_EVENT = ("(SELECT max((SELECT x.received_at FROM events x WHERE x.session_id = s.id"
-                        " ORDER BY x.id DESC LIMIT 1)) FROM sessions s WHERE s.consumer_id = c.id) AS last_event_at")
+_CONSUMER_LAST_EVENT = (f"(SELECT max({_newest_event('received_at', 's.id')}) FROM sessions s"
+                        " WHERE s.consumer_id = c.id) AS last_event_at")
 
 
 def _consumer_named(conn, name):
@@ -1158,8 +1183,8 @@ def store_events(conn, events, deadline=None):
     """Store events in one transaction (its turn waited for until
     `deadline`, as write_transaction); one result per event, in order:
     {"event_id": N} (plus "duplicate": true when its uuid was stored before)
-    or {"error": ..., "status": ...} (a MicroticksError from validation, or
-    a refusal here). A late event for a session the server closed for
+    or the MicroticksError that refuses it (from validation, or from here):
+    the app answers it, alone or as one of a batch's results. A late event for a session the server closed for
     inactivity is stored and moves that session's stop; a client's stop is final."""
     results, values, sessions, new_uuids, now = [], [], {}, {}, utc_now()
     stored = 0  # rows in `values`; a stored event's result is its row number until the ids are known
@@ -1168,7 +1193,7 @@ def store_events(conn, events, deadline=None):
                                                  if not isinstance(event, MicroticksError) and event["uuid"]])
         for event in events:
             if isinstance(event, MicroticksError):
-                results.append({"error": event.message, "status": event.status_code})
+                results.append(event)
                 continue
             uuid, token = event["uuid"], event["token"]
             if uuid:
@@ -1182,11 +1207,11 @@ def store_events(conn, events, deadline=None):
             if session is None:
                 try:
                     session = sessions[token] = dict(_session_for_token(conn, token))
-                except MicroticksError as error:
-                    results.append({"error": error.message, "status": error.status_code})
+                except MicroticksError as refusal:
+                    results.append(refusal)
                     continue
             if session["final"]:
-                results.append({"error": "Session was already stopped.", "status": 409})
+                results.append(MicroticksError(409, "Session was already stopped."))
                 continue
             ts = event["ts"]
             if uuid:
@@ -1211,7 +1236,7 @@ def store_events(conn, events, deadline=None):
             for n, result in enumerate(results):
                 if type(result) is int:
                     results[n] = {"event_id": first_id + result}
-                elif "duplicate_of" in result:
+                elif type(result) is dict and "duplicate_of" in result:
                     results[n] = {"event_id": first_id + result["duplicate_of"], "duplicate": True}
     return results
 
@@ -1282,9 +1307,8 @@ def stop_session(conn, token, ts):
 
 # The newest event of a session: its time closes the session; its arrival
 # tells how long the session has been idle.
-_LAST_EVENT = "FROM events x WHERE x.session_id = sessions.id ORDER BY x.id DESC LIMIT 1"
-_IDLE_SINCE = (f"coalesce((SELECT x.received_at {_LAST_EVENT}), sessions.received_at,"
-               f" (SELECT x.time_utc {_LAST_EVENT}), sessions.started_utc)")
+_IDLE_SINCE = (f"coalesce({_newest_event('received_at', 'sessions.id')}, sessions.received_at,"
+               f" {_newest_event('time_utc', 'sessions.id')}, sessions.started_utc)")
 
 
 def close_idle_sessions(conn, timeout):
@@ -1300,8 +1324,8 @@ def close_idle_sessions(conn, timeout):
     with write_transaction(conn):
         return conn.execute(
             "UPDATE sessions SET"
-            f" stopped_at = coalesce((SELECT x.time {_LAST_EVENT}), started_at),"
-            f" stopped_utc = coalesce((SELECT x.time_utc {_LAST_EVENT}), started_utc),"
+            f" stopped_at = coalesce({_newest_event('time', 'sessions.id')}, started_at),"
+            f" stopped_utc = coalesce({_newest_event('time_utc', 'sessions.id')}, started_utc),"
             f" stop_received_at = ?, stop_reason = 'timeout' WHERE {idle}", (utc_now(), cutoff)).rowcount
 
 
@@ -1385,6 +1409,8 @@ EVENT_SORTS = {
     "seq": ("e.session_id", "e.seq", "e.id"),
 }
 
+# A session's latest moment by its client's clock: the latest event time, not
+# the newest event's (_newest_event), which a late retry may have sent.
 _SESSION_LAST_EVENT = "(SELECT max(x.time_utc) FROM events x WHERE x.session_id = s.id)"
 SESSION_COLUMNS = {
     "id": "s.id", "consumer_id": "s.consumer_id", "consumer": "c.name", "ip": "s.ip",
@@ -3242,15 +3268,21 @@ def _id_parameter(params, name):
     return number
 
 
+def refuse_unknown_parameters(params, allowed):
+    """A 400 naming the parameters that are not `allowed`, and those that are
+    ("key", the API key, is allowed everywhere but not listed)."""
+    unknown = sorted(set(params) - {*allowed, "key"})
+    if unknown:
+        listed = ", ".join(name for name in allowed if name != "key")
+        raise MicroticksError(400, f"Unknown parameter {unknown[0]!r}; allowed: {listed}",
+                              {name: ["unknown parameter"] for name in unknown})
+
+
 def clean_read_query(params, kind, tz_name="", export=False):
     """Turn query parameters (a dict of strings, from a URL or the CLI) into
     a ReadQuery, or refuse with a 400 that names the parameter and what is
     allowed. With export=True there is no default limit."""
-    allowed = READ_FILTERS + PAGE_PARAMETERS
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise MicroticksError(400, f"Unknown parameter {unknown[0]!r}; allowed: {', '.join(allowed)}",
-                              {name: ["unknown parameter"] for name in unknown})
+    refuse_unknown_parameters(params, READ_FILTERS + PAGE_PARAMETERS)
     events = kind == "events"
     columns = EVENT_COLUMNS if events else SESSION_COLUMNS
     sorts = EVENT_SORTS if events else SESSION_SORTS
@@ -3373,11 +3405,7 @@ def clean_stats_query(params, settings_tz):
     a StatsQuery."""
     stats_params = {k: v for k, v in params.items() if k in STATS_PARAMETERS}
     filters = {k: v for k, v in params.items() if k not in STATS_PARAMETERS}
-    unknown = sorted(set(filters) - set(READ_FILTERS))
-    if unknown:
-        allowed = READ_FILTERS + STATS_PARAMETERS
-        raise MicroticksError(400, f"Unknown parameter {unknown[0]!r}; allowed: {', '.join(allowed)}",
-                              {name: ["unknown parameter"] for name in unknown})
+    refuse_unknown_parameters(params, READ_FILTERS + STATS_PARAMETERS)
 
     def tz(p, name):
         value = p.get(name, settings_tz) or ""
@@ -3450,19 +3478,15 @@ def clean_compare_query(params, settings_tz):
     """Two sets of /stats filters, prefixed a. and b., and the other /stats
     parameters shared by both: a CompareQuery. A side without a filter, an
     unknown prefix or parameter: a 400 naming it."""
-    sides, shared, unknown = {"a": {}, "b": {}}, {}, []
+    sides, shared = {"a": {}, "b": {}}, {}
+    refuse_unknown_parameters(params, [f"{side}.{name}" for side in sides for name in SIDE_FILTERS]
+                              + list(STATS_PARAMETERS) + ["key"])
     for name, value in params.items():
         prefix, _, filter_name = name.partition(".")
         if prefix in sides and filter_name in SIDE_FILTERS:
             sides[prefix][filter_name] = value
-        elif name in STATS_PARAMETERS or name == "key":
-            shared[name] = value
         else:
-            unknown.append(name)
-    if unknown:
-        allowed = [f"{side}.{name}" for side in sides for name in SIDE_FILTERS] + list(STATS_PARAMETERS)
-        raise MicroticksError(400, f"Unknown parameter {sorted(unknown)[0]!r}; allowed: {', '.join(allowed)}",
-                              {name: ["unknown parameter"] for name in sorted(unknown)})
+            shared[name] = value
     queries = {}
     for side, filters in sides.items():
         if not any(filters.values()):
@@ -3494,10 +3518,7 @@ ANNOTATION_FILTERS = ("from", "to", "date", "consumer", "consumer_name", "site",
 
 def clean_annotation_query(params, tz_name):
     """The filters of GET /annotations, as a ReadQuery (read_annotations)."""
-    unknown = sorted(set(params) - set(ANNOTATION_FILTERS))
-    if unknown:
-        raise MicroticksError(400, f"Unknown parameter {unknown[0]!r}; allowed: {', '.join(ANNOTATION_FILTERS)}",
-                              {name: ["unknown parameter"] for name in unknown})
+    refuse_unknown_parameters(params, ANNOTATION_FILTERS)
     return clean_read_query(params, "sessions", tz_name, export=True)
 
 
@@ -3849,10 +3870,7 @@ def make_app(settings):
             counters["requests_refused"] += 1
         elif status == 503:
             counters["database_errors"] += 1
-        body = {"error": message, "status": status}
-        if getattr(error, "errors", None):
-            body["errors"] = error.errors
-        return _answer_json(body)
+        return error_json(status, message, getattr(error, "errors", None))
 
     app.default_error_handler = render_error
 
@@ -3960,17 +3978,18 @@ def make_app(settings):
     def consumers():
         return {"consumers": list_consumers(db.connection()), "status": 200}
 
+    def current_status():
+        close_idle()  # vanished kiosks' sessions are not counted open
+        return database_status(db.connection(), settings.db_path, timedelta(hours=settings.silent_hours))
+
     @app.get("/status")
     def status():
-        close_idle()
-        return dict(database_status(db.connection(), settings.db_path, timedelta(hours=settings.silent_hours)),
-                    status=200)
+        return dict(current_status(), status=200)
 
     @app.get("/metrics")
     def metrics():
         response.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        return prometheus_metrics(
-            database_status(db.connection(), settings.db_path, timedelta(hours=settings.silent_hours)), counters)
+        return prometheus_metrics(current_status(), counters)
 
     @app.get("/examples")
     @app.get("/examples/")
@@ -4015,8 +4034,8 @@ def make_app(settings):
             purge_older_than(db.connection(), cutoff, chunk=500, max_chunks=1)
 
     def count(results):
-        refused = len([1 for result in results if "error" in result])
-        duplicate = len([1 for result in results if "duplicate" in result])
+        refused = sum(isinstance(result, MicroticksError) for result in results)
+        duplicate = sum(isinstance(result, dict) and "duplicate" in result for result in results)
         counters["events_refused"] += refused
         counters["events_duplicate"] += duplicate
         counters["events_stored"] += len(results) - refused - duplicate
@@ -4049,11 +4068,13 @@ def make_app(settings):
                 refuse_after_wrong_keys()
             tokens = start_sessions(db.connection(), starts, client_ip(), settings.store_ip)
             count_wrong_consumer_keys(*tokens.values())
-            return {"results": count(db.store_events(clean_batch(fields, received, tokens))), "status": 200}
+            results = count(db.store_events(clean_batch(fields, received, tokens)))
+            return {"results": [result.fields() if isinstance(result, MicroticksError) else result
+                                for result in results], "status": 200}
         offset = request_clock_offset(fields, received)
         result = count(db.store_events([clean_event(fields, from_form, offset)]))[0]
-        if "error" in result:
-            raise MicroticksError(result["status"], result["error"])
+        if isinstance(result, MicroticksError):
+            raise result
         return {**result, "status": 200}
 
     @app.post("/sessions/stop")
@@ -4493,7 +4514,7 @@ class ConnectionHandler(WSGIRequestHandler):
         if not getattr(app, "config", {}).get("microticks.answers_heads"):
             if length <= MAX_BODY_BYTES:
                 return None
-            body = _answer_json({"error": STATUS_MESSAGES[413], "status": 413}).encode()
+            body = error_json(413, STATUS_MESSAGES[413]).encode()
             return _closing_answer("413 Content Too Large", [("Content-Type", "application/json")], body)
         lines = head.decode("iso-8859-1").split("\n")
         words = lines[0].split()
@@ -4533,7 +4554,7 @@ class ConnectionHandler(WSGIRequestHandler):
         """BaseHTTPRequestHandler's answer to a request it cannot parse, in the
         app's JSON shape instead of an HTML page; the connection closes."""
         self.close_connection = True
-        body = _answer_json({"error": message or http.HTTPStatus(code).phrase, "status": code}).encode()
+        body = error_json(code, message or http.HTTPStatus(code).phrase).encode()
         self.send_response(code)
         self.send_header("Connection", "close")
         self.send_header("Content-Type", "application/json")
@@ -4611,7 +4632,7 @@ class ConnectionHandler(WSGIRequestHandler):
         # An operator's clue to a kiosk whose network drops mid-request.
         log.info("%s sent part of a request and not the rest within %s s: answered 408",
                  self.client_address[0], self.rfile.timeout)
-        body = _answer_json({"error": f"The request did not arrive whole within {self.rfile.timeout} s", "status": 408})
+        body = error_json(408, f"The request did not arrive whole within {self.rfile.timeout} s")
         origin = re.search(rb"\n[Oo][Rr][Ii][Gg][Ii][Nn][ \t]*:[ \t]*([^\r\n]*)", self.rfile.ahead)
         app_headers = getattr(self.server.get_app(), "config", {}).get("microticks.common_headers")
         headers = app_headers(origin.group(1).decode("latin-1").strip() if origin else None) if app_headers else {}
