@@ -18,38 +18,38 @@ Deploy it behind a web server:
     AddHandler cgi-script .py                     # the file itself as a CGI script
 
 Environment (a command-line flag wins over its variable; under mod_wsgi and
-CGI, Apache's SetEnv works too):
+CGI, Apache's SetEnv works too; each default is in the Settings class below,
+and `--help` shows it):
 
-    MICROTICKS_DB            SQLite file (default: microticks.db beside this file;
-                             installed with pip, in the working directory)
-    MICROTICKS_KEY           API key every request must carry (default: none)
+    MICROTICKS_DB            SQLite file (beside this file; installed with pip,
+                             in the working directory)
+    MICROTICKS_KEY           API key every request must carry
     MICROTICKS_CORS_ORIGINS  origins allowed to call the API, comma-separated
-                             (default: *, any origin, file:// pages included)
-    MICROTICKS_HOST          address `serve` listens on (default: 127.0.0.1)
-    MICROTICKS_PORT          port `serve` listens on (default: 8080)
-    MICROTICKS_SERVER        server `serve` runs (default: threads)
-    MICROTICKS_THREADS       worker threads of the default server (default: 8)
+    MICROTICKS_HOST          address `serve` listens on
+    MICROTICKS_PORT          port `serve` listens on
+    MICROTICKS_SERVER        server `serve` runs: threads (its own), or another
+    MICROTICKS_THREADS       worker threads of the default server
     MICROTICKS_CPUS          one: the default server runs on one CPU core, where
-                             Python's threads take turns fastest (default); all:
-                             on any (gunicorn -w N is the way to use several)
-    MICROTICKS_LOG_LEVEL     DEBUG, INFO, WARNING or ERROR (default: INFO;
-                             the first Microticks' FLASK_LOG_LEVEL is read too)
+                             Python's threads take turns fastest; all: on any
+                             (gunicorn -w N is the way to use several)
+    MICROTICKS_LOG_LEVEL     DEBUG, INFO, WARNING or ERROR (the first
+                             Microticks' FLASK_LOG_LEVEL is read too)
     MICROTICKS_SENTRY_DSN    report errors to Sentry (needs the sentry_sdk package)
     MICROTICKS_TZ            time zone of statistics and date filters, e.g.
-                             Europe/Berlin (default: the server's zone)
+                             Europe/Berlin
     MICROTICKS_SESSION_TIMEOUT  seconds without an event before the server
-                             closes a session (default: 1800)
-    MICROTICKS_RATE_LIMIT    requests a second per client address (default: 50; 0: none)
+                             closes a session
+    MICROTICKS_RATE_LIMIT    requests a second per client address (0: none)
     MICROTICKS_STORE_IP      what is kept of client addresses: truncated (the /24
-                             or /48 network; default), full or none
-    MICROTICKS_RETENTION_DAYS  delete sessions older than this (default: 0, never)
+                             or /48 network), full or none
+    MICROTICKS_RETENTION_DAYS  delete sessions older than this (0: never)
     MICROTICKS_SILENT_HOURS  hours after which `status` and /metrics call a
-                             consumer or kiosk silent (default: 24)
+                             consumer or kiosk silent
     MICROTICKS_SITE          this installation's site name, beside sites imported
-                             with `import --site` (default: the host name)
+                             with `import --site`
     MICROTICKS_TRUSTED_PROXIES  addresses or networks of reverse proxies whose
                              X-Forwarded-For / Forwarded name the client,
-                             comma-separated (default: 127.0.0.1,::1; none: "")
+                             comma-separated ("": none)
 
 Needs Python 3.9 or newer and Bottle 0.13 (`pip install bottle`, or Bottle's
 single file bottle.py copied beside this one).
@@ -177,6 +177,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_SITE = (socket.gethostname() or "local")[:MAX_CONSUMER_NAME_CHARS]
 #: The values of MICROTICKS_CPUS and `serve --cpus`, the default first.
 CPUS_CHOICES = ("one", "all")
+#: The values of MICROTICKS_STORE_IP, the default first.
+STORE_IP_CHOICES = ("truncated", "full", "none")
 
 
 @dataclass(frozen=True)
@@ -189,13 +191,16 @@ class Settings:
     api_key: str = ""
     #: Origins allowed by CORS; "*" allows any (kiosk pages load from file://).
     cors_origins: tuple = ("*",)
+    #: Where `serve` listens: this machine only, unless told otherwise.
     host: str = "127.0.0.1"
     port: int = 8080
+    #: "threads": the built-in server (make_http_server); or one Bottle knows.
     server: str = "threads"
     threads: int = 8
     #: "one": the default server keeps to one CPU core; "all": it runs on any.
-    cpus: str = "one"
+    cpus: str = CPUS_CHOICES[0]
     log_level: str = "INFO"
+    #: Report errors to Sentry too (none: only the log).
     sentry_dsn: str = ""
     #: The zone statistics and date filters are read in ("" = the server's).
     tz: str = ""
@@ -203,8 +208,8 @@ class Settings:
     session_timeout: int = 1800
     #: Requests a second one client address may make (0: no limit).
     rate_limit: int = 50
-    #: What is kept of a client's address: full, truncated (its network) or none.
-    store_ip: str = "truncated"
+    #: What is kept of a client's address: truncated (its network), full or none.
+    store_ip: str = STORE_IP_CHOICES[0]
     #: Sessions older than this many days are deleted (0: kept for ever).
     retention_days: int = 0
     #: Hours without a sign of life after which `status` calls a kiosk silent.
@@ -217,6 +222,11 @@ class Settings:
     site: str = DEFAULT_SITE
     #: Problems found while reading the environment, reported at start-up.
     warnings: tuple = field(default=(), compare=False)
+
+
+#: Every setting's default, stated once (above): the environment, the
+#: command line's help and the module's docstring take them from here.
+DEFAULTS = Settings()
 
 
 def load_settings(wsgi_environ=None, **overrides):
@@ -251,29 +261,31 @@ def load_settings(wsgi_environ=None, **overrides):
             return choices[0]
         return value
 
-    level = (env.get("MICROTICKS_LOG_LEVEL") or env.get("FLASK_LOG_LEVEL") or "INFO").upper()
+    level = (env.get("MICROTICKS_LOG_LEVEL") or env.get("FLASK_LOG_LEVEL") or DEFAULTS.log_level).upper()
     if level not in LOG_LEVELS:
-        warnings.append(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}; using INFO")
-        level = "INFO"
-    origins = tuple(o.strip() for o in env.get("MICROTICKS_CORS_ORIGINS", "*").split(",") if o.strip())
+        warnings.append(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}; using {DEFAULTS.log_level}")
+        level = DEFAULTS.log_level
+    origins = tuple(o.strip() for o in env.get("MICROTICKS_CORS_ORIGINS", "").split(",") if o.strip())
     settings = Settings(
-        db_path=env.get("MICROTICKS_DB") or DEFAULT_DB_PATH,
-        api_key=env.get("MICROTICKS_KEY", ""),
-        cors_origins=origins or ("*",),
-        host=env.get("MICROTICKS_HOST") or "127.0.0.1",
-        port=integer("MICROTICKS_PORT", 8080),
-        server=env.get("MICROTICKS_SERVER") or "threads",
-        threads=integer("MICROTICKS_THREADS", 8, 1, 256),
+        db_path=env.get("MICROTICKS_DB") or DEFAULTS.db_path,
+        api_key=env.get("MICROTICKS_KEY", DEFAULTS.api_key),
+        cors_origins=origins or DEFAULTS.cors_origins,
+        host=env.get("MICROTICKS_HOST") or DEFAULTS.host,
+        port=integer("MICROTICKS_PORT", DEFAULTS.port),
+        server=env.get("MICROTICKS_SERVER") or DEFAULTS.server,
+        threads=integer("MICROTICKS_THREADS", DEFAULTS.threads, 1, 256),
         cpus=choice("MICROTICKS_CPUS", CPUS_CHOICES),
         log_level=level,
-        sentry_dsn=env.get("MICROTICKS_SENTRY_DSN", ""),
-        tz=timezone_setting(env.get("MICROTICKS_TZ", ""), warnings),
-        session_timeout=integer("MICROTICKS_SESSION_TIMEOUT", 1800, 1, MAX_AGE // timedelta(seconds=1)),
-        rate_limit=integer("MICROTICKS_RATE_LIMIT", 50, 0, 10**6),
-        store_ip=choice("MICROTICKS_STORE_IP", ("truncated", "full", "none")),
-        retention_days=integer("MICROTICKS_RETENTION_DAYS", 0, 0, MAX_AGE.days),
-        silent_hours=integer("MICROTICKS_SILENT_HOURS", 24, 1, MAX_AGE // timedelta(hours=1)),
-        trusted_proxies=proxies_setting(env.get("MICROTICKS_TRUSTED_PROXIES", "127.0.0.1,::1"), warnings),
+        sentry_dsn=env.get("MICROTICKS_SENTRY_DSN", DEFAULTS.sentry_dsn),
+        tz=timezone_setting(env.get("MICROTICKS_TZ", DEFAULTS.tz), warnings),
+        session_timeout=integer("MICROTICKS_SESSION_TIMEOUT", DEFAULTS.session_timeout, 1,
+                                MAX_AGE // timedelta(seconds=1)),
+        rate_limit=integer("MICROTICKS_RATE_LIMIT", DEFAULTS.rate_limit, 0, 10**6),
+        store_ip=choice("MICROTICKS_STORE_IP", STORE_IP_CHOICES),
+        retention_days=integer("MICROTICKS_RETENTION_DAYS", DEFAULTS.retention_days, 0, MAX_AGE.days),
+        silent_hours=integer("MICROTICKS_SILENT_HOURS", DEFAULTS.silent_hours, 1, MAX_AGE // timedelta(hours=1)),
+        trusted_proxies=proxies_setting(env.get("MICROTICKS_TRUSTED_PROXIES", ",".join(DEFAULTS.trusted_proxies)),
+                                        warnings),
         site=site_setting(env.get("MICROTICKS_SITE", ""), warnings),
         warnings=tuple(warnings),
     )
@@ -6794,20 +6806,20 @@ def build_parser():
 
     command("initdb", cmd_initdb, "create the database, or upgrade it in place; never deletes data")
     sub = command("serve", cmd_serve, "run the HTTP service")
-    sub.add_argument("--host", help="address to listen on (default: $MICROTICKS_HOST, else 127.0.0.1;"
+    sub.add_argument("--host", help=f"address to listen on (default: $MICROTICKS_HOST, else {DEFAULTS.host};"
                                     " 0.0.0.0 for every network)")
-    sub.add_argument("--port", type=int, help="port (default: $MICROTICKS_PORT, else 8080)")
+    sub.add_argument("--port", type=int, help=f"port (default: $MICROTICKS_PORT, else {DEFAULTS.port})")
     sub.add_argument("--server", help="threads (the built-in pool; default), or any server Bottle "
                                       "supports and you installed: waitress, gunicorn, cheroot, ...")
     sub.add_argument("--threads", type=whole_argument(1, 256),
-                     help="worker threads of the built-in server (default: $MICROTICKS_THREADS, else 8)")
+                     help=f"worker threads of the built-in server (default: $MICROTICKS_THREADS, else {DEFAULTS.threads})")
     sub.add_argument("--cpus", choices=CPUS_CHOICES,
                      help="one: the built-in server keeps to one CPU core, where Python's threads take"
-                          " turns fastest; all: it runs on any (default: $MICROTICKS_CPUS, else one)")
+                          f" turns fastest; all: it runs on any (default: $MICROTICKS_CPUS, else {DEFAULTS.cpus})")
     sub.add_argument("--trusted-proxies", type=proxies_argument, metavar="LIST",
                      help="reverse proxies whose X-Forwarded-For or Forwarded header names the client:"
                           " addresses or networks, comma-separated; '' for none"
-                          " (default: $MICROTICKS_TRUSTED_PROXIES, else 127.0.0.1,::1)")
+                          f" (default: $MICROTICKS_TRUSTED_PROXIES, else {','.join(DEFAULTS.trusted_proxies)})")
     sub = command("createconsumer", cmd_createconsumer, "register a frontend and print its consumer key")
     sub.add_argument("name", type=name_argument, help="a name for the frontend, e.g. the kiosk's location")
     sub.add_argument("--allow", type=networks_argument, metavar="NETWORKS",
@@ -6838,7 +6850,7 @@ def build_parser():
     sub = command("status", cmd_status, "sizes, counts, open sessions, last sign of life per consumer and kiosk")
     sub.add_argument("--silent-hours", type=whole_argument(1, MAX_AGE // timedelta(hours=1), " of hours"),
                      help="call a consumer or kiosk silent after this many hours "
-                          "(default: $MICROTICKS_SILENT_HOURS, else 24)")
+                          f"(default: $MICROTICKS_SILENT_HOURS, else {DEFAULTS.silent_hours})")
     sub.add_argument("--json", action="store_true", help="print the JSON of GET /status")
     def read_filters(sub, formats=EXPORT_FORMATS):
         group = sub.add_argument_group("filters (as the HTTP API's query parameters)")
@@ -6934,7 +6946,7 @@ def build_parser():
     sub = command("closestale", cmd_closestale, "close sessions without an event for a while (the "
                                                 "service does this too, on requests; this is for cron)")
     sub.add_argument("--timeout", type=whole_argument(1, MAX_AGE // timedelta(seconds=1), " of seconds"),
-                     help="seconds without an event (default: $MICROTICKS_SESSION_TIMEOUT, else 1800)")
+                     help=f"seconds without an event (default: $MICROTICKS_SESSION_TIMEOUT, else {DEFAULTS.session_timeout})")
     sub = command("forgetstats", cmd_forgetstats, "delete the statistics /stats keeps (all, or of one data "
                                                   "key or bin) and shrink the file; they are computed again")
     sub.add_argument("--data-key", help="only those of this data key")
