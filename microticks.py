@@ -401,6 +401,8 @@ def error_json(status, message, errors=None):
 # Database ####################################################################
 ###############################################################################
 
+# -- Schema and migrations ----------------------------------------------------
+
 # The first Microticks' tables, exactly as deployed: databases in the field
 # have this shape at user_version 0, and the later migrations start from it.
 FIRST_GENERATION_SCHEMA = [
@@ -576,9 +578,32 @@ MIGRATIONS = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-#: Seconds a connection waits for another writer before giving up (503).
-BUSY_TIMEOUT = 10.0
 
+def schema_version(conn):
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(conn):
+    """Apply the migrations this file has not seen yet, each in its own
+    transaction together with its version number, so that an interrupted
+    upgrade leaves the file at the last complete version."""
+    new = conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None
+    if new:
+        log.info("creating the database (schema version %d)", SCHEMA_VERSION)
+    while schema_version(conn) < SCHEMA_VERSION:
+        with write_transaction(conn):
+            version = schema_version(conn)  # another process may have been first
+            if version >= SCHEMA_VERSION:
+                break
+            description, statements = MIGRATIONS[version]
+            log.log(logging.DEBUG if new else logging.INFO,
+                    "upgrading the database to version %d: %s", version + 1, description)
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1:d}")
+
+
+# -- Times, keys and addresses, as stored -------------------------------------
 
 def utc_now():
     """The server's clock as stored: ISO 8601 in UTC with milliseconds."""
@@ -623,6 +648,94 @@ def load_timezone(name):
         with contextlib.suppress(zoneinfo.ZoneInfoNotFoundError, ValueError):
             return zoneinfo.ZoneInfo(link.split("zoneinfo/", 1)[1])
     return datetime.now().astimezone().tzinfo
+
+
+_ISO_TIME = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d)(?::(\d\d)(?:[.,](\d{1,9}))?)?"
+    r"(Z|[+-]\d\d(?::?\d\d)?)", re.IGNORECASE | re.ASCII)
+
+
+class Timestamp(NamedTuple):
+    """A client time: as sent (stored verbatim) and normalised to UTC."""
+    text: str
+    utc: str
+
+    def shifted(self, offset):
+        """The same client time, its UTC form corrected by a clock offset."""
+        if not offset:
+            return self
+        try:
+            return Timestamp(self.text, format_utc(datetime.fromisoformat(self.utc[:-1]) + offset))
+        except OverflowError:  # a clock thousands of years off: nothing sensible to correct to
+            return self
+
+
+# What Date.toISOString() sends, which is already the stored UTC form.
+_CANONICAL_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", re.ASCII)
+
+
+def utc_text(text):
+    """A client time in the stored UTC form; ValueError or OverflowError otherwise."""
+    if _CANONICAL_UTC.fullmatch(text):
+        try:
+            datetime.fromisoformat(text[:-1])  # a real date and time?
+            return text
+        except ValueError:
+            pass  # parse_timestamp words the error
+    return format_utc(parse_timestamp(text))
+
+
+def parse_timestamp(text):
+    """An ISO 8601 date and time with a zone ('Z' or an offset), seconds and
+    fractions optional, as an aware datetime; ValueError otherwise."""
+    match = _ISO_TIME.fullmatch(text.strip())
+    if not match:
+        raise ValueError("must be an ISO 8601 time with a zone, "
+                         "like 2017-08-25T17:09:19.438Z (from new Date().toISOString())")
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    if zone.upper() == "Z":
+        offset = timedelta(0)
+    else:
+        digits = zone[1:].replace(":", "")
+        offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
+        if offset >= timedelta(hours=24):
+            raise ValueError("has a zone offset of 24 hours or more")
+        if zone[0] == "-":
+            offset = -offset
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    try:
+        return datetime(int(year), int(month), int(day), int(hour), int(minute),
+                        int(second or 0), micro, tzinfo=timezone(offset))
+    except ValueError:
+        raise ValueError(f"is not a real date and time: {text.strip()!r}") from None
+
+
+def address_allowed(ip, networks):
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(n) for n in networks.split(",") if n)
+
+
+def kept_address(ip, mode):
+    """What is stored of a client address: all of it, its network (/24 for
+    IPv4, /48 for IPv6: still tells sites apart, no longer a person), or nothing."""
+    if mode == "full":
+        return ip
+    if mode == "none":
+        return ""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ""
+    return str(ipaddress.ip_network(f"{address}/{24 if address.version == 4 else 48}", strict=False))
+
+
+# -- Connections and writer turns ---------------------------------------------
+
+#: Seconds a connection waits for another writer before giving up (503).
+BUSY_TIMEOUT = 10.0
 
 
 class ReadOnlyDatabase(sqlite3.OperationalError):
@@ -915,30 +1028,6 @@ def _use_wal(conn):
         return
 
 
-def schema_version(conn):
-    return conn.execute("PRAGMA user_version").fetchone()[0]
-
-
-def migrate(conn):
-    """Apply the migrations this file has not seen yet, each in its own
-    transaction together with its version number, so that an interrupted
-    upgrade leaves the file at the last complete version."""
-    new = conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None
-    if new:
-        log.info("creating the database (schema version %d)", SCHEMA_VERSION)
-    while schema_version(conn) < SCHEMA_VERSION:
-        with write_transaction(conn):
-            version = schema_version(conn)  # another process may have been first
-            if version >= SCHEMA_VERSION:
-                break
-            description, statements = MIGRATIONS[version]
-            log.log(logging.DEBUG if new else logging.INFO,
-                    "upgrading the database to version %d: %s", version + 1, description)
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {version + 1:d}")
-
-
 @contextlib.contextmanager
 def write_transaction(conn, deadline=None):
     """A transaction that holds the write lock from its first statement,
@@ -993,6 +1082,37 @@ class Database:
             conn = self._local.conn = connect(self.path, self.site)
         return conn
 
+
+#: Less room than this on the database's disk counts as full (/health, and
+#: start-up's message): a batch and its WAL frames take up to about this.
+MIN_FREE_BYTES = 2 * MAX_BODY_BYTES
+
+
+def full_disk(path):
+    """What is wrong when the disk holding the database at `path` has almost
+    no room left, or None. Starting a write transaction needs no room, and
+    the WAL reuses its file, so a write may even work for a while: this
+    tells an operator before the kiosks' events are refused."""
+    try:
+        disk = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return None
+    free = disk.f_bavail * disk.f_frsize
+    if free >= MIN_FREE_BYTES:
+        return None
+    return f"its disk is full ({free:,} bytes free)"
+
+
+def check_writable(conn, path):
+    """Raise unless the database can take writes (for /health)."""
+    full = full_disk(path)
+    if full:
+        raise MicroticksError(503, f"The database cannot be written: {full}", headers={"Retry-After": "60"})
+    with write_transaction(conn):
+        pass
+
+
+# -- Consumers, sessions and ingest -------------------------------------------
 
 def _local_now():
     # Local time, as the first Microticks wrote it.
@@ -1341,6 +1461,8 @@ def close_idle_sessions(conn, timeout):
             f" stop_received_at = ?, stop_reason = 'timeout' WHERE {idle}", (utc_now(), cutoff)).rowcount
 
 
+# -- Annotations --------------------------------------------------------------
+
 def add_annotation(conn, time, text, consumer_name=None, site=None):
     """Store what happened at a kiosk at `time` (a Timestamp): a marker on
     the time charts, for every consumer or one; returns it as listed."""
@@ -1389,6 +1511,8 @@ def delete_annotation(conn, annotation_id):
     with write_transaction(conn):
         return conn.execute("DELETE FROM annotations WHERE id = ?", (annotation_id,)).rowcount == 1
 
+
+# -- Reads and exports --------------------------------------------------------
 
 def decode_data(text):
     """Stored data as the client meant it: parsed JSON, or the plain string
@@ -1653,6 +1777,8 @@ def export_chunks(conn, query):
             break
         yield newline.join(row[0] for row in rows) + newline
 
+
+# -- Statistics ---------------------------------------------------------------
 
 DURATION_BUCKETS = [(0, "0-10s"), (10, "10-30s"), (30, "30-60s"), (60, "1-2min"), (120, "2-5min"),
                     (300, "5-10min"), (600, "10-30min"), (1800, "30min+")]
@@ -2059,122 +2185,6 @@ def path_statistics(conn, request):
     return figures
 
 
-def compare_figures(conn, comparison):
-    """GET /compare: the /stats figures of two sets of sessions (a
-    CompareQuery's sides a and b) and their differences
-    (COMPARE_DEFINITION): medians with a Mann-Whitney U test, shares with
-    a chi-square or Fisher's exact test, and how many tests were made."""
-    (a, samples_a), (b, samples_b) = [(stats_figures(conn, side, samples), samples)
-                                      for side, samples in ((comparison.a, {}), (comparison.b, {}))]
-
-    def medians(sample_a, sample_b):
-        u, p_value = mann_whitney_u(sample_a, sample_b)
-        median_a, median_b = _summary(sample_a)["median"], _summary(sample_b)["median"]
-        return {"a_median": median_a, "b_median": median_b,
-                "difference": None if None in (median_a, median_b) else _round(median_b - median_a),
-                "a_n": len(sample_a), "b_n": len(sample_b), "u": u, "p_value": p_value,
-                "test": "mann-whitney" if p_value is not None else None}
-
-    def shares(hits_a, total_a, hits_b, total_b):
-        p_value, test = proportion_test(hits_a, total_a, hits_b, total_b)
-        share_a, share_b = _share(hits_a, total_a), _share(hits_b, total_b)
-        return {"a": share_a, "b": share_b,
-                "difference": None if None in (share_a, share_b) else round(share_b - share_a, 4),
-                "a_count": hits_a, "a_total": total_a, "b_count": hits_b, "b_total": total_b,
-                "p_value": p_value, "test": test}
-
-    def per_screen(figure):
-        """shares() of a per-screen figure (first picks, visits) on both sides."""
-        counts_a = {value["value"]: value[figure] for value in a["values"]}
-        counts_b = {value["value"]: value[figure] for value in b["values"]}
-        total_a, total_b = sum(counts_a.values()), sum(counts_b.values())
-        screens = sorted(set(counts_a) | set(counts_b),
-                         key=lambda s: (-counts_a.get(s, 0) - counts_b.get(s, 0), str(s)))
-        return [{"screen": screen, **shares(counts_a.get(screen, 0), total_a, counts_b.get(screen, 0), total_b)}
-                for screen in screens if counts_a.get(screen) or counts_b.get(screen)]
-
-    times_a, times_b = samples_a["time_on_screen"], samples_b["time_on_screen"]
-    differences = {
-        "duration": medians(samples_a["duration"], samples_b["duration"]),
-        "touches_per_session": medians(samples_a["touches"], samples_b["touches"]),
-        "screens_per_session": medians(samples_a["screens"], samples_b["screens"]),
-        "time_on_screen": [{"screen": screen, **medians(times_a.get(screen, []), times_b.get(screen, []))}
-                           for screen in sorted(set(times_a) | set(times_b), key=lambda s: (
-                               -len(times_a.get(s, ())) - len(times_b.get(s, ())), str(s)))],
-        "meaningful_share": shares(a["meaningful_sessions"], a["sessions"], b["meaningful_sessions"], b["sessions"]),
-        "first_picks": per_screen("first"),
-        "visit_shares": per_screen("visits"),
-    }
-    p_values = [figure["p_value"] for figure in differences.values() if isinstance(figure, dict)]
-    p_values += [row["p_value"] for figure in differences.values() if isinstance(figure, list) for row in figure]
-    return {"a": a, "b": b, "differences": differences, "tests": sum(p is not None for p in p_values)}
-
-
-def mann_whitney_u(sample_a, sample_b):
-    """The two-sided Mann-Whitney U test of two samples: (U of sample_a, p
-    value), by the normal approximation with the tie and the continuity
-    corrections (scipy.stats.mannwhitneyu, method="asymptotic"); (None,
-    None) when a sample is empty."""
-    n_a, n_b = len(sample_a), len(sample_b)
-    if not n_a or not n_b:
-        return None, None
-    pooled = sorted(itertools.chain(((value, True) for value in sample_a), ((value, False) for value in sample_b)),
-                    key=lambda pair: pair[0])
-    n, rank_sum_a, ties, start = n_a + n_b, 0.0, 0, 0
-    for _, group in itertools.groupby(pooled, key=lambda pair: pair[0]):
-        members = [in_a for _, in_a in group]
-        tied = len(members)
-        rank_sum_a += (start + 1 + start + tied) / 2 * sum(members)  # each tied value: their mean rank
-        ties += tied ** 3 - tied
-        start += tied
-    u_a = rank_sum_a - n_a * (n_a + 1) / 2
-    spread = math.sqrt(n_a * n_b / 12 * ((n + 1) - ties / (n * (n - 1))))
-    if spread == 0:  # every value the same: no evidence of a difference
-        return u_a, 1.0
-    z = (max(u_a, n_a * n_b - u_a) - n_a * n_b / 2 - 0.5) / spread
-    return u_a, min(1.0, math.erfc(z / math.sqrt(2)))
-
-
-def proportion_test(hits_a, total_a, hits_b, total_b):
-    """Whether two shares differ: (p value, the test's name) of the 2x2 table
-    of hits and misses, by the chi-square test with Yates' correction
-    (scipy.stats.chi2_contingency), or Fisher's exact test where a cell's
-    expected count is under 5; (None, None) when a side or a column is empty."""
-    table = [[hits_a, total_a - hits_a], [hits_b, total_b - hits_b]]
-    rows, columns = [total_a, total_b], [hits_a + hits_b, total_a + total_b - hits_a - hits_b]
-    n = total_a + total_b
-    if 0 in rows or 0 in columns:
-        return None, None
-    expected = [[row * column / n for column in columns] for row in rows]
-    if min(min(cells) for cells in expected) < 5:
-        return fisher_exact(table), "fisher"
-    chi2 = 0.0
-    for observed_row, expected_row in zip(table, expected):
-        for observed, due in zip(observed_row, expected_row):
-            gap = abs(due - observed)
-            chi2 += max(gap - 0.5, 0) ** 2 / due  # Yates: each cell moved half a count towards its expected
-    return math.erfc(math.sqrt(chi2 / 2)), "chi-square"  # the chi-square distribution of one degree of freedom
-
-
-def fisher_exact(table):
-    """The two-sided p value of Fisher's exact test of a 2x2 table: the
-    probability of the tables with its margins no likelier than it
-    (scipy.stats.fisher_exact)."""
-    (a, b), (c, d) = table
-    row, column, n = a + b, a + c, a + b + c + d
-
-    def log_probability(x):  # of x hits in the first row: hypergeometric
-        return _log_choose(column, x) + _log_choose(n - column, row - x) - _log_choose(n, row)
-
-    observed = log_probability(a) + math.log1p(1e-7)  # scipy's tolerance for equally likely tables
-    likelihoods = (log_probability(x) for x in range(max(0, row + column - n), min(row, column) + 1))
-    return min(1.0, sum(math.exp(value) for value in likelihoods if value <= observed))
-
-
-def _log_choose(n, k):
-    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-
-
 def keep_stats(conn, first_session=0, last_session=None, data_key=DEFAULT_DATA_KEY, bin_size=DEFAULT_HEATMAP_BIN):
     """Compute and keep now the figures of the closed sessions with ids from
     `first_session` to `last_session` (an import's; by default every closed
@@ -2337,6 +2347,126 @@ def _combine(how, a, b):
 def _round(value):
     return None if value is None else round(value, 3)
 
+
+# -- Comparisons of two sets of sessions --------------------------------------
+
+def compare_figures(conn, comparison):
+    """GET /compare: the /stats figures of two sets of sessions (a
+    CompareQuery's sides a and b) and their differences
+    (COMPARE_DEFINITION): medians with a Mann-Whitney U test, shares with
+    a chi-square or Fisher's exact test, and how many tests were made."""
+    (a, samples_a), (b, samples_b) = [(stats_figures(conn, side, samples), samples)
+                                      for side, samples in ((comparison.a, {}), (comparison.b, {}))]
+
+    def medians(sample_a, sample_b):
+        u, p_value = mann_whitney_u(sample_a, sample_b)
+        median_a, median_b = _summary(sample_a)["median"], _summary(sample_b)["median"]
+        return {"a_median": median_a, "b_median": median_b,
+                "difference": None if None in (median_a, median_b) else _round(median_b - median_a),
+                "a_n": len(sample_a), "b_n": len(sample_b), "u": u, "p_value": p_value,
+                "test": "mann-whitney" if p_value is not None else None}
+
+    def shares(hits_a, total_a, hits_b, total_b):
+        p_value, test = proportion_test(hits_a, total_a, hits_b, total_b)
+        share_a, share_b = _share(hits_a, total_a), _share(hits_b, total_b)
+        return {"a": share_a, "b": share_b,
+                "difference": None if None in (share_a, share_b) else round(share_b - share_a, 4),
+                "a_count": hits_a, "a_total": total_a, "b_count": hits_b, "b_total": total_b,
+                "p_value": p_value, "test": test}
+
+    def per_screen(figure):
+        """shares() of a per-screen figure (first picks, visits) on both sides."""
+        counts_a = {value["value"]: value[figure] for value in a["values"]}
+        counts_b = {value["value"]: value[figure] for value in b["values"]}
+        total_a, total_b = sum(counts_a.values()), sum(counts_b.values())
+        screens = sorted(set(counts_a) | set(counts_b),
+                         key=lambda s: (-counts_a.get(s, 0) - counts_b.get(s, 0), str(s)))
+        return [{"screen": screen, **shares(counts_a.get(screen, 0), total_a, counts_b.get(screen, 0), total_b)}
+                for screen in screens if counts_a.get(screen) or counts_b.get(screen)]
+
+    times_a, times_b = samples_a["time_on_screen"], samples_b["time_on_screen"]
+    differences = {
+        "duration": medians(samples_a["duration"], samples_b["duration"]),
+        "touches_per_session": medians(samples_a["touches"], samples_b["touches"]),
+        "screens_per_session": medians(samples_a["screens"], samples_b["screens"]),
+        "time_on_screen": [{"screen": screen, **medians(times_a.get(screen, []), times_b.get(screen, []))}
+                           for screen in sorted(set(times_a) | set(times_b), key=lambda s: (
+                               -len(times_a.get(s, ())) - len(times_b.get(s, ())), str(s)))],
+        "meaningful_share": shares(a["meaningful_sessions"], a["sessions"], b["meaningful_sessions"], b["sessions"]),
+        "first_picks": per_screen("first"),
+        "visit_shares": per_screen("visits"),
+    }
+    p_values = [figure["p_value"] for figure in differences.values() if isinstance(figure, dict)]
+    p_values += [row["p_value"] for figure in differences.values() if isinstance(figure, list) for row in figure]
+    return {"a": a, "b": b, "differences": differences, "tests": sum(p is not None for p in p_values)}
+
+
+def mann_whitney_u(sample_a, sample_b):
+    """The two-sided Mann-Whitney U test of two samples: (U of sample_a, p
+    value), by the normal approximation with the tie and the continuity
+    corrections (scipy.stats.mannwhitneyu, method="asymptotic"); (None,
+    None) when a sample is empty."""
+    n_a, n_b = len(sample_a), len(sample_b)
+    if not n_a or not n_b:
+        return None, None
+    pooled = sorted(itertools.chain(((value, True) for value in sample_a), ((value, False) for value in sample_b)),
+                    key=lambda pair: pair[0])
+    n, rank_sum_a, ties, start = n_a + n_b, 0.0, 0, 0
+    for _, group in itertools.groupby(pooled, key=lambda pair: pair[0]):
+        members = [in_a for _, in_a in group]
+        tied = len(members)
+        rank_sum_a += (start + 1 + start + tied) / 2 * sum(members)  # each tied value: their mean rank
+        ties += tied ** 3 - tied
+        start += tied
+    u_a = rank_sum_a - n_a * (n_a + 1) / 2
+    spread = math.sqrt(n_a * n_b / 12 * ((n + 1) - ties / (n * (n - 1))))
+    if spread == 0:  # every value the same: no evidence of a difference
+        return u_a, 1.0
+    z = (max(u_a, n_a * n_b - u_a) - n_a * n_b / 2 - 0.5) / spread
+    return u_a, min(1.0, math.erfc(z / math.sqrt(2)))
+
+
+def proportion_test(hits_a, total_a, hits_b, total_b):
+    """Whether two shares differ: (p value, the test's name) of the 2x2 table
+    of hits and misses, by the chi-square test with Yates' correction
+    (scipy.stats.chi2_contingency), or Fisher's exact test where a cell's
+    expected count is under 5; (None, None) when a side or a column is empty."""
+    table = [[hits_a, total_a - hits_a], [hits_b, total_b - hits_b]]
+    rows, columns = [total_a, total_b], [hits_a + hits_b, total_a + total_b - hits_a - hits_b]
+    n = total_a + total_b
+    if 0 in rows or 0 in columns:
+        return None, None
+    expected = [[row * column / n for column in columns] for row in rows]
+    if min(min(cells) for cells in expected) < 5:
+        return fisher_exact(table), "fisher"
+    chi2 = 0.0
+    for observed_row, expected_row in zip(table, expected):
+        for observed, due in zip(observed_row, expected_row):
+            gap = abs(due - observed)
+            chi2 += max(gap - 0.5, 0) ** 2 / due  # Yates: each cell moved half a count towards its expected
+    return math.erfc(math.sqrt(chi2 / 2)), "chi-square"  # the chi-square distribution of one degree of freedom
+
+
+def fisher_exact(table):
+    """The two-sided p value of Fisher's exact test of a 2x2 table: the
+    probability of the tables with its margins no likelier than it
+    (scipy.stats.fisher_exact)."""
+    (a, b), (c, d) = table
+    row, column, n = a + b, a + c, a + b + c + d
+
+    def log_probability(x):  # of x hits in the first row: hypergeometric
+        return _log_choose(column, x) + _log_choose(n - column, row - x) - _log_choose(n, row)
+
+    observed = log_probability(a) + math.log1p(1e-7)  # scipy's tolerance for equally likely tables
+    likelihoods = (log_probability(x) for x in range(max(0, row + column - n), min(row, column) + 1))
+    return min(1.0, sum(math.exp(value) for value in likelihoods if value <= observed))
+
+
+def _log_choose(n, k):
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+# -- Import and maintenance ---------------------------------------------------
 
 def import_events(conn, records, source, digest, consumer_name, site=None):
     """Load exported events (the GET /events shape: id, session_id, time,
@@ -2583,98 +2713,9 @@ def database_status(conn, path, silent_after):
     }
 
 
-#: Less room than this on the database's disk counts as full (/health, and
-#: start-up's message): a batch and its WAL frames take up to about this.
-MIN_FREE_BYTES = 2 * MAX_BODY_BYTES
-
-
-def full_disk(path):
-    """What is wrong when the disk holding the database at `path` has almost
-    no room left, or None. Starting a write transaction needs no room, and
-    the WAL reuses its file, so a write may even work for a while: this
-    tells an operator before the kiosks' events are refused."""
-    try:
-        disk = os.statvfs(os.path.dirname(os.path.abspath(path)))
-    except (OSError, AttributeError):  # no statvfs on Windows
-        return None
-    free = disk.f_bavail * disk.f_frsize
-    if free >= MIN_FREE_BYTES:
-        return None
-    return f"its disk is full ({free:,} bytes free)"
-
-
-def check_writable(conn, path):
-    """Raise unless the database can take writes (for /health)."""
-    full = full_disk(path)
-    if full:
-        raise MicroticksError(503, f"The database cannot be written: {full}", headers={"Retry-After": "60"})
-    with write_transaction(conn):
-        pass
-
-
 ###############################################################################
 # Validation ##################################################################
 ###############################################################################
-
-_ISO_TIME = re.compile(
-    r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d)(?::(\d\d)(?:[.,](\d{1,9}))?)?"
-    r"(Z|[+-]\d\d(?::?\d\d)?)", re.IGNORECASE | re.ASCII)
-
-
-class Timestamp(NamedTuple):
-    """A client time: as sent (stored verbatim) and normalised to UTC."""
-    text: str
-    utc: str
-
-    def shifted(self, offset):
-        """The same client time, its UTC form corrected by a clock offset."""
-        if not offset:
-            return self
-        try:
-            return Timestamp(self.text, format_utc(datetime.fromisoformat(self.utc[:-1]) + offset))
-        except OverflowError:  # a clock thousands of years off: nothing sensible to correct to
-            return self
-
-
-# What Date.toISOString() sends, which is already the stored UTC form.
-_CANONICAL_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", re.ASCII)
-
-
-def utc_text(text):
-    """A client time in the stored UTC form; ValueError or OverflowError otherwise."""
-    if _CANONICAL_UTC.fullmatch(text):
-        try:
-            datetime.fromisoformat(text[:-1])  # a real date and time?
-            return text
-        except ValueError:
-            pass  # parse_timestamp words the error
-    return format_utc(parse_timestamp(text))
-
-
-def parse_timestamp(text):
-    """An ISO 8601 date and time with a zone ('Z' or an offset), seconds and
-    fractions optional, as an aware datetime; ValueError otherwise."""
-    match = _ISO_TIME.fullmatch(text.strip())
-    if not match:
-        raise ValueError("must be an ISO 8601 time with a zone, "
-                         "like 2017-08-25T17:09:19.438Z (from new Date().toISOString())")
-    year, month, day, hour, minute, second, fraction, zone = match.groups()
-    if zone.upper() == "Z":
-        offset = timedelta(0)
-    else:
-        digits = zone[1:].replace(":", "")
-        offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
-        if offset >= timedelta(hours=24):
-            raise ValueError("has a zone offset of 24 hours or more")
-        if zone[0] == "-":
-            offset = -offset
-    micro = int((fraction or "0")[:6].ljust(6, "0"))
-    try:
-        return datetime(int(year), int(month), int(day), int(hour), int(minute),
-                        int(second or 0), micro, tzinfo=timezone(offset))
-    except ValueError:
-        raise ValueError(f"is not a real date and time: {text.strip()!r}") from None
-
 
 def _reject_constant(name):
     raise ValueError(f"{name} is not JSON")
@@ -2807,10 +2848,6 @@ def _compact_json_encoder(ensure_ascii=False, allow_nan=False):
 
 
 _compact_json = _compact_json_encoder()
-#: JSON answers: as json.dumps writes them (ASCII only; NaN written, not refused), without its spaces.
-_answer_json = _compact_json_encoder(ensure_ascii=True, allow_nan=True)
-
-
 class _RepeatedKey(Exception):
     pass
 
@@ -3079,14 +3116,6 @@ def clean_networks(text):
     return ",".join(networks)
 
 
-def address_allowed(ip, networks):
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(address in ipaddress.ip_network(n) for n in networks.split(",") if n)
-
-
 def plain_address(text):
     """An address as stored and compared: an IPv4 client of a server listening
     on :: arrives as ::ffff:a.b.c.d, and is a.b.c.d."""
@@ -3150,20 +3179,6 @@ def client_address(peer, trusted, forwarded="", x_forwarded_for=""):
         if hop not in trusted:
             return hop
     return plain_address(hops[0]) if hops else peer
-
-
-def kept_address(ip, mode):
-    """What is stored of a client address: all of it, its network (/24 for
-    IPv4, /48 for IPv6: still tells sites apart, no longer a person), or nothing."""
-    if mode == "full":
-        return ip
-    if mode == "none":
-        return ""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return ""
-    return str(ipaddress.ip_network(f"{address}/{24 if address.version == 4 else 48}", strict=False))
 
 
 def parse_age(text):
@@ -3558,8 +3573,12 @@ def clean_exported_event(record, number):
 
 
 ###############################################################################
-# HTTP ########################################################################
+# HTTP app ####################################################################
 ###############################################################################
+
+#: JSON answers: as json.dumps writes them (ASCII only; NaN written, not refused), without its spaces.
+_answer_json = _compact_json_encoder(ensure_ascii=True, allow_nan=True)
+
 
 STATUS_MESSAGES = {
     400: "Bad request",
@@ -4175,708 +4194,6 @@ def make_app(settings):
     # For the built-in server's own answers (408): an origin's CORS headers and the rest.
     app.config["microticks.common_headers"] = lambda origin: {**cors_headers(settings, origin), **fixed_headers}
     return app
-
-
-class _ReadAhead:
-    """A connection's input: the bytes read ahead of the worker, then the
-    socket's. The server's selector thread reads each request whole
-    (read_now, request_ready) before a worker thread takes it, so a client
-    that sends half a request and stalls, or connects and says nothing,
-    holds no worker: eight such clients used to hold all eight for 15 s.
-    A body that has not come with its head is read only once the app has
-    seen the head and would not refuse it whatever the body holds (a wrong
-    API key, a body over the limit): a refused body is read and dropped
-    (dropping), so it costs neither a worker nor memory, and the answer is
-    not destroyed by a reset, as closing a socket with unread data makes
-    one. The selector also answers Expect: 100-continue itself. A worker
-    reads from the socket itself only what a request's framing leaves
-    unknown (a chunked body, which the app refuses)."""
-
-    #: Unfinished heads (request line and headers) are handed to a worker
-    #: beyond this size, to be refused (414, 431) as the limits say.
-    max_head = 2 * 65536
-    head_end = re.compile(rb"\n\r?\n")
-    # What the selector needs of a head to know where the request ends; the
-    # worker parses it in full (parse_request) and refuses what is malformed.
-    body_headers = re.compile(rb"\n(content-length|transfer-encoding|expect)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
-
-    def __init__(self, sock, timeout):
-        self.sock, self.ahead, self.closed = sock, bytearray(), False
-        self.started = 0.0  # time.monotonic() when the first byte read ahead came
-        #: Seconds a request has to arrive whole, from its first byte.
-        self.timeout = timeout
-        #: The request being read: whether its head was shown to the app (and
-        #: 100 Continue sent, if asked for), and how many bytes of a refused
-        #: one's body are still to be dropped (None: none refused).
-        self.head_checked = self.continued = False
-        self.dropping = None
-        #: The size of the request being read, once its head is let through
-        #: and its body is still to come; how much of the server's buffer
-        #: budget it has (PooledWSGIServer).
-        self.due = self.reserved = 0
-
-    def next_request(self):
-        """Forget the request just taken: what is read ahead is the next one."""
-        self.head_checked = self.continued = False
-        self.due = 0
-
-    def time_left(self):
-        """Seconds the request being read has left to arrive whole."""
-        return self.started + self.timeout - time.monotonic()
-
-    def _recv(self, timeout, size=65536):
-        """One recv, waiting at most `timeout` seconds (0: not at all); the
-        socket's own timeout (for writing the answer) is kept."""
-        kept = self.sock.gettimeout()
-        self.sock.settimeout(timeout)
-        try:
-            return self.sock.recv(size)
-        finally:
-            self.sock.settimeout(kept)
-
-    def read_now(self, size=65536):
-        """Read what the client has sent (up to `size` bytes), without waiting;
-        False once it has closed, or once a refused request's body has been
-        dropped whole."""
-        try:
-            data = self._recv(0, size)  # a timeout would wait on a socket select() called readable in error
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            return False
-        if self.dropping is not None:
-            self.dropping -= len(data)
-            return bool(data) and self.dropping > 0
-        if data and not self.ahead:
-            self.started = time.monotonic()
-        self.ahead += data
-        return bool(data)
-
-    def request_ready(self, answer_to_head):
-        """Whether the bytes read ahead hold the next request whole, or as much
-        of it as the server waits for before a worker takes it. A body still
-        to come is awaited only if answer_to_head(head, length) has no
-        answer to the head alone; else that is sent, and the body dropped."""
-        if self.dropping is not None:
-            return False
-        end = self.head_end.search(self.ahead)
-        if end is None:
-            return len(self.ahead) > self.max_head
-        found = [(name.lower(), value) for name, value in self.body_headers.findall(self.ahead, 0, end.start() + 1)]
-        framing = dict(found)
-        if [name for name, _ in found].count(b"content-length") != 1 or b"transfer-encoding" in framing:
-            return True  # no body, or one whose end the worker finds out (or refuses)
-        length = content_length(framing[b"content-length"].decode("latin-1"))
-        if length is None or len(self.ahead) >= end.end() + length:
-            return True
-        if not self.head_checked:
-            self.head_checked = True
-            answer = answer_to_head(bytes(self.ahead[:end.end()]), length)
-            if answer is not None:  # refused: drop the body as it comes, then close
-                self.dropping = end.end() + length - len(self.ahead)
-                del self.ahead[:]
-                self._send_now(answer)
-                return False
-            if (framing.get(b"expect", b"").strip().lower() == b"100-continue"
-                    and self.ahead[:end.start()].split(b"\n", 1)[0].rstrip().endswith(b"HTTP/1.1")):
-                self._send_now(b"HTTP/1.1 100 Continue\r\n\r\n")
-                self.continued = True
-            self.due = end.end() + length
-        return False
-
-    def _send_now(self, data):
-        """Send without waiting (the selector thread must not): an answer
-        this small fits the socket's buffer; a client that reads nothing
-        loses it, as it deserves."""
-        kept = self.sock.gettimeout()
-        self.sock.setblocking(False)
-        try:
-            with contextlib.suppress(OSError):
-                self.sock.send(data)
-        finally:
-            self.sock.settimeout(kept)
-
-    def _take(self, size):
-        data = bytes(self.ahead[:size])
-        del self.ahead[:size]
-        return data
-
-    def _more(self):
-        """Wait for more bytes, as long as the request's time lasts (then
-        TimeoutError: a client trickling a byte at a time has no longer than
-        one that stalls); False at the end."""
-        data = self._recv(max(0.001, self.time_left()))
-        self.ahead += data
-        return bool(data)
-
-    def readline(self, size=-1):
-        start = 0
-        while True:
-            end = self.ahead.find(b"\n", start)
-            if end >= 0 and (size is None or size < 0 or end < size):
-                return self._take(end + 1)
-            if size is not None and 0 <= size <= len(self.ahead):
-                return self._take(size)
-            start = len(self.ahead)
-            if not self._more():
-                return self._take(len(self.ahead))
-
-    def read(self, size=-1):
-        while (size is None or size < 0 or len(self.ahead) < size) and self._more():
-            pass
-        return self._take(len(self.ahead) if size is None or size < 0 else size)
-
-    def close(self):
-        self.closed = True
-
-
-class _BodyReader:
-    """wsgi.input of one request on a kept-alive connection: reads no further
-    than its Content-Length, so the next request's bytes stay unread."""
-
-    def __init__(self, stream, length):
-        self.stream, self.left = stream, length
-
-    def read(self, size=-1):
-        size = self.left if size is None or size < 0 else min(size, self.left)
-        data = self.stream.read(size) if size else b""
-        self.left -= len(data)
-        return data
-
-    def readline(self, size=-1):
-        size = self.left if size is None or size < 0 else min(size, self.left)
-        data = self.stream.readline(size) if size else b""
-        self.left -= len(data)
-        return data
-
-    def readlines(self, hint=-1):
-        return list(iter(self.readline, b""))
-
-    def __iter__(self):
-        return iter(self.readline, b"")
-
-
-class _ResponseWriter(ServerHandler):
-    """wsgiref's response writer, noting whether the response said where it
-    ends (then the connection can carry another request). A streamed answer
-    of unknown length (an export) goes to an HTTP/1.1 client in chunks, so
-    that one cut short by an error lacks its last chunk and the client can
-    tell: a connection closed after a partial body reads as a whole one."""
-
-    http_version = "1.1"
-    length_known = False
-    chunked = False
-    #: Set when the application failed after the answer had begun.
-    broken = False
-    #: wsgiref copies the process's environment into every request's
-    #: environ (MICROTICKS_KEY included); the app reads its settings once.
-    os_environ = {}
-
-    def cleanup_headers(self):
-        super().cleanup_headers()  # a Content-Length where the whole body is known
-        if ("Content-Length" not in self.headers and self.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
-                and self.environ.get("REQUEST_METHOD") != "HEAD" and self.status[:3] not in ("204", "304")):
-            self.headers["Transfer-Encoding"] = "chunked"
-            self.chunked = True
-
-    def write(self, data):
-        if self.status and not self.headers_sent:
-            self.send_headers()  # decides on chunks; goes out with the first part, in one packet
-        if self.chunked and data:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        super().write(data)
-
-    def finish_content(self):
-        if self.chunked and self.headers_sent:
-            self._write(b"0\r\n\r\n")
-            self._flush()
-        else:
-            super().finish_content()
-
-    def log_exception(self, exc_info):
-        self.broken = self.headers_sent
-        log.error("%s %s failed after its answer began: the client gets it cut short",
-                  self.environ.get("REQUEST_METHOD"), self.environ.get("PATH_INFO"), exc_info=exc_info)
-
-    def close(self):
-        self.length_known = self.headers is not None and ("Content-Length" in self.headers or self.chunked)
-        super().close()  # forgets the headers
-
-
-def _closing_answer(status, headers, body):
-    """The bytes of an answer the server writes itself (no app between, or
-    the app's answer to a head alone), after which the connection closes."""
-    return (f"HTTP/1.1 {status}\r\n".encode("latin-1") + "".join(f"{k}: {v}\r\n" for k, v in headers).encode("latin-1")
-            + b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-
-
-class ConnectionHandler(WSGIRequestHandler):
-    """One client connection, answering requests one at a time (HTTP/1.1
-    keep-alive). The server hands it to a worker thread whenever the client
-    has sent something, so an idle connection holds no thread."""
-
-    protocol_version = "HTTP/1.1"
-    #: Seconds a client may take to send a request it has started.
-    timeout = 15
-    #: A buffered response goes out in one packet when flushed; unbuffered,
-    #: its headers and body leave as two, and Nagle's algorithm holds the
-    #: second until the client's delayed ACK: 40 ms per request.
-    wbufsize = 64 * 1024
-    #: Unread request bodies up to this size are drained, not cut off.
-    drain_limit = 2 * MAX_BODY_BYTES
-    #: Whether an answer failed midway: the connection is reset, not closed.
-    aborted = False
-
-    def __init__(self, request, client_address, server):
-        # Not BaseRequestHandler's __init__, which would handle the request at once.
-        self.request, self.client_address, self.server = request, client_address, server
-        self.setup()
-
-    def setup(self):
-        self.connection = self.request
-        self.connection.settimeout(self.timeout)
-        with contextlib.suppress(OSError):
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.rfile = _ReadAhead(self.connection, self.timeout)
-        self.wfile = self.connection.makefile("wb", self.wbufsize)
-
-    #: Limits on a request's header lines (as the standard library's).
-    max_headers, max_line = 100, 65536
-    version_pattern = re.compile(r"HTTP/\d{1,10}\.\d{1,10}", re.ASCII)
-
-    def parse_request(self):
-        """BaseHTTPRequestHandler.parse_request for HTTP/1.0 and 1.1, with
-        the header lines read by a plain loop: the email parser the standard
-        library uses for them takes 30 us, a tenth of a small request's time.
-        Sends the error and returns False for what it refuses."""
-        self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if not words:
-            return False
-        if len(words) != 3 or not self.version_pattern.fullmatch(words[2]):
-            self.send_error(400, f"Bad request syntax ({self.requestline!r})")
-            return False
-        self.command, self.path, self.request_version = words
-        major, minor = (int(n) for n in self.request_version[5:].split("."))
-        if major != 1:
-            self.send_error(505 if major > 1 else 400, f"Unsupported HTTP version ({self.request_version})")
-            return False
-        if self.path.startswith("//"):  # as the standard library: no open redirects via //host
-            self.path = "/" + self.path.lstrip("/")
-        self.header_lines, self.fields = [], {}  # [(name, value)] as sent; {lower-case name: [values]}
-        for _ in range(self.max_headers + 1):
-            line = self.rfile.readline(self.max_line + 1)
-            if len(line) > self.max_line:
-                self.send_error(431, "Line too long")
-                return False
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, colon, value = str(line, "iso-8859-1").partition(":")
-            if not colon or not name or name != name.strip():  # no field name, or a folded line
-                self.send_error(400, f"Bad header line ({line[:100]!r})")
-                return False
-            value = value.strip()
-            self.header_lines.append((name, value))
-            self.fields.setdefault(name.lower(), []).append(value)
-        else:
-            self.send_error(431, "Too many headers")
-            return False
-        connection = self.header("connection").lower()
-        self.close_connection = connection == "close" or (minor == 0 and connection != "keep-alive")
-        if minor >= 1 and self.header("expect").lower() == "100-continue" and not self.rfile.continued:
-            self.handle_expect_100()
-            self.wfile.flush()  # buffered: the client (curl, for a body over 1 KB) waits for it
-        return True
-
-    def header(self, name):
-        """The first value of a header (its lower-case name), or ''."""
-        values = self.fields.get(name)
-        return values[0] if values else ""
-
-    def get_environ(self):
-        """wsgiref's environ, from the header lines parse_request read
-        (wsgiref's reads them through an email message, whose every lookup
-        lower-cases every header's name)."""
-        return self.environ_of(self.command, self.path, self.request_version, self.header_lines, self.fields)
-
-    def environ_of(self, method, target, version, header_lines, fields):
-        env = self.server.base_environ.copy()
-        path, _, query = target.partition("?")
-        env.update(SERVER_PROTOCOL=version, SERVER_SOFTWARE=self.server_version,
-                   REQUEST_METHOD=method, PATH_INFO=unquote(path, "iso-8859-1"), QUERY_STRING=query,
-                   REMOTE_ADDR=self.client_address[0])
-        env["CONTENT_TYPE"] = fields["content-type"][0] if "content-type" in fields else "text/plain"
-        if fields.get("content-length", [""])[0]:
-            env["CONTENT_LENGTH"] = fields["content-length"][0]
-        for name, value in header_lines:
-            key = name.replace("-", "_").upper()
-            if key in env:  # Content-Type and Content-Length, set above
-                continue
-            key = "HTTP_" + key
-            env[key] = env[key] + "," + value if key in env else value  # repeated lines, comma-separated
-        return env
-
-    def answer_to_head(self, head, length):
-        """The whole answer (bytes) to a request refused on its head alone, its
-        body still to come, or None. The app decides, where it can (it sets
-        microticks.answers_heads): a wrong API key, an unknown path, a body
-        over the limit; another app is only held to the limit."""
-        app = self.server.get_app()
-        if not getattr(app, "config", {}).get("microticks.answers_heads"):
-            if length <= MAX_BODY_BYTES:
-                return None
-            body = error_json(413, STATUS_MESSAGES[413]).encode()
-            return _closing_answer("413 Content Too Large", [("Content-Type", "application/json")], body)
-        lines = head.decode("iso-8859-1").split("\n")
-        words = lines[0].split()
-        header_lines, fields = [], {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if colon and name and name == name.strip():
-                header_lines.append((name, value.strip()))
-                fields.setdefault(name.lower(), []).append(value.strip())
-        if len(words) != 3:
-            return None  # malformed: the worker refuses it
-        environ = self.environ_of(*words, header_lines, fields)
-        environ.update({"wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr, "wsgi.version": (1, 0),
-                        "wsgi.url_scheme": "http", "wsgi.multithread": True, "wsgi.multiprocess": False,
-                        "wsgi.run_once": False, "microticks.head_only": True})
-        answer = []
-
-        def start_response(status, headers, exc_info=None):
-            answer[:] = [status, headers]
-
-        try:
-            body = b"".join(app(environ, start_response))
-        except Exception:  # the selector thread must go on: the worker will answer it
-            log.exception("answering the head of %s %s", words[0], words[1][:200])
-            return None
-        finally:
-            go_on = environ.pop("microticks.go_on", None)
-            if go_on is not None:
-                go_on.__traceback__ = None  # see preflight_and_authenticate
-        status, headers = answer
-        if status.startswith("100"):
-            return None  # the app takes the body: read it
-        return _closing_answer(status, [(k, v) for k, v in headers if k.lower() not in ("content-length", "connection")],
-                               body)
-
-    def send_error(self, code, message=None, explain=None):
-        """BaseHTTPRequestHandler's answer to a request it cannot parse, in the
-        app's JSON shape instead of an HTML page; the connection closes."""
-        self.close_connection = True
-        body = error_json(code, message or http.HTTPStatus(code).phrase).encode()
-        self.send_response(code)
-        self.send_header("Connection", "close")
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def handle_next(self):
-        """Answer one request; True when the connection stays open."""
-        self.close_connection = True
-        self.raw_requestline = self.rfile.readline(65537)
-        if not self.raw_requestline:
-            return False
-        if len(self.raw_requestline) > 65536:
-            self.requestline, self.request_version, self.command = "", "", ""
-            self.send_error(414)
-            return False
-        if not self.parse_request():  # answers malformed requests itself
-            return False
-        if len(set(self.fields.get("content-length", ()))) > 1:
-            self.send_error(400, "Conflicting Content-Length headers")  # which one would a proxy have read?
-            return False
-        length = content_length(self.header("content-length"))
-        if length is None:  # the app answers 400, and the body's end is unknown: the
-            length = 0      # connection closes rather than read the body as a request
-            self.close_connection = True
-        body = _BodyReader(self.rfile, length)
-        environ = self.get_environ()
-        environ["wsgi.input"] = body
-        handler = _ResponseWriter(body, self.wfile, self.get_stderr(), environ, multithread=True)
-        handler.request_handler = self
-        handler.run(self.server.get_app())
-        chunked = "chunked" in self.header("transfer-encoding").lower()
-        if 0 < body.left <= self.drain_limit and not chunked:
-            # What the app did not read (a refused upload) is read and dropped:
-            # closing a socket with unread data makes the kernel send a reset,
-            # which can destroy the answer before the client has read it.
-            with contextlib.suppress(OSError):
-                while body.read(65536):
-                    pass
-        if body.left or chunked or not handler.length_known:
-            self.close_connection = True  # the body's end is the connection's end
-        self.rfile.next_request()
-        if handler.broken:  # closed with a reset, which no client takes for the end of the answer
-            self.aborted = True
-            with contextlib.suppress(OSError):
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        return not self.close_connection
-
-    #: Seconds a worker waits for a busy client's next request before it
-    #: hands the connection back: a kiosk sending a backlog (or a load
-    #: test) then costs no trip through the selector per request.
-    linger = 0.002
-
-    def has_pending_input(self):
-        """Whether the next request is here whole (pipelined, or arriving
-        within `linger`)."""
-        self.rfile.started = time.monotonic()  # the next request's `timeout` counts from this answer
-        if self.rfile.request_ready(self.answer_to_head):
-            return True
-        if not self.rfile.read_now():
-            return False
-        if self.rfile.request_ready(self.answer_to_head):
-            return True
-        if self.server.waiting:  # others wait for a worker: do not hold this one
-            return False
-        return (bool(select.select([self.connection], [], [], self.linger)[0]) and self.rfile.read_now()
-                and self.rfile.request_ready(self.answer_to_head))
-
-    def refuse_late_request(self):
-        """Answer 408 to a request that did not arrive whole in `timeout`
-        seconds, from the selector thread, so without waiting (the server
-        closes the connection then)."""
-        # An operator's clue to a kiosk whose network drops mid-request.
-        log.info("%s sent part of a request and not the rest within %s s: answered 408",
-                 self.client_address[0], self.rfile.timeout)
-        body = error_json(408, f"The request did not arrive whole within {self.rfile.timeout} s")
-        origin = re.search(rb"\n[Oo][Rr][Ii][Gg][Ii][Nn][ \t]*:[ \t]*([^\r\n]*)", self.rfile.ahead)
-        app_headers = getattr(self.server.get_app(), "config", {}).get("microticks.common_headers")
-        headers = app_headers(origin.group(1).decode("latin-1").strip() if origin else None) if app_headers else {}
-        self.rfile._send_now(_closing_answer("408 Request Timeout", [("Content-Type", "application/json"),
-                                                                     *headers.items()], body.encode()))
-
-    def address_string(self):  # no reverse DNS lookup per request
-        return self.client_address[0]
-
-    def log_message(self, format, *args):
-        pass  # the app logs each request, without the query string (it may carry the key)
-
-
-class PooledWSGIServer(WSGIServer):
-    """The standard library's WSGI server, made fit for a building of kiosks:
-    HTTP/1.1 keep-alive, a fixed pool of worker threads (a pool, not a thread
-    per request, whose threads fight over the GIL), and one selector thread
-    that watches the connections and reads each request whole before a worker
-    takes it (_ReadAhead), so that neither idle nor slow clients stall the
-    others."""
-
-    #: The listen backlog; the stdlib's 5 drops connections under 8 clients.
-    request_queue_size = 128
-    threads = 8
-    #: Whether the server and its workers keep to one CPU core (keep_to_one_cpu).
-    one_cpu = True
-    #: Seconds a kept-alive connection may stay idle.
-    idle_timeout = 30
-    #: Bytes of bodies still arriving that the selector holds for all
-    #: connections together (a thousand clients sending a megabyte each
-    #: took a gigabyte). A body larger than buffer_per_connection (a kiosk's
-    #: batch or two) is read once there is room for all of it; until then
-    #: it waits in the kernel, and the client with it.
-    buffer_budget = 16 * MAX_BODY_BYTES
-    buffer_per_connection = 64 * 1024
-    pool = None
-
-    def server_activate(self):
-        super().server_activate()
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="microticks")
-        self.waiting = 0  # connections handed to the pool and not yet picked up (roughly)
-        self.selector = selectors.DefaultSelector()
-        self.returned = queue.SimpleQueue()  # connections the workers hand back
-        self.wake_reader, self.wake_writer = socket.socketpair()
-        self.wake_reader.setblocking(False)
-        self.stopping = threading.Event()
-        self.stopped = threading.Event()
-
-    def serve_forever(self, poll_interval=0.5):
-        if self.one_cpu:  # before the workers start: they keep to it too
-            cpu = keep_to_one_cpu()
-            if cpu is not None:
-                log.info("serving on CPU core %d, where Python's threads take turns fastest"
-                         " (MICROTICKS_CPUS=all: on any)", cpu)
-        self.selector.register(self.socket, selectors.EVENT_READ, None)
-        self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
-        watched = {}  # connection: since when it waits for its next request
-        waiting = {}  # connections whose body waits for room in the buffer budget, first come first
-        reserved = 0  # bytes of the bodies being read, each reserved whole once its head was let through
-        trim = False  # whether much was read since freed memory last went back to the system
-
-        def admit_or_wait(connection):
-            """Reserve room for a body still to come, or leave it in the kernel
-            (not read) until there is: each body let in can arrive whole, so
-            the clients let in finish and make room for the next."""
-            nonlocal reserved, trim
-            rfile = connection.rfile
-            if not rfile.due or rfile.reserved:
-                return
-            if rfile.due <= self.buffer_per_connection or reserved + rfile.due <= self.buffer_budget or not reserved:
-                rfile.reserved = rfile.due
-                reserved += rfile.due
-                trim = trim or reserved > self.buffer_per_connection * 64
-            else:
-                self.selector.unregister(connection.connection)
-                waiting[connection] = True
-
-        def forget(connection):
-            nonlocal reserved
-            if waiting.pop(connection, None) is None:
-                self.selector.unregister(connection.connection)
-            del watched[connection]
-            reserved -= connection.rfile.reserved
-            connection.rfile.reserved = 0
-
-        try:
-            while not self.stopping.is_set():
-                events = self.selector.select(poll_interval)
-                now = time.monotonic()
-                if not events and trim and not reserved:  # a quiet moment after a rush of bodies
-                    release_freed_memory()
-                    trim = False
-                for key, _ in events:
-                    if key.data is None:
-                        connection = self._accept()
-                        if connection is not None:
-                            self.selector.register(connection.connection, selectors.EVENT_READ, connection)
-                            watched[connection] = now
-                    elif key.data == "wake":
-                        with contextlib.suppress(BlockingIOError):
-                            self.wake_reader.recv(4096)
-                    else:
-                        connection = key.data
-                        # While bodies wait for room, a head takes a small read: a
-                        # thousand clients' first 64 KiB would be 64 MB.
-                        closed = not connection.rfile.read_now(4096 if waiting and not connection.rfile.reserved
-                                                               else 65536)
-                        if closed or connection.rfile.request_ready(connection.answer_to_head):
-                            forget(connection)
-                            if closed:
-                                self._close(connection)
-                            else:
-                                self._submit(connection)
-                        else:
-                            admit_or_wait(connection)
-                while not self.returned.empty():
-                    connection = self.returned.get()
-                    self.selector.register(connection.connection, selectors.EVENT_READ, connection)
-                    watched[connection] = now
-                    admit_or_wait(connection)
-                while waiting:
-                    connection = next(iter(waiting))
-                    if reserved and reserved + connection.rfile.due > self.buffer_budget:
-                        break
-                    del waiting[connection]
-                    self.selector.register(connection.connection, selectors.EVENT_READ, connection)
-                    admit_or_wait(connection)
-                for connection, since in list(watched.items()):
-                    rfile = connection.rfile
-                    if rfile.ahead or rfile.dropping is not None:  # it has `timeout` seconds to arrive whole
-                        late, idle = rfile.time_left() < 0, False
-                    else:
-                        late, idle = False, now - since > self.idle_timeout
-                    if late or idle:
-                        forget(connection)
-                        if late and rfile.dropping is None:  # a refused one has its answer
-                            connection.refuse_late_request()
-                        self._close(connection)
-        finally:
-            for connection in watched:
-                self._close(connection)
-            self.stopped.set()
-
-    def _accept(self):
-        """A new connection, to watch until its first request has arrived."""
-        try:
-            sock, address = self.socket.accept()
-        except OSError:
-            return None
-        try:
-            return ConnectionHandler(sock, address, self)
-        except OSError:
-            sock.close()
-            return None
-
-    def _submit(self, connection):
-        self.waiting += 1
-        self.pool.submit(self._serve_connection, connection)
-
-    def _serve_connection(self, connection):
-        self.waiting -= 1
-        try:
-            while connection.handle_next():
-                connection.wfile.flush()
-                if not connection.has_pending_input():
-                    self.returned.put(connection)  # wait for the next request without a thread
-                    self.wake_writer.send(b"\0")
-                    return
-                if self.waiting:  # its next request is here, but others were first
-                    self._submit(connection)
-                    return
-        except (OSError, ValueError):
-            pass  # the client went away, or timed out mid-request
-        except Exception:
-            self.handle_error(connection.request, connection.client_address)
-        self._close(connection)
-
-    def _close(self, connection):
-        del connection.rfile.ahead[:]  # now, not when the handler is collected: it may hold a megabyte
-        with contextlib.suppress(Exception):
-            connection.finish()
-        if connection.aborted:  # no FIN first (shutdown_request sends one): the client would read an end
-            self.close_request(connection.connection)
-        else:
-            self.shutdown_request(connection.connection)
-
-    def shutdown(self):
-        self.stopping.set()
-        with contextlib.suppress(OSError):
-            self.wake_writer.send(b"\0")
-        self.stopped.wait(10)
-
-    def server_close(self):
-        super().server_close()
-        if self.pool is not None:  # else binding failed, before server_activate
-            self.pool.shutdown(wait=False)
-            for sock in (self.wake_reader, self.wake_writer):
-                sock.close()
-
-
-def keep_to_one_cpu():
-    """Keep the calling thread, and the threads it starts from then on, to
-    one CPU core: the last one it may use (the first takes most hardware
-    interrupts on some boards, the Raspberry Pi's among them). Returns the
-    core, or None where there is no choice or no way to make it.
-
-    Python runs one thread at a time (the GIL), and a worker hands it on at
-    every socket and SQLite call. Between two cores each handoff wakes the
-    other core; on one, it is a plain switch. Under 8 clients on a 2-core
-    machine, that was a third of a request's CPU time (the benchmark: 1.3 to
-    1.5 times the requests/s on one core)."""
-    if not hasattr(os, "sched_setaffinity"):  # Linux only
-        return None
-    allowed = os.sched_getaffinity(0)
-    if len(allowed) < 2:
-        return None
-    cpu = max(allowed)
-    try:
-        os.sched_setaffinity(0, {cpu})  # 0: the calling thread (threads it starts inherit it)
-    except OSError:
-        return None
-    return cpu
-
-
-def make_http_server(app, host, port, threads=8, one_cpu=True):
-    """Our default server, bound and ready for serve_forever()."""
-    server_class = type("Server", (PooledWSGIServer,), {"threads": threads, "one_cpu": one_cpu})
-    if ":" in host:
-        server_class.address_family = socket.AF_INET6
-    server = server_class((host, port), ConnectionHandler)
-    server.set_app(app)
-    return server
 
 
 ###############################################################################
@@ -6025,6 +5342,774 @@ start();
 
 
 ###############################################################################
+# Built-in server #############################################################
+###############################################################################
+
+class _ReadAhead:
+    """A connection's input: the bytes read ahead of the worker, then the
+    socket's. The server's selector thread reads each request whole
+    (read_now, request_ready) before a worker thread takes it, so a client
+    that sends half a request and stalls, or connects and says nothing,
+    holds no worker: eight such clients used to hold all eight for 15 s.
+    A body that has not come with its head is read only once the app has
+    seen the head and would not refuse it whatever the body holds (a wrong
+    API key, a body over the limit): a refused body is read and dropped
+    (dropping), so it costs neither a worker nor memory, and the answer is
+    not destroyed by a reset, as closing a socket with unread data makes
+    one. The selector also answers Expect: 100-continue itself. A worker
+    reads from the socket itself only what a request's framing leaves
+    unknown (a chunked body, which the app refuses)."""
+
+    #: Unfinished heads (request line and headers) are handed to a worker
+    #: beyond this size, to be refused (414, 431) as the limits say.
+    max_head = 2 * 65536
+    head_end = re.compile(rb"\n\r?\n")
+    # What the selector needs of a head to know where the request ends; the
+    # worker parses it in full (parse_request) and refuses what is malformed.
+    body_headers = re.compile(rb"\n(content-length|transfer-encoding|expect)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+
+    def __init__(self, sock, timeout):
+        self.sock, self.ahead, self.closed = sock, bytearray(), False
+        self.started = 0.0  # time.monotonic() when the first byte read ahead came
+        #: Seconds a request has to arrive whole, from its first byte.
+        self.timeout = timeout
+        #: The request being read: whether its head was shown to the app (and
+        #: 100 Continue sent, if asked for), and how many bytes of a refused
+        #: one's body are still to be dropped (None: none refused).
+        self.head_checked = self.continued = False
+        self.dropping = None
+        #: The size of the request being read, once its head is let through
+        #: and its body is still to come; how much of the server's buffer
+        #: budget it has (PooledWSGIServer).
+        self.due = self.reserved = 0
+
+    def next_request(self):
+        """Forget the request just taken: what is read ahead is the next one."""
+        self.head_checked = self.continued = False
+        self.due = 0
+
+    def time_left(self):
+        """Seconds the request being read has left to arrive whole."""
+        return self.started + self.timeout - time.monotonic()
+
+    def _recv(self, timeout, size=65536):
+        """One recv, waiting at most `timeout` seconds (0: not at all); the
+        socket's own timeout (for writing the answer) is kept."""
+        kept = self.sock.gettimeout()
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(size)
+        finally:
+            self.sock.settimeout(kept)
+
+    def read_now(self, size=65536):
+        """Read what the client has sent (up to `size` bytes), without waiting;
+        False once it has closed, or once a refused request's body has been
+        dropped whole."""
+        try:
+            data = self._recv(0, size)  # a timeout would wait on a socket select() called readable in error
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        if self.dropping is not None:
+            self.dropping -= len(data)
+            return bool(data) and self.dropping > 0
+        if data and not self.ahead:
+            self.started = time.monotonic()
+        self.ahead += data
+        return bool(data)
+
+    def request_ready(self, answer_to_head):
+        """Whether the bytes read ahead hold the next request whole, or as much
+        of it as the server waits for before a worker takes it. A body still
+        to come is awaited only if answer_to_head(head, length) has no
+        answer to the head alone; else that is sent, and the body dropped."""
+        if self.dropping is not None:
+            return False
+        end = self.head_end.search(self.ahead)
+        if end is None:
+            return len(self.ahead) > self.max_head
+        found = [(name.lower(), value) for name, value in self.body_headers.findall(self.ahead, 0, end.start() + 1)]
+        framing = dict(found)
+        if [name for name, _ in found].count(b"content-length") != 1 or b"transfer-encoding" in framing:
+            return True  # no body, or one whose end the worker finds out (or refuses)
+        length = content_length(framing[b"content-length"].decode("latin-1"))
+        if length is None or len(self.ahead) >= end.end() + length:
+            return True
+        if not self.head_checked:
+            self.head_checked = True
+            answer = answer_to_head(bytes(self.ahead[:end.end()]), length)
+            if answer is not None:  # refused: drop the body as it comes, then close
+                self.dropping = end.end() + length - len(self.ahead)
+                del self.ahead[:]
+                self._send_now(answer)
+                return False
+            if (framing.get(b"expect", b"").strip().lower() == b"100-continue"
+                    and self.ahead[:end.start()].split(b"\n", 1)[0].rstrip().endswith(b"HTTP/1.1")):
+                self._send_now(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.continued = True
+            self.due = end.end() + length
+        return False
+
+    def _send_now(self, data):
+        """Send without waiting (the selector thread must not): an answer
+        this small fits the socket's buffer; a client that reads nothing
+        loses it, as it deserves."""
+        kept = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        try:
+            with contextlib.suppress(OSError):
+                self.sock.send(data)
+        finally:
+            self.sock.settimeout(kept)
+
+    def _take(self, size):
+        data = bytes(self.ahead[:size])
+        del self.ahead[:size]
+        return data
+
+    def _more(self):
+        """Wait for more bytes, as long as the request's time lasts (then
+        TimeoutError: a client trickling a byte at a time has no longer than
+        one that stalls); False at the end."""
+        data = self._recv(max(0.001, self.time_left()))
+        self.ahead += data
+        return bool(data)
+
+    def readline(self, size=-1):
+        start = 0
+        while True:
+            end = self.ahead.find(b"\n", start)
+            if end >= 0 and (size is None or size < 0 or end < size):
+                return self._take(end + 1)
+            if size is not None and 0 <= size <= len(self.ahead):
+                return self._take(size)
+            start = len(self.ahead)
+            if not self._more():
+                return self._take(len(self.ahead))
+
+    def read(self, size=-1):
+        while (size is None or size < 0 or len(self.ahead) < size) and self._more():
+            pass
+        return self._take(len(self.ahead) if size is None or size < 0 else size)
+
+    def close(self):
+        self.closed = True
+
+
+class _BodyReader:
+    """wsgi.input of one request on a kept-alive connection: reads no further
+    than its Content-Length, so the next request's bytes stay unread."""
+
+    def __init__(self, stream, length):
+        self.stream, self.left = stream, length
+
+    def read(self, size=-1):
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.stream.read(size) if size else b""
+        self.left -= len(data)
+        return data
+
+    def readline(self, size=-1):
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.stream.readline(size) if size else b""
+        self.left -= len(data)
+        return data
+
+    def readlines(self, hint=-1):
+        return list(iter(self.readline, b""))
+
+    def __iter__(self):
+        return iter(self.readline, b"")
+
+
+class _ResponseWriter(ServerHandler):
+    """wsgiref's response writer, noting whether the response said where it
+    ends (then the connection can carry another request). A streamed answer
+    of unknown length (an export) goes to an HTTP/1.1 client in chunks, so
+    that one cut short by an error lacks its last chunk and the client can
+    tell: a connection closed after a partial body reads as a whole one."""
+
+    http_version = "1.1"
+    length_known = False
+    chunked = False
+    #: Set when the application failed after the answer had begun.
+    broken = False
+    #: wsgiref copies the process's environment into every request's
+    #: environ (MICROTICKS_KEY included); the app reads its settings once.
+    os_environ = {}
+
+    def cleanup_headers(self):
+        super().cleanup_headers()  # a Content-Length where the whole body is known
+        if ("Content-Length" not in self.headers and self.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+                and self.environ.get("REQUEST_METHOD") != "HEAD" and self.status[:3] not in ("204", "304")):
+            self.headers["Transfer-Encoding"] = "chunked"
+            self.chunked = True
+
+    def write(self, data):
+        if self.status and not self.headers_sent:
+            self.send_headers()  # decides on chunks; goes out with the first part, in one packet
+        if self.chunked and data:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        super().write(data)
+
+    def finish_content(self):
+        if self.chunked and self.headers_sent:
+            self._write(b"0\r\n\r\n")
+            self._flush()
+        else:
+            super().finish_content()
+
+    def log_exception(self, exc_info):
+        self.broken = self.headers_sent
+        log.error("%s %s failed after its answer began: the client gets it cut short",
+                  self.environ.get("REQUEST_METHOD"), self.environ.get("PATH_INFO"), exc_info=exc_info)
+
+    def close(self):
+        self.length_known = self.headers is not None and ("Content-Length" in self.headers or self.chunked)
+        super().close()  # forgets the headers
+
+
+def _closing_answer(status, headers, body):
+    """The bytes of an answer the server writes itself (no app between, or
+    the app's answer to a head alone), after which the connection closes."""
+    return (f"HTTP/1.1 {status}\r\n".encode("latin-1") + "".join(f"{k}: {v}\r\n" for k, v in headers).encode("latin-1")
+            + b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+class ConnectionHandler(WSGIRequestHandler):
+    """One client connection, answering requests one at a time (HTTP/1.1
+    keep-alive). The server hands it to a worker thread whenever the client
+    has sent something, so an idle connection holds no thread."""
+
+    protocol_version = "HTTP/1.1"
+    #: Seconds a client may take to send a request it has started.
+    timeout = 15
+    #: A buffered response goes out in one packet when flushed; unbuffered,
+    #: its headers and body leave as two, and Nagle's algorithm holds the
+    #: second until the client's delayed ACK: 40 ms per request.
+    wbufsize = 64 * 1024
+    #: Unread request bodies up to this size are drained, not cut off.
+    drain_limit = 2 * MAX_BODY_BYTES
+    #: Whether an answer failed midway: the connection is reset, not closed.
+    aborted = False
+
+    def __init__(self, request, client_address, server):
+        # Not BaseRequestHandler's __init__, which would handle the request at once.
+        self.request, self.client_address, self.server = request, client_address, server
+        self.setup()
+
+    def setup(self):
+        self.connection = self.request
+        self.connection.settimeout(self.timeout)
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile = _ReadAhead(self.connection, self.timeout)
+        self.wfile = self.connection.makefile("wb", self.wbufsize)
+
+    #: Limits on a request's header lines (as the standard library's).
+    max_headers, max_line = 100, 65536
+    version_pattern = re.compile(r"HTTP/\d{1,10}\.\d{1,10}", re.ASCII)
+
+    def parse_request(self):
+        """BaseHTTPRequestHandler.parse_request for HTTP/1.0 and 1.1, with
+        the header lines read by a plain loop: the email parser the standard
+        library uses for them takes 30 us, a tenth of a small request's time.
+        Sends the error and returns False for what it refuses."""
+        self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if not words:
+            return False
+        if len(words) != 3 or not self.version_pattern.fullmatch(words[2]):
+            self.send_error(400, f"Bad request syntax ({self.requestline!r})")
+            return False
+        self.command, self.path, self.request_version = words
+        major, minor = (int(n) for n in self.request_version[5:].split("."))
+        if major != 1:
+            self.send_error(505 if major > 1 else 400, f"Unsupported HTTP version ({self.request_version})")
+            return False
+        if self.path.startswith("//"):  # as the standard library: no open redirects via //host
+            self.path = "/" + self.path.lstrip("/")
+        self.header_lines, self.fields = [], {}  # [(name, value)] as sent; {lower-case name: [values]}
+        for _ in range(self.max_headers + 1):
+            line = self.rfile.readline(self.max_line + 1)
+            if len(line) > self.max_line:
+                self.send_error(431, "Line too long")
+                return False
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, colon, value = str(line, "iso-8859-1").partition(":")
+            if not colon or not name or name != name.strip():  # no field name, or a folded line
+                self.send_error(400, f"Bad header line ({line[:100]!r})")
+                return False
+            value = value.strip()
+            self.header_lines.append((name, value))
+            self.fields.setdefault(name.lower(), []).append(value)
+        else:
+            self.send_error(431, "Too many headers")
+            return False
+        connection = self.header("connection").lower()
+        self.close_connection = connection == "close" or (minor == 0 and connection != "keep-alive")
+        if minor >= 1 and self.header("expect").lower() == "100-continue" and not self.rfile.continued:
+            self.handle_expect_100()
+            self.wfile.flush()  # buffered: the client (curl, for a body over 1 KB) waits for it
+        return True
+
+    def header(self, name):
+        """The first value of a header (its lower-case name), or ''."""
+        values = self.fields.get(name)
+        return values[0] if values else ""
+
+    def get_environ(self):
+        """wsgiref's environ, from the header lines parse_request read
+        (wsgiref's reads them through an email message, whose every lookup
+        lower-cases every header's name)."""
+        return self.environ_of(self.command, self.path, self.request_version, self.header_lines, self.fields)
+
+    def environ_of(self, method, target, version, header_lines, fields):
+        env = self.server.base_environ.copy()
+        path, _, query = target.partition("?")
+        env.update(SERVER_PROTOCOL=version, SERVER_SOFTWARE=self.server_version,
+                   REQUEST_METHOD=method, PATH_INFO=unquote(path, "iso-8859-1"), QUERY_STRING=query,
+                   REMOTE_ADDR=self.client_address[0])
+        env["CONTENT_TYPE"] = fields["content-type"][0] if "content-type" in fields else "text/plain"
+        if fields.get("content-length", [""])[0]:
+            env["CONTENT_LENGTH"] = fields["content-length"][0]
+        for name, value in header_lines:
+            key = name.replace("-", "_").upper()
+            if key in env:  # Content-Type and Content-Length, set above
+                continue
+            key = "HTTP_" + key
+            env[key] = env[key] + "," + value if key in env else value  # repeated lines, comma-separated
+        return env
+
+    def answer_to_head(self, head, length):
+        """The whole answer (bytes) to a request refused on its head alone, its
+        body still to come, or None. The app decides, where it can (it sets
+        microticks.answers_heads): a wrong API key, an unknown path, a body
+        over the limit; another app is only held to the limit."""
+        app = self.server.get_app()
+        if not getattr(app, "config", {}).get("microticks.answers_heads"):
+            if length <= MAX_BODY_BYTES:
+                return None
+            body = error_json(413, STATUS_MESSAGES[413]).encode()
+            return _closing_answer("413 Content Too Large", [("Content-Type", "application/json")], body)
+        lines = head.decode("iso-8859-1").split("\n")
+        words = lines[0].split()
+        header_lines, fields = [], {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if colon and name and name == name.strip():
+                header_lines.append((name, value.strip()))
+                fields.setdefault(name.lower(), []).append(value.strip())
+        if len(words) != 3:
+            return None  # malformed: the worker refuses it
+        environ = self.environ_of(*words, header_lines, fields)
+        environ.update({"wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr, "wsgi.version": (1, 0),
+                        "wsgi.url_scheme": "http", "wsgi.multithread": True, "wsgi.multiprocess": False,
+                        "wsgi.run_once": False, "microticks.head_only": True})
+        answer = []
+
+        def start_response(status, headers, exc_info=None):
+            answer[:] = [status, headers]
+
+        try:
+            body = b"".join(app(environ, start_response))
+        except Exception:  # the selector thread must go on: the worker will answer it
+            log.exception("answering the head of %s %s", words[0], words[1][:200])
+            return None
+        finally:
+            go_on = environ.pop("microticks.go_on", None)
+            if go_on is not None:
+                go_on.__traceback__ = None  # see preflight_and_authenticate
+        status, headers = answer
+        if status.startswith("100"):
+            return None  # the app takes the body: read it
+        return _closing_answer(status, [(k, v) for k, v in headers if k.lower() not in ("content-length", "connection")],
+                               body)
+
+    def send_error(self, code, message=None, explain=None):
+        """BaseHTTPRequestHandler's answer to a request it cannot parse, in the
+        app's JSON shape instead of an HTML page; the connection closes."""
+        self.close_connection = True
+        body = error_json(code, message or http.HTTPStatus(code).phrase).encode()
+        self.send_response(code)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def handle_next(self):
+        """Answer one request; True when the connection stays open."""
+        self.close_connection = True
+        self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline:
+            return False
+        if len(self.raw_requestline) > 65536:
+            self.requestline, self.request_version, self.command = "", "", ""
+            self.send_error(414)
+            return False
+        if not self.parse_request():  # answers malformed requests itself
+            return False
+        if len(set(self.fields.get("content-length", ()))) > 1:
+            self.send_error(400, "Conflicting Content-Length headers")  # which one would a proxy have read?
+            return False
+        length = content_length(self.header("content-length"))
+        if length is None:  # the app answers 400, and the body's end is unknown: the
+            length = 0      # connection closes rather than read the body as a request
+            self.close_connection = True
+        body = _BodyReader(self.rfile, length)
+        environ = self.get_environ()
+        environ["wsgi.input"] = body
+        handler = _ResponseWriter(body, self.wfile, self.get_stderr(), environ, multithread=True)
+        handler.request_handler = self
+        handler.run(self.server.get_app())
+        chunked = "chunked" in self.header("transfer-encoding").lower()
+        if 0 < body.left <= self.drain_limit and not chunked:
+            # What the app did not read (a refused upload) is read and dropped:
+            # closing a socket with unread data makes the kernel send a reset,
+            # which can destroy the answer before the client has read it.
+            with contextlib.suppress(OSError):
+                while body.read(65536):
+                    pass
+        if body.left or chunked or not handler.length_known:
+            self.close_connection = True  # the body's end is the connection's end
+        self.rfile.next_request()
+        if handler.broken:  # closed with a reset, which no client takes for the end of the answer
+            self.aborted = True
+            with contextlib.suppress(OSError):
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return not self.close_connection
+
+    #: Seconds a worker waits for a busy client's next request before it
+    #: hands the connection back: a kiosk sending a backlog (or a load
+    #: test) then costs no trip through the selector per request.
+    linger = 0.002
+
+    def has_pending_input(self):
+        """Whether the next request is here whole (pipelined, or arriving
+        within `linger`)."""
+        self.rfile.started = time.monotonic()  # the next request's `timeout` counts from this answer
+        if self.rfile.request_ready(self.answer_to_head):
+            return True
+        if not self.rfile.read_now():
+            return False
+        if self.rfile.request_ready(self.answer_to_head):
+            return True
+        if self.server.waiting:  # others wait for a worker: do not hold this one
+            return False
+        return (bool(select.select([self.connection], [], [], self.linger)[0]) and self.rfile.read_now()
+                and self.rfile.request_ready(self.answer_to_head))
+
+    def refuse_late_request(self):
+        """Answer 408 to a request that did not arrive whole in `timeout`
+        seconds, from the selector thread, so without waiting (the server
+        closes the connection then)."""
+        # An operator's clue to a kiosk whose network drops mid-request.
+        log.info("%s sent part of a request and not the rest within %s s: answered 408",
+                 self.client_address[0], self.rfile.timeout)
+        body = error_json(408, f"The request did not arrive whole within {self.rfile.timeout} s")
+        origin = re.search(rb"\n[Oo][Rr][Ii][Gg][Ii][Nn][ \t]*:[ \t]*([^\r\n]*)", self.rfile.ahead)
+        app_headers = getattr(self.server.get_app(), "config", {}).get("microticks.common_headers")
+        headers = app_headers(origin.group(1).decode("latin-1").strip() if origin else None) if app_headers else {}
+        self.rfile._send_now(_closing_answer("408 Request Timeout", [("Content-Type", "application/json"),
+                                                                     *headers.items()], body.encode()))
+
+    def address_string(self):  # no reverse DNS lookup per request
+        return self.client_address[0]
+
+    def log_message(self, format, *args):
+        pass  # the app logs each request, without the query string (it may carry the key)
+
+
+class PooledWSGIServer(WSGIServer):
+    """The standard library's WSGI server, made fit for a building of kiosks:
+    HTTP/1.1 keep-alive, a fixed pool of worker threads (a pool, not a thread
+    per request, whose threads fight over the GIL), and one selector thread
+    that watches the connections and reads each request whole before a worker
+    takes it (_ReadAhead), so that neither idle nor slow clients stall the
+    others."""
+
+    #: The listen backlog; the stdlib's 5 drops connections under 8 clients.
+    request_queue_size = 128
+    threads = 8
+    #: Whether the server and its workers keep to one CPU core (keep_to_one_cpu).
+    one_cpu = True
+    #: Seconds a kept-alive connection may stay idle.
+    idle_timeout = 30
+    #: Bytes of bodies still arriving that the selector holds for all
+    #: connections together (a thousand clients sending a megabyte each
+    #: took a gigabyte). A body larger than buffer_per_connection (a kiosk's
+    #: batch or two) is read once there is room for all of it; until then
+    #: it waits in the kernel, and the client with it.
+    buffer_budget = 16 * MAX_BODY_BYTES
+    buffer_per_connection = 64 * 1024
+    pool = None
+
+    def server_activate(self):
+        super().server_activate()
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="microticks")
+        self.waiting = 0  # connections handed to the pool and not yet picked up (roughly)
+        self.selector = selectors.DefaultSelector()
+        self.returned = queue.SimpleQueue()  # connections the workers hand back
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_reader.setblocking(False)
+        self.stopping = threading.Event()
+        self.stopped = threading.Event()
+
+    def serve_forever(self, poll_interval=0.5):
+        if self.one_cpu:  # before the workers start: they keep to it too
+            cpu = keep_to_one_cpu()
+            if cpu is not None:
+                log.info("serving on CPU core %d, where Python's threads take turns fastest"
+                         " (MICROTICKS_CPUS=all: on any)", cpu)
+        self.selector.register(self.socket, selectors.EVENT_READ, None)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
+        watched = {}  # connection: since when it waits for its next request
+        waiting = {}  # connections whose body waits for room in the buffer budget, first come first
+        reserved = 0  # bytes of the bodies being read, each reserved whole once its head was let through
+        trim = False  # whether much was read since freed memory last went back to the system
+
+        def admit_or_wait(connection):
+            """Reserve room for a body still to come, or leave it in the kernel
+            (not read) until there is: each body let in can arrive whole, so
+            the clients let in finish and make room for the next."""
+            nonlocal reserved, trim
+            rfile = connection.rfile
+            if not rfile.due or rfile.reserved:
+                return
+            if rfile.due <= self.buffer_per_connection or reserved + rfile.due <= self.buffer_budget or not reserved:
+                rfile.reserved = rfile.due
+                reserved += rfile.due
+                trim = trim or reserved > self.buffer_per_connection * 64
+            else:
+                self.selector.unregister(connection.connection)
+                waiting[connection] = True
+
+        def forget(connection):
+            nonlocal reserved
+            if waiting.pop(connection, None) is None:
+                self.selector.unregister(connection.connection)
+            del watched[connection]
+            reserved -= connection.rfile.reserved
+            connection.rfile.reserved = 0
+
+        try:
+            while not self.stopping.is_set():
+                events = self.selector.select(poll_interval)
+                now = time.monotonic()
+                if not events and trim and not reserved:  # a quiet moment after a rush of bodies
+                    release_freed_memory()
+                    trim = False
+                for key, _ in events:
+                    if key.data is None:
+                        connection = self._accept()
+                        if connection is not None:
+                            self.selector.register(connection.connection, selectors.EVENT_READ, connection)
+                            watched[connection] = now
+                    elif key.data == "wake":
+                        with contextlib.suppress(BlockingIOError):
+                            self.wake_reader.recv(4096)
+                    else:
+                        connection = key.data
+                        # While bodies wait for room, a head takes a small read: a
+                        # thousand clients' first 64 KiB would be 64 MB.
+                        closed = not connection.rfile.read_now(4096 if waiting and not connection.rfile.reserved
+                                                               else 65536)
+                        if closed or connection.rfile.request_ready(connection.answer_to_head):
+                            forget(connection)
+                            if closed:
+                                self._close(connection)
+                            else:
+                                self._submit(connection)
+                        else:
+                            admit_or_wait(connection)
+                while not self.returned.empty():
+                    connection = self.returned.get()
+                    self.selector.register(connection.connection, selectors.EVENT_READ, connection)
+                    watched[connection] = now
+                    admit_or_wait(connection)
+                while waiting:
+                    connection = next(iter(waiting))
+                    if reserved and reserved + connection.rfile.due > self.buffer_budget:
+                        break
+                    del waiting[connection]
+                    self.selector.register(connection.connection, selectors.EVENT_READ, connection)
+                    admit_or_wait(connection)
+                for connection, since in list(watched.items()):
+                    rfile = connection.rfile
+                    if rfile.ahead or rfile.dropping is not None:  # it has `timeout` seconds to arrive whole
+                        late, idle = rfile.time_left() < 0, False
+                    else:
+                        late, idle = False, now - since > self.idle_timeout
+                    if late or idle:
+                        forget(connection)
+                        if late and rfile.dropping is None:  # a refused one has its answer
+                            connection.refuse_late_request()
+                        self._close(connection)
+        finally:
+            for connection in watched:
+                self._close(connection)
+            self.stopped.set()
+
+    def _accept(self):
+        """A new connection, to watch until its first request has arrived."""
+        try:
+            sock, address = self.socket.accept()
+        except OSError:
+            return None
+        try:
+            return ConnectionHandler(sock, address, self)
+        except OSError:
+            sock.close()
+            return None
+
+    def _submit(self, connection):
+        self.waiting += 1
+        self.pool.submit(self._serve_connection, connection)
+
+    def _serve_connection(self, connection):
+        self.waiting -= 1
+        try:
+            while connection.handle_next():
+                connection.wfile.flush()
+                if not connection.has_pending_input():
+                    self.returned.put(connection)  # wait for the next request without a thread
+                    self.wake_writer.send(b"\0")
+                    return
+                if self.waiting:  # its next request is here, but others were first
+                    self._submit(connection)
+                    return
+        except (OSError, ValueError):
+            pass  # the client went away, or timed out mid-request
+        except Exception:
+            self.handle_error(connection.request, connection.client_address)
+        self._close(connection)
+
+    def _close(self, connection):
+        del connection.rfile.ahead[:]  # now, not when the handler is collected: it may hold a megabyte
+        with contextlib.suppress(Exception):
+            connection.finish()
+        if connection.aborted:  # no FIN first (shutdown_request sends one): the client would read an end
+            self.close_request(connection.connection)
+        else:
+            self.shutdown_request(connection.connection)
+
+    def shutdown(self):
+        self.stopping.set()
+        with contextlib.suppress(OSError):
+            self.wake_writer.send(b"\0")
+        self.stopped.wait(10)
+
+    def server_close(self):
+        super().server_close()
+        if self.pool is not None:  # else binding failed, before server_activate
+            self.pool.shutdown(wait=False)
+            for sock in (self.wake_reader, self.wake_writer):
+                sock.close()
+
+
+def keep_to_one_cpu():
+    """Keep the calling thread, and the threads it starts from then on, to
+    one CPU core: the last one it may use (the first takes most hardware
+    interrupts on some boards, the Raspberry Pi's among them). Returns the
+    core, or None where there is no choice or no way to make it.
+
+    Python runs one thread at a time (the GIL), and a worker hands it on at
+    every socket and SQLite call. Between two cores each handoff wakes the
+    other core; on one, it is a plain switch. Under 8 clients on a 2-core
+    machine, that was a third of a request's CPU time (the benchmark: 1.3 to
+    1.5 times the requests/s on one core)."""
+    if not hasattr(os, "sched_setaffinity"):  # Linux only
+        return None
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        return None
+    cpu = max(allowed)
+    try:
+        os.sched_setaffinity(0, {cpu})  # 0: the calling thread (threads it starts inherit it)
+    except OSError:
+        return None
+    return cpu
+
+
+def make_http_server(app, host, port, threads=8, one_cpu=True):
+    """Our default server, bound and ready for serve_forever()."""
+    server_class = type("Server", (PooledWSGIServer,), {"threads": threads, "one_cpu": one_cpu})
+    if ":" in host:
+        server_class.address_family = socket.AF_INET6
+    server = server_class((host, port), ConnectionHandler)
+    server.set_app(app)
+    return server
+
+
+#: Container objects (dicts, lists...) made and not yet freed between two
+#: runs of the cyclic garbage collector on the youngest ones (Python: 700).
+GC_YOUNG_THRESHOLD = 5000
+
+
+def settle_for_serving():
+    """Ready the process for its life as a server, once its app is built.
+
+    Python's cyclic garbage collector runs whenever 700 more containers have
+    been made than freed. Eight batches in flight hold a few thousand (their
+    parsed events), alive: it ran every other request, walked them and moved
+    them on to the older generations, whose runs walk every object of the
+    process, start-up's 20,000 included: 6% of `serve`'s CPU time for
+    batches of 100. Start-up's objects live as long as the process, so they
+    are frozen out of every later run; and since a request's objects are
+    freed by reference counting (an answered request leaves no cycle: see
+    supplied_api_key and render_error), the youngest generation is
+    collected every GC_YOUNG_THRESHOLD instead."""
+    gc.collect()  # start-up's garbage, before the rest is frozen
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    release_freed_memory()
+
+
+def release_freed_memory():
+    """Give the pages that glibc's malloc holds free back to the system.
+    Starting up (imports, and compiling this file where its bytecode cannot
+    be cached) frees megabytes that malloc keeps; a server would carry them
+    for its whole life, and its load would come on top (where nothing can
+    be cached, serve peaked at 40.4 MB under load, now 36.5)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError, TypeError):  # not glibc: nothing to give back this way
+        pass
+
+
+# Imports this file by path (it may be renamed) and runs main() on the rest of argv.
+_MODULE_BOOT = ("import importlib.util, sys; sys.argv = sys.argv[1:]; "
+                "spec = importlib.util.spec_from_file_location('microticks', sys.argv[0]); "
+                "module = sys.modules['microticks'] = importlib.util.module_from_spec(spec); "
+                "spec.loader.exec_module(module); sys.exit(module.main())")
+
+
+def serve_as_imported_module():
+    """Replace this process (same PID, same arguments) by one that imports this
+    file, when a plain `python microticks.py serve` started it.
+
+    CPython keeps a script's syntax tree until the script returns: for a server,
+    its whole life, 8 MB of its 40 under load. An imported module's tree is
+    freed once compiled, and its bytecode is cached in __pycache__ (when the
+    directory is writable) for the next start. Interpreter options, wrappers
+    (coverage, pdb), Python 3.9 and Windows, where exec starts a separate
+    process, run the script as it is.
+    """
+    if (os.name == "posix" and "serve" in sys.argv[1:] and sys.executable
+            and getattr(sys, "orig_argv", [])[1:] == sys.argv):
+        with contextlib.suppress(OSError):
+            os.execv(sys.executable, [sys.executable, "-c", _MODULE_BOOT,
+                                      os.path.abspath(__file__), *sys.argv[1:]])
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -6700,43 +6785,6 @@ def cmd_forgetstats(args, settings):
           f"and bin{'s' if len(kinds) != 1 else ''}" + "".join(f"\n  {key}, bin {size}" for key, size in kinds))
 
 
-#: Container objects (dicts, lists...) made and not yet freed between two
-#: runs of the cyclic garbage collector on the youngest ones (Python: 700).
-GC_YOUNG_THRESHOLD = 5000
-
-
-def settle_for_serving():
-    """Ready the process for its life as a server, once its app is built.
-
-    Python's cyclic garbage collector runs whenever 700 more containers have
-    been made than freed. Eight batches in flight hold a few thousand (their
-    parsed events), alive: it ran every other request, walked them and moved
-    them on to the older generations, whose runs walk every object of the
-    process, start-up's 20,000 included: 6% of `serve`'s CPU time for
-    batches of 100. Start-up's objects live as long as the process, so they
-    are frozen out of every later run; and since a request's objects are
-    freed by reference counting (an answered request leaves no cycle: see
-    supplied_api_key and render_error), the youngest generation is
-    collected every GC_YOUNG_THRESHOLD instead."""
-    gc.collect()  # start-up's garbage, before the rest is frozen
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-    release_freed_memory()
-
-
-def release_freed_memory():
-    """Give the pages that glibc's malloc holds free back to the system.
-    Starting up (imports, and compiling this file where its bytecode cannot
-    be cached) frees megabytes that malloc keeps; a server would carry them
-    for its whole life, and its load would come on top (where nothing can
-    be cached, serve peaked at 40.4 MB under load, now 36.5)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None).malloc_trim(0)
-    except (ImportError, OSError, AttributeError, TypeError):  # not glibc: nothing to give back this way
-        pass
-
-
 def cmd_serve(args, settings):
     # Create or upgrade the file now, so that a problem shows at start-up;
     # the app opens its own connections (per thread, after any fork).
@@ -6999,31 +7047,6 @@ def main(argv=None):
         print(f"microticks: database {os.path.abspath(settings.db_path)}: {error}", file=sys.stderr)
         return 1
     return 0
-
-
-# Imports this file by path (it may be renamed) and runs main() on the rest of argv.
-_MODULE_BOOT = ("import importlib.util, sys; sys.argv = sys.argv[1:]; "
-                "spec = importlib.util.spec_from_file_location('microticks', sys.argv[0]); "
-                "module = sys.modules['microticks'] = importlib.util.module_from_spec(spec); "
-                "spec.loader.exec_module(module); sys.exit(module.main())")
-
-
-def serve_as_imported_module():
-    """Replace this process (same PID, same arguments) by one that imports this
-    file, when a plain `python microticks.py serve` started it.
-
-    CPython keeps a script's syntax tree until the script returns: for a server,
-    its whole life, 8 MB of its 40 under load. An imported module's tree is
-    freed once compiled, and its bytecode is cached in __pycache__ (when the
-    directory is writable) for the next start. Interpreter options, wrappers
-    (coverage, pdb), Python 3.9 and Windows, where exec starts a separate
-    process, run the script as it is.
-    """
-    if (os.name == "posix" and "serve" in sys.argv[1:] and sys.executable
-            and getattr(sys, "orig_argv", [])[1:] == sys.argv):
-        with contextlib.suppress(OSError):
-            os.execv(sys.executable, [sys.executable, "-c", _MODULE_BOOT,
-                                      os.path.abspath(__file__), *sys.argv[1:]])
 
 
 if __name__ == "__main__":
