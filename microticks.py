@@ -3843,356 +3843,426 @@ class KeyFailures:
                     fcntl.lockf(self.file, fcntl.LOCK_UN)
 
 
-def make_app(settings):
-    """The WSGI application for `settings`."""
-    configure_logging(settings)
-    sentry = init_sentry(settings)
-    db = Database(settings.db_path, settings.site)
-    app = bottle.Bottle()
-    # Bottle's own JSONPlugin calls json.dumps, which builds an encoder per
-    # answer: 1.1% of the instructions of a batch of 100.
-    app.uninstall("json")
-    app.install(bottle.JSONPlugin(json_dumps=_answer_json))
-    request, response = bottle.request, bottle.response
-    api_key = settings.api_key.encode("utf-8")
-    rate_limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
-    key_failures = KeyFailures(settings.db_path)
-    trusted_proxies = TrustedProxies(settings.trusted_proxies)
-    #: This process's counters for /metrics (each worker process counts its own).
-    counters = {"events_stored": 0, "events_refused": 0, "events_duplicate": 0, "requests_refused": 0,
-                "database_errors": 0}
+# nosniff: a browser takes a JSON or CSV answer for nothing else (an event's
+# text, shown as HTML, would be a way in for script).
+FIXED_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
-    # nosniff: a browser takes a JSON or CSV answer for nothing else (an
-    # event's text, shown as HTML, would be a way in for script).
-    fixed_headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
-    any_origin = dict(cors_headers(settings, None), **fixed_headers) if "*" in settings.cors_origins else None
 
-    def common_headers(preflight=False):
-        if any_origin and not preflight:  # the same for every answer: built once
-            return any_origin
-        headers = cors_headers(settings, request.environ.get("HTTP_ORIGIN"), preflight)  # as supplied_api_key
-        headers.update(fixed_headers)
-        return headers
+class Service:
+    """What the app's hooks and routes share, for one Settings: its database,
+    the limits on clients, this process's counters. make_app gives its app
+    one; a hook or route finds it as service()."""
 
-    def set_common_headers():
-        response.headers.update(common_headers())
+    def __init__(self, settings):
+        self.settings = settings
+        self.sentry = init_sentry(settings)
+        self.db = Database(settings.db_path, settings.site)
+        self.api_key = settings.api_key.encode("utf-8")
+        self.rate_limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
+        self.key_failures = KeyFailures(settings.db_path)
+        self.trusted_proxies = TrustedProxies(settings.trusted_proxies)
+        #: This process's counters for /metrics (each worker process counts its own).
+        self.counters = {"events_stored": 0, "events_refused": 0, "events_duplicate": 0, "requests_refused": 0,
+                         "database_errors": 0}
+        # Allowing any origin, every answer has the same headers: built once.
+        self.any_origin = ({**cors_headers(settings, None), **FIXED_HEADERS} if "*" in settings.cors_origins
+                           else None)
 
-    def render_error(error):
-        """Every error, Bottle's own (404, 405, 413...) included, as JSON."""
-        # Where it was raised and what it replaced are of no more use, and
-        # their frames (Bottle's among them) hold the error itself: a cycle
-        # that kept the request's environ and body until the garbage
-        # collector ran, which a server runs seldom (settle_for_serving).
-        error.__traceback__ = error.__context__ = error.__cause__ = None
-        set_common_headers()
-        response.content_type = "application/json"
-        status = error.status_code
-        if isinstance(error, MicroticksError):
-            message = error.message
-        elif status == 500 and getattr(error, "traceback", None):
-            # Raised where no plugin sees it (a streamed answer's first part).
-            log.error("unexpected error on %s %s:\n%s", request.method, request.path, error.traceback)
-            message = STATUS_MESSAGES[500]
-        elif status == 404:
-            message = f"No such endpoint: {request.method} {request.path}"
-        else:
-            message = STATUS_MESSAGES.get(status, error.status_line)
-        if 400 <= status < 500:
-            counters["requests_refused"] += 1
-        elif status == 503:
-            counters["database_errors"] += 1
-        return error_json(status, message, getattr(error, "errors", None))
+    def common_headers(self, origin, preflight=False):
+        """CORS headers for `origin`, and FIXED_HEADERS."""
+        if self.any_origin and not preflight:
+            return self.any_origin
+        return {**cors_headers(self.settings, origin, preflight), **FIXED_HEADERS}
 
-    app.default_error_handler = render_error
+    def client_ip(self):
+        """The client's address, worked out once per request. Not Bottle's
+        request.remote_addr, which believes any X-Forwarded-For."""
+        environ = bottle.request.environ
+        address = environ.get("microticks.client")
+        if address is None:
+            address = environ["microticks.client"] = client_address(
+                environ.get("REMOTE_ADDR") or "unknown", self.trusted_proxies,
+                environ.get("HTTP_FORWARDED", ""), environ.get("HTTP_X_FORWARDED_FOR", ""))
+        return address
 
-    def refuse_failures(callback):
-        """Plugin: the one place where a failure below a route becomes an
-        answer. Database trouble is a 503 the client may retry; anything else
-        unexpected is logged (and sent to Sentry) and answered 500."""
-        def wrapper(*args, **kwargs):
-            try:
-                return callback(*args, **kwargs)
-            except bottle.HTTPResponse:
-                raise
-            except sqlite3.Error as error:
-                # Not the client's fault, and the operator must hear of it
-                # (a full disk, a file that lost its write permission).
-                log.error("database error on %s %s: %s", request.method, request.path, error)
-                if sentry:
-                    sentry.capture_exception(error)
-                message = f"The database {error}" if isinstance(error, ReadOnlyDatabase) else \
-                    f"The database is unavailable ({error}); try again later"
-                raise MicroticksError(503, message, headers={"Retry-After": "5"}) from None
-            except Exception as error:
-                log.exception("unexpected error on %s %s", request.method, request.path)
-                if sentry:
-                    sentry.capture_exception(error)
-                raise MicroticksError(500, STATUS_MESSAGES[500]) from None
-        return wrapper
+    def connection(self):
+        return self.db.connection()
 
-    app.install(refuse_failures)
+    def close_idle(self):
+        """Close vanished kiosks' sessions, before they are read or counted."""
+        close_idle_sessions(self.db.connection(), self.settings.session_timeout)
 
-    @app.hook("before_request")
-    def preflight_and_authenticate():
-        request.environ["microticks.started"] = time.perf_counter()
-        if request.method == "OPTIONS":
-            # CORS preflights carry no credentials, whatever the path.
-            raise bottle.HTTPResponse(status=204, headers=common_headers(preflight=True))
-        # The built-in server asks with a request's head alone, before it
-        # reads a body still to come: a refused one is then never held.
-        head_only = request.environ.get("microticks.head_only")
-        if head_only:
-            body_length(request.environ)
-        if request.path not in PUBLIC_PATHS and not request.path.startswith("/examples/"):
-            # Not monitoring, nor a page that holds no data (pages ask for the key themselves).
-            if rate_limiter and not head_only and not rate_limiter.allow(client_ip()):
-                raise MicroticksError(429, f"Too many requests from this address: at most {settings.rate_limit}"
-                                           " a second; send events in batches", headers={"Retry-After": "1"})
-            if api_key:
-                refuse_after_wrong_keys()
-                if not hmac.compare_digest(supplied_api_key(request), api_key):
-                    key_failures.record(client_ip())
-                    raise MicroticksError(401, "Missing or wrong API key: send it as ?key=, "
-                                               "an X-Microticks-Key header or Authorization: Bearer",
-                                          headers={"WWW-Authenticate": 'Bearer realm="microticks"'})
-        if head_only:  # go on: the body is read, and the request answered with it
-            # Kept where answer_to_head finds it: Bottle's frame holds what was
-            # raised, whose traceback holds that frame (and the environ), a cycle.
-            raise request.environ.setdefault("microticks.go_on", bottle.HTTPResponse(status=100))
+    def apply_retention(self):
+        """One chunk of old sessions per session start: retention keeps up
+        without ever holding up ingest for long (`purge` does the rest)."""
+        if self.settings.retention_days:
+            cutoff = format_utc(datetime.now(timezone.utc) - timedelta(days=self.settings.retention_days))
+            purge_older_than(self.db.connection(), cutoff, chunk=500, max_chunks=1)
 
-    def refuse_after_wrong_keys():
-        wait = key_failures.refused_for(client_ip())
+    def current_status(self):
+        self.close_idle()  # vanished kiosks' sessions are not counted open
+        return database_status(self.db.connection(), self.settings.db_path,
+                               timedelta(hours=self.settings.silent_hours))
+
+    def count(self, results):
+        """Count store_events' results for /metrics; returns them."""
+        refused = sum(isinstance(result, MicroticksError) for result in results)
+        duplicate = sum(isinstance(result, dict) and "duplicate" in result for result in results)
+        self.counters["events_refused"] += refused
+        self.counters["events_duplicate"] += duplicate
+        self.counters["events_stored"] += len(results) - refused - duplicate
+        return results
+
+    def refuse_after_wrong_keys(self):
+        wait = self.key_failures.refused_for(self.client_ip())
         if wait:
             raise MicroticksError(429, f"Too many wrong keys from this address: over {MAX_KEY_FAILURES} in a"
                                        f" minute. Try again in {wait} s", headers={"Retry-After": str(wait)})
 
-    def count_wrong_consumer_keys(*refusals):
+    def count_wrong_consumer_keys(self, *refusals):
         for refusal in refusals:
             if isinstance(refusal, MicroticksError) and refusal.status_code == 403:
-                key_failures.record(client_ip())
+                self.key_failures.record(self.client_ip())
 
-    @app.hook("after_request")
-    def finish():
-        set_common_headers()
-        if log.isEnabledFor(logging.INFO) and response.status_code != 100:
-            started = request.environ.get("microticks.started", time.perf_counter())
-            # The path only: the query string may carry the API key.
-            log.info("%s %s %s %d %.1fms", client_ip(), request.method,
-                     request.path, response.status_code, (time.perf_counter() - started) * 1000)
 
-    def page(text, nonce=None):
-        response.content_type = "text/html; charset=utf-8"
-        policy = PAGE_SECURITY + (f"; script-src 'nonce-{nonce}'" if nonce else "")
-        response.set_header("Content-Security-Policy", policy)  # nosniff comes with every answer's headers
-        return text
+def service():
+    """The Service of the app answering this request."""
+    return bottle.request.app.service
 
-    @app.get("/")
-    def documentation():
-        base = request.urlparts.scheme + "://" + request.urlparts.netloc + request.script_name.rstrip("/")
-        return page(render_docs(openapi_spec(), base))
 
-    @app.get("/openapi.json")
-    def openapi():
-        return openapi_spec()
+# -- The error handler, the plugin and the hooks ------------------------------
 
-    @app.get("/dash")
-    def dashboard():
-        # A fresh nonce per answer: only our own script may run on the page.
-        nonce = secrets.token_urlsafe(16)
-        return page(DASHBOARD_HTML.replace("__NONCE__", nonce), nonce)
+def render_error(error):
+    """Every error, Bottle's own (404, 405, 413...) included, as JSON."""
+    # Where it was raised and what it replaced are of no more use, and
+    # their frames (Bottle's among them) hold the error itself: a cycle
+    # that kept the request's environ and body until the garbage
+    # collector ran, which a server runs seldom (settle_for_serving).
+    error.__traceback__ = error.__context__ = error.__cause__ = None
+    request, response, counters = bottle.request, bottle.response, service().counters
+    response.headers.update(service().common_headers(request.environ.get("HTTP_ORIGIN")))
+    response.content_type = "application/json"
+    status = error.status_code
+    if isinstance(error, MicroticksError):
+        message = error.message
+    elif status == 500 and getattr(error, "traceback", None):
+        # Raised where no plugin sees it (a streamed answer's first part).
+        log.error("unexpected error on %s %s:\n%s", request.method, request.path, error.traceback)
+        message = STATUS_MESSAGES[500]
+    elif status == 404:
+        message = f"No such endpoint: {request.method} {request.path}"
+    else:
+        message = STATUS_MESSAGES.get(status, error.status_line)
+    if 400 <= status < 500:
+        counters["requests_refused"] += 1
+    elif status == 503:
+        counters["database_errors"] += 1
+    return error_json(status, message, getattr(error, "errors", None))
 
-    @app.get("/favicon.ico")
-    def favicon():
-        response.status = 204  # none; saves a 404 line in the log per page view
 
-    @app.get("/consumers")
-    def consumers():
-        return {"consumers": list_consumers(db.connection()), "status": 200}
-
-    def current_status():
-        close_idle()  # vanished kiosks' sessions are not counted open
-        return database_status(db.connection(), settings.db_path, timedelta(hours=settings.silent_hours))
-
-    @app.get("/status")
-    def status():
-        return dict(current_status(), status=200)
-
-    @app.get("/metrics")
-    def metrics():
-        response.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        return prometheus_metrics(current_status(), counters)
-
-    @app.get("/examples")
-    @app.get("/examples/")
-    def examples_index():
-        bottle.redirect(request.script_name + "examples/index.html")
-
-    @app.get("/examples/<filename:path>")
-    def examples(filename):
-        # static_file refuses paths that leave the folder (404 JSON otherwise).
-        answer = bottle.static_file(filename, root=EXAMPLES_DIR)
-        answer.set_header("Content-Security-Policy", EXAMPLES_SECURITY)
-        if isinstance(answer, bottle.HTTPError):
-            raise MicroticksError(answer.status_code, f"No such example file: {filename}"
-                                  + ("" if os.path.isdir(EXAMPLES_DIR) else
-                                     f" (there is no folder {EXAMPLES_DIR})"))
-        return answer
-
-    @app.get("/health")
-    def health():
-        check_writable(db.connection(), settings.db_path)
-        return {"status": "ok", "version": __version__}
-
-    def client_ip():
-        """The client's address, worked out once per request. Not Bottle's
-        request.remote_addr, which believes any X-Forwarded-For."""
-        environ = request.environ
-        address = environ.get("microticks.client")
-        if address is None:
-            address = environ["microticks.client"] = client_address(
-                environ.get("REMOTE_ADDR") or "unknown", trusted_proxies,
-                environ.get("HTTP_FORWARDED", ""), environ.get("HTTP_X_FORWARDED_FOR", ""))
-        return address
-
-    def close_idle():
-        close_idle_sessions(db.connection(), settings.session_timeout)
-
-    def apply_retention():
-        """One chunk of old sessions per session start: retention keeps up
-        without ever holding up ingest for long (`purge` does the rest)."""
-        if settings.retention_days:
-            cutoff = format_utc(datetime.now(timezone.utc) - timedelta(days=settings.retention_days))
-            purge_older_than(db.connection(), cutoff, chunk=500, max_chunks=1)
-
-    def count(results):
-        refused = sum(isinstance(result, MicroticksError) for result in results)
-        duplicate = sum(isinstance(result, dict) and "duplicate" in result for result in results)
-        counters["events_refused"] += refused
-        counters["events_duplicate"] += duplicate
-        counters["events_stored"] += len(results) - refused - duplicate
-        return results
-
-    @app.post("/sessions")
-    def post_session():
-        received = datetime.now(timezone.utc)
-        fields, _ = request_fields(request)
-        clean = clean_session_start(fields, received)
-        close_idle()
-        apply_retention()
-        refuse_after_wrong_keys()
+def refuse_failures(callback):
+    """Plugin: the one place where a failure below a route becomes an
+    answer. Database trouble is a 503 the client may retry; anything else
+    unexpected is logged (and sent to Sentry) and answered 500."""
+    def wrapper(*args, **kwargs):
         try:
-            token, existed = start_session(db.connection(), clean["consumer_key"], clean["ts"], client_ip(),
-                                           clean["uuid"], clean["device"], clean["app_version"], settings.store_ip)
-        except MicroticksError as refusal:
-            count_wrong_consumer_keys(refusal)
+            return callback(*args, **kwargs)
+        except bottle.HTTPResponse:
             raise
-        return {"token": token, "status": 200, **({"duplicate": True} if existed else {})}
+        except sqlite3.Error as error:
+            # Not the client's fault, and the operator must hear of it
+            # (a full disk, a file that lost its write permission).
+            log.error("database error on %s %s: %s", bottle.request.method, bottle.request.path, error)
+            if service().sentry:
+                service().sentry.capture_exception(error)
+            message = f"The database {error}" if isinstance(error, ReadOnlyDatabase) else \
+                f"The database is unavailable ({error}); try again later"
+            raise MicroticksError(503, message, headers={"Retry-After": "5"}) from None
+        except Exception as error:
+            log.exception("unexpected error on %s %s", bottle.request.method, bottle.request.path)
+            if service().sentry:
+                service().sentry.capture_exception(error)
+            raise MicroticksError(500, STATUS_MESSAGES[500]) from None
+    return wrapper
 
-    @app.post("/events")
-    def post_events():
-        received = datetime.now(timezone.utc)
-        fields, from_form = request_fields(request)
-        if not from_form and "events" in fields:
-            check_batch(fields)
-            starts = clean_batch_sessions(fields, received)
-            if starts:
-                refuse_after_wrong_keys()
-            tokens = start_sessions(db.connection(), starts, client_ip(), settings.store_ip)
-            count_wrong_consumer_keys(*tokens.values())
-            results = count(db.store_events(clean_batch(fields, received, tokens)))
-            return {"results": [result.fields() if isinstance(result, MicroticksError) else result
-                                for result in results], "status": 200}
-        offset = request_clock_offset(fields, received)
-        result = count(db.store_events([clean_event(fields, from_form, offset)]))[0]
-        if isinstance(result, MicroticksError):
-            raise result
-        return {**result, "status": 200}
 
-    @app.post("/sessions/stop")
-    def post_session_stop():
-        fields, _ = request_fields(request)
-        clean = clean_session_stop(fields, datetime.now(timezone.utc))
-        stopped = stop_session(db.connection(), clean["token"], clean["ts"])
-        return {"stopped": True, "already_stopped": not stopped, "status": 200}
+def preflight_and_authenticate():
+    """Before every request: CORS preflights answered, then the rate limit
+    and the API key; for a head alone (the built-in server's question before
+    a body still to come), an answer now or a go-on."""
+    request, own = bottle.request, service()
+    request.environ["microticks.started"] = time.perf_counter()
+    if request.method == "OPTIONS":
+        # CORS preflights carry no credentials, whatever the path.
+        raise bottle.HTTPResponse(status=204, headers=own.common_headers(request.environ.get("HTTP_ORIGIN"),
+                                                                         preflight=True))
+    # The built-in server asks with a request's head alone, before it
+    # reads a body still to come: a refused one is then never held.
+    head_only = request.environ.get("microticks.head_only")
+    if head_only:
+        body_length(request.environ)
+    if request.path not in PUBLIC_PATHS and not request.path.startswith("/examples/"):
+        # Not monitoring, nor a page that holds no data (pages ask for the key themselves).
+        if own.rate_limiter and not head_only and not own.rate_limiter.allow(own.client_ip()):
+            raise MicroticksError(429, f"Too many requests from this address: at most {own.settings.rate_limit}"
+                                       " a second; send events in batches", headers={"Retry-After": "1"})
+        if own.api_key:
+            own.refuse_after_wrong_keys()
+            if not hmac.compare_digest(supplied_api_key(request), own.api_key):
+                own.key_failures.record(own.client_ip())
+                raise MicroticksError(401, "Missing or wrong API key: send it as ?key=, "
+                                           "an X-Microticks-Key header or Authorization: Bearer",
+                                      headers={"WWW-Authenticate": 'Bearer realm="microticks"'})
+    if head_only:  # go on: the body is read, and the request answered with it
+        # Kept where answer_to_head finds it: Bottle's frame holds what was
+        # raised, whose traceback holds that frame (and the environ), a cycle.
+        raise request.environ.setdefault("microticks.go_on", bottle.HTTPResponse(status=100))
 
-    @app.post("/heartbeat")
-    def post_heartbeat():
-        fields, _ = request_fields(request)
-        clean = clean_heartbeat(fields)
-        refuse_after_wrong_keys()
-        try:
-            device_id = record_heartbeat(db.connection(), clean["consumer_key"], clean["device"],
-                                         clean["app_version"], clean["queue"], client_ip(), settings.store_ip)
-        except MicroticksError as refusal:
-            count_wrong_consumer_keys(refusal)
-            raise
-        return {"device_id": device_id, "status": 200}
 
-    def read(kind):
-        query = clean_read_query(query_params(request), kind, settings.tz,
-                                 export=request.query.get("format") in ("csv", "ndjson"))
-        close_idle()  # reads show sessions of vanished kiosks closed
-        conn = db.connection()
-        if query.format == "json":
-            return dict(read_page(conn, query), status=200)
-        response.content_type = EXPORT_CONTENT_TYPES[query.format]
-        response.set_header("Content-Disposition", f'attachment; filename="microticks-{kind}-'
-                            f'{datetime.now().strftime("%Y%m%d-%H%M%S")}.{query.format}"')
-        return export_chunks(conn, query)
+def finish():
+    """After every request: the common headers, and a line in the log."""
+    request, response = bottle.request, bottle.response
+    response.headers.update(service().common_headers(request.environ.get("HTTP_ORIGIN")))
+    if log.isEnabledFor(logging.INFO) and response.status_code != 100:
+        started = request.environ.get("microticks.started", time.perf_counter())
+        # The path only: the query string may carry the API key.
+        log.info("%s %s %s %d %.1fms", service().client_ip(), request.method,
+                 request.path, response.status_code, (time.perf_counter() - started) * 1000)
 
-    @app.get("/events")
-    def get_events():
-        return read("events")
 
-    @app.get("/sessions")
-    def get_sessions():
-        return read("sessions")
+# -- The routes, in the order of ROUTES ---------------------------------------
 
-    @app.get("/sessions/<session_id:int>")
-    def get_session(session_id):
-        query = clean_read_query({"session": str(session_id), "fields": "all"}, "sessions", settings.tz)
-        close_idle()
-        sessions = read_page(db.connection(), query)["sessions"]
-        if not sessions:
-            raise MicroticksError(404, f"No session {session_id}")
-        return {"session": sessions[0], "status": 200}
+def page(text, nonce=None):
+    """An HTML page, with a policy that lets no script run but its own."""
+    bottle.response.content_type = "text/html; charset=utf-8"
+    policy = PAGE_SECURITY + (f"; script-src 'nonce-{nonce}'" if nonce else "")
+    bottle.response.set_header("Content-Security-Policy", policy)  # nosniff comes with every answer's headers
+    return text
 
-    @app.get("/stats")
-    def get_stats():
-        request_stats = clean_stats_query(query_params(request), settings.tz)
-        close_idle()
-        return dict(stats_figures(db.connection(), request_stats), status=200)
 
-    @app.get("/compare")
-    def get_compare():
-        comparison = clean_compare_query(query_params(request), settings.tz)
-        close_idle()
-        return dict(compare_figures(db.connection(), comparison), status=200)
+def documentation():
+    request = bottle.request
+    base = request.urlparts.scheme + "://" + request.urlparts.netloc + request.script_name.rstrip("/")
+    return page(render_docs(openapi_spec(), base))
 
-    @app.post("/annotations")
-    def post_annotation():
-        fields, _ = request_fields(request)
-        clean = clean_annotation(fields)
-        annotation = add_annotation(db.connection(), clean["time"], clean["text"], clean["consumer"], clean["site"])
-        response.status = 201
-        return {"annotation": annotation, "status": 201}
 
-    @app.get("/annotations")
-    def get_annotations():
-        query = clean_annotation_query(query_params(request), settings.tz)
-        return {"annotations": read_annotations(db.connection(), query), "status": 200}
+def openapi():
+    return openapi_spec()
 
-    @app.delete("/annotations/<annotation_id:int>")
-    def remove_annotation(annotation_id):
-        if not delete_annotation(db.connection(), annotation_id):
-            raise MicroticksError(404, f"No annotation {annotation_id}")
-        return {"deleted": annotation_id, "status": 200}
 
+def dashboard():
+    # A fresh nonce per answer: only our own script may run on the page.
+    nonce = secrets.token_urlsafe(16)
+    return page(DASHBOARD_HTML.replace("__NONCE__", nonce), nonce)
+
+
+def favicon():
+    bottle.response.status = 204  # none; saves a 404 line in the log per page view
+
+
+def examples_index():
+    bottle.redirect(bottle.request.script_name + "examples/index.html")
+
+
+def examples(filename):
+    # static_file refuses paths that leave the folder (404 JSON otherwise).
+    answer = bottle.static_file(filename, root=EXAMPLES_DIR)
+    answer.set_header("Content-Security-Policy", EXAMPLES_SECURITY)
+    if isinstance(answer, bottle.HTTPError):
+        raise MicroticksError(answer.status_code, f"No such example file: {filename}"
+                              + ("" if os.path.isdir(EXAMPLES_DIR) else f" (there is no folder {EXAMPLES_DIR})"))
+    return answer
+
+
+def health():
+    check_writable(service().connection(), service().settings.db_path)
+    return {"status": "ok", "version": __version__}
+
+
+def consumers():
+    return {"consumers": list_consumers(service().connection()), "status": 200}
+
+
+def status():
+    return dict(service().current_status(), status=200)
+
+
+def metrics():
+    bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+    return prometheus_metrics(service().current_status(), service().counters)
+
+
+def post_session():
+    own, received = service(), datetime.now(timezone.utc)
+    fields, _ = request_fields(bottle.request)
+    clean = clean_session_start(fields, received)
+    own.close_idle()
+    own.apply_retention()
+    own.refuse_after_wrong_keys()
+    try:
+        token, existed = start_session(own.connection(), clean["consumer_key"], clean["ts"], own.client_ip(),
+                                       clean["uuid"], clean["device"], clean["app_version"], own.settings.store_ip)
+    except MicroticksError as refusal:
+        own.count_wrong_consumer_keys(refusal)
+        raise
+    return {"token": token, "status": 200, **({"duplicate": True} if existed else {})}
+
+
+def post_events():
+    own, received = service(), datetime.now(timezone.utc)
+    fields, from_form = request_fields(bottle.request)
+    if not from_form and "events" in fields:
+        check_batch(fields)
+        starts = clean_batch_sessions(fields, received)
+        if starts:
+            own.refuse_after_wrong_keys()
+        tokens = start_sessions(own.connection(), starts, own.client_ip(), own.settings.store_ip)
+        own.count_wrong_consumer_keys(*tokens.values())
+        results = own.count(own.db.store_events(clean_batch(fields, received, tokens)))
+        return {"results": [result.fields() if isinstance(result, MicroticksError) else result
+                            for result in results], "status": 200}
+    offset = request_clock_offset(fields, received)
+    result = own.count(own.db.store_events([clean_event(fields, from_form, offset)]))[0]
+    if isinstance(result, MicroticksError):
+        raise result
+    return {**result, "status": 200}
+
+
+def post_session_stop():
+    fields, _ = request_fields(bottle.request)
+    clean = clean_session_stop(fields, datetime.now(timezone.utc))
+    stopped = stop_session(service().connection(), clean["token"], clean["ts"])
+    return {"stopped": True, "already_stopped": not stopped, "status": 200}
+
+
+def post_heartbeat():
+    own = service()
+    fields, _ = request_fields(bottle.request)
+    clean = clean_heartbeat(fields)
+    own.refuse_after_wrong_keys()
+    try:
+        device_id = record_heartbeat(own.connection(), clean["consumer_key"], clean["device"],
+                                     clean["app_version"], clean["queue"], own.client_ip(), own.settings.store_ip)
+    except MicroticksError as refusal:
+        own.count_wrong_consumer_keys(refusal)
+        raise
+    return {"device_id": device_id, "status": 200}
+
+
+def read_answer(kind):
+    """GET /events and GET /sessions: a page as JSON, or a streamed export."""
+    own, request, response = service(), bottle.request, bottle.response
+    query = clean_read_query(query_params(request), kind, own.settings.tz,
+                             export=request.query.get("format") in ("csv", "ndjson"))
+    own.close_idle()  # reads show sessions of vanished kiosks closed
+    if query.format == "json":
+        return dict(read_page(own.connection(), query), status=200)
+    response.content_type = EXPORT_CONTENT_TYPES[query.format]
+    response.set_header("Content-Disposition", f'attachment; filename="microticks-{kind}-'
+                        f'{datetime.now().strftime("%Y%m%d-%H%M%S")}.{query.format}"')
+    return export_chunks(own.connection(), query)
+
+
+def get_events():
+    return read_answer("events")
+
+
+def get_sessions():
+    return read_answer("sessions")
+
+
+def get_session(session_id):
+    own = service()
+    query = clean_read_query({"session": str(session_id), "fields": "all"}, "sessions", own.settings.tz)
+    own.close_idle()
+    sessions = read_page(own.connection(), query)["sessions"]
+    if not sessions:
+        raise MicroticksError(404, f"No session {session_id}")
+    return {"session": sessions[0], "status": 200}
+
+
+def get_stats():
+    own = service()
+    request_stats = clean_stats_query(query_params(bottle.request), own.settings.tz)
+    own.close_idle()
+    return dict(stats_figures(own.connection(), request_stats), status=200)
+
+
+def get_compare():
+    own = service()
+    comparison = clean_compare_query(query_params(bottle.request), own.settings.tz)
+    own.close_idle()
+    return dict(compare_figures(own.connection(), comparison), status=200)
+
+
+def post_annotation():
+    fields, _ = request_fields(bottle.request)
+    clean = clean_annotation(fields)
+    annotation = add_annotation(service().connection(), clean["time"], clean["text"], clean["consumer"],
+                                clean["site"])
+    bottle.response.status = 201
+    return {"annotation": annotation, "status": 201}
+
+
+def get_annotations():
+    query = clean_annotation_query(query_params(bottle.request), service().settings.tz)
+    return {"annotations": read_annotations(service().connection(), query), "status": 200}
+
+
+def remove_annotation(annotation_id):
+    if not delete_annotation(service().connection(), annotation_id):
+        raise MicroticksError(404, f"No annotation {annotation_id}")
+    return {"deleted": annotation_id, "status": 200}
+
+
+#: Every route: method, path, handler (the API description lists them too).
+ROUTES = [
+    ("GET", "/", documentation),
+    ("GET", "/openapi.json", openapi),
+    ("GET", "/dash", dashboard),
+    ("GET", "/favicon.ico", favicon),
+    ("GET", "/examples", examples_index),
+    ("GET", "/examples/", examples_index),
+    ("GET", "/examples/<filename:path>", examples),
+    ("GET", "/health", health),
+    ("GET", "/consumers", consumers),
+    ("GET", "/status", status),
+    ("GET", "/metrics", metrics),
+    ("POST", "/sessions", post_session),
+    ("POST", "/events", post_events),
+    ("POST", "/sessions/stop", post_session_stop),
+    ("POST", "/heartbeat", post_heartbeat),
+    ("GET", "/events", get_events),
+    ("GET", "/sessions", get_sessions),
+    ("GET", "/sessions/<session_id:int>", get_session),
+    ("GET", "/stats", get_stats),
+    ("GET", "/compare", get_compare),
+    ("POST", "/annotations", post_annotation),
+    ("GET", "/annotations", get_annotations),
+    ("DELETE", "/annotations/<annotation_id:int>", remove_annotation),
+]
+
+
+def make_app(settings):
+    """The WSGI application for `settings`."""
+    configure_logging(settings)
+    app = bottle.Bottle()
+    app.service = own = Service(settings)
+    # Bottle's own JSONPlugin calls json.dumps, which builds an encoder per
+    # answer: 1.1% of the instructions of a batch of 100.
+    app.uninstall("json")
+    app.install(bottle.JSONPlugin(json_dumps=_answer_json))
+    app.install(refuse_failures)
+    app.default_error_handler = render_error
+    app.add_hook("before_request", preflight_and_authenticate)
+    app.add_hook("after_request", finish)
+    for method, path, handler in ROUTES:
+        app.route(path, method, handler)
     app.config["microticks.settings"] = settings
-    app.config["microticks.db"] = db
+    app.config["microticks.db"] = own.db
     app.config["microticks.answers_heads"] = True  # see preflight_and_authenticate
     # For the built-in server's own answers (408): an origin's CORS headers and the rest.
-    app.config["microticks.common_headers"] = lambda origin: {**cors_headers(settings, origin), **fixed_headers}
+    app.config["microticks.common_headers"] = own.common_headers
     return app
 
 
