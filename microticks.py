@@ -419,6 +419,14 @@ FIRST_GENERATION_SCHEMA = [
         time TEXT NOT NULL, action TEXT NOT NULL, data TEXT)""",
 ]
 
+def _forget_kept_figures_trigger(*tables):
+    """However a session is deleted (erasure, purge, retention), its kept
+    figures in `tables` go with it: a migration that adds a table of them
+    makes the trigger anew."""
+    deletes = "".join(f" DELETE FROM {table} WHERE session_id = OLD.id;" for table in tables)
+    return f"CREATE TRIGGER stats_forget_session AFTER DELETE ON sessions BEGIN{deletes} END"
+
+
 #: Numbered schema changes; MIGRATIONS[n - 1] brings user_version n-1 to n.
 #: Columns are only ever added, so the first Microticks' readers keep working.
 MIGRATIONS = [
@@ -497,11 +505,7 @@ MIGRATIONS = [
         " action TEXT NOT NULL, events INTEGER, PRIMARY KEY (data_key, bin, action, session_id)) WITHOUT ROWID",
         "CREATE INDEX stats_actions_session ON stats_actions (session_id)",
         # However a session is deleted (erasure, purge, retention), its figures go with it.
-        "CREATE TRIGGER stats_forget_session AFTER DELETE ON sessions BEGIN"
-        " DELETE FROM stats_sessions WHERE session_id = OLD.id;"
-        " DELETE FROM stats_values WHERE session_id = OLD.id;"
-        " DELETE FROM stats_heat WHERE session_id = OLD.id;"
-        " DELETE FROM stats_actions WHERE session_id = OLD.id; END",
+        _forget_kept_figures_trigger("stats_sessions", "stats_values", "stats_heat", "stats_actions"),
     ]),
     ("the data keys and bins whose figures /stats keeps", [
         # Each costs about a quarter of the file; see MAX_KEPT_STATS_KINDS.
@@ -526,13 +530,8 @@ MIGRATIONS = [
         " minute TEXT NOT NULL, touches INTEGER, PRIMARY KEY (data_key, bin, minute, session_id)) WITHOUT ROWID",
         "CREATE INDEX stats_touches_session ON stats_touches (session_id)",
         "DROP TRIGGER stats_forget_session",
-        "CREATE TRIGGER stats_forget_session AFTER DELETE ON sessions BEGIN"
-        " DELETE FROM stats_sessions WHERE session_id = OLD.id;"
-        " DELETE FROM stats_values WHERE session_id = OLD.id;"
-        " DELETE FROM stats_heat WHERE session_id = OLD.id;"
-        " DELETE FROM stats_actions WHERE session_id = OLD.id;"
-        " DELETE FROM stats_visits WHERE session_id = OLD.id;"
-        " DELETE FROM stats_touches WHERE session_id = OLD.id; END",
+        _forget_kept_figures_trigger("stats_sessions", "stats_values", "stats_heat", "stats_actions", "stats_visits",
+                                     "stats_touches"),
         # The sessions kept so far have none: all are computed again.
         "DELETE FROM stats_values", "DELETE FROM stats_heat", "DELETE FROM stats_actions",
         "DELETE FROM stats_sessions",
@@ -551,14 +550,8 @@ MIGRATIONS = [
         # When a session's figures were kept: a huge open one's are used for a while (OPEN_SESSION_LAG).
         "ALTER TABLE stats_sessions ADD COLUMN kept_at TEXT",
         "DROP TRIGGER stats_forget_session",
-        "CREATE TRIGGER stats_forget_session AFTER DELETE ON sessions BEGIN"
-        " DELETE FROM stats_sessions WHERE session_id = OLD.id;"
-        " DELETE FROM stats_values WHERE session_id = OLD.id;"
-        " DELETE FROM stats_heat WHERE session_id = OLD.id;"
-        " DELETE FROM stats_actions WHERE session_id = OLD.id;"
-        " DELETE FROM stats_visits WHERE session_id = OLD.id;"
-        " DELETE FROM stats_touches WHERE session_id = OLD.id;"
-        " DELETE FROM stats_engagement WHERE session_id = OLD.id; END",
+        _forget_kept_figures_trigger("stats_sessions", "stats_values", "stats_heat", "stats_actions", "stats_visits",
+                                     "stats_touches", "stats_engagement"),
         # The sessions kept so far have none: they are computed again (their
         # other kept rows are replaced then).
         "DELETE FROM stats_sessions",
