@@ -2461,9 +2461,10 @@ def _log_choose(n, k):
 
 # -- Import and maintenance ---------------------------------------------------
 
-def import_events(conn, records, source, digest, consumer_name, site=None):
-    """Load exported events (the GET /events shape: id, session_id, time,
-    action, data) with their ids, sessions and times, in one transaction.
+def import_events(conn, events, source, digest, consumer_name, site=None):
+    """Load exported events (clean_exported_events of the GET /events shape:
+    id, session_id, time, action, data) with their ids, sessions and times,
+    in one transaction.
     A file is imported once (by its SHA-256); an event already present with
     the same content is skipped, one that differs stops the import. The
     imported sessions' statistics are kept at once (see keep_stats).
@@ -2496,19 +2497,15 @@ def import_events(conn, records, source, digest, consumer_name, site=None):
         sessions, added, skipped = {}, 0, 0
         now = utc_now()
         site_sessions, new_site_sessions = {}, set()  # a site's session ids there -> here
-        for number, record in enumerate(records, 1):
-            event = clean_exported_event(record, number)
+        for event in events:
+            number = event["record"]
             if site is not None:
                 source_session = event["session_id"]
                 if source_session not in site_sessions:
                     row = conn.execute("SELECT id FROM sessions WHERE site = ? AND source_id = ?",
                                        (site, source_session)).fetchone()
                     if row is None:  # its times are set below, from its events
-                        named = record.get("consumer")
-                        try:
-                            named = clean_consumer_name(named) if isinstance(named, str) else consumer_name
-                        except ValueError:
-                            named = consumer_name
+                        named = event["consumer"] or consumer_name
                         row = [conn.execute(
                             "INSERT INTO sessions (token, ip, started_at, consumer_id, received_at, started_utc,"
                             " site, source_id) VALUES (?, '', ?, ?, ?, ?, ?, ?)",
@@ -3561,8 +3558,19 @@ def clean_exported_event(record, number):
         data = None if data is None else _compact_json_of_data(data, "data")
     except ValueError as error:
         raise MicroticksError(400, f"record {number}: {error}") from None
+    consumer = record.get("consumer")  # in an export with fields=all
+    try:
+        consumer = clean_consumer_name(consumer) if isinstance(consumer, str) else None
+    except ValueError:
+        consumer = None
     return {"id": record["id"], "session_id": record["session_id"], "time": record["time"],
-            "action": record["action"], "time_utc": time_utc, "data": data}
+            "action": record["action"], "time_utc": time_utc, "data": data, "consumer": consumer,
+            "record": number}
+
+
+def clean_exported_events(records):
+    """clean_exported_event of each of an export's records, one at a time."""
+    return (clean_exported_event(record, number) for number, record in enumerate(records, 1))
 
 
 ###############################################################################
@@ -5802,6 +5810,11 @@ class ConnectionHandler(WSGIRequestHandler):
         self.send_header("Connection", "close")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        # As the app's answers: a page on another origin can read what went wrong.
+        app_headers = getattr(self.server.get_app(), "config", {}).get("microticks.common_headers")
+        headers = getattr(self, "headers", None)
+        for name, value in (app_headers(headers.get("Origin") if headers else None) if app_headers else {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -6562,8 +6575,8 @@ def cmd_import(args, settings):
                 else hashlib.sha256(stream.read()).hexdigest()
     except OSError as error:
         raise MicroticksError(400, f"Cannot read {path}: {error.strerror or error}") from None
-    result = import_events(open_database(settings), read_export_file(path), os.path.basename(path),
-                           digest, args.consumer, args.site)
+    result = import_events(open_database(settings), clean_exported_events(read_export_file(path)),
+                           os.path.basename(path), digest, args.consumer, args.site)
     print(f"Imported {result['events']} events in {result['sessions']} sessions from {args.file}"
           + (f" ({result['skipped']} already present, skipped)" if result["skipped"] else "")
           + (f" of site {args.site!r} (its consumers as NAME@{args.site}; unnamed: {args.consumer}@{args.site})"

@@ -4629,6 +4629,21 @@ def test_header_tricks_get_clean_answers(client, headers):
     assert json.loads(reply.read())["status"] == reply.status
 
 
+def test_requests_the_server_cannot_parse_get_the_apps_json_and_cors_headers(client):
+    """The built-in server answers these itself (431, 400), as the app would."""
+    for head in (b"POST /events HTTP/1.1\r\nOrigin: https://kiosk.example\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n",
+                 b"GET /stats HTTP/1.1\r\nOrigin: https://kiosk.example\r\nBroken header line\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", client.port), timeout=10) as sock:
+            sock.sendall(head)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head_part, _, body = answer.partition(b"\r\n\r\n")
+        status = int(head_part.split()[1])
+        assert 400 <= status < 500 and json.loads(body)["status"] == status, answer[:300]
+        assert b"\r\nAccess-Control-Allow-Origin: *" in head_part and b"nosniff" in head_part, head_part
+
+
 def test_oversized_fields_and_bodies_are_refused(client, consumer_key):
     token = client.start(consumer_key)
     for fields in ({"token": token, "action": "a" * 101, "ts": "2017-08-25T17:09:19Z"},
