@@ -1659,7 +1659,7 @@ def test_engagement_figures_equal_an_independent_computation_over_the_sample_wee
 def test_compare_equals_each_sides_stats_and_scipy_on_the_sample_week(sample_client, sample_events):
     """Both sides are their /stats answers; each difference's p value is
     scipy's, computed from samples taken in plain Python from the export."""
-    from scipy import stats as scipy_stats
+    scipy_stats = require_module("scipy.stats")
     a_filters, b_filters = {"to": "2017-05-23"}, {"from": "2017-05-24"}
     answer = sample_client.get("/compare", **{f"a.{k}": v for k, v in a_filters.items()},
                                **{f"b.{k}": v for k, v in b_filters.items()}, tz="UTC").json
@@ -1747,7 +1747,7 @@ def test_compare_equals_each_sides_stats_and_scipy_on_the_sample_week(sample_cli
     ([0, 0, 1], [5, 6, 7, 8, 9, 10, 11]), (list(range(40)), [x + 0.5 for x in range(0, 80, 2)]),
 ])
 def test_the_mann_whitney_u_test_is_scipys_with_ties_and_tiny_samples(a, b):
-    from scipy import stats as scipy_stats
+    scipy_stats = require_module("scipy.stats")
     expected = scipy_stats.mannwhitneyu(a, b, alternative="two-sided", method="asymptotic", use_continuity=True)
     u, p_value = microticks.mann_whitney_u(a, b)
     assert u == expected.statistic
@@ -1760,7 +1760,7 @@ def test_the_mann_whitney_u_test_is_scipys_with_ties_and_tiny_samples(a, b):
     (0, 1, 1, 1), (3, 10, 7, 10), (40, 100, 55, 100), (1, 1000, 9, 1000), (500, 1000, 520, 1000), (12, 12, 30, 31),
 ])
 def test_the_share_tests_are_scipys_chi_square_or_fisher(hits_a, total_a, hits_b, total_b):
-    from scipy import stats as scipy_stats
+    scipy_stats = require_module("scipy.stats")
     table = [[hits_a, total_a - hits_a], [hits_b, total_b - hits_b]]
     p_value, test = microticks.proportion_test(hits_a, total_a, hits_b, total_b)
     if scipy_stats.contingency.expected_freq(table).min() < 5:
