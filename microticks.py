@@ -1128,7 +1128,7 @@ def create_consumer(conn, name, allowed_networks=None):
 def list_consumers(conn):
     rows = conn.execute(
         f"SELECT c.id, c.name, c.created_at, c.deleted_at, c.ip_filter AS allowed_networks, {_CONSUMER_LAST_EVENT},"
-        " (SELECT count(*) FROM sessions s WHERE s.consumer_id = c.id) AS sessions"
+        " (SELECT count(*) FROM sessions s WHERE s.consumer_id = c.id) AS sessions, mt_site(c.site) AS site"
         " FROM consumers c ORDER BY c.id").fetchall()
     return [dict(row) for row in rows]
 
@@ -4867,7 +4867,7 @@ DASHBOARD_HTML = r"""<!doctype html>
   svg .marker { stroke: var(--warm); stroke-dasharray: 3 3; }
   svg .marker-label { font-size: 11px; fill: var(--warm); }
   #compare-controls { display: contents; }
-  #compare-controls[hidden] { display: none; }
+  #compare-controls[hidden], label[hidden] { display: none; }
   .pair { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 420px), 1fr)); gap: 16px; }
   td.small-p { color: var(--warm); font-weight: 650; }
   #keyform { display: none; position: fixed; inset: 0; background: rgba(15,23,42,.55); z-index: 5; align-items: center; justify-content: center; }
@@ -4882,12 +4882,14 @@ DASHBOARD_HTML = r"""<!doctype html>
   <label>From <input type="date" id="from"></label>
   <label>To <input type="date" id="to"></label>
   <label>Consumer <select id="consumer"><option value="">All consumers</option></select></label>
+  <label class="sites" hidden>Site <select id="site"><option value="">All sites</option></select></label>
   <label>Screens are named by <input id="data_key" value="subject" size="10"></label>
   <label><span><input type="checkbox" id="compare"> Compare with</span></label>
   <span id="compare-controls" hidden>
     <label>B from <input type="date" id="from-b"></label>
     <label>B to <input type="date" id="to-b"></label>
     <label>B consumer <select id="consumer-b"><option value="">All consumers</option></select></label>
+    <label class="sites" hidden>B site <select id="site-b"><option value="">All sites</option></select></label>
   </span>
   <button id="apply">Show</button>
   <span class="note" id="updated"></span>
@@ -5002,7 +5004,7 @@ function showError(error) {
 }
 
 function filters() {
-  return {from: $("from").value, to: $("to").value, consumer: $("consumer").value};
+  return {from: $("from").value, to: $("to").value, consumer: $("consumer").value, site: $("site").value};
 }
 
 function columnChart(target, items, options) {
@@ -5204,9 +5206,9 @@ function drawFlow(target, transitions) {
 // An empty range says where the data is.
 async function showDataRange() {
   try {
-    const first = await api("/sessions", {limit: 1, sort: "started_at", fields: "started_utc", consumer: $("consumer").value});
+    const first = await api("/sessions", {limit: 1, sort: "started_at", fields: "started_utc", consumer: $("consumer").value, site: $("site").value});
     if (!first.count) { $("data-range").textContent = "This Microticks has no sessions yet."; $("show-all").hidden = true; return; }
-    const last = await api("/sessions", {limit: 1, "sort.desc": "started_at", fields: "started_utc", consumer: $("consumer").value});
+    const last = await api("/sessions", {limit: 1, "sort.desc": "started_at", fields: "started_utc", consumer: $("consumer").value, site: $("site").value});
     const from = first.sessions[0].started_utc.slice(0, 10), to = last.sessions[0].started_utc.slice(0, 10);
     $("data-range").textContent = `The ${first.count} sessions there are run from ${from} to ${to}.`;
     $("show-all").hidden = false;
@@ -5296,11 +5298,12 @@ function renderComparison(data, labels) {
 
 async function loadComparison(query) {
   if (!$("compare").checked) { $("comparison").hidden = true; return; }
-  const side = {from: $("from-b").value, to: $("to-b").value, consumer: $("consumer-b").value};
+  const side = {from: $("from-b").value, to: $("to-b").value, consumer: $("consumer-b").value, site: $("site-b").value};
   const a = filters(), params = {data_key: query.data_key};
   for (const [name, value] of Object.entries(a)) params[`a.${name}`] = value;
   for (const [name, value] of Object.entries(side)) params[`b.${name}`] = value;
-  const label = (f, select) => `${f.from || "…"} to ${f.to || "…"}` + (f.consumer ? `, ${select.selectedOptions[0].textContent}` : "");
+  const label = (f, select) => `${f.from || "…"} to ${f.to || "…"}` + (f.consumer ? `, ${select.selectedOptions[0].textContent}` : "")
+    + (f.site ? `, site ${f.site}` : "");
   renderComparison(await api("/compare", params), {a: label(a, $("consumer")), b: label(side, $("consumer-b"))});
 }
 
@@ -5327,7 +5330,7 @@ async function loadStats() {
 
 async function loadLive() {
   try {
-    const page = await api("/sessions", {limit: 10, "sort.desc": "id", consumer: $("consumer").value,
+    const page = await api("/sessions", {limit: 10, "sort.desc": "id", consumer: $("consumer").value, site: $("site").value,
                                          fields: "id,consumer,device,started_utc,stopped_at,stop_reason,events,missing_events"});
     const list = $("live").querySelector("ol");
     const items = await Promise.all(page.sessions.map(async (session) => {
@@ -5379,6 +5382,14 @@ async function loadConsumers() {
     for (const consumer of answer.consumers) select.appendChild(el("option", {value: consumer.id}, consumer.name));
     select.value = chosen;
   }
+  // Sites: those of the consumers (a central Microticks imports others'); shown when there are two or more.
+  const sites = [...new Set(answer.consumers.map((consumer) => consumer.site))].sort();
+  for (const select of [$("site"), $("site-b")]) {
+    const chosen = select.value;
+    select.replaceChildren(el("option", {value: ""}, "All sites"), ...sites.map((site) => el("option", {value: site}, site)));
+    select.value = chosen;
+  }
+  for (const label of document.querySelectorAll("label.sites")) label.hidden = sites.length < 2;
 }
 
 let liveTimer = null;
@@ -5387,6 +5398,8 @@ async function start() {
   const wanted = new URLSearchParams(location.search);
   if (wanted.get("consumer")) $("consumer").value = wanted.get("consumer");
   if (wanted.get("b.consumer")) $("consumer-b").value = wanted.get("b.consumer");
+  if (wanted.get("site")) $("site").value = wanted.get("site");
+  if (wanted.get("b.site")) $("site-b").value = wanted.get("b.site");
   await Promise.all([loadStats(), loadLive(), loadKiosks().catch(showError)]);
   clearInterval(liveTimer);
   liveTimer = setInterval(() => { loadLive(); loadKiosks().catch(showError); }, 3000);
@@ -5398,7 +5411,7 @@ const today = new Date();
 $("to").value = params.get("to") || isoDay(today);
 $("from").value = params.get("from") || isoDay(new Date(today.getTime() - 6 * 86400000));
 $("data_key").value = params.get("data_key") || "subject";
-if (params.get("b.from") || params.get("b.to") || params.get("b.consumer")) {
+if (params.get("b.from") || params.get("b.to") || params.get("b.consumer") || params.get("b.site")) {
   $("compare").checked = true;
   $("compare-controls").hidden = false;
   $("from-b").value = params.get("b.from") || "";

@@ -2780,6 +2780,28 @@ def test_dashboard_compares_two_ranges_and_marks_annotations_as_the_api_gives_th
     page.screenshot(path=str(Path(shots) if shots else tmp_path) + "/dash-compare.png", full_page=True)
 
 
+def test_dashboard_shows_one_site_or_all_and_compares_sites(sample_client, db_path, dash_page):
+    page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-29")
+    page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "83"')
+    assert page.is_hidden("#site")  # one site: nothing to pick
+    run_cli("import", str(SAMPLE), "--site", "north", "--db", db_path)
+    local = sample_client.get("/consumers").json["consumers"][0]["site"]
+    page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-29&site=north"
+                     f"&b.from=2017-05-22&b.to=2017-05-29&b.site={local}")
+    page.wait_for_function("document.querySelectorAll('#compare-table tbody tr').length > 0")
+    assert page.is_visible("#site") and page.input_value("#site") == "north"
+    assert page.eval_on_selector_all("#site option", "os => os.map(o => o.value)") == ["", *sorted([local, "north"])]
+    assert dash_figure(page, "sessions") == "83"
+    assert f"site {local}" in page.inner_text("#label-b") and "site north" in page.inner_text("#label-a")
+    rows = page.eval_on_selector_all("#compare-table tbody tr", "rs => rs.map(r => [...r.cells].map(c => c.textContent))")
+    assert rows[0][5] == "83 / 83"  # the same week at both sites
+    page.select_option("#site", "")
+    page.uncheck("#compare")
+    page.click("#apply")
+    page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "166"')
+    assert not page.errors
+
+
 def test_dashboard_on_an_empty_range_offers_the_range_with_data(sample_client, dash_page):
     """A new user who imported the 2017 week saw zeros for the last seven days."""
     page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash")
