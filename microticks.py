@@ -1477,6 +1477,12 @@ def read_annotations(conn, query=None, annotation_id=None):
     """The annotations in a ReadQuery's time range (from, to, date), in time
     order; with a consumer (or site) filter, that consumer's and those for
     every consumer (site)."""
+    sql, params = _annotations_sql(query, annotation_id)
+    return [dict(zip(ANNOTATION_FIELDS, row)) for row in conn.execute(sql, params)]
+
+
+def _annotations_sql(query=None, annotation_id=None):
+    """The SQL and parameters of read_annotations: ANNOTATION_FIELDS, by name."""
     clauses, params = [], []
     if annotation_id is not None:
         clauses.append("a.id = ?")
@@ -1493,10 +1499,10 @@ def read_annotations(conn, query=None, annotation_id=None):
                 clauses.append(clause)
                 params.append(value)
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    rows = conn.execute("SELECT a.id, a.time, a.time_utc, a.text, a.consumer_id, c.name, a.site, a.created_at"
-                        f" FROM annotations a LEFT JOIN consumers c ON c.id = a.consumer_id{where}"
-                        " ORDER BY a.time_utc, a.id", params)
-    return [dict(zip(ANNOTATION_FIELDS, row)) for row in rows]
+    return ("SELECT a.id AS id, a.time AS time, a.time_utc AS time_utc, a.text AS text, a.consumer_id AS consumer_id,"
+            " c.name AS consumer, a.site AS site, a.created_at AS created_at"
+            f" FROM annotations a LEFT JOIN consumers c ON c.id = a.consumer_id{where} ORDER BY a.time_utc, a.id",
+            params)
 
 
 def delete_annotation(conn, annotation_id):
@@ -1726,17 +1732,28 @@ def read_page(conn, query):
 
 def export_chunks(conn, query):
     """The rows of a ReadQuery as CSV or NDJSON text, in chunks, reading the
-    database as it goes: memory stays flat whatever the number of rows.
-    SQLite writes each line: C beats a Python call per field fivefold."""
-    fields = query.fields
-    inner, params = _select(query, fields)
-    columns = list(fields) + [f"data_key_{n}" for n in range(len(query.data_keys))]
-    names = list(fields) + [f"data.{key}" for key in query.data_keys]
-    if query.format == "ndjson":
+    database as it goes: memory stays flat whatever the number of rows."""
+    inner, params = _select(query, query.fields)
+    columns = list(query.fields) + [f"data_key_{n}" for n in range(len(query.data_keys))]
+    names = list(query.fields) + [f"data.{key}" for key in query.data_keys]
+    return _export_lines(conn, inner, params, columns, names, query.format)
+
+
+def export_annotations(conn, query, output_format):
+    """read_annotations' annotations as CSV or NDJSON text, as exports write it."""
+    inner, params = _annotations_sql(query)
+    return _export_lines(conn, inner, params, ANNOTATION_FIELDS, ANNOTATION_FIELDS, output_format)
+
+
+def _export_lines(conn, inner, params, columns, names, output_format):
+    """The rows of the SQL `inner` (its `columns`, named `names` in the file)
+    as CSV or NDJSON lines, in chunks. SQLite writes each line: C beats a
+    Python call per field fivefold."""
+    if output_format == "ndjson":
         # data and the data keys are JSON text already: embedded as JSON, not as strings.
         pairs = ", ".join(f"?, json({c})" if c in JSON_FIELDS or c.startswith("data_key_") else f"?, {c}"
                           for c in columns)
-        sql, params = f"SELECT json_object({pairs}) FROM ({inner})", names + params
+        sql, params = f"SELECT json_object({pairs}) FROM ({inner})", list(names) + list(params)
         header, newline = None, "\n"
     else:
         # RFC 4180: numbers bare, text always quoted with quotes doubled, NULL empty.
@@ -3530,7 +3547,7 @@ def clean_annotation(fields):
 
 
 #: The filters GET /annotations takes.
-ANNOTATION_FILTERS = ("from", "to", "date", "consumer", "consumer_name", "site", "key")
+ANNOTATION_FILTERS = ("from", "to", "date", "consumer", "consumer_name", "site", "format", "key")
 
 
 def clean_annotation_query(params, tz_name):
@@ -4152,16 +4169,21 @@ def post_heartbeat():
 
 def read_answer(kind):
     """GET /events and GET /sessions: a page as JSON, or a streamed export."""
-    own, request, response = service(), bottle.request, bottle.response
+    own, request = service(), bottle.request
     query = clean_read_query(query_params(request), kind, own.settings.tz,
                              export=request.query.get("format") in ("csv", "ndjson"))
     own.close_idle()  # reads show sessions of vanished kiosks closed
     if query.format == "json":
         return dict(read_page(own.connection(), query), status=200)
-    response.content_type = EXPORT_CONTENT_TYPES[query.format]
-    response.set_header("Content-Disposition", f'attachment; filename="microticks-{kind}-'
-                        f'{datetime.now().strftime("%Y%m%d-%H%M%S")}.{query.format}"')
-    return export_chunks(own.connection(), query)
+    return download(kind, query.format, export_chunks(own.connection(), query))
+
+
+def download(kind, output_format, chunks):
+    """An export's text as a file to save: microticks-KIND-TIME.FORMAT."""
+    bottle.response.content_type = EXPORT_CONTENT_TYPES[output_format]
+    bottle.response.set_header("Content-Disposition", f'attachment; filename="microticks-{kind}-'
+                               f'{datetime.now().strftime("%Y%m%d-%H%M%S")}.{output_format}"')
+    return chunks
 
 
 def get_events():
@@ -4207,7 +4229,9 @@ def post_annotation():
 
 def get_annotations():
     query = clean_annotation_query(query_params(bottle.request), service().settings.tz)
-    return {"annotations": read_annotations(service().connection(), query), "status": 200}
+    if query.format == "json":
+        return {"annotations": read_annotations(service().connection(), query), "status": 200}
+    return download("annotations", query.format, export_annotations(service().connection(), query, query.format))
 
 
 def remove_annotation(annotation_id):
@@ -4626,10 +4650,11 @@ def openapi_spec():
                              "annotation": ref("Annotation"), "status": {"type": "integer"}}}),
                              **errors(400, 401, 404, 411, 413, 415, 429, 503)}},
                 "get": {"summary": "List annotations, in time order", "operationId": "listAnnotations",
-                        "parameters": [p for p in filters if p["name"] in ANNOTATION_FILTERS],
-                        "responses": {"200": answer("The annotations", {"type": "object", "properties": {
-                            "annotations": {"type": "array", "items": ref("Annotation")},
-                            "status": {"type": "integer"}}}), **errors(400, 401, 429, 503)}},
+                        "parameters": [p for p in filters + paging if p["name"] in ANNOTATION_FILTERS],
+                        "responses": {"200": {"description": "The annotations, or a CSV/NDJSON download", "content": {
+                            "application/json": {"schema": {"type": "object", "properties": {
+                                "annotations": {"type": "array", "items": ref("Annotation")},
+                                "status": {"type": "integer"}}}}, **exports}}, **errors(400, 401, 429, 503)}},
             },
             "/annotations/{annotation_id}": {
                 "delete": {"summary": "Delete an annotation", "operationId": "deleteAnnotation",
@@ -6507,7 +6532,8 @@ def write_research_bundle(conn, filters, directory, tz_name, timeout, database, 
                        "site": database_site, "selection": filters, "sessions": figures["sessions"],
                        "events": figures["events"]}, stream, indent=1, ensure_ascii=False)
         with open(os.path.join(staging, "annotations.ndjson"), "w", encoding="utf-8") as stream:
-            stream.writelines(json.dumps(annotation, ensure_ascii=False) + "\n" for annotation in figures["annotations"])
+            stream.writelines(export_annotations(conn, clean_annotation_query(
+                {k: v for k, v in filters.items() if k in ANNOTATION_FILTERS}, tz_name), "ndjson"))
         with open(os.path.join(staging, "analysis.sql"), "w", encoding="utf-8") as stream:
             stream.write(BUNDLE_ANALYSIS_SQL.replace("__KEY__", DEFAULT_DATA_KEY))
         selection = ", ".join(f"{name}={value}" for name, value in sorted(filters.items())) or "all"
@@ -6737,6 +6763,15 @@ def cmd_annotations(args, settings):
         return
     params = {name: value for name, value in (("from", args.from_), ("to", args.to),
                                               ("consumer_name", args.consumer_name)) if value is not None}
+    if args.format:
+        query = clean_annotation_query(params, settings.tz)
+        if args.output:
+            _write_atomically(args.output, lambda stream: stream.writelines(export_annotations(conn, query,
+                                                                                               args.format)))
+        else:
+            sys.stdout.reconfigure(newline="")  # the CSV writes its own \r\n
+            sys.stdout.writelines(export_annotations(conn, query, args.format))
+        return
     annotations = read_annotations(conn, clean_annotation_query(params, settings.tz))
     if args.json:
         json.dump(annotations, sys.stdout, indent=2, ensure_ascii=False)
@@ -7080,6 +7115,8 @@ def build_parser():
     sub.add_argument("--consumer-name", metavar="NAME", help="that consumer's, and those for every consumer")
     sub.add_argument("--delete", type=whole_argument(1, 10**18 - 1), metavar="ID", help="delete this annotation")
     sub.add_argument("--json", action="store_true", help="print the JSON of GET /annotations")
+    sub.add_argument("--format", choices=("csv", "ndjson"), help="write them as CSV or NDJSON, as exports do")
+    sub.add_argument("--output", "-o", metavar="FILE", help="with --format: write here, not to stdout")
     sub = command("closestale", cmd_closestale, "close sessions without an event for a while (the "
                                                 "service does this too, on requests; this is for cron)")
     sub.add_argument("--timeout", type=whole_argument(1, MAX_AGE // timedelta(seconds=1), " of seconds"),

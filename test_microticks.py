@@ -16,6 +16,7 @@ where a missing tool is a failure: .ci/run installs them.
 
 import concurrent.futures
 import contextlib
+import csv
 import datetime as dt
 import gc
 import gzip
@@ -1822,6 +1823,18 @@ def test_annotations_are_stored_listed_shown_with_stats_and_deleted(start_server
     assert client.request("DELETE", f"/annotations/{first['id']}").json == {"deleted": first["id"], "status": 200}
     assert client.request("DELETE", f"/annotations/{first['id']}").status == 404
     assert [a["id"] for a in client.get("/annotations").json["annotations"]] == [moved["id"], 3]
+    # Listed in exports as events are: NDJSON, and CSV with formulas defused.
+    client.post_json("/annotations", {"time": "2017-05-28T09:00:00Z", "text": "=HYPERLINK(\"x\")"})
+    lines = client.get("/annotations", format="ndjson").body.splitlines()
+    assert [json.loads(line)["text"] for line in lines] == [
+        "Kiosk moved to the entrance", "School holidays", '=HYPERLINK("x")']
+    csv_export = client.get("/annotations", format="csv", **{"from": "2017-05-28"})
+    assert csv_export.headers["content-type"].startswith("text/csv")
+    assert "attachment" in csv_export.headers["content-disposition"]
+    rows = list(csv.reader(io.StringIO(csv_export.body.lstrip("\ufeff"))))
+    assert rows[0] == list(microticks.ANNOTATION_FIELDS) and rows[1][3] == "'=HYPERLINK(\"x\")"
+    cli_csv = run_cli("annotations", "--format", "csv", "--from", "2017-05-28", "--db", db_path).stdout
+    assert cli_csv.replace("\r\n", "\n") == csv_export.body.replace("\r\n", "\n")
     assert run_cli("annotations", "--delete", "3", "--db", db_path).returncode == 0
     said = run_cli("annotate", "x", "--at", "2017-05-27", "--db", db_path, check=False)
     assert said.returncode == 1 and "--at must be an ISO 8601 time with a zone" in said.stderr
