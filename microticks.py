@@ -7063,8 +7063,9 @@ def build_parser():
     sub.add_argument("--bundle", metavar="DIR", help="write a research bundle into this new folder instead: the"
                      " events and sessions as NDJSON and CSV, stats.json, a data dictionary (README.md) and DuckDB"
                      " SQL for the headline figures (analysis.sql); takes the filters")
-    sub = command("import", cmd_import, "load a GET /events JSON export or an NDJSON export, "
-                                        "keeping ids, sessions, times and data; a file loads once")
+    sub = command("import", cmd_import, "load a GET /events JSON export, an NDJSON export or a research bundle,"
+                                        " keeping ids, sessions, times and data (a file loads once), or another"
+                                        " site's with --site")
     sub.add_argument("file", help="the export file, or a research bundle's folder")
     sub.add_argument("--consumer", default="import", help="consumer the sessions belong to "
                                                           "(created if missing; default: %(default)s)")
@@ -7109,7 +7110,7 @@ def build_parser():
                      " e.g. 2017-05-24T10:00+02:00")
     sub.add_argument("--consumer", metavar="NAME", help="the consumer it concerns (default: every one)")
     sub.add_argument("--site", help="the site it concerns")
-    sub = command("annotations", cmd_annotations, "list the annotations (or delete one)")
+    sub = command("annotations", cmd_annotations, "list or export the annotations (or delete one)")
     sub.add_argument("--from", dest="from_", metavar="TIME", help="from this day or time on")
     sub.add_argument("--to", metavar="TIME", help="up to this day (included) or time (excluded)")
     sub.add_argument("--consumer-name", metavar="NAME", help="that consumer's, and those for every consumer")
