@@ -542,9 +542,10 @@ MIGRATIONS = [
         "CREATE TABLE annotations (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,"
         " time_utc TEXT NOT NULL, text TEXT NOT NULL, consumer_id INTEGER, site TEXT, created_at TEXT NOT NULL)",
         "CREATE INDEX annotations_time_utc ON annotations (time_utc)",
-        # Touches, distinct screens and the first touch's milliseconds after the start.
+        # Touches, distinct screens and the first touch's milliseconds after the
+        # start; its events and their latest time (an open session's duration ends there).
         "CREATE TABLE stats_engagement (session_id INTEGER NOT NULL, data_key TEXT NOT NULL, bin INTEGER NOT NULL,"
-        " touches INTEGER, screens INTEGER, first_touch_ms INTEGER,"
+        " touches INTEGER, screens INTEGER, first_touch_ms INTEGER, events INTEGER, last_time TEXT,"
         " PRIMARY KEY (data_key, bin, session_id)) WITHOUT ROWID",
         "CREATE INDEX stats_engagement_session ON stats_engagement (session_id)",
         # When a session's figures were kept: a huge open one's are used for a while (OPEN_SESSION_LAG).
@@ -1604,7 +1605,6 @@ _SCREEN = f"json_extract(e.data, '$.\"{DEFAULT_DATA_KEY}\"')"
 _KEPT_VISITS_VALID = (
     "EXISTS (SELECT 1 FROM stats_sessions k WHERE k.session_id = s.id"
     f" AND k.data_key = '{DEFAULT_DATA_KEY}' AND k.bin = {DEFAULT_HEATMAP_BIN}"
-    " AND k.events = (SELECT count(*) FROM events x WHERE x.session_id = s.id)"
     " AND k.last_event_id IS (SELECT max(x.id) FROM events x WHERE x.session_id = s.id))")
 _PATH_OF_VISITS = "json_group_array(json_object('screen', screen, 'seconds', ms / 1000.0, 'touches', touches))"
 #: What a session's path holds, computed when asked for (fields=...): not
@@ -1890,11 +1890,13 @@ def _compute_session_stats(conn, data_key, bin_size):
     conn.execute(
         f"INSERT INTO temp.fresh_engagement WITH touched AS (SELECT e.session_id, count(*) AS touches,"
         f" min(e.time_utc) AS first_touch FROM {events} WHERE e.{_IS_TOUCH} GROUP BY e.session_id),"
-        " viewed AS (SELECT session_id, count(DISTINCT screen) AS screens FROM temp.fresh_visits GROUP BY session_id)"
+        " viewed AS (SELECT session_id, count(DISTINCT screen) AS screens FROM temp.fresh_visits GROUP BY session_id),"
+        f" timed AS (SELECT e.session_id, max(e.time_utc) AS last_time FROM {events} GROUP BY e.session_id)"
         " SELECT st.session_id, ?, ?, coalesce(t.touches, 0), coalesce(v.screens, 0),"
-        " CAST(round((julianday(t.first_touch) - julianday(s.started_utc)) * 86400000) AS INTEGER)"
-        " FROM temp.stale st JOIN sessions s ON s.id = st.session_id"
-        " LEFT JOIN touched t ON t.session_id = st.session_id LEFT JOIN viewed v ON v.session_id = st.session_id",
+        " CAST(round((julianday(t.first_touch) - julianday(s.started_utc)) * 86400000) AS INTEGER),"
+        " st.events, m.last_time FROM temp.stale st JOIN sessions s ON s.id = st.session_id"
+        " LEFT JOIN touched t ON t.session_id = st.session_id LEFT JOIN viewed v ON v.session_id = st.session_id"
+        " LEFT JOIN timed m ON m.session_id = st.session_id",
         (data_key, bin_size))
 
 
@@ -1986,17 +1988,24 @@ def _find_stale_sessions(conn, selected, params, data_key, bin_size):
         conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {fresh} AS SELECT * FROM main.{kept} WHERE 0")
         conn.execute(f"CREATE INDEX IF NOT EXISTS temp.{fresh}_session ON {fresh} (session_id)")
         conn.execute(f"DELETE FROM temp.{fresh}")
+    # Kept figures hold while the session's newest event id is the one they
+    # were computed up to: ids only grow, and events go only with their
+    # session (whose figures go too) or come by import, which forgets the
+    # figures of the sessions it adds to. One index lookup a session: its
+    # events are counted only when it is stale, and read then anyway.
     conn.execute(
         f"INSERT INTO temp.stale WITH {selected}, now AS (SELECT sel.id,"
-        " (SELECT count(*) FROM events x WHERE x.session_id = sel.id) AS events,"
-        " (SELECT max(x.id) FROM events x WHERE x.session_id = sel.id) AS last_event_id FROM sel)"
-        " SELECT now.id, now.events, now.last_event_id, s.stopped_at IS NOT NULL OR now.events >= ? FROM now"
+        " (SELECT max(x.id) FROM events x WHERE x.session_id = sel.id) AS last_event_id FROM sel),"
+        " found AS (SELECT now.id, now.last_event_id, s.stopped_at IS NOT NULL AS stopped FROM now"
         " JOIN sessions s ON s.id = now.id LEFT JOIN main.stats_sessions k"
         " ON k.session_id = now.id AND k.data_key = ? AND k.bin = ?"
-        " WHERE k.session_id IS NULL OR ((k.events != now.events OR k.last_event_id IS NOT now.last_event_id)"
-        " AND NOT (s.stopped_at IS NULL AND k.events >= ? AND k.kept_at > ?))",
-        [*params, KEEP_OPEN_SESSIONS_FROM, data_key, bin_size, KEEP_OPEN_SESSIONS_FROM,
-         format_utc(datetime.now(timezone.utc) - OPEN_SESSION_LAG)])
+        " WHERE k.session_id IS NULL OR (k.last_event_id IS NOT now.last_event_id"
+        " AND NOT (s.stopped_at IS NULL AND k.events >= ? AND k.kept_at > ?))),"
+        " counted AS (SELECT found.*, (SELECT count(*) FROM events x WHERE x.session_id = found.id) AS events"
+        " FROM found)"
+        " SELECT id, events, last_event_id, stopped OR events >= ? FROM counted",
+        [*params, data_key, bin_size, KEEP_OPEN_SESSIONS_FROM, format_utc(datetime.now(timezone.utc) - OPEN_SESSION_LAG),
+         KEEP_OPEN_SESSIONS_FROM])
 
 
 def _selected_sessions(query):
@@ -2016,8 +2025,9 @@ def compute_stats(conn, request, samples=None):
     type (the part of its name before the type separator).
 
     The figures of each session are kept (stats_* tables) and used again
-    while the session's events are unchanged: their number and newest id
-    are recorded with them, ids only grow and a deletion lowers the count.
+    while the session's events are unchanged: the newest event id is
+    recorded with them, ids only grow, a deletion takes the session and its
+    figures, and an import forgets the figures of the sessions it adds to.
     Sessions without valid kept figures are computed afresh, in this
     connection's temporary tables, and kept once closed (or once they hold
     KEEP_OPEN_SESSIONS_FROM events).
@@ -2041,7 +2051,7 @@ def compute_stats(conn, request, samples=None):
             conn.execute("BEGIN")
             _find_stale_sessions(conn, selected, params, data_key, bin_size)
         _compute_session_stats(conn, data_key, bin_size)
-        stats = _add_up_stats(conn, selected, params, everything, request.tz, data_key, bin_size, samples)
+        stats = _add_up_stats(conn, request, selected, params, everything, request.tz, data_key, bin_size, samples)
         stats.update(_engagement(conn, request, samples))
     finally:
         if conn.in_transaction:  # else an error ended it (SQLite rolls back after some): that one is told
@@ -2062,23 +2072,24 @@ def stats_figures(conn, request, samples=None):
     return figures
 
 
-def _kept_and_fresh(conn, request, kept, columns, tail=""):
+def _kept_and_fresh(conn, request, kept, columns, tail="", join=""):
     """Rows of a kept stats table for the sessions a StatsQuery selects whose
     kept figures are valid, then those of its fresh table (the stale
-    sessions'): right after compute_stats, on the same connection."""
+    sessions'): right after compute_stats, on the same connection. `join`
+    joins other tables to the stats table's rows (named k)."""
     selected, params, everything = _selected_sessions(request.query)
     kind = [request.data_key, request.bin]
     not_stale = "k.session_id NOT IN (SELECT session_id FROM temp.stale)"
     if everything:
-        rows = conn.execute(f"SELECT {columns} FROM main.{kept} k WHERE k.data_key = ? AND k.bin = ?"
+        rows = conn.execute(f"SELECT {columns} FROM main.{kept} k {join} WHERE k.data_key = ? AND k.bin = ?"
                             f" AND {not_stale} {tail}", kind)
     else:
         rows = conn.execute(f"WITH {selected} SELECT {columns} FROM sel CROSS JOIN main.{kept} k"
-                            f" ON k.data_key = ? AND k.bin = ? AND k.session_id = sel.id WHERE {not_stale} {tail}",
-                            [*params, *kind])
+                            f" ON k.data_key = ? AND k.bin = ? AND k.session_id = sel.id {join} WHERE {not_stale}"
+                            f" {tail}", [*params, *kind])
     # Both cursors read as one in C: a generator's step per row cost a third
     # of the path figures over a million events.
-    return itertools.chain(rows, conn.execute(f"SELECT {columns} FROM temp.{KEPT_STATS[kept]} k {tail}"))
+    return itertools.chain(rows, conn.execute(f"SELECT {columns} FROM temp.{KEPT_STATS[kept]} k {join} {tail}"))
 
 
 def _share(part, whole):
@@ -2254,7 +2265,7 @@ def _in_local_time(minutes, tz_name):
         yield ordinal + local // 1440, local % 1440, n
 
 
-def _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_size, samples=None):
+def _add_up_stats(conn, request, selected, params, everything, tz_name, data_key, bin_size, samples=None):
     """The figures of the selected sessions: their own, and the per-session
     ones (kept where valid, else fresh) added up; their durations into
     `samples` (compute_stats)."""
@@ -2294,11 +2305,11 @@ def _add_up_stats(conn, selected, params, everything, tz_name, data_key, bin_siz
         per_day[ordinal] = per_day.get(ordinal, 0) + n
         per_hour[of_day // 60] += n
         per_weekday[(ordinal - 1) % 7] += n  # day 1 of the proleptic calendar was a Monday
-    sessions = conn.execute(
-        f"WITH {selected} SELECT (SELECT count(*) FROM events x WHERE x.session_id = s.id),"
-        " round((julianday(coalesce(s.stopped_utc, (SELECT max(x.time_utc) FROM events x"
-        " WHERE x.session_id = s.id), s.started_utc)) - julianday(s.started_utc)) * 86400, 3)"
-        " FROM sessions s JOIN sel ON sel.id = s.id", params).fetchall()
+    # Each session's events and duration, from its kept or fresh figures
+    # (an open one's duration ends at its latest event): not its events read again.
+    sessions = list(_kept_and_fresh(
+        conn, request, "stats_engagement", "k.events, round((julianday(coalesce(s.stopped_utc, k.last_time,"
+        " s.started_utc)) - julianday(s.started_utc)) * 86400, 3)", join="JOIN sessions s ON s.id = k.session_id"))
     event_counts = [n for n, _ in sessions]
     durations = [d for _, d in sessions if d is not None]
     if samples is not None:
@@ -2587,6 +2598,9 @@ def import_events(conn, events, source, digest, consumer_name, site=None):
                     " stopped_utc = max(coalesce(stopped_utc, ''), ?) WHERE id = ?",
                     (first["time_utc"], first["time"], first["time_utc"], end["time_utc"], end["time"],
                      end["time_utc"], session_id))
+        # Their kept figures, if any, were computed without these events: an
+        # event imported with its id may lie below the newest (_find_stale_sessions).
+        conn.executemany("DELETE FROM stats_sessions WHERE session_id = ?", [(session,) for session in sessions])
         conn.execute("INSERT OR IGNORE INTO imports (sha256, source, imported_at, events) VALUES (?, ?, ?, ?)",
                      (digest if site is None else f"{digest}@{site}", source, now, added))
     if sessions:
