@@ -1597,21 +1597,26 @@ def _visits_sql(events, screen):
             " - julianday(arrived)) * 86400000) AS INTEGER) AS ms FROM grouped)")
 
 
-#: An event's screen in a session's path: its default data key.
-_SCREEN = f"json_extract(e.data, '$.\"{DEFAULT_DATA_KEY}\"')"
-# A closed session's visits are kept by /stats (stats_visits, for the default
-# data key and bin) while its events are unchanged: read there, a path costs
-# a lookup instead of a pass over its events with three window functions.
+# The path fields' SQL names the screen's data key (ReadQuery.data_key) by
+# these marks; _select binds each as a parameter, in the order they come.
+_SCREEN_KEY, _SCREEN_PATH = "{screen_key}", "{screen_path}"
+#: An event's screen in a session's path: the value of the data key.
+_SCREEN = f"json_extract(e.data, {_SCREEN_PATH})"
+# A closed session's visits are kept by /stats (stats_visits, for each data
+# key asked for, with the default bin) while its events are unchanged: read
+# there, a path costs a lookup instead of a pass over its events with three
+# window functions.
 _KEPT_VISITS_VALID = (
     "EXISTS (SELECT 1 FROM stats_sessions k WHERE k.session_id = s.id"
-    f" AND k.data_key = '{DEFAULT_DATA_KEY}' AND k.bin = {DEFAULT_HEATMAP_BIN}"
+    f" AND k.data_key = {_SCREEN_KEY} AND k.bin = {DEFAULT_HEATMAP_BIN}"
     " AND k.last_event_id IS (SELECT max(x.id) FROM events x WHERE x.session_id = s.id))")
 _PATH_OF_VISITS = "json_group_array(json_object('screen', screen, 'seconds', ms / 1000.0, 'touches', touches))"
+_SCREEN_MARKS = re.compile("|".join(re.escape(mark) for mark in (_SCREEN_KEY, _SCREEN_PATH)))
 #: What a session's path holds, computed when asked for (fields=...): not
 #: among the default fields, and JSON (the path, the actions) where marked.
 SESSION_PATH_COLUMNS = {
     "path": f"CASE WHEN {_KEPT_VISITS_VALID} THEN (SELECT {_PATH_OF_VISITS} FROM (SELECT * FROM stats_visits v"
-            f" WHERE v.data_key = '{DEFAULT_DATA_KEY}' AND v.bin = {DEFAULT_HEATMAP_BIN} AND v.session_id = s.id"
+            f" WHERE v.data_key = {_SCREEN_KEY} AND v.bin = {DEFAULT_HEATMAP_BIN} AND v.session_id = s.id"
             " ORDER BY v.visit))"
             f" ELSE (SELECT {_PATH_OF_VISITS} FROM (WITH {_visits_sql('events e WHERE e.session_id = s.id', _SCREEN)}"
             " SELECT * FROM visits ORDER BY visit)) END",
@@ -1692,10 +1697,14 @@ def _select(query, fields, count=False):
         backwards = query.sort[0] == ("id", True)
         clauses.append(f"{id_column} {'<' if backwards else '>'} ?")
         params.append(query.after_id)
-    select = [f"{columns[f]} AS {f}" for f in fields]
+    screen = {_SCREEN_KEY: query.data_key, _SCREEN_PATH: f'$."{query.data_key}"'}
+    select, select_params = [], []
+    for name in fields:  # the screen's data key bound where the path fields name it
+        select_params += [screen[mark] for mark in _SCREEN_MARKS.findall(columns[name])]
+        select.append(f"{_SCREEN_MARKS.sub('?', columns[name])} AS {name}")
     select += [f"{_DATA_KEY_VALUE} AS data_key_{n}" for n in range(len(query.data_keys))]
     paths = [f'$."{key}"' for key in query.data_keys]
-    params = paths + params  # the select list's come first
+    params = select_params + paths + params  # the select list's come first
     order, ordered = [], set()
     for name, descending in query.sort:
         for part in (EVENT_SORTS if events else SESSION_SORTS)[name]:
@@ -3230,7 +3239,7 @@ def clean_session_stop(fields, received):
 
 #: Filters every read takes; `key` is the API key, not a filter.
 READ_FILTERS = ("from", "to", "date", "ip", "consumer", "consumer_name", "action", "session", "site", "key")
-PAGE_PARAMETERS = ("after_id", "sort", "sort.desc", "limit", "offset", "format", "fields", "data_keys")
+PAGE_PARAMETERS = ("after_id", "sort", "sort.desc", "limit", "offset", "format", "fields", "data_keys", "data_key")
 STATS_PARAMETERS = ("data_key", "bin", "tz", "type_separator", "paths", "funnel", "meaningful")
 #: The longest common path (paths=) and funnel (funnel=) /stats takes.
 MAX_PATH_STEPS = 10
@@ -3264,6 +3273,8 @@ class ReadQuery:
     format: str = "json"
     fields: tuple = EVENT_DEFAULT_FIELDS
     data_keys: tuple = ()
+    #: The data key naming the screen in sessions' path fields.
+    data_key: str = DEFAULT_DATA_KEY
 
 
 def time_bound(text, tz_name, end=False):
@@ -3414,20 +3425,28 @@ def clean_read_query(params, kind, tz_name="", export=False):
                              ' letters, digits, _, : and -')
         return keys
 
+    def data_key(p, name):
+        value = p.get(name) or DEFAULT_DATA_KEY
+        if events and p.get(name):
+            raise ValueError('"data_key" names the screen in sessions\' path fields; events take data_keys')
+        if not _DATA_KEY.fullmatch(value):
+            raise ValueError('"data_key" is a key of letters, digits, _, : and -, like subject or target')
+        return value
+
     clean = _check(params, {
         "from": bound(False), "to": bound(True), "date": date, "ip": text(64),
         "consumer": _id_parameter, "consumer_name": text(200),
         "action": text(MAX_ACTION_CHARS), "session": _id_parameter, "site": text(MAX_CONSUMER_NAME_CHARS),
         "after_id": _id_parameter, "sort": sort, "limit": limit,
         "offset": _id_parameter, "format": output_format, "fields": fields,
-        "data_keys": data_keys,
+        "data_keys": data_keys, "data_key": data_key,
     })
     return ReadQuery(
         kind=kind, start_utc=clean["from"], end_utc=clean["to"], date=clean["date"], ip=clean["ip"],
         consumer_id=clean["consumer"], consumer_name=clean["consumer_name"], action=clean["action"],
         session_id=clean["session"], site=clean["site"], after_id=clean["after_id"], sort=clean["sort"],
         limit=clean["limit"], offset=clean["offset"] or 0, format=clean["format"],
-        fields=clean["fields"], data_keys=clean["data_keys"])
+        fields=clean["fields"], data_keys=clean["data_keys"], data_key=clean["data_key"])
 
 
 class StatsQuery(NamedTuple):
@@ -4209,8 +4228,9 @@ def get_sessions():
 
 
 def get_session(session_id):
-    own = service()
-    query = clean_read_query({"session": str(session_id), "fields": "all"}, "sessions", own.settings.tz)
+    own, screen_key = service(), query_params(bottle.request).get("data_key")
+    query = clean_read_query({"session": str(session_id), "fields": "all", **({"data_key": screen_key} if screen_key
+                                                                              else {})}, "sessions", own.settings.tz)
     own.close_idle()
     sessions = read_page(own.connection(), query)["sessions"]
     if not sessions:
@@ -4313,7 +4333,7 @@ def make_app(settings):
 SESSION_PATH_DEFINITION = (
     "Not among the default fields; ask for them with fields= (or all): path, the session's visits in order,"
     " each {screen, seconds, touches}: a visit is a run of events with the same screen (the data key"
-    f" {DEFAULT_DATA_KEY}), events without one aside; seconds, from its first event to the next visit's"
+    f" data_key=, default {DEFAULT_DATA_KEY}), events without one aside; seconds, from its first event to the next visit's"
     " (null for the last visit: only idle time came after it); touches, its click and swipe events."
     " screens: distinct screens; touches: click and swipe events; page_changes: pageChange events;"
     " actions: events per action.")
@@ -4446,6 +4466,8 @@ def openapi_spec():
               {"type": "string", "maxLength": MAX_ACTION_CHARS}),
         param("session", "One session's id", whole),
     ]
+    screen_key = param("data_key", f"The data key naming screens in the path fields (default {DEFAULT_DATA_KEY})",
+                       {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,64}$"})
     stats_params = [
         param("data_key", f"The data key naming screens (default {DEFAULT_DATA_KEY})",
               {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,64}$"}),
@@ -4593,7 +4615,7 @@ def openapi_spec():
                                                                     "status": {"type": "integer"}}}),
                                        **errors(400, 401, 403, 409, 411, 413, 415, 429, 503)}},
                 "get": {"summary": "List sessions", "operationId": "listSessions",
-                        "parameters": read_params(SESSION_SORTS, SESSION_COLUMNS),
+                        "parameters": read_params(SESSION_SORTS, SESSION_COLUMNS) + [screen_key],
                         "responses": {"200": {"description": "A page of sessions, or a CSV/NDJSON download",
                                               "content": {"application/json": {"schema": ref("SessionsPage")},
                                                           **exports}},
@@ -4619,7 +4641,8 @@ def openapi_spec():
             },
             "/sessions/{session_id}": {
                 "get": {"summary": "One session, with every field: its path among them", "operationId": "getSession",
-                        "parameters": [{"name": "session_id", "in": "path", "required": True, "schema": whole}],
+                        "parameters": [{"name": "session_id", "in": "path", "required": True, "schema": whole},
+                                       screen_key],
                         "responses": {"200": answer("The session", {"type": "object", "required": ["session"],
                                                                     "properties": {"session": ref("Session"),
                                                                                    "status": {"type": "integer"}}}),
@@ -5261,7 +5284,8 @@ async function exploreSession() {
   const id = $("explore-session").value;
   if (!id) return;
   try {
-    const [{session}, figures] = await Promise.all([api(`/sessions/${id}`), api("/stats", {session: id, data_key: $("data_key").value.trim()})]);
+    const screenKey = $("data_key").value.trim();
+    const [{session}, figures] = await Promise.all([api(`/sessions/${id}`, {data_key: screenKey}), api("/stats", {session: id, data_key: screenKey})]);
     $("explore-summary").textContent = `${session.path.length} visits to ${session.screens} screens, ${session.touches} touches, ${seconds(session.duration)}`;
     const measured = session.path.reduce((sum, v) => sum + (v.seconds || 0), 0) || 1;
     const width = Math.max(480, $("explore-path").clientWidth || 900), rowHeight = 22;
@@ -6281,7 +6305,7 @@ def read_params(args):
     names = {"from_": "from", "to": "to", "date": "date", "ip": "ip", "consumer": "consumer",
              "consumer_name": "consumer_name", "action": "action", "session": "session", "site": "site",
              "after_id": "after_id", "limit": "limit", "offset": "offset", "format": "format",
-             "fields": "fields", "data_keys": "data_keys"}
+             "fields": "fields", "data_keys": "data_keys", "data_key": "data_key"}
     params = {param: str(getattr(args, attr)) for attr, param in names.items()
               if getattr(args, attr, None) is not None}
     if getattr(args, "sort", None):
@@ -7059,6 +7083,8 @@ def build_parser():
             group.add_argument("--after-id", type=int, help="rows after this id (cursor paging)")
             group.add_argument("--fields", help="comma-separated fields, or all")
             group.add_argument("--data-keys", help="CSV: add columns for these data keys, e.g. subject,clickX")
+            group.add_argument("--data-key", help=f"sessions: the data key naming screens in the path fields"
+                                                  f" (default: {DEFAULT_DATA_KEY})")
             what = {"json": "a page, as the HTTP API answers", "csv": "every row", "ndjson": "every row"}
             sub.add_argument("--format", choices=formats, default=formats[0],
                              help=", ".join(f"{name} ({what[name]})" for name in formats)

@@ -1273,7 +1273,7 @@ def test_stats_equal_an_independent_computation_over_the_sample_week(sample_clie
     assert stats["heatmaps"]["width"] == 1919
 
 
-def independent_paths(events):
+def independent_paths(events, key="subject"):
     """Each session's path as a researcher computes it from the export: the
     screens (subject) in order, repeats in a row collapsed, events without
     one aside; seconds to the next screen change (none for the last);
@@ -1286,7 +1286,7 @@ def independent_paths(events):
     for sid, evs in sessions.items():
         visits = []
         for e in evs:
-            screen = e["data"].get("subject") if isinstance(e["data"], dict) else None
+            screen = e["data"].get(key) if isinstance(e["data"], dict) else None
             if screen is None:
                 continue
             if not visits or visits[-1]["screen"] != screen:
@@ -1320,6 +1320,17 @@ def test_session_paths_equal_an_independent_computation_over_the_sample_week(sam
     assert {e["id"]: e["path"] for e in exported} == {sid: p["path"] for sid, p in expected.items()}
     cli = json.loads(run_cli("sessions", "--fields", fields, "--session", str(longest), "--db", db_path).stdout)
     assert cli["sessions"][0]["path"] == expected[longest]["path"]
+    # Another data key names the screens: the paths follow it, kept or not.
+    expected_pages = independent_paths(sample_events, key="currentPage")
+    pages = sample_client.get("/sessions", fields=fields, data_key="currentPage", limit="100").json["sessions"]
+    assert {s["id"]: (s["path"], s["screens"]) for s in pages} == {
+        sid: (p["path"], p["screens"]) for sid, p in expected_pages.items()}
+    assert any(p["path"] for p in expected_pages.values())
+    assert sample_client.get(f"/sessions/{longest}", data_key="currentPage").json["session"]["path"] == \
+        expected_pages[longest]["path"]
+    sample_client.get("/stats", data_key="currentPage")  # now kept for that key: read there, the same
+    assert sample_client.get("/sessions", fields=fields, data_key="currentPage", limit="100").json["sessions"] == pages
+    assert sample_client.get("/events", data_key="currentPage").status == 400
     default = sample_client.get("/sessions", limit=1).json["sessions"][0]
     assert "path" not in default and "clicks" in default  # computed only when asked for
     # The import kept each session's visits: read there, they equal paths computed from the events.
