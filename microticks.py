@@ -4465,6 +4465,8 @@ def openapi_spec():
         param("action", "Events with this action (sessions: having one)",
               {"type": "string", "maxLength": MAX_ACTION_CHARS}),
         param("session", "One session's id", whole),
+        param("site", "One site's sessions (this installation's: MICROTICKS_SITE; others: import --site)",
+              {"type": "string", "maxLength": MAX_CONSUMER_NAME_CHARS}),
     ]
     screen_key = param("data_key", f"The data key naming screens in the path fields (default {DEFAULT_DATA_KEY})",
                        {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,64}$"})
