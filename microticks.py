@@ -6668,12 +6668,16 @@ def cmd_stats(args, settings):
                                           ("paths", args.paths), ("funnel", args.funnel),
                                           ("type_separator", args.type_separator),
                                           ("meaningful", args.meaningful)) if v is not None})
-    stats = stats_figures(open_database(settings), clean_stats_query(params, settings.tz))
+    print_answer(args, stats_figures(open_database(settings), clean_stats_query(params, settings.tz)), print_stats)
+
+
+def print_answer(args, answer, as_tables):
+    """A command's answer: the JSON the HTTP API answers (--json), or tables."""
     if args.json:
-        json.dump(stats, sys.stdout, indent=2, ensure_ascii=False)
+        json.dump(answer, sys.stdout, indent=2, ensure_ascii=False)
         print()
-        return
-    print_stats(stats)
+    else:
+        as_tables(answer)
 
 
 def _print_table(title, rows, header):
@@ -6740,12 +6744,8 @@ def cmd_compare(args, settings):
               if name[:2] in ("a.", "b.") and value is not None}
     params.update({k: str(v) for k, v in (("data_key", args.data_key), ("tz", args.tz),
                                           ("meaningful", args.meaningful)) if v is not None})
-    comparison = compare_figures(open_database(settings), clean_compare_query(params, settings.tz))
-    if args.json:
-        json.dump(comparison, sys.stdout, indent=2, ensure_ascii=False)
-        print()
-        return
-    print_comparison(comparison)
+    print_answer(args, compare_figures(open_database(settings), clean_compare_query(params, settings.tz)),
+                 print_comparison)
 
 
 def print_comparison(comparison):
@@ -6812,14 +6812,10 @@ def cmd_annotations(args, settings):
             sys.stdout.reconfigure(newline="")  # the CSV writes its own \r\n
             sys.stdout.writelines(export_annotations(conn, query, args.format))
         return
-    annotations = read_annotations(conn, clean_annotation_query(params, settings.tz))
-    if args.json:
-        json.dump(annotations, sys.stdout, indent=2, ensure_ascii=False)
-        print()
-        return
-    _print_table(f"{len(annotations)} annotations", [
-        (a["id"], a["time"], a["consumer"] or "(all)", a["site"] or "", a["text"]) for a in annotations],
-        ("id", "time", "consumer", "site", "text"))
+    print_answer(args, read_annotations(conn, clean_annotation_query(params, settings.tz)), lambda annotations:
+                 _print_table(f"{len(annotations)} annotations", [
+                     (a["id"], a["time"], a["consumer"] or "(all)", a["site"] or "", a["text"]) for a in annotations],
+                     ("id", "time", "consumer", "site", "text")))
 
 
 def cmd_rotatekey(args, settings):
