@@ -1310,8 +1310,9 @@ def store_events(conn, events, deadline=None):
     `deadline`, as write_transaction); one result per event, in order:
     {"event_id": N} (plus "duplicate": true when its uuid was stored before)
     or the MicroticksError that refuses it (from validation, or from here):
-    the app answers it, alone or as one of a batch's results. A late event for a session the server closed for
-    inactivity is stored and moves that session's stop; a client's stop is final."""
+    the app answers it, alone or as one of a batch's results. A late event
+    for a session the server closed for inactivity is stored and moves that
+    session's stop; a client's stop is final."""
     results, values, sessions, new_uuids, now = [], [], {}, {}, utc_now()
     stored = 0  # rows in `values`; a stored event's result is its row number until the ids are known
     with write_transaction(conn, deadline):
@@ -2045,7 +2046,7 @@ def compute_stats(conn, request, samples=None):
     its duration, touches and distinct screens, and per screen the measured
     times of its visits (seconds)."""
     data_key, bin_size = request.data_key, request.bin
-    selected, params, everything = _selected_sessions(request.query)
+    selected, params, _ = _selected_sessions(request.query)
     conn.execute("BEGIN")  # one snapshot for every figure
     try:
         _find_stale_sessions(conn, selected, params, data_key, bin_size)
@@ -2060,7 +2061,7 @@ def compute_stats(conn, request, samples=None):
             conn.execute("BEGIN")
             _find_stale_sessions(conn, selected, params, data_key, bin_size)
         _compute_session_stats(conn, data_key, bin_size)
-        stats = _add_up_stats(conn, request, selected, params, everything, request.tz, data_key, bin_size, samples)
+        stats = _add_up_stats(conn, request, samples)
         stats.update(_engagement(conn, request, samples))
     finally:
         if conn.in_transaction:  # else an error ended it (SQLite rolls back after some): that one is told
@@ -2158,16 +2159,14 @@ def path_statistics(conn, request):
     touches (stats_visits, stats_touches), or the fresh ones compute_stats
     has just made for the sessions it found stale (temp.stale): call it
     right after compute_stats, on the same connection and request."""
-    def kept_and_fresh(kept, columns, tail):
-        return _kept_and_fresh(conn, request, kept, columns, tail)
-
     touches = [0] * 24
-    minutes = kept_and_fresh("stats_touches", "k.minute, sum(k.touches)", "GROUP BY k.minute")
+    minutes = _kept_and_fresh(conn, request, "stats_touches", "k.minute, sum(k.touches)", "GROUP BY k.minute")
     for _, of_day, n in _in_local_time(minutes, request.tz):
         touches[of_day // 60] += n
     # Each session's visits in order, then a mark that ends the last session.
     visits = itertools.chain(
-        kept_and_fresh("stats_visits", "k.session_id, k.screen, k.ms", "ORDER BY k.session_id, k.visit"),
+        _kept_and_fresh(conn, request, "stats_visits", "k.session_id, k.screen, k.ms",
+                        "ORDER BY k.session_id, k.visit"),
         [(None, EXIT, None)])
     steps, length = request.funnel, request.path_length
     moves, paths, funnel = {}, {}, [[0, []] for _ in steps]
@@ -2274,10 +2273,12 @@ def _in_local_time(minutes, tz_name):
         yield ordinal + local // 1440, local % 1440, n
 
 
-def _add_up_stats(conn, request, selected, params, everything, tz_name, data_key, bin_size, samples=None):
-    """The figures of the selected sessions: their own, and the per-session
-    ones (kept where valid, else fresh) added up; their durations into
-    `samples` (compute_stats)."""
+def _add_up_stats(conn, request, samples=None):
+    """The figures of the sessions a StatsQuery selects: their own, and the
+    per-session ones (kept where valid, else fresh) added up; their
+    durations into `samples` (compute_stats)."""
+    selected, params, everything = _selected_sessions(request.query)
+    tz_name, data_key, bin_size = request.tz, request.data_key, request.bin
     # A few selected sessions (a day of many years) lead, their kept rows
     # found by index; many are added up in one pass over the kept table.
     # Spelled out (CROSS JOIN): without ANALYZE the planner takes the pass.
@@ -2513,10 +2514,11 @@ def import_events(conn, events, source, digest, consumer_name, site=None):
     consumer@site. What was imported for the site before is skipped:
     importing an export again, or a later one that overlaps it, adds only
     what is new."""
+    import_key = digest if site is None else f"{digest}@{site}"
     with write_transaction(conn):
-        done = conn.execute("SELECT imported_at FROM imports WHERE sha256 = ?",
-                            (digest if site is None else f"{digest}@{site}",)).fetchone()
-        if done and site is None:
+        done = site is None and conn.execute("SELECT imported_at FROM imports WHERE sha256 = ?",
+                                             (import_key,)).fetchone()
+        if done:
             raise MicroticksError(409, f"{source} was imported already, on {done[0]}")
         consumers = {}
 
@@ -2611,7 +2613,7 @@ def import_events(conn, events, source, digest, consumer_name, site=None):
         # event imported with its id may lie below the newest (_find_stale_sessions).
         conn.executemany("DELETE FROM stats_sessions WHERE session_id = ?", [(session,) for session in sessions])
         conn.execute("INSERT OR IGNORE INTO imports (sha256, source, imported_at, events) VALUES (?, ?, ?, ?)",
-                     (digest if site is None else f"{digest}@{site}", source, now, added))
+                     (import_key, source, now, added))
     if sessions:
         keep_stats(conn, min(sessions), max(sessions))
     return {"events": added, "skipped": skipped, "sessions": len(sessions)}
@@ -3327,6 +3329,14 @@ def _id_parameter(params, name):
     return number
 
 
+def _data_key_parameter(params, name):
+    """The data key naming the screen (/stats, sessions' paths)."""
+    value = params.get(name) or DEFAULT_DATA_KEY
+    if not _DATA_KEY.fullmatch(value):
+        raise ValueError(f'"{name}" is a key of letters, digits, _, : and -, like subject or target')
+    return value
+
+
 def refuse_unknown_parameters(params, allowed):
     """A 400 naming the parameters that are not `allowed`, and those that are
     ("key", the API key, is allowed everywhere but not listed)."""
@@ -3426,12 +3436,9 @@ def clean_read_query(params, kind, tz_name="", export=False):
         return keys
 
     def data_key(p, name):
-        value = p.get(name) or DEFAULT_DATA_KEY
         if events and p.get(name):
             raise ValueError('"data_key" names the screen in sessions\' path fields; events take data_keys')
-        if not _DATA_KEY.fullmatch(value):
-            raise ValueError('"data_key" is a key of letters, digits, _, : and -, like subject or target')
-        return value
+        return _data_key_parameter(p, name)
 
     clean = _check(params, {
         "from": bound(False), "to": bound(True), "date": date, "ip": text(64),
@@ -3479,12 +3486,6 @@ def clean_stats_query(params, settings_tz):
         load_timezone(value)
         return value
 
-    def data_key(p, name):
-        value = p.get(name) or DEFAULT_DATA_KEY
-        if not _DATA_KEY.fullmatch(value):
-            raise ValueError('"data_key" is a key of letters, digits, _, : and -, like subject or target')
-        return value
-
     def bin_size(p, name):
         number = _whole(p.get(name) or str(DEFAULT_HEATMAP_BIN), MAX_HEATMAP_BIN)
         if not number:  # None, or 0
@@ -3523,7 +3524,7 @@ def clean_stats_query(params, settings_tz):
             raise ValueError(f'"meaningful" is how many touches make a session meaningful: 1 to {MAX_MEANINGFUL_TOUCHES}')
         return number
 
-    extra = _check(stats_params, {"tz": tz, "data_key": data_key, "bin": bin_size, "type_separator": type_separator,
+    extra = _check(stats_params, {"tz": tz, "data_key": _data_key_parameter, "bin": bin_size, "type_separator": type_separator,
                                   "paths": path_length, "funnel": funnel, "meaningful": meaningful})
     query = clean_read_query(filters, "sessions", extra["tz"], export=True)
     return StatsQuery(query, extra["tz"], extra["data_key"], extra["bin"], extra["type_separator"], extra["paths"],
@@ -6382,17 +6383,24 @@ def export_since_position(conn, params, args, settings):
             return
         query = clean_read_query({**params, "after_id": str(after)}, "events", settings.tz, export=True)
         query = replace(query, end_id=newest)
-        if args.output:
-            _write_atomically(args.output, lambda stream: write_export(conn, query, stream))
-        else:
-            sys.stdout.reconfigure(newline="")
-            write_export(conn, query, sys.stdout)
-            sys.stdout.flush()
+        write_export_text(export_chunks(conn, query), args.output)
     finally:
         conn.execute("COMMIT")
     _write_atomically(args.position, lambda stream: stream.write(f"{newest}\n"))
     print(f"Exported the events after id {after} to {newest}" + (f" into {args.output}" if args.output else "")
           + f"; {args.position} now holds {newest}", file=sys.stderr)
+
+
+def write_export_text(chunks, output=None):
+    """An export's text into the file `output` (written under a temporary
+    name, then renamed: it holds the whole export or what it held before),
+    or to stdout."""
+    if output:
+        _write_atomically(output, lambda stream: stream.writelines(chunks))
+    else:
+        sys.stdout.reconfigure(newline="")  # a CSV writes its own \r\n
+        sys.stdout.writelines(chunks)
+        sys.stdout.flush()
 
 
 def _write_atomically(path, write):
@@ -6553,9 +6561,7 @@ def write_research_bundle(conn, filters, directory, tz_name, timeout, database, 
     parent = os.path.dirname(target)
     try:
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
-        umask = os.umask(0o22)  # mkdtemp makes it private: the bundle is made to be handed on
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
+        os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes it private: the bundle is made to be handed on
     except OSError as error:
         raise MicroticksError(400, f"Cannot write in {parent}: {error.strerror or error}") from None
     try:
@@ -6805,12 +6811,7 @@ def cmd_annotations(args, settings):
                                               ("consumer_name", args.consumer_name)) if value is not None}
     if args.format:
         query = clean_annotation_query(params, settings.tz)
-        if args.output:
-            _write_atomically(args.output, lambda stream: stream.writelines(export_annotations(conn, query,
-                                                                                               args.format)))
-        else:
-            sys.stdout.reconfigure(newline="")  # the CSV writes its own \r\n
-            sys.stdout.writelines(export_annotations(conn, query, args.format))
+        write_export_text(export_annotations(conn, query, args.format), args.output)
         return
     print_answer(args, read_annotations(conn, clean_annotation_query(params, settings.tz)), lambda annotations:
                  _print_table(f"{len(annotations)} annotations", [

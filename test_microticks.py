@@ -1723,13 +1723,8 @@ def test_compare_equals_each_sides_stats_and_scipy_on_the_sample_week(sample_cli
         assert (figure["a_count"], figure["a_total"], figure["b_count"], figure["b_total"]) == (
             hits_a, total_a, hits_b, total_b)
         assert figure["a"] == round(hits_a / total_a, 4) and figure["b"] == round(hits_b / total_b, 4)
-        expected_counts = scipy_stats.contingency.expected_freq(table)
-        if expected_counts.min() < 5:
-            assert figure["test"] == "fisher"
-            assert figure["p_value"] == pytest.approx(scipy_stats.fisher_exact(table).pvalue, rel=1e-9)
-        else:
-            assert figure["test"] == "chi-square"
-            assert figure["p_value"] == pytest.approx(scipy_stats.chi2_contingency(table).pvalue, rel=1e-9)
+        p_value, test = scipy_share_test(table)
+        assert (figure["p_value"], figure["test"]) == (pytest.approx(p_value, rel=1e-9), test)
 
     meaningful = {side: sum(1 for sid in per_session if side_of[sid] == side and per_session[sid]["touches"] >= 2)
                   for side in "ab"}
@@ -1768,17 +1763,22 @@ def test_the_mann_whitney_u_test_is_scipys_with_ties_and_tiny_samples(a, b):
     assert microticks.mann_whitney_u(a, []) == microticks.mann_whitney_u([], b) == (None, None)
 
 
+def scipy_share_test(table):
+    """scipy's p value of a 2x2 table of hits and misses, and its test's name:
+    Fisher's exact where an expected count is under 5, else chi-square
+    (with Yates' correction, scipy's default for one degree of freedom)."""
+    scipy_stats = require_module("scipy.stats")
+    if scipy_stats.contingency.expected_freq(table).min() < 5:
+        return scipy_stats.fisher_exact(table).pvalue, "fisher"
+    return scipy_stats.chi2_contingency(table).pvalue, "chi-square"
+
+
 @pytest.mark.parametrize("hits_a, total_a, hits_b, total_b", [
     (0, 1, 1, 1), (3, 10, 7, 10), (40, 100, 55, 100), (1, 1000, 9, 1000), (500, 1000, 520, 1000), (12, 12, 30, 31),
 ])
 def test_the_share_tests_are_scipys_chi_square_or_fisher(hits_a, total_a, hits_b, total_b):
-    scipy_stats = require_module("scipy.stats")
-    table = [[hits_a, total_a - hits_a], [hits_b, total_b - hits_b]]
-    p_value, test = microticks.proportion_test(hits_a, total_a, hits_b, total_b)
-    if scipy_stats.contingency.expected_freq(table).min() < 5:
-        assert (p_value, test) == (pytest.approx(scipy_stats.fisher_exact(table).pvalue, rel=1e-9), "fisher")
-    else:
-        assert (p_value, test) == (pytest.approx(scipy_stats.chi2_contingency(table).pvalue, rel=1e-9), "chi-square")
+    expected, test = scipy_share_test([[hits_a, total_a - hits_a], [hits_b, total_b - hits_b]])
+    assert microticks.proportion_test(hits_a, total_a, hits_b, total_b) == (pytest.approx(expected, rel=1e-9), test)
     assert microticks.proportion_test(0, 10, 0, 10) == microticks.proportion_test(1, 0, 0, 0) == (None, None)
 
 
