@@ -56,6 +56,7 @@ single file bottle.py copied beside this one).
 """
 
 import argparse
+import codecs
 import collections
 import contextlib
 import gc
@@ -80,6 +81,7 @@ import selectors
 import shutil
 import socket
 import sqlite3
+import stat
 import struct
 import sys
 import tempfile
@@ -568,6 +570,19 @@ MIGRATIONS = [
         "ALTER TABLE events ADD COLUMN source_id INTEGER",
         "CREATE UNIQUE INDEX events_source ON events (session_id, source_id) WHERE source_id IS NOT NULL",
         "ALTER TABLE consumers ADD COLUMN site TEXT",
+    ]),
+    ("imports without a site never take a session or an event id another holds", [
+        # An import without --site keeps a session's or event's id where it is
+        # free, else gives it a new one; either way source_id is its id in the
+        # file, and a later import of the same origin finds it by that.
+        "CREATE UNIQUE INDEX sessions_local_source ON sessions (source_id)"
+        " WHERE site IS NULL AND source_id IS NOT NULL",
+        # What earlier imports brought (their sessions arrived with the
+        # import's clock: received_at is its imported_at) is marked so too.
+        "UPDATE sessions SET source_id = id WHERE site IS NULL AND source_id IS NULL"
+        " AND received_at IN (SELECT imported_at FROM imports)",
+        "UPDATE events SET source_id = id WHERE source_id IS NULL AND session_id IN"
+        " (SELECT id FROM sessions WHERE site IS NULL AND source_id IS NOT NULL)",
     ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -2500,20 +2515,29 @@ def _log_choose(n, k):
 # -- Import and maintenance ---------------------------------------------------
 
 def import_events(conn, events, source, digest, consumer_name, site=None):
-    """Load exported events (clean_exported_events of the GET /events shape:
-    id, session_id, time, action, data) with their ids, sessions and times,
-    in one transaction.
-    A file is imported once (by its SHA-256); an event already present with
-    the same content is skipped, one that differs stops the import. The
-    imported sessions' statistics are kept at once (see keep_stats).
+    """Load exported events (clean_exported_event of the GET /events shape:
+    id, session_id, time, action, data) with their sessions and times, in
+    one transaction; returns the numbers of events added and skipped, of
+    sessions, and of sessions and events given new ids (new_ids).
+
+    An import adds sessions and events and never changes one it did not
+    bring: a session or event keeps the id it had in the file where that id
+    is free, else gets a new one (after every id kept, so that no id the
+    file holds is taken by one of its own), and either way its id in the
+    file is kept as source_id. Imports of the same origin meet by
+    source_id: a session split across two export files is one session, and
+    an event brought before is skipped (one with other content stops the
+    import). A file is imported once (by its SHA-256). The imported
+    sessions' statistics are kept at once (see keep_stats).
 
     With `site`, the events are another site's (Settings.site there): they
-    and their sessions get ids of their own, the ids they had at their site
-    kept as source_id, and each session's consumer is the one its events
-    name (an export with fields=all), else `consumer_name`, as
-    consumer@site. What was imported for the site before is skipped:
-    importing an export again, or a later one that overlaps it, adds only
-    what is new."""
+    and their sessions always get ids of their own, and each session's
+    consumer is the one its events name (an export with fields=all), else
+    `consumer_name`, as consumer@site. What was imported for the site
+    before is skipped: importing an export again, or a later one that
+    overlaps it, adds only what is new. Without it, every session is
+    `consumer_name`'s, and the origin is one earlier Microticks (import
+    another's with --site)."""
     import_key = digest if site is None else f"{digest}@{site}"
     with write_transaction(conn):
         done = site is None and conn.execute("SELECT imported_at FROM imports WHERE sha256 = ?",
@@ -2533,75 +2557,87 @@ def import_events(conn, events, source, digest, consumer_name, site=None):
                     "INSERT INTO consumers (name, key, created_at, deleted_at, site) VALUES (?, ?, ?, ?, ?)",
                     (name, key_hash(secrets.token_hex(16)), _local_now(), _local_now(), site)).lastrowid
             return consumers[name]
+
+        def taken(table, row_id):
+            return site is not None or conn.execute(f"SELECT 1 FROM {table} WHERE id = ?", (row_id,)).fetchone()
+        # Sessions and events whose ids are taken wait here (a session under
+        # a negative stand-in id) and get theirs once every kept id is in.
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS waiting_events (session_id INTEGER, time TEXT, action TEXT,"
+                     " data TEXT, time_utc TEXT, source_id INTEGER, PRIMARY KEY (session_id, source_id))")
+        conn.execute("DELETE FROM temp.waiting_events")
+        find_session = ("SELECT id FROM sessions WHERE site IS NULL AND source_id = ?" if site is None else
+                        "SELECT id FROM sessions WHERE site = ? AND source_id = ?")
         sessions, added, skipped = {}, 0, 0
         now = utc_now()
-        site_sessions, new_site_sessions = {}, set()  # a site's session ids there -> here
+        session_ids, new_sessions, waiting_sessions = {}, set(), {}  # the file's session ids -> here; ...
         for event in events:
-            number = event["record"]
-            if site is not None:
-                source_session = event["session_id"]
-                if source_session not in site_sessions:
-                    row = conn.execute("SELECT id FROM sessions WHERE site = ? AND source_id = ?",
-                                       (site, source_session)).fetchone()
-                    if row is None:  # its times are set below, from its events
-                        named = event["consumer"] or consumer_name
-                        row = [conn.execute(
-                            "INSERT INTO sessions (token, ip, started_at, consumer_id, received_at, started_utc,"
-                            " site, source_id) VALUES (?, '', ?, ?, ?, ?, ?, ?)",
-                            (secrets.token_hex(16), event["time"], consumer_id_of(named), now, event["time_utc"],
-                             site, source_session)).lastrowid]
-                        new_site_sessions.add(row[0])
-                    site_sessions[source_session] = row[0]
-                event["session_id"] = site_sessions[source_session]
-                existing = conn.execute("SELECT session_id, time, action, data FROM events"
-                                        " WHERE session_id = ? AND source_id = ?",
-                                        (event["session_id"], event["id"])).fetchone()
-            else:
-                existing = conn.execute("SELECT session_id, time, action, data FROM events WHERE id = ?",
-                                        (event["id"],)).fetchone()
+            source_session, source_event = event["session_id"], event["id"]
+            if source_session not in session_ids:
+                row = conn.execute(find_session, (source_session,) if site is None else (site, source_session)
+                                   ).fetchone()
+                if row is None:  # its times are set below, from its events
+                    consumer_id = consumer_id_of(event["consumer"] or consumer_name if site else consumer_name)
+                    if taken("sessions", source_session):
+                        row = [-1 - len(waiting_sessions)]
+                        waiting_sessions[row[0]] = (source_session, consumer_id)
+                    else:
+                        conn.execute("INSERT INTO sessions (id, token, ip, started_at, consumer_id, received_at,"
+                                     " started_utc, source_id) VALUES (?, ?, '', ?, ?, ?, ?, ?)",
+                                     (source_session, secrets.token_hex(16), event["time"], consumer_id, now,
+                                      event["time_utc"], source_session))
+                        row = [source_session]
+                    new_sessions.add(row[0])
+                session_ids[source_session] = row[0]
+            event["session_id"] = session_id = session_ids[source_session]
+            existing = conn.execute("SELECT time, action, data FROM events WHERE session_id = ? AND source_id = ?"
+                                    " UNION ALL SELECT time, action, data FROM temp.waiting_events"
+                                    " WHERE session_id = ? AND source_id = ?",
+                                    (session_id, source_event) * 2).fetchone()
             if existing is not None:
-                if (existing[0], existing[1], existing[2], decode_data(existing[3])) != (
-                        event["session_id"], event["time"], event["action"], decode_data(event["data"])):
-                    raise MicroticksError(409, f"event {event['id']} (record {number}) is in the database"
-                                               " already with other content; import into a new database (--db)"
-                                               if site is None else
-                                               f"event {event['id']} (record {number}) of site {site!r} was"
-                                               " imported before with other content")
+                if (existing[0], existing[1], decode_data(existing[2])) != (
+                        event["time"], event["action"], decode_data(event["data"])):
+                    raise MicroticksError(409, f"event {source_event} ({event['record']}) was imported before"
+                                               " with other content" + (f" for site {site!r}" if site else
+                                                                        ": import into a new database (--db)"))
                 skipped += 1
                 continue
-            if site is None:
-                conn.execute("INSERT INTO events (id, session_id, time, action, data, received_at, time_utc)"
-                             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (event["id"], event["session_id"], event["time"], event["action"], event["data"],
-                              now, event["time_utc"]))
+            values = (session_id, event["time"], event["action"], event["data"], event["time_utc"], source_event)
+            if taken("events", source_event):
+                conn.execute("INSERT INTO temp.waiting_events VALUES (?, ?, ?, ?, ?, ?)", values)
             else:
-                conn.execute("INSERT INTO events (session_id, time, action, data, received_at, time_utc, source_id)"
-                             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (event["session_id"], event["time"], event["action"], event["data"], now,
-                              event["time_utc"], event["id"]))
+                conn.execute("INSERT INTO events (id, session_id, time, action, data, time_utc, source_id,"
+                             " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (source_event, *values, now))
             added += 1
-            span = sessions.setdefault(event["session_id"], [event, event, None])
+            span = sessions.setdefault(session_id, [event, event, None])
             if event["time_utc"] < span[0]["time_utc"]:
                 span[0] = event
             if event["time_utc"] > span[1]["time_utc"]:
                 span[1] = event
             if event["action"] == "stopSession":
                 span[2] = event
+        for stand_in, (source_session, consumer_id) in waiting_sessions.items():
+            first = sessions[stand_in][0]
+            session_id = conn.execute(
+                "INSERT INTO sessions (token, ip, started_at, consumer_id, received_at, started_utc, site, source_id)"
+                " VALUES (?, '', ?, ?, ?, ?, ?, ?)", (secrets.token_hex(16), first["time"], consumer_id, now,
+                                                      first["time_utc"], site, source_session)).lastrowid
+            conn.execute("UPDATE events SET session_id = ? WHERE session_id = ?", (session_id, stand_in))
+            conn.execute("UPDATE temp.waiting_events SET session_id = ? WHERE session_id = ?", (session_id, stand_in))
+            sessions[session_id] = sessions.pop(stand_in)
+            new_sessions.add(session_id)
+        new_ids = {"sessions": 0 if site else len(waiting_sessions),
+                   "events": 0 if site else conn.execute("SELECT count(*) FROM temp.waiting_events").fetchone()[0]}
+        conn.execute("INSERT INTO events (session_id, time, action, data, time_utc, source_id, received_at)"
+                     " SELECT *, ? FROM temp.waiting_events ORDER BY rowid", (now,))
+        conn.execute("DELETE FROM temp.waiting_events")
         for session_id, (first, last, stop) in sessions.items():
             end = stop or last
-            row = conn.execute("SELECT started_utc, stopped_utc FROM sessions WHERE id = ?", (session_id,)).fetchone()
-            if session_id in new_site_sessions:
+            if session_id in new_sessions:
                 conn.execute("UPDATE sessions SET started_at = ?, started_utc = ?, stopped_at = ?, stopped_utc = ?,"
                              " stop_reason = ? WHERE id = ?", (first["time"], first["time_utc"], end["time"],
                                                                end["time_utc"], "client" if stop else "import",
                                                                session_id))
-            elif row is None:
-                conn.execute(
-                    "INSERT INTO sessions (id, token, ip, started_at, stopped_at, consumer_id, received_at,"
-                    " started_utc, stopped_utc, stop_reason) VALUES (?, ?, '', ?, ?, ?, ?, ?, ?, ?)",
-                    (session_id, secrets.token_hex(16), first["time"], end["time"], consumer_id_of(consumer_name), now,
-                     first["time_utc"], end["time_utc"], "client" if stop else "import"))
-            else:  # a session split across two export files
+            else:  # an imported session split across two export files
                 conn.execute(
                     "UPDATE sessions SET started_at = CASE WHEN ? < started_utc THEN ? ELSE started_at END,"
                     " started_utc = min(started_utc, ?),"
@@ -2616,7 +2652,7 @@ def import_events(conn, events, source, digest, consumer_name, site=None):
                      (import_key, source, now, added))
     if sessions:
         keep_stats(conn, min(sessions), max(sessions))
-    return {"events": added, "skipped": skipped, "sessions": len(sessions)}
+    return {"events": added, "skipped": skipped, "sessions": len(sessions), "new_ids": new_ids}
 
 
 def delete_sessions(conn, session_ids):
@@ -2800,7 +2836,13 @@ def parse_json(text, max_depth=MAX_DATA_DEPTH):
     try:
         value = (_CHECKING_JSON if may_hold_long_integers(text) else _STRICT_JSON).decode(text)
     except RecursionError:
-        raise ValueError(f"nests deeper than {MAX_DATA_DEPTH} levels") from None
+        raise ValueError(f"nests deeper than {max_depth} levels" if max_depth else "nests too deeply") from None
+    return checked_json(text, value, max_depth)
+
+
+def checked_json(text, value, max_depth=MAX_DATA_DEPTH):
+    """`value`, parsed from `text`, unless it holds half a surrogate pair or
+    nests deeper than `max_depth` (ValueError): parse_json's checks."""
     # An escape can name half a surrogate pair, which no database can store.
     # Most bodies hold no backslash at all: looking for one character is a
     # memchr (0.1 us for a batch of 100), for two a scan of 13 us.
@@ -3590,38 +3632,49 @@ def clean_annotation_query(params, tz_name):
     return clean_read_query(params, "sessions", tz_name, export=True)
 
 
-def clean_exported_event(record, number):
-    """One event of an export file, ready to insert; ValueError names the record."""
+#: The largest id an import keeps (JavaScript's largest exact integer):
+#: SQLite's ids grow from the largest there is, and one near 2**63 would
+#: leave no room for the next event or session.
+MAX_IMPORTED_ID = 2**53 - 1
+
+
+def _imported_id(fields, name):
+    value = fields.get(name)
+    if value is None:
+        raise ValueError(f'"{name}" is missing')
+    if type(value) is not int or not 1 <= value <= MAX_IMPORTED_ID:
+        raise ValueError(f'"{name}" must be a whole number from 1 to {MAX_IMPORTED_ID:,}')
+    return value
+
+
+#: An exported event's fields, through the checks POST /events makes of them.
+_EXPORTED_EVENT_CHECKS = {"id": _imported_id, "session_id": _imported_id, "time": _timestamp,
+                          "action": lambda fields, name: _text(fields, name, MAX_ACTION_CHARS),
+                          "data": lambda fields, name: _data(fields, name, from_form=False)}
+
+
+def clean_exported_event(record, where):
+    """One event of an export file (`where` it is, e.g. "line 12"), ready
+    to insert: its fields checked as POST /events checks an event's."""
     if not isinstance(record, dict):
-        raise MicroticksError(400, f"record {number} is not an object")
-    problems = [k for k in ("id", "session_id") if type(record.get(k)) is not int or not 1 <= record[k] < 2**63]
-    problems += [k for k in ("time", "action") if not isinstance(record.get(k), str) or not record[k]]
-    if problems:
-        raise MicroticksError(400, f"record {number} lacks a valid {problems[0]!r}")
+        raise MicroticksError(400, f"{where} is not an object (an event)")
     try:
-        time_utc = utc_text(record["time"])
-    except ValueError as error:
-        raise MicroticksError(400, f"record {number}: time {error}") from None
-    except OverflowError:
-        raise MicroticksError(400, f"record {number}: time {record['time']!r} is out of range") from None
-    data = record.get("data")
-    try:
-        data = None if data is None else _compact_json_of_data(data, "data")
-    except ValueError as error:
-        raise MicroticksError(400, f"record {number}: {error}") from None
+        clean = _check(record, _EXPORTED_EVENT_CHECKS)
+    except MicroticksError as refusal:
+        raise MicroticksError(400, f"{where}: {refusal.message}") from None
     consumer = record.get("consumer")  # in an export with fields=all
     try:
         consumer = clean_consumer_name(consumer) if isinstance(consumer, str) else None
     except ValueError:
         consumer = None
-    return {"id": record["id"], "session_id": record["session_id"], "time": record["time"],
-            "action": record["action"], "time_utc": time_utc, "data": data, "consumer": consumer,
-            "record": number}
+    return {"id": clean["id"], "session_id": clean["session_id"], "time": clean["time"].text,
+            "time_utc": clean["time"].utc, "action": clean["action"], "data": clean["data"], "consumer": consumer,
+            "record": where}
 
 
 def clean_exported_events(records):
-    """clean_exported_event of each of an export's records, one at a time."""
-    return (clean_exported_event(record, number) for number, record in enumerate(records, 1))
+    """clean_exported_event of each (where, record) an export file holds, one at a time."""
+    return (clean_exported_event(record, where) for where, record in records)
 
 
 ###############################################################################
@@ -6317,8 +6370,13 @@ def read_params(args):
 
 
 def write_export(conn, query, stream):
+    """Write an export into `stream`; returns its number of lines (an
+    NDJSON export's rows: a text in CSV may hold line breaks)."""
+    lines = 0
     for chunk in export_chunks(conn, query):
         stream.write(chunk)
+        lines += chunk.count("\n")
+    return lines
 
 
 def cmd_read(args, settings):
@@ -6565,18 +6623,20 @@ def write_research_bundle(conn, filters, directory, tz_name, timeout, database, 
     except OSError as error:
         raise MicroticksError(400, f"Cannot write in {parent}: {error.strerror or error}") from None
     try:
+        rows = {}  # as written: bundle.json announces them, and an import counts them
         for kind in ("events", "sessions"):
             for fmt in ("ndjson", "csv"):
                 query = clean_read_query({**filters, "fields": "all", "format": fmt}, kind, tz_name, export=True)
                 with open(os.path.join(staging, f"{kind}.{fmt}"), "w", encoding="utf-8", newline="") as stream:
-                    write_export(conn, query, stream)
+                    lines = write_export(conn, query, stream)
+                rows.setdefault(kind, lines)
         figures = stats_figures(conn, clean_stats_query({**filters, "paths": "3"}, tz_name))
         with open(os.path.join(staging, "stats.json"), "w", encoding="utf-8") as stream:
             json.dump(figures, stream, indent=1, ensure_ascii=False)
         with open(os.path.join(staging, "bundle.json"), "w", encoding="utf-8") as stream:
             json.dump({"format": BUNDLE_FORMAT, "microticks": __version__, "written": utc_now(),
-                       "site": database_site, "selection": filters, "sessions": figures["sessions"],
-                       "events": figures["events"]}, stream, indent=1, ensure_ascii=False)
+                       "site": database_site, "selection": filters, "sessions": rows["sessions"],
+                       "events": rows["events"]}, stream, indent=1, ensure_ascii=False)
         with open(os.path.join(staging, "annotations.ndjson"), "w", encoding="utf-8") as stream:
             stream.writelines(export_annotations(conn, clean_annotation_query(
                 {k: v for k, v in filters.items() if k in ANNOTATION_FILTERS}, tz_name), "ndjson"))
@@ -6599,73 +6659,228 @@ def write_research_bundle(conn, filters, directory, tz_name, timeout, database, 
             "events": figures["events"]}
 
 
-def read_export_file(path):
-    """The events of an export file: GET /events JSON ({"events": [...]})
-    or NDJSON, one event a line (read line by line)."""
-    with open(path, "rb") as stream:
-        first = stream.readline()
-        try:
-            first_record = json.loads(first)
-            one_per_line = isinstance(first_record, dict) and "events" not in first_record
-        except ValueError:
-            one_per_line = False
-        stream.seek(0)
-        # Strict JSON, as the API takes: NaN or Infinity stored in `data` would
-        # break SQLite's JSON functions (statistics, exports) for the whole file.
-        if not one_per_line:
+#: The longest line of an NDJSON file `import` reads, and the largest event
+#: of a JSON export, in bytes: an event the API takes is under 70 KiB, and
+#: a file is read a record at a time, in this much memory or little more.
+MAX_IMPORT_RECORD_BYTES = 2 * MAX_BODY_BYTES
+#: How deeply a record may nest before the parser refuses it: an event nests
+#: a level deeper than its data, whose own check (MAX_DATA_DEPTH) then names
+#: the field; beyond this, the parser would recurse as deep as the text goes.
+MAX_IMPORT_RECORD_DEPTH = 2 * MAX_DATA_DEPTH
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def open_import_file(path):
+    """The regular file at `path`, open for reading in binary. A device or a
+    pipe (a symlink to /dev/zero, a FIFO) would be read for ever: refused at
+    once, opened without waiting for a pipe's writer."""
+    try:
+        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        raise MicroticksError(400, f"Cannot read {path}: {error.strerror or error}") from None
+    if not stat.S_ISREG(os.fstat(handle).st_mode):
+        os.close(handle)
+        raise MicroticksError(400, f"{path} is not a regular file (a device, a pipe or a socket): import reads"
+                                   " export files")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(handle, True)
+    return os.fdopen(handle, "rb")
+
+
+class JsonPieces:
+    """A JSON document read from a binary stream a value at a time, each at
+    most `limit` bytes: a first Microticks' export of any size ({"events":
+    [...]}, one line or many) is read in bounded memory."""
+
+    def __init__(self, stream, name, limit):
+        self.stream, self.name, self.limit = stream, name, limit
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.text, self.at, self.ended = "", 0, False
+        self.passed = 0  # characters read before self.text, for messages
+
+    def _more(self):
+        if self.ended:
+            return False
+        chunk = self.stream.read(65536)
+        self.passed += self.at
+        self.text = self.text[self.at:] + self.decoder.decode(chunk, final=not chunk)
+        self.at, self.ended = 0, not chunk
+        return True
+
+    def where(self):
+        return f"character {self.passed + self.at + 1:,}"
+
+    def peek(self):
+        """The next character that is not white space ('' at the end)."""
+        while True:
+            self.at = _JSON_SPACE.match(self.text, self.at).end()
+            if self.at < len(self.text) or not self._more():
+                return self.text[self.at:self.at + 1]
+
+    def take(self, expected):
+        """The next character, one of `expected` (ValueError otherwise)."""
+        char = self.peek()
+        if not char or char not in expected:
+            raise ValueError(f"expected {' or '.join(map(repr, expected))} at {self.where()}, found "
+                             + (repr(char) if char else "the end"))
+        self.at += 1
+        return char
+
+    def value(self, max_depth):
+        """The next value whole, checked as parse_json checks a text."""
+        self.peek()
+        while True:
+            start = self.at
             try:
-                document = parse_json(stream.read().decode("utf-8"), max_depth=None)
-            except ValueError as error:
-                raise MicroticksError(400, f"{path} is neither a JSON export nor NDJSON: {error}") from None
-            if not isinstance(document, dict) or not isinstance(document.get("events"), list):
-                raise MicroticksError(400, f'{path} has no "events" list (the GET /events shape)')
-            yield from document["events"]
-            return
-        for number, line in enumerate(stream, 1):
+                value, end = _CHECKING_JSON.raw_decode(self.text, start)
+                if end < len(self.text) or self.ended:
+                    self.at = end
+                    break
+            except RecursionError:
+                raise ValueError(f"the value at {self.where()} nests deeper than {max_depth} levels") from None
+            except ValueError:
+                if self.ended:
+                    raise
+            if len(self.text) - start > self.limit:
+                raise MicroticksError(400, f"{self.name}: the value at {self.where()} is longer than {self.limit:,} bytes"
+                                           " (an event is under 70 KiB): nothing was imported")
+            self._more()
+        return checked_json(self.text[start:end], value, max_depth)
+
+
+def read_export_file(stream, name, expected_events=None):
+    """The events of an export file, (where, record) one at a time, in
+    bounded memory: a GET /events JSON document ({"events": [...]}) or
+    NDJSON, one event a line. `expected_events`: how many there must be
+    (a research bundle's count); otherwise nothing is imported."""
+    first = stream.readline(MAX_IMPORT_RECORD_BYTES + 1)
+    try:  # what the first line is, told leniently: each line is checked as it is read
+        first_record = json.loads(first)
+        one_per_line = isinstance(first_record, dict) and "events" not in first_record
+    except (ValueError, RecursionError):
+        one_per_line = False
+    if len(first) > MAX_IMPORT_RECORD_BYTES and not re.match(rb'\s*\{\s*"events"', first):
+        one_per_line = True  # a long first line, not a JSON export's: refused below
+    stream.seek(0)
+    count = 0
+    if one_per_line:
+        for number, line in enumerate(iter(lambda: stream.readline(MAX_IMPORT_RECORD_BYTES + 1), b""), 1):
+            if len(line) > MAX_IMPORT_RECORD_BYTES:
+                raise MicroticksError(400, f"{name} line {number} is longer than {MAX_IMPORT_RECORD_BYTES:,} bytes"
+                                           " (an event is under 70 KiB): nothing was imported")
             if line.strip():
                 try:
-                    yield parse_json(line.decode("utf-8"), max_depth=None)
+                    record = parse_json(line.decode("utf-8"), MAX_IMPORT_RECORD_DEPTH)
                 except ValueError as error:
-                    raise MicroticksError(400, f"{path} line {number} is not JSON: {error}") from None
+                    raise MicroticksError(400, f"{name} line {number} is not JSON: {error}") from None
+                count += 1
+                yield f"line {number}", record
+    else:
+        # Strict JSON, as the API takes: NaN or Infinity stored in `data` would
+        # break SQLite's JSON functions (statistics, exports) for the whole file.
+        document = JsonPieces(stream, name, MAX_IMPORT_RECORD_BYTES)
+        found = False
+        try:
+            document.take("{")
+            more = document.peek() != "}"
+            if not more:
+                document.take("}")
+            while more:
+                key = document.value(0)
+                if not isinstance(key, str):
+                    raise ValueError(f"expected a name before {document.where()}")
+                document.take(":")
+                if key == "events" and not found:
+                    found = True
+                    document.take("[")
+                    if document.peek() == "]":
+                        document.take("]")
+                    else:
+                        while True:
+                            count += 1
+                            yield f"event {count}", document.value(MAX_IMPORT_RECORD_DEPTH)
+                            if document.take(",]") == "]":
+                                break
+                else:
+                    document.value(MAX_IMPORT_RECORD_DEPTH)
+                more = document.take(",}") == ","
+            if document.peek():
+                raise ValueError(f"more after the document's end, at {document.where()}")
+        except ValueError as error:
+            raise MicroticksError(400, f"{name} is neither a JSON export nor NDJSON: {error}") from None
+        if not found:
+            raise MicroticksError(400, f'{name} has no "events" list (the GET /events shape)')
+    if expected_events is not None and count != expected_events:
+        raise MicroticksError(400, f"{name} holds {count:,} events where its bundle.json announces"
+                                   f" {expected_events:,}: the bundle is incomplete; nothing was imported")
+
+
+def _lines_in(path):
+    with open_import_file(path) as stream:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: stream.read(1 << 20), b""))
 
 
 def export_file_of(path):
-    """The events file to import from `path`: the file itself, or a research
-    bundle's events.ndjson, once its bundle.json says this Microticks reads it."""
+    """The events file to import from `path`, and how many events it must
+    hold (None: any): the file itself, or a research bundle's events.ndjson,
+    once its bundle.json says this Microticks reads it and the sessions
+    file holds as many as it announces."""
     if not os.path.isdir(path):
-        return path
+        return path, None
     manifest = os.path.join(path, "bundle.json")
     try:
-        with open(manifest, encoding="utf-8") as stream:
-            written = json.load(stream)
-    except FileNotFoundError:
-        raise MicroticksError(400, f"{path} is a folder but not a research bundle: it has no bundle.json") from None
-    except (OSError, ValueError) as error:
+        with open_import_file(manifest) as stream:
+            text = stream.read(MAX_IMPORT_RECORD_BYTES + 1).decode("utf-8")
+        written = parse_json(text, max_depth=8) if len(text) <= MAX_IMPORT_RECORD_BYTES else None
+    except MicroticksError:
+        if not os.path.lexists(manifest):
+            raise MicroticksError(400, f"{path} is a folder but not a research bundle: it has no bundle.json") from None
+        raise
+    except ValueError as error:
         raise MicroticksError(400, f"Cannot read {manifest}: {error}") from None
     bundle_format = written.get("format") if isinstance(written, dict) else None
-    if type(bundle_format) is not int:
+    if type(bundle_format) is not int or bundle_format < 1:
         raise MicroticksError(400, f"{manifest} is not a research bundle's (no format number)")
     if bundle_format > BUNDLE_FORMAT:
         raise MicroticksError(400, f"{path} was written by a newer Microticks ({written.get('microticks')}, bundle"
                                    f" format {bundle_format}); this one ({__version__}) reads format"
                                    f" {BUNDLE_FORMAT}: import it with that Microticks, or upgrade this one")
-    return os.path.join(path, "events.ndjson")
+    counts = {kind: written.get(kind) for kind in ("events", "sessions")}
+    if any(type(count) is not int or count < 0 for count in counts.values()):
+        raise MicroticksError(400, f"{manifest} does not say how many events and sessions the bundle holds")
+    sessions = _lines_in(os.path.join(path, "sessions.ndjson"))
+    if sessions != counts["sessions"]:
+        raise MicroticksError(400, f"{path}/sessions.ndjson holds {sessions:,} sessions where bundle.json announces"
+                                   f" {counts['sessions']:,}: the bundle is incomplete; nothing was imported")
+    return os.path.join(path, "events.ndjson"), counts["events"]
 
 
 def cmd_import(args, settings):
-    path = export_file_of(args.file)
-    try:
-        with open(path, "rb") as stream:
+    path, expected_events = export_file_of(args.file)
+    with open_import_file(path) as stream:
+        try:
             digest = hashlib.file_digest(stream, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
-                else hashlib.sha256(stream.read()).hexdigest()
-    except OSError as error:
-        raise MicroticksError(400, f"Cannot read {path}: {error.strerror or error}") from None
-    result = import_events(open_database(settings), clean_exported_events(read_export_file(path)),
-                           os.path.basename(path), digest, args.consumer, args.site)
+                else _sha256_of(stream)
+            stream.seek(0)
+        except OSError as error:
+            raise MicroticksError(400, f"Cannot read {path}: {error.strerror or error}") from None
+        records = read_export_file(stream, os.path.basename(path), expected_events)
+        result = import_events(open_database(settings), clean_exported_events(records),
+                               os.path.basename(path), digest, args.consumer, args.site)
+    renumbered = [f"{n:,} {kind}" for kind, n in result["new_ids"].items() if n]
     print(f"Imported {result['events']} events in {result['sessions']} sessions from {args.file}"
           + (f" ({result['skipped']} already present, skipped)" if result["skipped"] else "")
           + (f" of site {args.site!r} (its consumers as NAME@{args.site}; unnamed: {args.consumer}@{args.site})"
-             if args.site else f" as consumer {args.consumer!r}"))
+             if args.site else f" as consumer {args.consumer!r}")
+          + (f"; {' and '.join(renumbered)} got new ids, theirs being taken here (the file's ids are kept as"
+             " source_id)" if renumbered else ""))
+
+
+def _sha256_of(stream):
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def cmd_stats(args, settings):

@@ -606,11 +606,12 @@ def test_ndjson_export_round_trips_through_import(sample_client, sample_events, 
 
 def test_import_refuses_conflicting_and_malformed_files(tmp_path, db_path):
     bad = tmp_path / "bad.json"
-    for text, words in [('{"events": [{"id": 1}]}', "lacks a valid"), ("[1, 2]", 'no "events" list'),
+    for text, words in [('{"events": [{"id": 1}]}', 'event 1: "session_id" is missing'),
+                        ("[1, 2]", 'neither a JSON export nor NDJSON'),
                         ("not json", "neither"), ('{"events": [{"id": 1, "session_id": 1, "time": "x",'
                                                   ' "action": "a"}]}', "time"),
                         ('{"events": [{"id": 1, "session_id": 100000000000000000000, "time": "2017-05-22T11:00:00Z",'
-                         ' "action": "a"}]}', "lacks a valid 'session_id'"),  # beyond SQLite's integers
+                         ' "action": "a"}]}', '"session_id" must be a whole number from 1'),  # beyond SQLite's
                         ('{"events": [{"id": 1, "session_id": 1, "time": "9999-12-31T23:59:59-23:59",'
                          ' "action": "a"}]}', "is out of range"),
                         # JSON the API refuses too: stored, it broke SQLite's JSON functions for the whole file
@@ -632,6 +633,135 @@ def test_import_refuses_conflicting_and_malformed_files(tmp_path, db_path):
     proc = run_cli("import", str(clash), "--db", db_path, check=False)
     assert proc.returncode == 1 and "other content" in proc.stderr
     assert event_count(db_path) == 1  # the whole file or nothing
+
+
+def test_an_import_without_site_never_touches_a_live_kiosks_session(client, consumer_key, db_path, tmp_path):
+    """A first Microticks' export brought into a server that has sessions of
+    its own, with the same ids: its sessions and events get ids of their own
+    where theirs are taken; the kiosk's session, its times and its consumer
+    stay as they were, and its next events are stored."""
+    token = client.start(consumer_key, ts="2026-12-01T10:00:00.000Z")
+    client.event(token, ts="2026-12-01T10:00:01.000Z")
+    live = stored(db_path, "SELECT id, consumer_id, started_at, stopped_at FROM sessions")
+    live_events = stored(db_path, "SELECT id, session_id, time, action, data FROM events")
+    assert [row[0] for row in live] == [1] and [row[0] for row in live_events] == [1]
+    export = tmp_path / "first-microticks.ndjson"
+    export.write_text("".join(json.dumps({"id": n, "session_id": 1, "time": f"2017-08-25T17:09:2{n}.000Z",
+                                          "action": "click", "data": {"subject": "main"}}) + "\n"
+                              for n in (1, 2, 3)))
+    said = run_cli("import", str(export), "--db", db_path).stdout
+    assert "Imported 3 events in 1 sessions" in said and "1 sessions and 1 events got new ids" in said, said
+    assert stored(db_path, "SELECT id, consumer_id, started_at, stopped_at FROM sessions WHERE id = 1") == live
+    assert stored(db_path, "SELECT id, session_id, time, action, data FROM events WHERE session_id = 1") == live_events
+    imported = stored(db_path, "SELECT s.id, c.name, s.source_id, s.stopped_at FROM sessions s"
+                               " JOIN consumers c ON c.id = s.consumer_id WHERE s.id != 1")
+    assert len(imported) == 1 and imported[0][1:] == ("import", 1, "2017-08-25T17:09:23.000Z")
+    assert stored(db_path, "SELECT id, source_id FROM events WHERE session_id = ? ORDER BY source_id",
+                  (imported[0][0],)) == [(4, 1), (2, 2), (3, 3)]  # 2 and 3 were free; 1 was the kiosk's
+    client.event(token, ts="2026-12-01T10:00:02.000Z")  # the kiosk goes on
+    assert stored(db_path, "SELECT count(*) FROM events WHERE session_id = 1") == [(2,)]
+    # The same origin's next export (the session went on) adds to the session it brought, not to the kiosk's.
+    later = tmp_path / "later.ndjson"
+    later.write_text(json.dumps({"id": 9, "session_id": 1, "time": "2017-08-25T17:10:00.000Z", "action": "click",
+                                 "data": {"subject": "main"}}) + "\n")
+    run_cli("import", str(later), "--db", db_path)
+    assert stored(db_path, "SELECT count(*), max(time) FROM events WHERE session_id = ?", (imported[0][0],)) == [
+        (4, "2017-08-25T17:10:00.000Z")]
+    assert stored(db_path, "SELECT id, consumer_id, started_at, stopped_at FROM sessions WHERE id = 1") == live
+
+
+@pytest.mark.parametrize("record, words", [
+    ({"action": "a" * 101}, '"action" is longer than 100 characters'),
+    ({"action": "cl\0ick"}, '"action" holds a NUL character'),
+    ({"data": {"text": "x" * 70000}}, '"data" is larger than 65536 bytes'),
+    ({"data": json.loads("[" * 40 + "]" * 40)}, '"data" nests deeper than 32 levels'),
+    ({"time": "2017-05-22T11:00:00" + "0" * 60 + "Z"}, '"time" is longer than 64 characters'),
+    ({"id": 2**63 - 1}, '"id" must be a whole number from 1 to 9,007,199,254,740,991'),
+    ({"session_id": 0}, '"session_id" must be a whole number from 1'),
+    ({"id": "7"}, '"id" must be a whole number'),
+])
+@pytest.mark.parametrize("shape", ["json", "ndjson"])
+def test_imports_check_every_field_as_the_api_does_and_store_nothing(db_path, tmp_path, record, words, shape):
+    good = {"id": 1, "session_id": 1, "time": "2017-05-22T11:00:00Z", "action": "click", "data": {"subject": "a"}}
+    events = [good, {**good, "id": 2, **record}]
+    path = tmp_path / f"bad.{shape}"
+    path.write_text(json.dumps({"events": events}) if shape == "json"
+                    else "".join(json.dumps(e) + "\n" for e in events))
+    proc = run_cli("import", str(path), "--db", db_path, check=False)
+    where = "event 2" if shape == "json" else "line 2"
+    assert proc.returncode == 1 and f"{where}: {words}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and event_count(db_path) == 0
+
+
+def test_ingest_goes_on_after_an_import_of_the_largest_ids_it_keeps(client, consumer_key, db_path, tmp_path):
+    export = tmp_path / "large-ids.ndjson"
+    export.write_text(json.dumps({"id": 2**53 - 1, "session_id": 2**53 - 1, "time": "2017-05-22T11:00:00Z",
+                                  "action": "click"}) + "\n")
+    run_cli("import", str(export), "--db", db_path)
+    token = client.start(consumer_key)
+    assert client.event(token) == 2**53  # the next id, as the tracker reads it (exact in JavaScript)
+    assert client.get("/health").status == 200
+
+
+def test_import_reads_in_bounded_memory_and_refuses_what_is_not_a_file(db_path, tmp_path):
+    event = {"id": 1, "session_id": 1, "time": "2017-05-22T11:00:00Z", "action": "click"}
+    huge_line = tmp_path / "huge-line.ndjson"
+    with open(huge_line, "w") as stream:
+        stream.write(json.dumps(event) + "\n")
+        stream.write('{"id": 2, "session_id": 1, "time": "2017-05-22T11:00:00Z", "action": "a", "data": "')
+        stream.write("x" * (20 * 1024 * 1024) + '"}\n')
+    huge_value = tmp_path / "huge-value.json"
+    huge_value.write_text('{"events": [' + json.dumps(event) + ', {"id": 2, "data": "' + "x" * (20 * 1024 * 1024)
+                          + '"}]}')
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"events": [' + "[" * 100000 + "]" * 100000 + "]}")
+    deep_line = tmp_path / "deep.ndjson"
+    deep_line.write_text(json.dumps(event) + "\n" + "{\"a\":" * 100000 + "1" + "}" * 100000 + "\n")
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    to_zero = tmp_path / "zero.ndjson"
+    to_zero.symlink_to("/dev/zero")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text('{"format": 1, "events": 1, "sessions": 0}')
+    (bundle / "sessions.ndjson").write_text("")
+    (bundle / "events.ndjson").symlink_to("/dev/zero")
+    deep_manifest = tmp_path / "deep-bundle"
+    deep_manifest.mkdir()
+    (deep_manifest / "bundle.json").write_text("[" * 100000 + "]" * 100000)
+    for path, words in [(huge_line, "line 2 is longer than 2,097,152 bytes"),
+                        (huge_value, "huge-value.json: the value at character"),
+                        (deep, "nests deeper than 64 levels"), (deep_line, "line 2 is not JSON: nests"),
+                        (fifo, "is not a regular file"), (to_zero, "is not a regular file"),
+                        (bundle, "is not a regular file"), (deep_manifest, "Cannot read")]:
+        # Refused as the limits say, nothing read whole (the bench measures the memory: --only import).
+        proc = run_cli("import", str(path), "--db", db_path, check=False)
+        assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr, (path, proc.stderr)
+    assert event_count(db_path) == 0
+
+
+def test_a_bundle_with_fewer_or_more_rows_than_it_announces_is_refused_whole(sample_client, db_path, tmp_path):
+    bundle = tmp_path / "bundle"
+    run_cli("export", "--bundle", str(bundle), "--db", db_path)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert (manifest["events"], manifest["sessions"]) == (1628, 83)
+    lines = (bundle / "events.ndjson").read_text().splitlines(keepends=True)
+    cut, longer, lying, negative = (tmp_path / name for name in ("cut", "longer", "lying", "negative"))
+    for folder in (cut, longer, lying, negative):
+        shutil.copytree(bundle, folder)
+    (cut / "events.ndjson").write_text("".join(lines[:-100]))  # cut at a line's end
+    (longer / "events.ndjson").write_text("".join(lines) + lines[-1].replace('"id":1628', '"id":99999'))
+    (lying / "bundle.json").write_text(json.dumps({**manifest, "sessions": 84}))
+    (negative / "bundle.json").write_text(json.dumps({**manifest, "format": -1}))
+    other = str(tmp_path / "other.db")
+    for folder, words in [(cut, "holds 1,528 events where its bundle.json announces 1,628"),
+                          (longer, "holds 1,629 events where its bundle.json announces 1,628"),
+                          (lying, "sessions.ndjson holds 83 sessions where bundle.json announces 84"),
+                          (negative, "is not a research bundle's (no format number)")]:
+        proc = run_cli("import", str(folder), "--db", other, check=False)
+        assert proc.returncode == 1 and words in proc.stderr, (folder, proc.stderr)
+    assert stored(other, "SELECT count(*) FROM events") == [(0,)]
+    assert "Imported 1628 events in 83 sessions" in run_cli("import", str(bundle), "--db", other).stdout
 
 
 def expected_filter(sample_events, name, value):
