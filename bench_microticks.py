@@ -82,7 +82,7 @@ def peak_rss_mb(pid):
 def timed_get(url):
     """(seconds to the first byte, seconds in all, bytes) of a GET."""
     started = time.perf_counter()
-    request = urllib.request.Request(url, headers={"X-Microticks-Key": "bench-key"})
+    request = urllib.request.Request(url, headers={"X-Microticks-Key": "bench-key-0123456789abc"})
     with urllib.request.urlopen(request, timeout=600) as reply:
         first = reply.read(1)
         first_byte = time.perf_counter() - started
@@ -246,7 +246,7 @@ WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.body = %s
 wrk.headers["Content-Type"] = %s
-wrk.headers["X-Microticks-Key"] = "bench-key"
+wrk.headers["X-Microticks-Key"] = "bench-key-0123456789abc"
 done = function(summary, latency, requests)
   local errors = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
   io.write(string.format('WRK {"requests": %%d, "duration_us": %%d, "errors": %%d, "non2xx": %%d, "p50_us": %%d, "p99_us": %%d}\\n',
@@ -364,7 +364,7 @@ def form_body(token):
 # The API key, validation and CORS on; the rate limit off (wrk plays a building
 # of kiosks from one address); the access log off, as the reference app has
 # none (its cost is measured on its own).
-MICROTICKS_ENV = {"MICROTICKS_KEY": "bench-key", "MICROTICKS_RATE_LIMIT": "0", "MICROTICKS_LOG_LEVEL": "WARNING"}
+MICROTICKS_ENV = {"MICROTICKS_KEY": "bench-key-0123456789abc", "MICROTICKS_RATE_LIMIT": "0", "MICROTICKS_LOG_LEVEL": "WARNING"}
 
 
 def gunicorn_command(app):
@@ -537,7 +537,7 @@ def app_alone_rate(workdir, body, events, seconds, ordered_ids=True):
     does with them: about the most `serve`, one process, can reach."""
     db = workdir / f"alone-{time.monotonic_ns()}.db"
     token = microticks_db(db)
-    app = microticks.make_app(microticks.load_settings(db_path=str(db), api_key="bench-key", rate_limit=0,
+    app = microticks.make_app(microticks.load_settings(db_path=str(db), api_key="bench-key-0123456789abc", rate_limit=0,
                                                        log_level="WARNING"))
     answers = []
     posted = 0
@@ -549,7 +549,7 @@ def app_alone_rate(workdir, body, events, seconds, ordered_ids=True):
         raw = text.replace(SENT_AT, microticks.utc_now()).encode()
         environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/events", "CONTENT_TYPE": "application/json",
                    "CONTENT_LENGTH": str(len(raw)), "wsgi.input": io.BytesIO(raw), "QUERY_STRING": "",
-                   "HTTP_X_MICROTICKS_KEY": "bench-key", "REMOTE_ADDR": "127.0.0.1",
+                   "HTTP_X_MICROTICKS_KEY": "bench-key-0123456789abc", "REMOTE_ADDR": "127.0.0.1",
                    "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
         answer = b"".join(app(environ, lambda status, headers, exc_info=None: answers.append(status)))
         posted += events
@@ -695,7 +695,7 @@ def normal_latencies(port, token, n=200):
     for _ in range(n):
         started = time.perf_counter()
         conn.request("POST", "/events", body=form_body(token),
-                     headers={"Content-Type": "application/x-www-form-urlencoded", "X-Microticks-Key": "bench-key"})
+                     headers={"Content-Type": "application/x-www-form-urlencoded", "X-Microticks-Key": "bench-key-0123456789abc"})
         conn.getresponse().read()
         times.append(time.perf_counter() - started)
     conn.close()
@@ -772,7 +772,7 @@ def bench_huge_open_session(workdir, results, events=200_000):
                           "data": {"subject": f"s{n % 30}", "clickX": n % 1920, "clickY": n % 1080}}
                          for n in range(first, first + 1000)]
                 request = urllib.request.Request(server.url + "/events", json.dumps({"events": batch}).encode(),
-                                                 {"Content-Type": "application/json", "X-Microticks-Key": "bench-key"})
+                                                 {"Content-Type": "application/json", "X-Microticks-Key": "bench-key-0123456789abc"})
                 urllib.request.urlopen(request, timeout=600).read()
             done.set()
 

@@ -48,8 +48,9 @@ and `--help` shows it):
     MICROTICKS_SITE          this installation's site name, beside sites imported
                              with `import --site`
     MICROTICKS_TRUSTED_PROXIES  addresses or networks of reverse proxies whose
-                             X-Forwarded-For / Forwarded name the client,
-                             comma-separated ("": none)
+                             header names the client, comma-separated ("": none)
+    MICROTICKS_PROXY_HEADER  that header: x-forwarded-for, or forwarded (RFC
+                             7239) where the proxy is set up to write it
 
 Needs Python 3.9 or newer and Bottle 0.13 (`pip install bottle`, or Bottle's
 single file bottle.py copied beside this one).
@@ -93,6 +94,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from datetime import date, datetime, timedelta, timezone
+from http import HTTPStatus
 from typing import NamedTuple
 from urllib.parse import parse_qsl, unquote
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
@@ -138,8 +140,11 @@ MAX_CONSUMER_NAME_CHARS = 100
 #: How deeply `data` may nest: a kiosk's click data is two levels deep.
 MAX_DATA_DEPTH = 32
 #: Wrong keys (API or consumer) one client address may send in a minute;
-#: beyond them, its requests are answered 429 until the minute is over.
+#: beyond them, its wrong keys are answered 429 until the minute is over.
 MAX_KEY_FAILURES = 10
+#: What MICROTICKS_KEY must have at least (api_key_problem): a right key is
+#: never held up by others' wrong ones, so a key must not be guessable.
+MIN_API_KEY_CHARS, MIN_API_KEY_DISTINCT = 20, 10
 #: Events one batch may hold (answered 413 beyond it, as is a body over 1 MiB).
 MAX_BATCH_EVENTS = 1000
 #: Sessions one batch may start (a closing page's beacon: see clean_batch_sessions).
@@ -181,6 +186,9 @@ DEFAULT_SITE = (socket.gethostname() or "local")[:MAX_CONSUMER_NAME_CHARS]
 CPUS_CHOICES = ("one", "all")
 #: The values of MICROTICKS_STORE_IP, the default first.
 STORE_IP_CHOICES = ("truncated", "full", "none")
+#: The values of MICROTICKS_PROXY_HEADER, the default first: the header in
+#: which trusted proxies name the client.
+PROXY_HEADER_CHOICES = ("x-forwarded-for", "forwarded")
 
 
 @dataclass(frozen=True)
@@ -219,6 +227,11 @@ class Settings:
     #: Reverse proxies (addresses or networks) trusted to name the client in
     #: X-Forwarded-For or Forwarded; by default one on the same machine.
     trusted_proxies: tuple = ("127.0.0.1", "::1")
+    #: The one header those proxies name the client in. X-Forwarded-For:
+    #: nginx, Apache and the others append the address they saw to it. A
+    #: client's own Forwarded header passes through them unchanged, so it
+    #: is read only where a proxy is set up to write it (forwarded).
+    proxy_header: str = PROXY_HEADER_CHOICES[0]
     #: This installation's site: the name its own sessions have beside
     #: those imported from other sites (site=, exports).
     site: str = DEFAULT_SITE
@@ -288,10 +301,25 @@ def load_settings(wsgi_environ=None, **overrides):
         silent_hours=integer("MICROTICKS_SILENT_HOURS", DEFAULTS.silent_hours, 1, MAX_AGE // timedelta(hours=1)),
         trusted_proxies=proxies_setting(env.get("MICROTICKS_TRUSTED_PROXIES", ",".join(DEFAULTS.trusted_proxies)),
                                         warnings),
+        proxy_header=choice("MICROTICKS_PROXY_HEADER", PROXY_HEADER_CHOICES),
         site=site_setting(env.get("MICROTICKS_SITE", ""), warnings),
         warnings=tuple(warnings),
     )
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def api_key_problem(key):
+    """What makes MICROTICKS_KEY unfit to guard the service, or None (no key
+    set, or a good one). The key is in every kiosk page and anyone may try
+    keys (ten a minute per address, from as many addresses as they have):
+    only a long random key holds."""
+    if not key:
+        return None
+    if len(key) >= MIN_API_KEY_CHARS and len(set(key)) >= MIN_API_KEY_DISTINCT:
+        return None
+    return (f"MICROTICKS_KEY is too easy to guess: it needs at least {MIN_API_KEY_CHARS} characters, at least"
+            f" {MIN_API_KEY_DISTINCT} of them different. Make one with: python3 -c \"import secrets;"
+            " print(secrets.token_urlsafe(24))\"")
 
 
 def proxies_setting(text, warnings):
@@ -382,6 +410,11 @@ class MicroticksError(bottle.HTTPError):
     def fields(self):
         """As one of a batch's results: error_fields."""
         return error_fields(self.status_code, self.message, self.errors)
+
+
+class WrongKey(MicroticksError):
+    """A key that matches none (an API or consumer key): what guessing
+    gets. Counted per client address; see Service.wrong_key."""
 
 
 def error_fields(status, message, errors=None):
@@ -1208,7 +1241,7 @@ def _consumer_for_key(conn, consumer_key, ip):
     consumer = conn.execute("SELECT id, deleted_at, ip_filter FROM consumers WHERE key = ?",
                             (key_hash(consumer_key),)).fetchone()
     if consumer is None:
-        raise MicroticksError(403, "Unknown consumer key: create one with "
+        raise WrongKey(403, "Unknown consumer key: create one with "
                                    f"`{operator_command()} createconsumer NAME`")
     if consumer["deleted_at"] is not None:
         raise MicroticksError(403, "This consumer key was revoked")
@@ -3234,16 +3267,17 @@ def _forwarded_for(forwarded):
     return hops
 
 
-def client_address(peer, trusted, forwarded="", x_forwarded_for=""):
+def client_address(peer, trusted, named="", header=PROXY_HEADER_CHOICES[0]):
     """The client's address: the connecting peer's, unless the peer is a
-    trusted proxy: then, walking the proxies' Forwarded (or else
-    X-Forwarded-For) entries from the right, the first that is not a
-    trusted proxy. A client that connects directly cannot pose as another
-    with these headers; a proxy appends the address it saw to the right."""
+    trusted proxy: then, walking the entries of the one header the proxies
+    name clients in (`named`, the value of `header`: x-forwarded-for or
+    forwarded) from the right, the first that is not a trusted proxy. A
+    client that connects directly cannot pose as another with these
+    headers; a proxy appends the address it saw to the right."""
     peer = plain_address(peer)
-    if peer not in trusted or not (forwarded or x_forwarded_for):
+    if peer not in trusted or not named:
         return peer
-    hops = _forwarded_for(forwarded) if forwarded else [h.strip() for h in x_forwarded_for.split(",")]
+    hops = _forwarded_for(named) if header == "forwarded" else [h.strip() for h in named.split(",")]
     for hop in reversed(hops):
         hop = plain_address(hop)
         try:
@@ -3882,9 +3916,13 @@ class KeyFailures:
     kept their own count: four workers let four times the guesses through)
     in a small file beside it, `-keyfailures`, mapped into memory: a lookup
     costs a microsecond, whatever the number of addresses. Where that file
-    cannot be made, this process counts alone. An address with more than
-    MAX_KEY_FAILURES in a minute is refused (429) until the minute is over,
-    whatever key it sends then: else a guess that hits would still get in."""
+    cannot be made, this process counts alone. Beyond MAX_KEY_FAILURES in a
+    minute, an address's wrong keys are answered 429 until the minute is
+    over; a right key always gets in, so that nobody can lock a kiosk out
+    by sending wrong keys from its address (a shared NAT, a visitor on the
+    museum's network). A guess that hits would get in too: guessing is
+    made hopeless by the keys themselves (consumer keys are 128 random
+    bits; a weak MICROTICKS_KEY is refused at start-up: api_key_problem)."""
 
     slots = 8192
     slot = struct.Struct("<QQI4x")  # address hash, minute, failures
@@ -3928,15 +3966,11 @@ class KeyFailures:
                 choice = offset
         return (first * self.slot.size if choice is None else choice), key, 0
 
-    def refused_for(self, address):
-        """Seconds `address` must wait before its keys are looked at again (0: none)."""
+    def record(self, address):
+        """Count a wrong key from `address`; returns its wrong keys this
+        minute, and the seconds left of the minute."""
         now = time.time()
         minute = int(now // 60)
-        failures = self._find(address, minute)[2]
-        return 60 - int(now % 60) if failures >= MAX_KEY_FAILURES else 0
-
-    def record(self, address):
-        minute = int(time.time() // 60)
         with self.lock:
             if self.file is not None:
                 fcntl.lockf(self.file, fcntl.LOCK_EX)  # a lock per process (an flock is shared across a fork)
@@ -3946,6 +3980,7 @@ class KeyFailures:
             finally:
                 if self.file is not None:
                     fcntl.lockf(self.file, fcntl.LOCK_UN)
+        return failures + 1, 60 - int(now % 60)
 
 
 # nosniff: a browser takes a JSON or CSV answer for nothing else (an event's
@@ -3966,6 +4001,7 @@ class Service:
         self.rate_limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
         self.key_failures = KeyFailures(settings.db_path)
         self.trusted_proxies = TrustedProxies(settings.trusted_proxies)
+        self.proxy_header = "HTTP_" + settings.proxy_header.upper().replace("-", "_")
         #: This process's counters for /metrics (each worker process counts its own).
         self.counters = {"events_stored": 0, "events_refused": 0, "events_duplicate": 0, "requests_refused": 0,
                          "database_errors": 0}
@@ -3987,7 +4023,7 @@ class Service:
         if address is None:
             address = environ["microticks.client"] = client_address(
                 environ.get("REMOTE_ADDR") or "unknown", self.trusted_proxies,
-                environ.get("HTTP_FORWARDED", ""), environ.get("HTTP_X_FORWARDED_FOR", ""))
+                environ.get(self.proxy_header, ""), self.settings.proxy_header)
         return address
 
     def connection(self):
@@ -4018,16 +4054,22 @@ class Service:
         self.counters["events_stored"] += len(results) - refused - duplicate
         return results
 
-    def refuse_after_wrong_keys(self):
-        wait = self.key_failures.refused_for(self.client_ip())
-        if wait:
-            raise MicroticksError(429, f"Too many wrong keys from this address: over {MAX_KEY_FAILURES} in a"
-                                       f" minute. Try again in {wait} s", headers={"Retry-After": str(wait)})
+    def wrong_key(self, refusal):
+        """A WrongKey, counted for the client's address: itself, or beyond
+        MAX_KEY_FAILURES in a minute, a 429 in its place (KeyFailures)."""
+        failures, wait = self.key_failures.record(self.client_ip())
+        if failures <= MAX_KEY_FAILURES:
+            return refusal
+        return MicroticksError(429, f"Too many wrong keys from this address: over {MAX_KEY_FAILURES} in a minute."
+                                    f" Try again in {wait} s", headers={"Retry-After": str(wait)})
 
-    def count_wrong_consumer_keys(self, *refusals):
-        for refusal in refusals:
-            if isinstance(refusal, MicroticksError) and refusal.status_code == 403:
-                self.key_failures.record(self.client_ip())
+    @contextlib.contextmanager
+    def counting_wrong_keys(self):
+        """Around a consumer key's check: a WrongKey is raised as wrong_key says."""
+        try:
+            yield
+        except WrongKey as refusal:
+            raise self.wrong_key(refusal) from None
 
 
 def service():
@@ -4111,13 +4153,10 @@ def preflight_and_authenticate():
         if own.rate_limiter and not head_only and not own.rate_limiter.allow(own.client_ip()):
             raise MicroticksError(429, f"Too many requests from this address: at most {own.settings.rate_limit}"
                                        " a second; send events in batches", headers={"Retry-After": "1"})
-        if own.api_key:
-            own.refuse_after_wrong_keys()
-            if not hmac.compare_digest(supplied_api_key(request), own.api_key):
-                own.key_failures.record(own.client_ip())
-                raise MicroticksError(401, "Missing or wrong API key: send it as ?key=, "
-                                           "an X-Microticks-Key header or Authorization: Bearer",
-                                      headers={"WWW-Authenticate": 'Bearer realm="microticks"'})
+        if own.api_key and not hmac.compare_digest(supplied_api_key(request), own.api_key):
+            raise own.wrong_key(WrongKey(401, "Missing or wrong API key: send it as ?key=, an X-Microticks-Key"
+                                              " header or Authorization: Bearer",
+                                         headers={"WWW-Authenticate": 'Bearer realm="microticks"'}))
     if head_only:  # go on: the body is read, and the request answered with it
         # Kept where answer_to_head finds it: Bottle's frame holds what was
         # raised, whose traceback holds that frame (and the environ), a cycle.
@@ -4203,13 +4242,9 @@ def post_session():
     clean = clean_session_start(fields, received)
     own.close_idle()
     own.apply_retention()
-    own.refuse_after_wrong_keys()
-    try:
+    with own.counting_wrong_keys():
         token, existed = start_session(own.connection(), clean["consumer_key"], clean["ts"], own.client_ip(),
                                        clean["uuid"], clean["device"], clean["app_version"], own.settings.store_ip)
-    except MicroticksError as refusal:
-        own.count_wrong_consumer_keys(refusal)
-        raise
     return {"token": token, "status": 200, **({"duplicate": True} if existed else {})}
 
 
@@ -4219,10 +4254,9 @@ def post_events():
     if not from_form and "events" in fields:
         check_batch(fields)
         starts = clean_batch_sessions(fields, received)
-        if starts:
-            own.refuse_after_wrong_keys()
         tokens = start_sessions(own.connection(), starts, own.client_ip(), own.settings.store_ip)
-        own.count_wrong_consumer_keys(*tokens.values())
+        tokens = {uuid: own.wrong_key(token) if isinstance(token, WrongKey) else token
+                  for uuid, token in tokens.items()}
         results = own.count(own.db.store_events(clean_batch(fields, received, tokens)))
         return {"results": [result.fields() if isinstance(result, MicroticksError) else result
                             for result in results], "status": 200}
@@ -4244,13 +4278,9 @@ def post_heartbeat():
     own = service()
     fields, _ = request_fields(bottle.request)
     clean = clean_heartbeat(fields)
-    own.refuse_after_wrong_keys()
-    try:
+    with own.counting_wrong_keys():
         device_id = record_heartbeat(own.connection(), clean["consumer_key"], clean["device"],
                                      clean["app_version"], clean["queue"], own.client_ip(), own.settings.store_ip)
-    except MicroticksError as refusal:
-        own.count_wrong_consumer_keys(refusal)
-        raise
     return {"device_id": device_id, "status": 200}
 
 
@@ -4357,8 +4387,12 @@ ROUTES = [
 
 
 def make_app(settings):
-    """The WSGI application for `settings`."""
+    """The WSGI application for `settings`; MicroticksError for settings it
+    cannot serve with (a weak API key)."""
     configure_logging(settings)
+    problem = api_key_problem(settings.api_key)
+    if problem:
+        raise MicroticksError(HTTPStatus.SERVICE_UNAVAILABLE, problem)
     app = bottle.Bottle()
     app.service = own = Service(settings)
     # Bottle's own JSONPlugin calls json.dumps, which builds an encoder per
@@ -7241,9 +7275,13 @@ def build_parser():
                      help="one: the built-in server keeps to one CPU core, where Python's threads take"
                           f" turns fastest; all: it runs on any (default: $MICROTICKS_CPUS, else {DEFAULTS.cpus})")
     sub.add_argument("--trusted-proxies", type=proxies_argument, metavar="LIST",
-                     help="reverse proxies whose X-Forwarded-For or Forwarded header names the client:"
+                     help="reverse proxies whose header (--proxy-header) names the client:"
                           " addresses or networks, comma-separated; '' for none"
                           f" (default: $MICROTICKS_TRUSTED_PROXIES, else {','.join(DEFAULTS.trusted_proxies)})")
+    sub.add_argument("--proxy-header", choices=PROXY_HEADER_CHOICES,
+                     help="the header those proxies name the client in: x-forwarded-for (what nginx and Apache"
+                          " append to), or forwarded (RFC 7239) where the proxy is set up to write it"
+                          f" (default: $MICROTICKS_PROXY_HEADER, else {DEFAULTS.proxy_header})")
     sub = command("createconsumer", cmd_createconsumer, "register a frontend and print its consumer key")
     sub.add_argument("name", type=name_argument, help="a name for the frontend, e.g. the kiosk's location")
     sub.add_argument("--allow", type=networks_argument, metavar="NETWORKS",
@@ -7400,10 +7438,24 @@ class DeferredApplication:
         if self._app is None:
             with self._lock:
                 if self._app is None:
-                    self._app = make_app(load_settings(environ))
+                    try:
+                        self._app = make_app(load_settings(environ))
+                    except MicroticksError as refusal:  # every request is told what the operator must mend
+                        log.error("cannot serve: %s", refusal.message)
+                        self._app = self.refusing(refusal)
                     if not running_as_cgi():  # a CGI process answers one request: 7 ms saved
                         settle_for_serving()  # a gunicorn worker or mod_wsgi process serves from here on
         return self._app(environ, start_response)
+
+    @staticmethod
+    def refusing(refusal):
+        body = error_json(refusal.status_code, refusal.message).encode()
+
+        def answer(environ, start_response):
+            start_response(refusal.status_line, [("Content-Type", "application/json"),
+                                                 ("Content-Length", str(len(body))), *FIXED_HEADERS.items()])
+            return [body]
+        return answer
 
 
 #: For gunicorn (microticks:application), mod_wsgi and any WSGI server.
@@ -7416,7 +7468,8 @@ def main(argv=None):
         bottle.CGIServer().run(application)
         return 0
     args = build_parser().parse_args(argv)
-    overrides = {k: getattr(args, k, None) for k in ("host", "port", "server", "threads", "cpus", "trusted_proxies")}
+    overrides = {k: getattr(args, k, None) for k in ("host", "port", "server", "threads", "cpus", "trusted_proxies",
+                                                    "proxy_header")}
     settings = load_settings(db_path=getattr(args, "db", None), **overrides)
     configure_logging(settings)
     try:

@@ -119,10 +119,12 @@ class Reply:
 class Client:
     """Talks HTTP to a server at `base` (e.g. http://127.0.0.1:8080/microticks/api)."""
 
-    def __init__(self, base, key=None):
+    def __init__(self, base, key=None, source=None):
         parts = urllib.parse.urlsplit(base)
         self.host, self.port, self.prefix = parts.hostname, parts.port, parts.path.rstrip("/")
         self.key = key
+        #: The address it connects from (a client other than a proxy on 127.0.0.1: 127.0.0.2).
+        self.source = (source, 0) if source else None
 
     def request(self, method, path, body=b"", headers=None):
         headers = dict(headers or {})
@@ -130,7 +132,7 @@ class Client:
             headers["X-Microticks-Key"] = self.key
         if isinstance(body, str):
             body = body.encode("utf-8")
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30, source_address=self.source)
         try:
             conn.request(method, self.prefix + path, body=body if body or method == "POST" else None,
                          headers=headers)
@@ -1939,10 +1941,10 @@ def test_bad_compare_parameters_are_400_naming_them(sample_client, params, name)
 
 
 def test_annotations_are_stored_listed_shown_with_stats_and_deleted(start_server, db_path, consumer_key):
-    client = start_server(api_key="secret", tz="Europe/Berlin")
+    client = start_server(api_key=SECRET, tz="Europe/Berlin")
     client.key = None
     assert client.post_json("/annotations", {"time": "2017-05-24T10:00:00+02:00", "text": "x"}).status == 401
-    client.key = "secret"
+    client.key = SECRET
     run_cli("createconsumer", "entrance", "--db", db_path)
     posted = [client.post_json("/annotations", body) for body in (
         {"time": "2017-05-24T10:00:00+02:00", "text": "New ebook shelf installed"},
@@ -2050,25 +2052,39 @@ def test_truncation_keeps_the_network():
     assert microticks.kept_address("2001:db8:1:2:3::4", "truncated") == "2001:db8:1::/48"
 
 
-@pytest.mark.parametrize("peer, trusted, forwarded, x_forwarded_for, client", [
-    ("10.0.0.7", (), "", "6.6.6.6", "10.0.0.7"),                            # no proxy trusted
-    ("10.0.0.7", ("127.0.0.1", "::1"), "for=6.6.6.6", "6.6.6.6", "10.0.0.7"),  # a client that connects directly
-    ("127.0.0.1", ("127.0.0.1", "::1"), "", "10.1.2.3", "10.1.2.3"),          # nginx on the same machine
-    ("127.0.0.1", ("127.0.0.1",), "", "6.6.6.6, 10.1.2.3", "10.1.2.3"),       # the client's own claim comes first
-    ("192.168.1.2", ("192.168.0.0/16", "10.0.0.1"), "", " 10.1.2.3 ,192.168.1.9 , 10.0.0.1", "10.1.2.3"),
-    ("192.168.1.2", ("192.168.0.0/16",), "", "192.168.1.5, 192.168.1.9", "192.168.1.5"),  # all proxies: the first
-    ("::1", ("::1",), 'for=192.0.2.60;proto=http;by=203.0.113.43, for="[2001:db8:cafe::17]:4711"', "6.6.6.6",
-     "2001:db8:cafe::17"),                                                    # Forwarded wins over X-Forwarded-For
-    ("::1", ("::1",), "for=192.0.2.60:8080", "", "192.0.2.60"),
-    ("127.0.0.1", ("127.0.0.1",), "for=unknown", "", "unknown"),
-    ("127.0.0.1", ("127.0.0.1",), "", "<script>", "unknown"),
-    ("::ffff:10.1.2.3", (), "", "", "10.1.2.3"),                            # IPv4 through a server on ::
-    ("::FFFF:127.0.0.1", ("127.0.0.1",), "", "::ffff:10.9.8.7", "10.9.8.7"),
+@pytest.mark.parametrize("peer, trusted, header, named, client", [
+    ("10.0.0.7", (), "x-forwarded-for", "6.6.6.6", "10.0.0.7"),                # no proxy trusted
+    ("10.0.0.7", ("127.0.0.1", "::1"), "x-forwarded-for", "6.6.6.6", "10.0.0.7"),  # a client that connects directly
+    ("127.0.0.1", ("127.0.0.1", "::1"), "x-forwarded-for", "10.1.2.3", "10.1.2.3"),  # nginx on the same machine
+    ("127.0.0.1", ("127.0.0.1",), "x-forwarded-for", "6.6.6.6, 10.1.2.3", "10.1.2.3"),  # the client's claim first
+    ("192.168.1.2", ("192.168.0.0/16", "10.0.0.1"), "x-forwarded-for", " 10.1.2.3 ,192.168.1.9 , 10.0.0.1",
+     "10.1.2.3"),
+    ("192.168.1.2", ("192.168.0.0/16",), "x-forwarded-for", "192.168.1.5, 192.168.1.9", "192.168.1.5"),  # all proxies
+    ("::1", ("::1",), "forwarded", 'for=192.0.2.60;proto=http;by=203.0.113.43, for="[2001:db8:cafe::17]:4711"',
+     "2001:db8:cafe::17"),                                                    # where the proxy writes Forwarded
+    ("::1", ("::1",), "forwarded", "for=192.0.2.60:8080", "192.0.2.60"),
+    ("127.0.0.1", ("127.0.0.1",), "forwarded", "for=unknown", "unknown"),
+    ("127.0.0.1", ("127.0.0.1",), "x-forwarded-for", "<script>", "unknown"),
+    ("127.0.0.1", ("127.0.0.1",), "x-forwarded-for", "", "127.0.0.1"),       # the proxy itself asks
+    ("::ffff:10.1.2.3", (), "x-forwarded-for", "", "10.1.2.3"),              # IPv4 through a server on ::
+    ("::FFFF:127.0.0.1", ("127.0.0.1",), "x-forwarded-for", "::ffff:10.9.8.7", "10.9.8.7"),
 ])
-def test_the_client_address_is_the_first_not_trusted_from_the_right(peer, trusted, forwarded, x_forwarded_for,
-                                                                    client):
+def test_the_client_address_is_the_first_not_trusted_from_the_right(peer, trusted, header, named, client):
     proxies = microticks.TrustedProxies(trusted)
-    assert microticks.client_address(peer, proxies, forwarded, x_forwarded_for) == client
+    assert microticks.client_address(peer, proxies, named, header) == client
+
+
+def test_only_the_configured_proxy_header_is_read(start_server, consumer_key, db_path):
+    """nginx and Apache pass a client's own Forwarded header through as it
+    came: it must not name the client where the proxy writes X-Forwarded-For."""
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    start = urllib.parse.urlencode({"consumer_key": consumer_key, "ts": "2017-08-25T17:09:19Z"})
+    client = start_server(store_ip="full")
+    client.request("POST", "/sessions", start, {**headers, "Forwarded": "for=10.1.2.3", "X-Forwarded-For": "10.7.7.7"})
+    forwarded = start_server(store_ip="full", proxy_header="forwarded")
+    forwarded.request("POST", "/sessions", start, {**headers, "Forwarded": "for=10.1.2.3",
+                                                  "X-Forwarded-For": "10.7.7.7"})
+    assert stored(db_path, "SELECT ip FROM sessions ORDER BY id") == [("10.7.7.7",), ("10.1.2.3",)]
 
 
 def test_behind_a_trusted_proxy_each_kiosk_is_its_own_address(start_server, consumer_key, db_path):
@@ -2602,7 +2618,7 @@ def test_unknown_routes_answer_json(client, method, path, status):
 # HTTP app: API key, CORS, caching ############################################
 ###############################################################################
 
-SECRET = "s3cret-kiosk-key"
+SECRET = "s3cret-kiosk-key-Q7x2"
 
 
 @pytest.mark.parametrize("how", ["query", "bearer", "header"])
@@ -2676,31 +2692,51 @@ def test_every_answer_has_cors_no_store_and_nosniff(client, consumer_key):
         assert "script-src 'self';" in reply.headers["content-security-policy"], reply
 
 
-def test_wrong_keys_are_slowed_down_per_address_across_processes(served, tmp_path):
+def test_wrong_keys_are_slowed_down_per_address_across_processes_and_right_keys_always_get_in(served, tmp_path):
     """Two serve processes on one database (as gunicorn's or mod_wsgi's
     workers are) count one address's wrong keys together: after ten in a
-    minute it is refused, whatever key it sends, until the minute is over.
-    Other addresses with the right key go on."""
+    minute its wrong keys are answered 429 until the minute is over. A right
+    key from that address still gets in: nobody can lock a kiosk out by
+    sending wrong keys from its address."""
     db = str(tmp_path / "x.db")
     consumer_key = run_cli("createconsumer", "kiosk", "--db", db).stdout.split()[-1]
     env = {"MICROTICKS_KEY": SECRET, "MICROTICKS_RATE_LIMIT": "0"}
     first, second = served("--db", db, env=env)[0], served("--db", db, env=env)[0]
     wrong = [(first if n % 2 else second).request("GET", "/events", headers={"X-Microticks-Key": f"guess{n}"})
-             for n in range(10)]
-    assert [r.status for r in wrong] == [401] * 10
+             for n in range(12)]
+    assert [r.status for r in wrong] == [401] * 10 + [429] * 2, wrong
+    assert 0 < int(wrong[-1].headers["retry-after"]) <= 60 and "Too many wrong keys" in wrong[-1].json["error"]
     for server in (first, second):
-        locked = server.request("GET", "/events", headers={"X-Microticks-Key": SECRET})
-        assert locked.status == 429 and 0 < int(locked.headers["retry-after"]) <= 60, locked
-        assert "Too many wrong keys from this address" in locked.json["error"]
-    elsewhere = {"X-Microticks-Key": SECRET, "X-Forwarded-For": "10.1.2.3"}  # another client, through a local proxy
-    assert first.request("GET", "/events", headers=elsewhere).status == 200
+        assert server.request("GET", "/events", headers={"X-Microticks-Key": SECRET}).status == 200
     start = urllib.parse.urlencode({"consumer_key": "wrong", "ts": "2017-08-25T17:09:19Z"})
     form = {"Content-Type": "application/x-www-form-urlencoded", "X-Microticks-Key": SECRET,
-            "X-Forwarded-For": "10.9.9.9"}
+            "X-Forwarded-For": "10.9.9.9"}  # a kiosk's address, through a local proxy
     consumer_guesses = [second.request("POST", "/sessions", start, form).status for _ in range(12)]
     assert consumer_guesses == [403] * 10 + [429] * 2
+    heartbeat = urllib.parse.urlencode({"consumer_key": "wrong", "device": "d"})
+    assert first.request("POST", "/heartbeat", heartbeat, form).status == 429  # counted alike
     right = start.replace("wrong", consumer_key)
-    assert second.request("POST", "/sessions", right, {**form, "X-Forwarded-For": "10.9.9.8"}).status == 200
+    assert second.request("POST", "/sessions", right, form).status == 200  # the kiosk itself goes on
+
+
+@pytest.mark.parametrize("key, fit", [("short", False), ("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", False),
+                                      ("abcdefgh-abcdefgh-abcdefgh", False), ("change-this-key", False),
+                                      (SECRET, True), ("", True)])
+def test_a_weak_api_key_is_refused_at_start_up_saying_how_to_make_one(served, tmp_path, key, fit):
+    db = str(tmp_path / "x.db")
+    if fit:
+        client, _ = served("--db", db, env={"MICROTICKS_KEY": key})
+        assert client.request("GET", "/health").status == 200
+        return
+    proc = run_cli("serve", "--port", str(free_port()), "--db", db, env={"MICROTICKS_KEY": key}, check=False)
+    assert proc.returncode == 1 and "MICROTICKS_KEY is too easy to guess" in proc.stderr, proc.stderr
+    assert "secrets.token_urlsafe" in proc.stderr
+    # A WSGI server (gunicorn, mod_wsgi, CGI) starts; every request is told, and the log says it.
+    answers = []
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/events", "MICROTICKS_KEY": key, "MICROTICKS_DB": db,
+               "wsgi.input": io.BytesIO(), "SERVER_NAME": "x", "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
+    body = b"".join(microticks.DeferredApplication()(environ, lambda status, headers: answers.append(status)))
+    assert answers == ["503 Service Unavailable"] and b"too easy to guess" in body
 
 
 def test_the_rate_limiter_keeps_the_addresses_last_seen_at_a_constant_cost():
@@ -4066,6 +4102,96 @@ def test_a_serving_process_freezes_start_up_out_of_the_garbage_collector(entry, 
     assert int(frozen) > 10_000  # the modules, the app and its routes
 
 
+@pytest.fixture
+def nginx(tmp_path):
+    """nginx (Debian's nginx-light) with the README's block, in front of a
+    backend on `port`; returns the base URL of the README's location."""
+    require_tool("/usr/sbin/nginx", "apt-get install nginx-light")
+    procs = []
+
+    def start(backend_port):
+        port, root = free_port(), tmp_path / f"nginx-{len(procs)}"
+        root.mkdir()
+        block = readme_block("nginx").replace("127.0.0.1:8080", f"127.0.0.1:{backend_port}")
+        (root / "nginx.conf").write_text(f"""
+daemon off;
+master_process off;
+user root;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    server {{
+        listen 127.0.0.1:{port};
+{block}
+    }}
+}}
+""")
+        proc = subprocess.Popen(["/usr/sbin/nginx", "-p", str(root), "-c", str(root / "nginx.conf")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(proc)
+        wait_for_port(port, proc)
+        return f"http://127.0.0.1:{port}/microticks"
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("backend", ["serve", "gunicorn"])
+def test_behind_nginx_as_the_readme_sets_it_up_a_clients_own_headers_change_nothing(nginx, served, tmp_path,
+                                                                                    backend):
+    """A client (here 127.0.0.2) that writes Forwarded or X-Forwarded-For
+    itself, through nginx with the README's block, is still itself: for a
+    consumer's networks, the rate limit and the wrong-key count."""
+    db = str(tmp_path / "x.db")
+    kiosk_key = run_cli("createconsumer", "kiosk", "--allow", "10.1.2.0/24", "--db", db).stdout.split()[-1]
+    own_key = run_cli("createconsumer", "here", "--allow", "127.0.0.2/32", "--db", db).stdout.split()[-1]
+    env = {"MICROTICKS_KEY": SECRET, "MICROTICKS_RATE_LIMIT": "5", "MICROTICKS_STORE_IP": "full"}
+    if backend == "serve":
+        backend_port = served("--db", db, env=env)[0].port
+    else:
+        backend_port = free_port()
+        proc = subprocess.Popen(gunicorn_command("-w", "2", "-b", f"127.0.0.1:{backend_port}", "microticks:application"),
+                                cwd=HERE, env={**os.environ, **env, "MICROTICKS_DB": db}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        wait_for_port(backend_port, proc)
+    try:
+        client = Client(nginx(backend_port), key=SECRET, source="127.0.0.2")
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        spoofs = [{"Forwarded": "for=10.1.2.3"}, {"X-Forwarded-For": "10.1.2.3"},
+                  {"Forwarded": "for=10.1.2.3", "X-Forwarded-For": "10.1.2.3"}]
+        for spoof in spoofs:
+            start = urllib.parse.urlencode({"consumer_key": kiosk_key, "ts": "2017-08-25T17:09:19Z"})
+            reply = client.request("POST", "/sessions", start, {**form, **spoof})
+            assert reply.status == 403 and "not allowed from 127.0.0.2" in reply.json["error"], reply
+        start = urllib.parse.urlencode({"consumer_key": own_key, "ts": "2017-08-25T17:09:19Z"})
+        assert client.request("POST", "/sessions", start, form).status == 200  # nginx's word on it is taken
+        assert stored(db, "SELECT ip FROM sessions") == [("127.0.0.2",)]
+        # One address, one bucket (a burst of 4 s x 5 a second), whatever it claims to be.
+        claims = [{"Forwarded": f"for=10.1.2.{n}", "X-Forwarded-For": f"10.1.3.{n}"} for n in range(40)]
+        statuses = [client.request("GET", "/consumers", headers=claim).status for claim in claims]
+        assert statuses.count(429) >= 10, statuses
+        time.sleep(4.5)  # the bucket fills again
+        # Its wrong keys are its own: the 11th is 429, another client's wrong key is still a 401.
+        guesses = [client.request("GET", "/consumers", headers={"X-Microticks-Key": f"guess{n}",
+                                                                "Forwarded": f"for=10.1.4.{n}",
+                                                                "X-Forwarded-For": f"10.1.5.{n}"}).status
+                   for n in range(11)]
+        assert guesses == [401] * 10 + [429], guesses
+        other = Client(client_base := f"http://127.0.0.1:{client.port}/microticks", source="127.0.0.3")
+        assert other.request("GET", "/consumers", headers={"X-Microticks-Key": "guess"}).status == 401
+        assert Client(client_base, key=SECRET, source="127.0.0.3").get("/consumers").status == 200
+    finally:
+        if backend == "gunicorn":
+            proc.terminate()
+            proc.wait(10)
+
+
 def test_gunicorn_with_four_workers_stores_every_acknowledged_event_once(tmp_path, db_path, consumer_key):
     port = free_port()
     proc = subprocess.Popen(
@@ -4363,11 +4489,11 @@ def test_clicks_while_the_server_is_down_arrive_once_it_is_back(demo, api, db_pa
 
 
 @pytest.mark.parametrize("wrong, right", [
-    ('apiKey: "the-old-key"', 'apiKey: "the-new-key"'),  # MICROTICKS_KEY changed: 401
-    ('apiKey: "the-new-key", host: HOST + "/microticks"', 'apiKey: "the-new-key"'),  # a path not served: 404
+    ('apiKey: "the-old-key-0123456789"', 'apiKey: "the-new-key-0123456789"'),  # MICROTICKS_KEY changed: 401
+    ('apiKey: "the-new-key-0123456789", host: HOST + "/microticks"', 'apiKey: "the-new-key-0123456789"'),  # a path not served: 404
 ])
 def test_events_refused_for_a_wrong_setting_wait_for_the_right_one(demo, db_path, wrong, right):
-    keyed = RestartableServer(db_path, api_key="the-new-key")
+    keyed = RestartableServer(db_path, api_key="the-new-key-0123456789")
     keyed.start()
     page = demo()
     try:
