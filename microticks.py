@@ -1145,11 +1145,29 @@ def full_disk(path):
     return f"its disk is full ({free:,} bytes free)"
 
 
-def check_writable(conn, path):
-    """Raise unless the database can take writes (for /health)."""
+#: SQLite's largest id; AUTOINCREMENT numbers on from the largest given.
+MAX_ROW_ID = 2**63 - 1
+
+
+def write_problem(conn, path):
+    """Why the database cannot take writes that a test transaction would
+    not show, or None: a full disk, or ids used up (an id near MAX_ROW_ID,
+    which an import of an earlier Microticks could bring)."""
     full = full_disk(path)
     if full:
-        raise MicroticksError(503, f"The database cannot be written: {full}", headers={"Retry-After": "60"})
+        return full
+    largest = conn.execute("SELECT max(seq) FROM sqlite_sequence").fetchone()[0] or 0
+    if largest > MAX_ROW_ID - 2**32:
+        return (f"its ids are used up (the largest is {largest:,}): no new event or session can be numbered;"
+                " export the events and import them into a new database")
+    return None
+
+
+def check_writable(conn, path):
+    """Raise unless the database can take writes (for /health)."""
+    problem = write_problem(conn, path)
+    if problem:
+        raise MicroticksError(503, f"The database cannot be written: {problem}", headers={"Retry-After": "60"})
     with write_transaction(conn):
         pass
 
@@ -3983,6 +4001,9 @@ class KeyFailures:
         return failures + 1, 60 - int(now % 60)
 
 
+#: Seconds /health answers 503 after a write failed, unless one works before.
+WRITE_FAILURE_SHOWN = 60
+
 # nosniff: a browser takes a JSON or CSV answer for nothing else (an event's
 # text, shown as HTML, would be a way in for script).
 FIXED_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
@@ -4002,6 +4023,8 @@ class Service:
         self.key_failures = KeyFailures(settings.db_path)
         self.trusted_proxies = TrustedProxies(settings.trusted_proxies)
         self.proxy_header = "HTTP_" + settings.proxy_header.upper().replace("-", "_")
+        #: When this process's last write failed, and why (None: it worked).
+        self.write_failure = None
         #: This process's counters for /metrics (each worker process counts its own).
         self.counters = {"events_stored": 0, "events_refused": 0, "events_duplicate": 0, "requests_refused": 0,
                          "database_errors": 0}
@@ -4112,18 +4135,29 @@ def refuse_failures(callback):
     answer. Database trouble is a 503 the client may retry; anything else
     unexpected is logged (and sent to Sentry) and answered 500."""
     def wrapper(*args, **kwargs):
+        own, writes = service(), bottle.request.method != "GET"
         try:
-            return callback(*args, **kwargs)
+            answer = callback(*args, **kwargs)
+            if writes:
+                own.write_failure = None
+            return answer
         except bottle.HTTPResponse:
             raise
         except sqlite3.Error as error:
             # Not the client's fault, and the operator must hear of it
             # (a full disk, a file that lost its write permission).
             log.error("database error on %s %s: %s", bottle.request.method, bottle.request.path, error)
-            if service().sentry:
-                service().sentry.capture_exception(error)
-            message = f"The database {error}" if isinstance(error, ReadOnlyDatabase) else \
-                f"The database is unavailable ({error}); try again later"
+            if own.sentry:
+                own.sentry.capture_exception(error)
+            problem = None
+            if not isinstance(error, ReadOnlyDatabase):
+                with contextlib.suppress(sqlite3.Error):
+                    problem = write_problem(own.connection(), own.settings.db_path)
+            message = (f"The database {error}" if isinstance(error, ReadOnlyDatabase) else
+                       f"The database cannot be written: {problem}" if problem else
+                       f"The database is unavailable ({error}); try again later")
+            if writes:  # /health tells it until a write works again
+                own.write_failure = (time.monotonic(), message)
             raise MicroticksError(503, message, headers={"Retry-After": "5"}) from None
         except Exception as error:
             log.exception("unexpected error on %s %s", bottle.request.method, bottle.request.path)
@@ -4158,6 +4192,7 @@ def preflight_and_authenticate():
                                               " header or Authorization: Bearer",
                                          headers={"WWW-Authenticate": 'Bearer realm="microticks"'}))
     if head_only:  # go on: the body is read, and the request answered with it
+        request.app.router.match(request.environ)  # else an unknown path or method is answered now (404, 405)
         # Kept where answer_to_head finds it: Bottle's frame holds what was
         # raised, whose traceback holds that frame (and the environ), a cycle.
         raise request.environ.setdefault("microticks.go_on", bottle.HTTPResponse(status=100))
@@ -4219,7 +4254,10 @@ def examples(filename):
 
 
 def health():
-    check_writable(service().connection(), service().settings.db_path)
+    own = service()
+    check_writable(own.connection(), own.settings.db_path)
+    if own.write_failure and time.monotonic() - own.write_failure[0] < WRITE_FAILURE_SHOWN:
+        raise MicroticksError(503, f"The last write failed: {own.write_failure[1]}", headers={"Retry-After": "5"})
     return {"status": "ok", "version": __version__}
 
 
@@ -5582,6 +5620,39 @@ start();
 # Built-in server #############################################################
 ###############################################################################
 
+def header_fields(lines):
+    """A head's header lines (bytes, after the request line) as they were
+    sent, [(name, value)], and by lower-case name, {name: [values]}: the one
+    reading of a head that the selector, its question to the app and the
+    worker share. ValueError names a malformed line: no field name, or a
+    folded one."""
+    header_lines, fields = [], {}
+    for line in lines:
+        name, colon, value = str(line, "iso-8859-1").partition(":")
+        if not colon or not name or name != name.strip():
+            raise ValueError(f"Bad header line ({line[:100]!r})")
+        value = value.strip()
+        header_lines.append((name, value))
+        fields.setdefault(name.lower(), []).append(value)
+    return header_lines, fields
+
+
+def framing_problem(fields):
+    """What makes a head's framing (where its body ends) ambiguous, as
+    (status, message), or None. Such a request is answered from its head
+    and the connection closed, its body never awaited: a proxy in front may
+    have read it otherwise (request smuggling), and a client that sends no
+    body would hold a worker waiting for one."""
+    lengths, encodings = fields.get("content-length", []), fields.get("transfer-encoding", [])
+    if len(lengths) > 1:
+        return HTTPStatus.BAD_REQUEST, "Content-Length given more than once"
+    if encodings and lengths:
+        return HTTPStatus.BAD_REQUEST, "Transfer-Encoding and Content-Length both given"
+    if encodings and ",".join(encodings).strip().lower() != "chunked":
+        return HTTPStatus.NOT_IMPLEMENTED, f"Transfer-Encoding {','.join(encodings)[:100]!r} is not supported"
+    return None
+
+
 class _ReadAhead:
     """A connection's input: the bytes read ahead of the worker, then the
     socket's. The server's selector thread reads each request whole
@@ -5601,9 +5672,6 @@ class _ReadAhead:
     #: beyond this size, to be refused (414, 431) as the limits say.
     max_head = 2 * 65536
     head_end = re.compile(rb"\n\r?\n")
-    # What the selector needs of a head to know where the request ends; the
-    # worker parses it in full (parse_request) and refuses what is malformed.
-    body_headers = re.compile(rb"\n(content-length|transfer-encoding|expect)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 
     def __init__(self, sock, timeout):
         self.sock, self.ahead, self.closed = sock, bytearray(), False
@@ -5667,11 +5735,13 @@ class _ReadAhead:
         end = self.head_end.search(self.ahead)
         if end is None:
             return len(self.ahead) > self.max_head
-        found = [(name.lower(), value) for name, value in self.body_headers.findall(self.ahead, 0, end.start() + 1)]
-        framing = dict(found)
-        if [name for name, _ in found].count(b"content-length") != 1 or b"transfer-encoding" in framing:
-            return True  # no body, or one whose end the worker finds out (or refuses)
-        length = content_length(framing[b"content-length"].decode("latin-1"))
+        try:
+            fields = header_fields(self.ahead[:end.start()].split(b"\n")[1:])[1]
+        except ValueError:
+            return True  # the worker refuses it
+        if "content-length" not in fields or framing_problem(fields):
+            return True  # no body, or one the worker refuses from the head (chunked: 411)
+        length = content_length(fields["content-length"][0])
         if length is None or len(self.ahead) >= end.end() + length:
             return True
         if not self.head_checked:
@@ -5682,7 +5752,7 @@ class _ReadAhead:
                 del self.ahead[:]
                 self._send_now(answer)
                 return False
-            if (framing.get(b"expect", b"").strip().lower() == b"100-continue"
+            if (fields.get("expect", [""])[0].lower() == "100-continue"
                     and self.ahead[:end.start()].split(b"\n", 1)[0].rstrip().endswith(b"HTTP/1.1")):
                 self._send_now(b"HTTP/1.1 100 Continue\r\n\r\n")
                 self.continued = True
@@ -5869,7 +5939,7 @@ class ConnectionHandler(WSGIRequestHandler):
             return False
         if self.path.startswith("//"):  # as the standard library: no open redirects via //host
             self.path = "/" + self.path.lstrip("/")
-        self.header_lines, self.fields = [], {}  # [(name, value)] as sent; {lower-case name: [values]}
+        lines = []
         for _ in range(self.max_headers + 1):
             line = self.rfile.readline(self.max_line + 1)
             if len(line) > self.max_line:
@@ -5877,15 +5947,15 @@ class ConnectionHandler(WSGIRequestHandler):
                 return False
             if line in (b"\r\n", b"\n", b""):
                 break
-            name, colon, value = str(line, "iso-8859-1").partition(":")
-            if not colon or not name or name != name.strip():  # no field name, or a folded line
-                self.send_error(400, f"Bad header line ({line[:100]!r})")
-                return False
-            value = value.strip()
-            self.header_lines.append((name, value))
-            self.fields.setdefault(name.lower(), []).append(value)
+            lines.append(line.rstrip(b"\r\n"))
         else:
             self.send_error(431, "Too many headers")
+            return False
+        try:
+            # [(name, value)] as sent; {lower-case name: [values]}
+            self.header_lines, self.fields = header_fields(lines)
+        except ValueError as error:
+            self.send_error(400, str(error))
             return False
         connection = self.header("connection").lower()
         self.close_connection = connection == "close" or (minor == 0 and connection != "keep-alive")
@@ -5933,16 +6003,14 @@ class ConnectionHandler(WSGIRequestHandler):
                 return None
             body = error_json(413, STATUS_MESSAGES[413]).encode()
             return _closing_answer("413 Content Too Large", [("Content-Type", "application/json")], body)
-        lines = head.decode("iso-8859-1").split("\n")
-        words = lines[0].split()
-        header_lines, fields = [], {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if colon and name and name == name.strip():
-                header_lines.append((name, value.strip()))
-                fields.setdefault(name.lower(), []).append(value.strip())
-        if len(words) != 3:
+        lines = head.rstrip(b"\r\n").split(b"\n")
+        words = lines[0].decode("iso-8859-1").split()
+        try:
+            header_lines, fields = header_fields(line.rstrip(b"\r") for line in lines[1:])
+        except ValueError:
             return None  # malformed: the worker refuses it
+        if len(words) != 3:
+            return None
         environ = self.environ_of(*words, header_lines, fields)
         environ.update({"wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr, "wsgi.version": (1, 0),
                         "wsgi.url_scheme": "http", "wsgi.multithread": True, "wsgi.multiprocess": False,
@@ -5997,8 +6065,9 @@ class ConnectionHandler(WSGIRequestHandler):
             return False
         if not self.parse_request():  # answers malformed requests itself
             return False
-        if len(set(self.fields.get("content-length", ()))) > 1:
-            self.send_error(400, "Conflicting Content-Length headers")  # which one would a proxy have read?
+        problem = framing_problem(self.fields)
+        if problem:
+            self.send_error(*problem)
             return False
         length = content_length(self.header("content-length"))
         if length is None:  # the app answers 400, and the body's end is unknown: the

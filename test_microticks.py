@@ -705,6 +705,22 @@ def test_ingest_goes_on_after_an_import_of_the_largest_ids_it_keeps(client, cons
     assert client.get("/health").status == 200
 
 
+def test_ids_used_up_by_an_earlier_import_are_named_and_health_says_so(client, consumer_key, db_path):
+    """An earlier Microticks imported an id of 2**63-1: SQLite can number
+    nothing after it. Every write is refused with the reason, and /health
+    is 503, not ok."""
+    token = client.start(consumer_key)
+    conn = sqlite3.connect(db_path)
+    conn.execute("INSERT INTO events (id, session_id, time, action) VALUES (?, 1, '2017-05-22T11:00:00Z', 'x')",
+                 (2**63 - 1,))
+    conn.commit()
+    conn.close()
+    reply = client.form("/events", {"token": token, "action": "click", "ts": "2017-08-25T17:09:20Z"})
+    assert reply.status == 503 and "ids are used up" in reply.json["error"], reply
+    health = client.get("/health")
+    assert health.status == 503 and "ids are used up" in health.json["error"], health
+
+
 def test_import_reads_in_bounded_memory_and_refuses_what_is_not_a_file(db_path, tmp_path):
     event = {"id": 1, "session_id": 1, "time": "2017-05-22T11:00:00Z", "action": "click"}
     huge_line = tmp_path / "huge-line.ndjson"
@@ -3232,6 +3248,49 @@ def test_clients_that_send_no_body_or_a_refused_one_slowly_delay_no_one(start_se
             sock.close()
 
 
+def test_heads_whose_body_would_never_come_are_answered_from_the_head_and_hold_no_worker(start_server,
+                                                                                        consumer_key):
+    """Ambiguous framing (Content-Length twice, Transfer-Encoding beside it,
+    an encoding other than chunked) and requests the app refuses on their
+    head with a right key (an unknown path, a wrong method), each with a
+    body announced and never sent: 64 of them held every worker for 15 s
+    each (waiting to drain the body), and a normal client with them."""
+    client = start_server(api_key=SECRET)
+    token = client.start(consumer_key)
+    key = b"X-Microticks-Key: " + SECRET.encode() + b"\r\n"
+    heads = {
+        b"400": b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\nContent-Length: 900\r\n\r\n",
+        b"400 ": b"POST /events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\nContent-Length: 900\r\n\r\n",
+        b"501": b"POST /events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"404": b"POST /nowhere HTTP/1.1\r\nHost: x\r\n" + key + b"Content-Length: 900\r\n\r\n",
+        b"405": b"PUT /events HTTP/1.1\r\nHost: x\r\n" + key + b"Content-Length: 900\r\n\r\n",
+    }
+    stalled = []
+    try:
+        for n in range(64):
+            status = list(heads)[n % len(heads)]
+            sock = socket.create_connection(("127.0.0.1", client.port), timeout=5)
+            sock.sendall(heads[status])
+            stalled.append((status.strip(), sock))
+        delays = []
+        for _ in range(100):
+            started = time.monotonic()
+            reply = client.form("/events", {"token": token, "action": "click", "ts": "2017-08-25T17:09:20Z"})
+            delays.append(time.monotonic() - started)
+            assert reply.status == 200, reply
+        delays.sort()
+        assert delays[98] < 1, delays  # long before the 15 s a worker waited (the bench measures: --only hostile)
+        for status, sock in stalled:  # each was answered from its head, and the ambiguous closed at once
+            answer = sock.recv(65536)
+            assert answer.split(b" ", 2)[1] == status and b"application/json" in answer, (status, answer)
+            if status in (b"400", b"501"):
+                assert sock.recv(65536) == b""
+            # (the others' bodies, should they come, are read and dropped without a worker, as a wrong key's)
+    finally:
+        for _, sock in stalled:
+            sock.close()
+
+
 def vm_kilobytes(pid, field):
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M).group(1))
 
@@ -4156,7 +4215,7 @@ def test_behind_nginx_as_the_readme_sets_it_up_a_clients_own_headers_change_noth
         backend_port = served("--db", db, env=env)[0].port
     else:
         backend_port = free_port()
-        proc = subprocess.Popen(gunicorn_command("-w", "2", "-b", f"127.0.0.1:{backend_port}", "microticks:application"),
+        proc = subprocess.Popen(gunicorn_command("-w", "1", "-b", f"127.0.0.1:{backend_port}", "microticks:application"),
                                 cwd=HERE, env={**os.environ, **env, "MICROTICKS_DB": db}, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         wait_for_port(backend_port, proc)
@@ -4172,8 +4231,8 @@ def test_behind_nginx_as_the_readme_sets_it_up_a_clients_own_headers_change_noth
         start = urllib.parse.urlencode({"consumer_key": own_key, "ts": "2017-08-25T17:09:19Z"})
         assert client.request("POST", "/sessions", start, form).status == 200  # nginx's word on it is taken
         assert stored(db, "SELECT ip FROM sessions") == [("127.0.0.2",)]
-        # One address, one bucket (a burst of 4 s x 5 a second), whatever it claims to be.
-        claims = [{"Forwarded": f"for=10.1.2.{n}", "X-Forwarded-For": f"10.1.3.{n}"} for n in range(40)]
+        # One address, one bucket (a burst of 4 s x 5 a second, per process), whatever it claims to be.
+        claims = [{"Forwarded": f"for=10.1.2.{n}", "X-Forwarded-For": f"10.1.3.{n}"} for n in range(60)]
         statuses = [client.request("GET", "/consumers", headers=claim).status for claim in claims]
         assert statuses.count(429) >= 10, statuses
         time.sleep(4.5)  # the bucket fills again
