@@ -412,6 +412,10 @@ class MicroticksError(bottle.HTTPError):
         return error_fields(self.status_code, self.message, self.errors)
 
 
+class ClientGone(Exception):
+    """Work stopped because nobody waits for its answer any more."""
+
+
 class WrongKey(MicroticksError):
     """A key that matches none (an API or consumer key): what guessing
     gets. Counted per client address; see Service.wrong_key."""
@@ -2012,6 +2016,14 @@ def _room_for_stats(conn, data_key, bin_size):
         "SELECT EXISTS (SELECT 1 FROM stats_kinds WHERE data_key = ? AND bin = ?)"
         " OR (SELECT count(*) FROM stats_kinds WHERE NOT (data_key = ? AND bin = ?)) < ?",
         (*kind, *default, MAX_KEPT_STATS_KINDS)).fetchone()[0])
+
+
+def figures_kept(conn, data_key, bin_size):
+    """Whether figures for this data key and bin are kept (or, the
+    default's, meant to be): else a /stats of them reads every event of its
+    sessions, and keeps them if there is room (_may_keep_stats)."""
+    return (data_key, bin_size) == (DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN) or bool(conn.execute(
+        "SELECT 1 FROM stats_kinds WHERE data_key = ? AND bin = ?", (data_key, bin_size)).fetchone())
 
 
 def _may_keep_stats(conn, data_key, bin_size):
@@ -3880,7 +3892,11 @@ def prometheus_metrics(status, counters):
                             ("events_duplicate", "Events answered as duplicates (retries) by this process."),
                             ("requests_refused", "Requests answered 4xx by this process."),
                             ("database_errors", "Requests answered 503 by this process (database busy, full"
-                                                " or unwritable).")]:
+                                                " or unwritable, or busy with expensive reads)."),
+                            ("reads_shared", "Statistics or comparisons answered with the work of an identical"
+                                             " request under way at the same time."),
+                            ("reads_refused", "Statistics or comparisons answered 503 while as many as this"
+                                              " process takes at once were under way.")]:
         metric(f"{name}_total", "counter", help_text, [(this_process, counters[name])])
     metric("lock_waits_total", "counter", "Write transactions of this process that waited for another"
            " writer's turn (a thread of this process or another process).",
@@ -4003,6 +4019,70 @@ class KeyFailures:
 
 #: Seconds /health answers 503 after a write failed, unless one works before.
 WRITE_FAILURE_SHOWN = 60
+#: The WSGI environ key under which the built-in server gives the app a
+#: function telling whether the request's client has gone (closed its
+#: connection): expensive work for it then stops (SharedReads). Other
+#: servers give none, and work runs to its end.
+CLIENT_GONE = "microticks.client_gone"
+
+
+class SharedReads:
+    """Expensive reads (statistics, comparisons, sessions with their paths)
+    kept from starving cheap ones (ingest, /health), per process:
+
+    - identical requests at once are computed once, their answer shared;
+    - at most `limit` are under way (computed or awaited), the others
+      answered 503 with Retry-After, so that some of the server's workers
+      are always free for the kiosks;
+    - figures never kept before (a new data key or bin, which read every
+      event) are computed for one request at a time (new_figures);
+    - work whose clients have all gone stops at its next step (`wanted`)."""
+
+    def __init__(self, limit, counters):
+        self.lock = threading.Lock()
+        self.under_way = {}  # request key -> its flight
+        self.slots = threading.BoundedSemaphore(limit)
+        self.new_figures = threading.Lock()
+        self.counters = counters  # reads_shared, reads_refused: for /metrics
+
+    def answer(self, key, compute, wanted):
+        """compute(still_wanted)'s answer for the request `key`, or another's
+        computing it at the same time; `wanted()` says whether this request's
+        client still waits."""
+        if not self.slots.acquire(blocking=False):
+            self.counters["reads_refused"] += 1
+            raise MicroticksError(HTTPStatus.SERVICE_UNAVAILABLE, "The server is busy with other statistics or"
+                                  " comparisons; try again in a moment", headers={"Retry-After": "2"})
+        try:
+            while True:
+                with self.lock:
+                    flight = self.under_way.get(key)
+                    leading = flight is None
+                    if leading:
+                        flight = self.under_way[key] = {"done": threading.Event(), "answer": None, "waiting": 0}
+                    else:
+                        flight["waiting"] += 1
+                if leading:
+                    try:
+                        flight["answer"] = compute(lambda: flight["waiting"] > 0 or wanted())
+                        return flight["answer"]
+                    finally:
+                        with self.lock:
+                            del self.under_way[key]
+                        flight["done"].set()
+                try:
+                    while not flight["done"].wait(0.25):
+                        if not wanted():
+                            raise ClientGone
+                finally:
+                    with self.lock:
+                        flight["waiting"] -= 1
+                if flight["answer"] is not None:
+                    self.counters["reads_shared"] += 1
+                    return flight["answer"]
+                # It failed, or stopped: this request computes its own (an error is not shared).
+        finally:
+            self.slots.release()
 
 # nosniff: a browser takes a JSON or CSV answer for nothing else (an event's
 # text, shown as HTML, would be a way in for script).
@@ -4027,7 +4107,9 @@ class Service:
         self.write_failure = None
         #: This process's counters for /metrics (each worker process counts its own).
         self.counters = {"events_stored": 0, "events_refused": 0, "events_duplicate": 0, "requests_refused": 0,
-                         "database_errors": 0}
+                         "database_errors": 0, "reads_shared": 0, "reads_refused": 0}
+        #: Half the built-in server's workers at most for expensive reads.
+        self.reads = SharedReads(max(1, settings.threads // 2), self.counters)
         # Allowing any origin, every answer has the same headers: built once.
         self.any_origin = ({**cors_headers(settings, None), **FIXED_HEADERS} if "*" in settings.cors_origins
                            else None)
@@ -4076,6 +4158,44 @@ class Service:
         self.counters["events_duplicate"] += duplicate
         self.counters["events_stored"] += len(results) - refused - duplicate
         return results
+
+    def expensive_read(self, compute, kinds=()):
+        """compute(connection) for this request as SharedReads bounds it;
+        `kinds`: the (data key, bin) pairs whose figures it reads, any of
+        which, never kept before, makes it wait for no other such work."""
+        request = bottle.request
+        key = (request.path, tuple(sorted((name, value) for name, value in query_params(request).items()
+                                          if name != "key")))
+        client_gone = request.environ.get(CLIENT_GONE)
+        return self.reads.answer(key, lambda still_wanted: self._computed(compute, kinds, still_wanted),
+                                 (lambda: not client_gone()) if client_gone else (lambda: True))
+
+    def _computed(self, compute, kinds, still_wanted):
+        conn = self.connection()
+        new = any(not figures_kept(conn, *kind) for kind in kinds)
+        if new and not self.reads.new_figures.acquire(blocking=False):
+            raise MicroticksError(HTTPStatus.SERVICE_UNAVAILABLE, "Another request is computing figures of a data"
+                                  " key or bin never asked for before, which reads every event: try again in a"
+                                  " minute", headers={"Retry-After": "10"})
+        checked = time.monotonic()
+
+        def stop_unless_wanted():  # SQLite calls it as it works: a true answer interrupts the statement
+            nonlocal checked
+            if time.monotonic() - checked < 0.1:
+                return 0
+            checked = time.monotonic()
+            return 0 if still_wanted() else 1
+        conn.set_progress_handler(stop_unless_wanted, 100000)
+        try:
+            return compute(conn)
+        except sqlite3.OperationalError as error:
+            if "interrupt" in str(error) and not still_wanted():
+                raise ClientGone from None
+            raise
+        finally:
+            conn.set_progress_handler(None, 0)
+            if new:
+                self.reads.new_figures.release()
 
     def wrong_key(self, refusal):
         """A WrongKey, counted for the client's address: itself, or beyond
@@ -4143,6 +4263,9 @@ def refuse_failures(callback):
             return answer
         except bottle.HTTPResponse:
             raise
+        except ClientGone:
+            log.info("%s %s: the client went away; its work stopped", bottle.request.method, bottle.request.path)
+            raise MicroticksError(HTTPStatus.SERVICE_UNAVAILABLE, "The client went away") from None
         except sqlite3.Error as error:
             # Not the client's fault, and the operator must hear of it
             # (a full disk, a file that lost its write permission).
@@ -4362,16 +4485,18 @@ def get_session(session_id):
 
 def get_stats():
     own = service()
-    request_stats = clean_stats_query(query_params(bottle.request), own.settings.tz)
+    stats_query = clean_stats_query(query_params(bottle.request), own.settings.tz)
     own.close_idle()
-    return dict(stats_figures(own.connection(), request_stats), status=200)
+    return dict(own.expensive_read(lambda conn: stats_figures(conn, stats_query),
+                                   [(stats_query.data_key, stats_query.bin)]), status=200)
 
 
 def get_compare():
     own = service()
     comparison = clean_compare_query(query_params(bottle.request), own.settings.tz)
     own.close_idle()
-    return dict(compare_figures(own.connection(), comparison), status=200)
+    return dict(own.expensive_read(lambda conn: compare_figures(conn, comparison),
+                                   {(side.data_key, side.bin) for side in comparison}), status=200)
 
 
 def post_annotation():
@@ -5165,10 +5290,15 @@ function figure(name, value) {
   for (const node of document.querySelectorAll(`[data-figure="${name}"]`)) node.textContent = value;
 }
 
-async function api(path, params) {
+async function api(path, params, attempt = 0) {
   const query = new URLSearchParams(Object.entries(params || {}).filter(([, v]) => v !== "" && v !== undefined));
   const response = await fetch(`${BASE}${path}?${query}`, {headers: key ? {"X-Microticks-Key": key} : {}, cache: "no-store"});
   if (response.status === 401) { askForKey(Boolean(key)); throw new Error("The API key is needed"); }
+  if (response.status === 503 && attempt < 6) {  // busy with other statistics: as the server says, a little later
+    const seconds = Math.min(10, Number(response.headers.get("Retry-After")) || 2);
+    await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+    return api(path, params, attempt + 1);
+  }
   const body = await response.json();
   if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
   return body;
@@ -6076,6 +6206,7 @@ class ConnectionHandler(WSGIRequestHandler):
         body = _BodyReader(self.rfile, length)
         environ = self.get_environ()
         environ["wsgi.input"] = body
+        environ[CLIENT_GONE] = self.client_gone
         handler = _ResponseWriter(body, self.wfile, self.get_stderr(), environ, multithread=True)
         handler.request_handler = self
         handler.run(self.server.get_app())
@@ -6129,6 +6260,19 @@ class ConnectionHandler(WSGIRequestHandler):
         headers = app_headers(origin.group(1).decode("latin-1").strip() if origin else None) if app_headers else {}
         self.rfile._send_now(_closing_answer("408 Request Timeout", [("Content-Type", "application/json"),
                                                                      *headers.items()], body.encode()))
+
+    def client_gone(self):
+        """Whether the client has closed its connection: what it asked for
+        would go nowhere (CLIENT_GONE). A client that sends its next request
+        (pipelined) has not gone; one that only half-closes after its
+        request, waiting for the answer, looks gone (no HTTP client we know
+        of does)."""
+        try:
+            if not select.select([self.connection], [], [], 0)[0]:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def address_string(self):  # no reverse DNS lookup per request
         return self.client_address[0]
