@@ -3,7 +3,7 @@
 
     apt-get install wrk                         # the load generator (once)
     python bench_microticks.py                  # everything (about 6 minutes; 13 with --repeat 3)
-    python bench_microticks.py --only ingest    # one part: ingest, batches, big (with the reads) or hostile
+    python bench_microticks.py --only ingest    # one part: ingest, batches, big (with the reads), hostile or import
 
 Every figure stands beside a baseline measured in the same run, as a ratio,
 so that runs on different machines can be compared:
@@ -29,7 +29,13 @@ so that runs on different machines can be compared:
   key, and to a service with none set: `serve`'s memory at rest, at its
   peak, and how soon after the attack it is under 80 MB; and a normal client's latency beside 64 connections
   that stall (an Expect: 100-continue head without a body, a refused 2 MB
-  body), against its latency alone.
+  body), against its latency alone; beside 64 heads of ambiguous framing
+  (Content-Length twice, Transfer-Encoding beside it) and no body; and a
+  kiosk beside bursts of eight expensive reads (a new data key or bin, a
+  comparison), their connections closed at once.
+- import: `import` of a JSON export (one document) and an NDJSON export of
+  200,000 events, and of files it refuses (a 100 MB line, 100,000-deep
+  nesting): rate and peak memory, beside Python with Bottle.
 
 Peak memory of `serve` is measured in every ingest run, and also where no
 bytecode can be cached (a directory the service cannot write), where every
@@ -740,7 +746,7 @@ def bench_hostile(workdir, results, seconds):
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)
             head = (b"POST /events HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.6.%d.%d\r\n" % (n // 256, n % 256)
                     + (b"Expect: 100-continue\r\nContent-Length: 900\r\n\r\n" if n % 2 else
-                       b"X-Microticks-Key: bench-key\r\nContent-Length: 2000000\r\n\r\nx"))
+                       b"X-Microticks-Key: bench-key-0123456789abc\r\nContent-Length: 2000000\r\n\r\nx"))
             sock.sendall(head)
             stalled.append(closing.enter_context(sock))
         beside = normal_latencies(port, token)
@@ -750,7 +756,94 @@ def bench_hostile(workdir, results, seconds):
            "p99_ratio": round(beside[197] / alone[197], 2), "aim": "p99 under 1 s"}
     print_row(row)
     results.setdefault("hostile", {})["stalls"] = row
+    bench_ambiguous_framing(workdir, results)
+    bench_expensive_bursts(workdir, results)
     bench_huge_open_session(workdir, results)
+
+
+AMBIGUOUS_HEADS = [b"Content-Length: 900\r\nContent-Length: 900\r\n\r\n",
+                   b"Transfer-Encoding: identity\r\nContent-Length: 900\r\n\r\n",
+                   b"Transfer-Encoding: gzip\r\n\r\n"]
+
+
+def bench_ambiguous_framing(workdir, results):
+    """64 connections whose heads announce a body that never comes, by
+    ambiguous framing (Content-Length twice, Transfer-Encoding beside it),
+    beside a normal client: its latency, against its latency alone."""
+    import socket
+    db = workdir / "framing.db"
+    command, server_env, cwd = servers(workdir, "serve", "microticks", db)
+    token = microticks_db(db)
+    with Process(command, server_env, cwd) as server, contextlib.ExitStack() as closing:
+        alone = normal_latencies(server.port, token)
+        for n in range(64):
+            sock = closing.enter_context(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+            sock.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\n" + AMBIGUOUS_HEADS[n % len(AMBIGUOUS_HEADS)])
+        beside = normal_latencies(server.port, token)
+    row = {"normal_client": "beside 64 heads of ambiguous framing and no body",
+           "alone_p99_ms": round(alone[197] * 1000, 2), "beside_p50_ms": round(beside[100] * 1000, 2),
+           "beside_p99_ms": round(beside[197] * 1000, 2), "p99_ratio": round(beside[197] / alone[197], 2),
+           "aim": "p99 under 100 ms"}
+    print_row(row)
+    results.setdefault("hostile", {})["ambiguous framing"] = row
+
+
+def bench_expensive_bursts(workdir, results, sessions=20_000, events_per_session=25):
+    """Bursts of eight expensive requests at once (a new data key, a new
+    bin, a comparison of everything with a new data key; their connections
+    closed at once), as one keyed client can send them, on a database of
+    half a million events, beside a kiosk posting an event and asking
+    /health every 50 ms: the kiosk's latency, against its latency alone."""
+    import socket
+    import threading
+    db = workdir / "bursts.db"
+    token = microticks_db(db)
+    conn = microticks.connect(str(db))
+    with conn:  # as the test suite's fill_database, larger
+        consumer = conn.execute("SELECT min(id) FROM consumers").fetchone()[0]
+        conn.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+                     " INSERT INTO sessions (token, ip, started_at, stopped_at, consumer_id, started_utc, stopped_utc,"
+                     " stop_reason) SELECT lower(hex(randomblob(16))), '', t, t, ?, t, t, 'client' FROM"
+                     " (SELECT strftime('%Y-%m-%dT%H:%M:%S.000Z', '2017-05-22', '+' || i || ' minutes') AS t FROM n)",
+                     (sessions, consumer))
+        conn.execute("WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ? - 1)"
+                     " INSERT INTO events (session_id, time, time_utc, action, data)"
+                     " SELECT s.id, s.started_utc, s.started_utc, 'click', json_object('subject', 's' || (n.i % 7),"
+                     " 'clickX', (n.i * 37) % 1000, 'clickY', (n.i * 53) % 700, 'other', 'o' || (n.i % 5))"
+                     " FROM sessions s CROSS JOIN n WHERE s.stopped_at IS NOT NULL", (events_per_session,))
+    conn.close()
+    command, server_env, cwd = servers(workdir, "serve", "microticks", db)
+    with Process(command, server_env, cwd) as server:
+        timed_get(server.url + "/stats")  # the default figures kept, as a running service has them
+        alone = normal_latencies(server.port, token)
+        stop, beside = threading.Event(), []
+
+        def kiosk():
+            while not stop.is_set():
+                beside.extend(normal_latencies(server.port, token, n=5))
+                beside.append(timed_get(server.url + "/health")[1])
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=kiosk)
+        watcher.start()
+        started = time.perf_counter()
+        for query in ("/stats?data_key=other", "/stats?bin=7", "/compare?a.from=2017-05-22&b.from=2017-06-22"
+                                                               "&data_key=other2"):
+            for _ in range(8):
+                with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                    sock.sendall(f"GET {query} HTTP/1.1\r\nHost: x\r\nX-Microticks-Key: bench-key-0123456789abc"
+                                 "\r\n\r\n".encode())
+            time.sleep(3)
+        stop.set()
+        watcher.join()
+        seconds = time.perf_counter() - started
+    beside.sort()
+    row = {"kiosk": f"beside 3 bursts of 8 abandoned expensive reads, {sessions * events_per_session:,} events",
+           "alone_p99_ms": round(alone[197] * 1000, 2), "beside_p50_ms": round(beside[len(beside) // 2] * 1000, 2),
+           "beside_p99_ms": round(beside[int(len(beside) * 0.99)] * 1000, 2), "beside_max_ms":
+           round(beside[-1] * 1000, 2), "seconds": round(seconds, 1), "aim": "p99 under 1 s"}
+    print_row(row)
+    results.setdefault("hostile", {})["expensive bursts"] = row
 
 
 def bench_huge_open_session(workdir, results, events=200_000):
@@ -795,6 +888,48 @@ def bench_huge_open_session(workdir, results, events=200_000):
     results.setdefault("hostile", {})["huge open session"] = row
 
 
+def peak_of(command):
+    """Run `command`; returns (seconds, its peak resident memory in MB, exit code)."""
+    measure = ("import resource, subprocess, sys, time; started = time.perf_counter();"
+               " code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode;"
+               " print(time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)")
+    seconds, kilobytes, code = subprocess.run([sys.executable, "-c", measure, *command], capture_output=True,
+                                              text=True, check=True).stdout.split()
+    return float(seconds), int(kilobytes) / 1024, int(code)
+
+
+def bench_import(workdir, results, seconds, events=200_000):
+    """`import` of a first Microticks' JSON export (one document) and of an
+    NDJSON export of `events` events: its rate and peak memory; and of
+    files that used to take it all (a 100 MB line, 100,000-deep nesting),
+    which it refuses: its peak memory then. Beside them, Python's own
+    start with Bottle (the floor)."""
+    week = sample_week()
+    records = [dict(event, id=n + 1, session_id=event["session_id"] + 1000 * (n // len(week)))
+               for n, event in zip(range(events), itertools.cycle(week))]
+    document, lines = workdir / "export.json", workdir / "export.ndjson"
+    with open(document, "w") as stream:
+        stream.write('{"events": [')
+        stream.write(", ".join(json.dumps(record) for record in records))
+        stream.write(f'], "count": {events}}}')
+    with open(lines, "w") as stream:
+        stream.writelines(json.dumps(record) + "\n" for record in records)
+    long_line, deep = workdir / "long-line.ndjson", workdir / "deep.json"
+    with open(long_line, "w") as stream:
+        stream.write(json.dumps(records[0]) + "\n" + '{"id": 2, "data": "' + "x" * (100 << 20) + '"}\n')
+    deep.write_text('{"events": [' + "[" * 100_000 + "]" * 100_000 + "]}")
+    floor = peak_of([sys.executable, "-c", "import bottle"])[1]
+    for label, path in (("JSON export", document), ("NDJSON export", lines), ("a 100 MB line", long_line),
+                        ("100,000-deep nesting", deep)):
+        db = workdir / f"import-{path.stem}.db"
+        took, peak, code = peak_of([sys.executable, str(HERE / "microticks.py"), "import", str(path), "--db", str(db)])
+        row = {"import": label, "file_mb": round(path.stat().st_size / 1e6, 1), "exit": code,
+               "events_per_s": round(events / took) if code == 0 else None, "seconds": round(took, 2),
+               "peak_mb": round(peak, 1), "python_with_bottle_mb": round(floor, 1), "aim": "under 100 MB, any input"}
+        print_row(row)
+        results.setdefault("import", {})[label] = row
+
+
 def cpu_times():
     """(stolen, total) CPU time so far, from /proc/stat (zeros elsewhere). On
     a VM, time the hypervisor gave to other guests ("steal") slows every
@@ -811,7 +946,8 @@ def print_row(row):
     print("  " + ", ".join(f"{k}={v}" for k, v in row.items() if v is not None), flush=True)
 
 
-PARTS = {"ingest": bench_ingest, "batches": bench_batches, "big": bench_big, "hostile": bench_hostile}
+PARTS = {"ingest": bench_ingest, "batches": bench_batches, "big": bench_big, "hostile": bench_hostile,
+         "import": bench_import}
 
 
 def main():

@@ -6959,6 +6959,8 @@ class JsonPieces:
 
     def peek(self):
         """The next character that is not white space ('' at the end)."""
+        if self.at < len(self.text) and self.text[self.at] not in " \t\n\r":
+            return self.text[self.at]
         while True:
             self.at = _JSON_SPACE.match(self.text, self.at).end()
             if self.at < len(self.text) or not self._more():
@@ -6979,7 +6981,7 @@ class JsonPieces:
         while True:
             start = self.at
             try:
-                value, end = _CHECKING_JSON.raw_decode(self.text, start)
+                value, end = _STRICT_JSON.raw_decode(self.text, start)
                 if end < len(self.text) or self.ended:
                     self.at = end
                     break
@@ -6992,7 +6994,8 @@ class JsonPieces:
                 raise MicroticksError(400, f"{self.name}: the value at {self.where()} is longer than {self.limit:,} bytes"
                                            " (an event is under 70 KiB): nothing was imported")
             self._more()
-        return checked_json(self.text[start:end], value, max_depth)
+        text = self.text[start:end]
+        return checked_json(text, parse_json(text, None) if may_hold_long_integers(text) else value, max_depth)
 
 
 def read_export_file(stream, name, expected_events=None):
