@@ -333,6 +333,23 @@ def proxies_setting(text, warnings):
     return tuple(p for p in proxies if p)
 
 
+def clean_consumer_name(text):
+    """A consumer's name as an operator gives it (it shows in the dashboard,
+    exports and /metrics): 1 to MAX_CONSUMER_NAME_CHARS printable characters."""
+    name = text.strip()
+    if not name or len(name) > MAX_CONSUMER_NAME_CHARS or not name.isprintable():
+        raise ValueError(f"{text[:120]!r} is not a name of 1 to {MAX_CONSUMER_NAME_CHARS} printable characters")
+    return name
+
+
+def clean_site_name(text):
+    """A site's name (MICROTICKS_SITE, import --site): as a consumer's."""
+    try:
+        return clean_consumer_name(text)
+    except ValueError as error:
+        raise ValueError(str(error).replace("is not a name", "is not a site name")) from None
+
+
 def site_setting(name, warnings):
     if not name.strip():
         return DEFAULT_SITE
@@ -341,6 +358,23 @@ def site_setting(name, warnings):
     except ValueError as error:
         warnings.append(f"MICROTICKS_SITE: {error}; using {DEFAULT_SITE!r}")
         return DEFAULT_SITE
+
+
+@lru_cache(maxsize=32)
+def load_timezone(name):
+    """The zone called `name` (an IANA name like Europe/Berlin), or the
+    server's own zone for ''. ValueError for an unknown name."""
+    if name:
+        try:
+            return zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {name!r}; use a name like Europe/Berlin or UTC") from None
+    # The system's zone by name, so that daylight saving time is right.
+    link = os.path.realpath("/etc/localtime")
+    if "zoneinfo/" in link:
+        with contextlib.suppress(zoneinfo.ZoneInfoNotFoundError, ValueError):
+            return zoneinfo.ZoneInfo(link.split("zoneinfo/", 1)[1])
+    return datetime.now().astimezone().tzinfo
 
 
 def timezone_setting(name, warnings):
@@ -421,6 +455,38 @@ class WrongKey(MicroticksError):
     gets. Counted per client address; see Service.wrong_key."""
 
 
+def _compact_json_encoder(ensure_ascii=False, allow_nan=False):
+    """A function encoding JSON values as compact text. JSONEncoder.encode
+    builds its C encoder anew on every call, half the cost of encoding one
+    event's data; this builds it once (json's own C encoder, where the
+    Python build has it and takes these arguments)."""
+    encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, allow_nan=allow_nan, separators=(",", ":"))
+    try:
+        from json.encoder import c_make_encoder, encode_basestring, encode_basestring_ascii
+        # markers=None: parsed JSON and our answers hold no cycles to look for.
+        make = c_make_encoder(None, encoder.default, encode_basestring_ascii if ensure_ascii else encode_basestring,
+                              None, ":", ",", False, False, allow_nan)
+        fast = lambda value: "".join(make(value, 0))  # noqa: E731
+        if fast({"a": [1, 2.5, None, True, "é"]}) == encoder.encode({"a": [1, 2.5, None, True, "é"]}):
+            return fast
+    except (ImportError, TypeError):
+        pass
+    return encoder.encode
+
+
+#: JSON answers: as json.dumps writes them (ASCII only; NaN written, not refused), without its spaces.
+_answer_json = _compact_json_encoder(ensure_ascii=True, allow_nan=True)
+
+
+STATUS_MESSAGES = {
+    400: "Bad request",
+    404: "No such endpoint",
+    405: "Method not allowed",
+    413: f"Request body too large: at most {MAX_BODY_BYTES} bytes",
+    500: "Internal server error: the administrator will find the details in the server's log",
+}
+
+
 def error_fields(status, message, errors=None):
     """What every error answer holds, the app's and the built-in server's own
     (a request it cannot parse, or that did not arrive whole): its message,
@@ -439,6 +505,178 @@ def error_json(status, message, errors=None):
 ###############################################################################
 # Database ####################################################################
 ###############################################################################
+
+# -- Writer turns and transactions --------------------------------------------
+
+#: Seconds a connection waits for another writer before giving up (503).
+BUSY_TIMEOUT = 10.0
+
+
+class WriterTurns:
+    """The writers of one database file, in turns before SQLite's write lock.
+
+    Threads of this process queue on a lock; processes (gunicorn and mod_wsgi
+    workers, CGI requests, the command line) on an flock of a file beside the
+    database. Left to SQLite's lock alone, a writer that finds it taken sleeps
+    1, 2, 5, 10... ms whatever happens meanwhile: among 8 threads that cost
+    a third of the throughput and most of the p99 latency, between two
+    gunicorn workers a quarter of the throughput. The kernel wakes a process
+    waiting for an flock as soon as it is free. The wait is bounded as
+    SQLite's is: a writer stopped mid-transaction (Ctrl+Z on an import)
+    costs the others "database is locked" (503) after BUSY_TIMEOUT, not a hang."""
+
+    def __init__(self, database_path):
+        self.threads = threading.RLock()
+        self.database_path = database_path  # None: no file lock (a database in memory, or no flock here)
+        self.lock_file = None               # its descriptor once opened; -1 when it cannot be
+        self.depth = 0                      # nested turns of the thread holding this one
+        #: A thread of ours blocked in flock, at most one: it hands the lock to
+        #: whoever waits for it then, or lets it go when they gave up.
+        self.handover = threading.Condition()
+        self.flock_waiter = None
+        self.wanted = self.granted = False
+
+    def acquire(self, deadline=None):
+        """Wait for this process's turn, then for the file's, until `deadline`
+        (time.monotonic(); by default BUSY_TIMEOUT from now)."""
+        # One bound for the whole wait: behind a thread that waits for another
+        # process, the threads queued here would otherwise wait a timeout each.
+        if deadline is None:
+            deadline = time.monotonic() + BUSY_TIMEOUT
+        if not self.threads.acquire(blocking=False):
+            LOCK_WAITS[0] += 1  # another thread of this process is writing: wait our turn
+            if not self.threads.acquire(timeout=max(0, deadline - time.monotonic())):
+                raise sqlite3.OperationalError(f"database is locked: waited {BUSY_TIMEOUT:g} s for another writer")
+        self.depth += 1
+        if self.depth == 1:
+            try:
+                self._lock_file(deadline)
+            except BaseException:
+                self.release()
+                raise
+
+    def release(self):
+        self.depth -= 1
+        if self.depth == 0 and self.lock_file is not None and self.lock_file >= 0:
+            fcntl.flock(self.lock_file, fcntl.LOCK_UN)
+        self.threads.release()
+
+    def _lock_file(self, deadline):
+        if self.database_path is None:
+            return
+        if self.lock_file is None:
+            try:
+                self.lock_file = _open_lock_file(self.database_path)
+            except OSError as error:
+                log.warning("cannot open %s-lock (%s): writers of several processes will wait longer",
+                            self.database_path, error)
+                self.lock_file = -1
+        if self.lock_file < 0:
+            return
+        with self.handover:
+            if self.flock_waiter is None:
+                try:
+                    fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    LOCK_WAITS[0] += 1  # another process is writing
+                    self.flock_waiter = threading.Thread(target=self._wait_for_file, daemon=True,
+                                                         name="microticks lock file waiter")
+                    self.flock_waiter.start()
+            self.wanted = True
+            granted = self.handover.wait_for(lambda: self.granted, deadline - time.monotonic())
+            self.wanted = self.granted = False
+        if not granted:
+            raise sqlite3.OperationalError(f"database is locked: waited {BUSY_TIMEOUT:g} s for another"
+                                           " process's writer")
+
+    def _wait_for_file(self):
+        fcntl.flock(self.lock_file, fcntl.LOCK_EX)
+        with self.handover:
+            self.flock_waiter = None
+            if self.wanted:
+                self.granted = True
+                self.handover.notify()
+            else:
+                fcntl.flock(self.lock_file, fcntl.LOCK_UN)
+
+
+def _open_lock_file(database_path):
+    """The lock file beside a database, opened read-only (an flock needs no
+    more, whoever made the file)."""
+    return open_beside_database(database_path, "-lock", os.O_RDONLY)
+
+
+def open_beside_database(database_path, suffix, flags):
+    """A file of ours beside a database. A new one is made as SQLite makes
+    its -wal and -shm files: with the database's permissions, whatever the
+    umask, and by root with the database's owner, so that the service's
+    user can use a file the command line made."""
+    try:
+        return os.open(database_path + suffix, flags)
+    except FileNotFoundError:
+        pass
+    made = os.open(database_path + suffix, flags | os.O_CREAT, 0o644)
+    try:
+        database = os.stat(database_path)
+        os.fchmod(made, database.st_mode & 0o666)
+        if os.geteuid() == 0:
+            os.fchown(made, database.st_uid, database.st_gid)
+    except OSError:  # not ours to change (another user made it meanwhile), or no database yet
+        pass
+    return made
+
+
+#: One WriterTurns per database file and process.
+_WRITER_TURNS = {}
+
+
+#: How often a writer had to wait for another's turn (for /metrics).
+LOCK_WAITS = [0]
+
+
+def _writer_turns(path):
+    in_memory = path == ":memory:"
+    path = path if in_memory else os.path.abspath(path)
+    turns = _WRITER_TURNS.get(path)
+    if turns is None:
+        turns = _WRITER_TURNS.setdefault(path, WriterTurns(None if in_memory or not fcntl else path))
+    return turns
+
+
+class ReadOnlyDatabase(sqlite3.OperationalError):
+    """A write asked of a database this process may only read."""
+
+
+@contextlib.contextmanager
+def write_transaction(conn, deadline=None):
+    """A transaction that holds the write lock from its first statement,
+    begun in the writers' turn (WriterTurns; waited for until `deadline`)."""
+    if conn.read_only:
+        raise ReadOnlyDatabase(f"cannot be written: {conn.read_only}")
+    turns = conn.writer_turns
+    if turns is not None:
+        turns.acquire(deadline)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        if turns is not None:
+            turns.release()
+
+
+if hasattr(os, "register_at_fork"):
+    # A forked worker takes its own turns: a lock file opened before the fork
+    # would be shared with the parent (an flock belongs to the open file), and
+    # a thread waiting for it does not exist in the child.
+    os.register_at_fork(after_in_child=_WRITER_TURNS.clear)
+
 
 # -- Schema and migrations ----------------------------------------------------
 
@@ -679,23 +917,6 @@ def _utc_or_none(text):
         return None
 
 
-@lru_cache(maxsize=32)
-def load_timezone(name):
-    """The zone called `name` (an IANA name like Europe/Berlin), or the
-    server's own zone for ''. ValueError for an unknown name."""
-    if name:
-        try:
-            return zoneinfo.ZoneInfo(name)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {name!r}; use a name like Europe/Berlin or UTC") from None
-    # The system's zone by name, so that daylight saving time is right.
-    link = os.path.realpath("/etc/localtime")
-    if "zoneinfo/" in link:
-        with contextlib.suppress(zoneinfo.ZoneInfoNotFoundError, ValueError):
-            return zoneinfo.ZoneInfo(link.split("zoneinfo/", 1)[1])
-    return datetime.now().astimezone().tzinfo
-
-
 _ISO_TIME = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d)(?::(\d\d)(?:[.,](\d{1,9}))?)?"
     r"(Z|[+-]\d\d(?::?\d\d)?)", re.IGNORECASE | re.ASCII)
@@ -778,14 +999,7 @@ def kept_address(ip, mode):
     return str(ipaddress.ip_network(f"{address}/{24 if address.version == 4 else 48}", strict=False))
 
 
-# -- Connections and writer turns ---------------------------------------------
-
-#: Seconds a connection waits for another writer before giving up (503).
-BUSY_TIMEOUT = 10.0
-
-
-class ReadOnlyDatabase(sqlite3.OperationalError):
-    """A write asked of a database this process may only read."""
+# -- Connections --------------------------------------------------------------
 
 
 def connect(path, site=None):
@@ -918,143 +1132,6 @@ class _Connection(sqlite3.Connection):
     read_only = None
 
 
-class WriterTurns:
-    """The writers of one database file, in turns before SQLite's write lock.
-
-    Threads of this process queue on a lock; processes (gunicorn and mod_wsgi
-    workers, CGI requests, the command line) on an flock of a file beside the
-    database. Left to SQLite's lock alone, a writer that finds it taken sleeps
-    1, 2, 5, 10... ms whatever happens meanwhile: among 8 threads that cost
-    a third of the throughput and most of the p99 latency, between two
-    gunicorn workers a quarter of the throughput. The kernel wakes a process
-    waiting for an flock as soon as it is free. The wait is bounded as
-    SQLite's is: a writer stopped mid-transaction (Ctrl+Z on an import)
-    costs the others "database is locked" (503) after BUSY_TIMEOUT, not a hang."""
-
-    def __init__(self, database_path):
-        self.threads = threading.RLock()
-        self.database_path = database_path  # None: no file lock (a database in memory, or no flock here)
-        self.lock_file = None               # its descriptor once opened; -1 when it cannot be
-        self.depth = 0                      # nested turns of the thread holding this one
-        #: A thread of ours blocked in flock, at most one: it hands the lock to
-        #: whoever waits for it then, or lets it go when they gave up.
-        self.handover = threading.Condition()
-        self.flock_waiter = None
-        self.wanted = self.granted = False
-
-    def acquire(self, deadline=None):
-        """Wait for this process's turn, then for the file's, until `deadline`
-        (time.monotonic(); by default BUSY_TIMEOUT from now)."""
-        # One bound for the whole wait: behind a thread that waits for another
-        # process, the threads queued here would otherwise wait a timeout each.
-        if deadline is None:
-            deadline = time.monotonic() + BUSY_TIMEOUT
-        if not self.threads.acquire(blocking=False):
-            LOCK_WAITS[0] += 1  # another thread of this process is writing: wait our turn
-            if not self.threads.acquire(timeout=max(0, deadline - time.monotonic())):
-                raise sqlite3.OperationalError(f"database is locked: waited {BUSY_TIMEOUT:g} s for another writer")
-        self.depth += 1
-        if self.depth == 1:
-            try:
-                self._lock_file(deadline)
-            except BaseException:
-                self.release()
-                raise
-
-    def release(self):
-        self.depth -= 1
-        if self.depth == 0 and self.lock_file is not None and self.lock_file >= 0:
-            fcntl.flock(self.lock_file, fcntl.LOCK_UN)
-        self.threads.release()
-
-    def _lock_file(self, deadline):
-        if self.database_path is None:
-            return
-        if self.lock_file is None:
-            try:
-                self.lock_file = _open_lock_file(self.database_path)
-            except OSError as error:
-                log.warning("cannot open %s-lock (%s): writers of several processes will wait longer",
-                            self.database_path, error)
-                self.lock_file = -1
-        if self.lock_file < 0:
-            return
-        with self.handover:
-            if self.flock_waiter is None:
-                try:
-                    fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return
-                except BlockingIOError:
-                    LOCK_WAITS[0] += 1  # another process is writing
-                    self.flock_waiter = threading.Thread(target=self._wait_for_file, daemon=True,
-                                                         name="microticks lock file waiter")
-                    self.flock_waiter.start()
-            self.wanted = True
-            granted = self.handover.wait_for(lambda: self.granted, deadline - time.monotonic())
-            self.wanted = self.granted = False
-        if not granted:
-            raise sqlite3.OperationalError(f"database is locked: waited {BUSY_TIMEOUT:g} s for another"
-                                           " process's writer")
-
-    def _wait_for_file(self):
-        fcntl.flock(self.lock_file, fcntl.LOCK_EX)
-        with self.handover:
-            self.flock_waiter = None
-            if self.wanted:
-                self.granted = True
-                self.handover.notify()
-            else:
-                fcntl.flock(self.lock_file, fcntl.LOCK_UN)
-
-
-def _open_lock_file(database_path):
-    """The lock file beside a database, opened read-only (an flock needs no
-    more, whoever made the file)."""
-    return open_beside_database(database_path, "-lock", os.O_RDONLY)
-
-
-def open_beside_database(database_path, suffix, flags):
-    """A file of ours beside a database. A new one is made as SQLite makes
-    its -wal and -shm files: with the database's permissions, whatever the
-    umask, and by root with the database's owner, so that the service's
-    user can use a file the command line made."""
-    try:
-        return os.open(database_path + suffix, flags)
-    except FileNotFoundError:
-        pass
-    made = os.open(database_path + suffix, flags | os.O_CREAT, 0o644)
-    try:
-        database = os.stat(database_path)
-        os.fchmod(made, database.st_mode & 0o666)
-        if os.geteuid() == 0:
-            os.fchown(made, database.st_uid, database.st_gid)
-    except OSError:  # not ours to change (another user made it meanwhile), or no database yet
-        pass
-    return made
-
-
-#: One WriterTurns per database file and process.
-_WRITER_TURNS = {}
-#: How often a writer had to wait for another's turn (for /metrics).
-LOCK_WAITS = [0]
-
-
-def _writer_turns(path):
-    in_memory = path == ":memory:"
-    path = path if in_memory else os.path.abspath(path)
-    turns = _WRITER_TURNS.get(path)
-    if turns is None:
-        turns = _WRITER_TURNS.setdefault(path, WriterTurns(None if in_memory or not fcntl else path))
-    return turns
-
-
-if hasattr(os, "register_at_fork"):
-    # A forked worker takes its own turns: a lock file opened before the fork
-    # would be shared with the parent (an flock belongs to the open file), and
-    # a thread waiting for it does not exist in the child.
-    os.register_at_fork(after_in_child=_WRITER_TURNS.clear)
-
-
 def _use_wal(conn):
     """Switch the file to WAL (it stays so). The switch needs the file to
     itself and SQLite does not wait for that, so two processes opening a
@@ -1072,61 +1149,6 @@ def _use_wal(conn):
             log.warning("the database cannot use WAL (journal mode stays %s): "
                         "concurrent writers will wait longer", mode)
         return
-
-
-@contextlib.contextmanager
-def write_transaction(conn, deadline=None):
-    """A transaction that holds the write lock from its first statement,
-    begun in the writers' turn (WriterTurns; waited for until `deadline`)."""
-    if conn.read_only:
-        raise ReadOnlyDatabase(f"cannot be written: {conn.read_only}")
-    turns = conn.writer_turns
-    if turns is not None:
-        turns.acquire(deadline)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-    finally:
-        if turns is not None:
-            turns.release()
-
-
-class Database:
-    """One SQLite connection per thread (Bottle under gunicorn --threads,
-    mod_wsgi and our own server runs requests on several threads), and one
-    the commit group writes events with, each opened on first use in its
-    process so that none is shared across a fork."""
-
-    def __init__(self, path, site=None):
-        self.path, self.site = path, site
-        self._local = threading.local()
-        #: The events of concurrent requests, committed together.
-        self.commits = CommitGroup()
-        self._writer = None  # (pid, connection): never used across a fork
-
-    def store_events(self, events):
-        return self.commits.store(self.writer_connection, events)
-
-    def writer_connection(self):
-        """The connection the commit group writes events with (one writer at
-        a time uses it): its page cache stays warm from commit to commit,
-        where each thread's own connection rereads the pages another thread's
-        commit changed (half the reads of a batch under 8 clients)."""
-        if self._writer is None or self._writer[0] != os.getpid():
-            self._writer = (os.getpid(), connect(self.path, self.site))
-        return self._writer[1]
-
-    def connection(self):
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = connect(self.path, self.site)
-        return conn
 
 
 #: Less room than this on the database's disk counts as full (/health, and
@@ -1174,6 +1196,17 @@ def check_writable(conn, path):
         raise MicroticksError(503, f"The database cannot be written: {problem}", headers={"Retry-After": "60"})
     with write_transaction(conn):
         pass
+
+
+def shrink_database(conn):
+    """Give the space of deleted rows back to the file system."""
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # incremental
+        conn.execute("PRAGMA incremental_vacuum")
+    else:
+        # Set before the VACUUM that rewrites the file, the mode applies from
+        # then on: a file of the first Microticks is rewritten once.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
 
 
 # -- Consumers, sessions and ingest -------------------------------------------
@@ -1438,6 +1471,45 @@ def store_events(conn, events, deadline=None):
     return results
 
 
+def stop_session(conn, token, ts):
+    """Close a session at the client's time. Stopping a stopped session
+    changes nothing, so that a client may retry; a client's stop replaces
+    the server's provisional one."""
+    with write_transaction(conn):
+        session = _session_for_token(conn, token)
+        if session["final"]:
+            return False
+        conn.execute(
+            "UPDATE sessions SET stopped_at = ?, stopped_utc = ?, stop_received_at = ?,"
+            " stop_reason = 'client' WHERE id = ?",
+            (ts.text, ts.utc, utc_now(), session["id"]))
+    return True
+
+
+# The newest event of a session: its time closes the session; its arrival
+# tells how long the session has been idle.
+_IDLE_SINCE = (f"coalesce({_newest_event('received_at', 'sessions.id')}, sessions.received_at,"
+               f" {_newest_event('time_utc', 'sessions.id')}, sessions.started_utc)")
+
+
+def close_idle_sessions(conn, timeout):
+    """Close the sessions without an event for `timeout` seconds (by the
+    server's clock) at their last event's time, reason 'timeout'. Cheap when
+    there is nothing to close: one read over the open sessions."""
+    if conn.read_only:  # a copy being read: its sessions stay as they were
+        return 0
+    cutoff = format_utc(datetime.now(timezone.utc) - timedelta(seconds=timeout))
+    idle = f"stopped_at IS NULL AND {_IDLE_SINCE} < ?"
+    if conn.execute(f"SELECT 1 FROM sessions WHERE {idle} LIMIT 1", (cutoff,)).fetchone() is None:
+        return 0
+    with write_transaction(conn):
+        return conn.execute(
+            "UPDATE sessions SET"
+            f" stopped_at = coalesce({_newest_event('time', 'sessions.id')}, started_at),"
+            f" stopped_utc = coalesce({_newest_event('time_utc', 'sessions.id')}, started_utc),"
+            f" stop_received_at = ?, stop_reason = 'timeout' WHERE {idle}", (utc_now(), cutoff)).rowcount
+
+
 class CommitGroup:
     """Events that arrive together are stored together: while one thread
     commits, the events of other requests gather, and the next of them to
@@ -1487,100 +1559,36 @@ class CommitGroup:
         return mine["results"]
 
 
-def stop_session(conn, token, ts):
-    """Close a session at the client's time. Stopping a stopped session
-    changes nothing, so that a client may retry; a client's stop replaces
-    the server's provisional one."""
-    with write_transaction(conn):
-        session = _session_for_token(conn, token)
-        if session["final"]:
-            return False
-        conn.execute(
-            "UPDATE sessions SET stopped_at = ?, stopped_utc = ?, stop_received_at = ?,"
-            " stop_reason = 'client' WHERE id = ?",
-            (ts.text, ts.utc, utc_now(), session["id"]))
-    return True
+class Database:
+    """One SQLite connection per thread (Bottle under gunicorn --threads,
+    mod_wsgi and our own server runs requests on several threads), and one
+    the commit group writes events with, each opened on first use in its
+    process so that none is shared across a fork."""
 
+    def __init__(self, path, site=None):
+        self.path, self.site = path, site
+        self._local = threading.local()
+        #: The events of concurrent requests, committed together.
+        self.commits = CommitGroup()
+        self._writer = None  # (pid, connection): never used across a fork
 
-# The newest event of a session: its time closes the session; its arrival
-# tells how long the session has been idle.
-_IDLE_SINCE = (f"coalesce({_newest_event('received_at', 'sessions.id')}, sessions.received_at,"
-               f" {_newest_event('time_utc', 'sessions.id')}, sessions.started_utc)")
+    def store_events(self, events):
+        return self.commits.store(self.writer_connection, events)
 
+    def writer_connection(self):
+        """The connection the commit group writes events with (one writer at
+        a time uses it): its page cache stays warm from commit to commit,
+        where each thread's own connection rereads the pages another thread's
+        commit changed (half the reads of a batch under 8 clients)."""
+        if self._writer is None or self._writer[0] != os.getpid():
+            self._writer = (os.getpid(), connect(self.path, self.site))
+        return self._writer[1]
 
-def close_idle_sessions(conn, timeout):
-    """Close the sessions without an event for `timeout` seconds (by the
-    server's clock) at their last event's time, reason 'timeout'. Cheap when
-    there is nothing to close: one read over the open sessions."""
-    if conn.read_only:  # a copy being read: its sessions stay as they were
-        return 0
-    cutoff = format_utc(datetime.now(timezone.utc) - timedelta(seconds=timeout))
-    idle = f"stopped_at IS NULL AND {_IDLE_SINCE} < ?"
-    if conn.execute(f"SELECT 1 FROM sessions WHERE {idle} LIMIT 1", (cutoff,)).fetchone() is None:
-        return 0
-    with write_transaction(conn):
-        return conn.execute(
-            "UPDATE sessions SET"
-            f" stopped_at = coalesce({_newest_event('time', 'sessions.id')}, started_at),"
-            f" stopped_utc = coalesce({_newest_event('time_utc', 'sessions.id')}, started_utc),"
-            f" stop_received_at = ?, stop_reason = 'timeout' WHERE {idle}", (utc_now(), cutoff)).rowcount
-
-
-# -- Annotations --------------------------------------------------------------
-
-def add_annotation(conn, time, text, consumer_name=None, site=None):
-    """Store what happened at a kiosk at `time` (a Timestamp): a marker on
-    the time charts, for every consumer or one; returns it as listed."""
-    with write_transaction(conn):
-        consumer_id = None
-        if consumer_name:
-            row = conn.execute("SELECT id FROM consumers WHERE name = ?", (consumer_name,)).fetchone()
-            if row is None:
-                message = f'"consumer": no consumer is named {consumer_name!r}'
-                raise MicroticksError(404, message, {"consumer": [message]})
-            consumer_id = row[0]
-        annotation_id = conn.execute(
-            "INSERT INTO annotations (time, time_utc, text, consumer_id, site, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (time.text, time.utc, text, consumer_id, site, utc_now())).lastrowid
-    return read_annotations(conn, annotation_id=annotation_id)[0]
-
-
-def read_annotations(conn, query=None, annotation_id=None):
-    """The annotations in a ReadQuery's time range (from, to, date), in time
-    order; with a consumer (or site) filter, that consumer's and those for
-    every consumer (site)."""
-    sql, params = _annotations_sql(query, annotation_id)
-    return [dict(zip(ANNOTATION_FIELDS, row)) for row in conn.execute(sql, params)]
-
-
-def _annotations_sql(query=None, annotation_id=None):
-    """The SQL and parameters of read_annotations: ANNOTATION_FIELDS, by name."""
-    clauses, params = [], []
-    if annotation_id is not None:
-        clauses.append("a.id = ?")
-        params.append(annotation_id)
-    if query is not None:
-        for clause, value in (("a.time_utc >= ?", query.start_utc), ("a.time_utc < ?", query.end_utc),
-                              ("a.time_utc >= ?", query.date and query.date[0]),
-                              ("a.time_utc < ?", query.date and query.date[1]),
-                              ("(a.consumer_id IS NULL OR a.consumer_id = ?)", query.consumer_id),
-                              ("(a.consumer_id IS NULL OR a.consumer_id IN (SELECT id FROM consumers"
-                               " WHERE name = ?))", query.consumer_name),
-                              ("(a.site IS NULL OR a.site = ?)", query.site)):
-            if value is not None:
-                clauses.append(clause)
-                params.append(value)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    return ("SELECT a.id AS id, a.time AS time, a.time_utc AS time_utc, a.text AS text, a.consumer_id AS consumer_id,"
-            " c.name AS consumer, a.site AS site, a.created_at AS created_at"
-            f" FROM annotations a LEFT JOIN consumers c ON c.id = a.consumer_id{where} ORDER BY a.time_utc, a.id",
-            params)
-
-
-def delete_annotation(conn, annotation_id):
-    """Delete an annotation; whether there was one."""
-    with write_transaction(conn):
-        return conn.execute("DELETE FROM annotations WHERE id = ?", (annotation_id,)).rowcount == 1
+    def connection(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.path, self.site)
+        return conn
 
 
 # -- Reads and exports --------------------------------------------------------
@@ -1608,6 +1616,36 @@ EVENT_COLUMNS = {
 }
 #: The first Microticks' event shape, which analysis scripts read.
 EVENT_DEFAULT_FIELDS = ("id", "session_id", "time", "action", "data")
+
+
+@dataclass(frozen=True)
+class ReadQuery:
+    """A validated read of events or sessions: filters, order and page."""
+    kind: str = "events"
+    start_utc: str = None
+    end_utc: str = None
+    date: tuple = None
+    ip: str = None
+    consumer_id: int = None
+    consumer_name: str = None
+    action: str = None
+    session_id: int = None
+    #: A site's sessions (Settings.site: those collected here).
+    site: str = None
+    after_id: int = None
+    #: Events up to this id only (export --position's snapshot).
+    end_id: int = None
+    #: (column, descending) pairs, most significant first.
+    sort: tuple = (("id", False),)
+    limit: int = DEFAULT_PAGE_LIMIT
+    offset: int = 0
+    format: str = "json"
+    fields: tuple = EVENT_DEFAULT_FIELDS
+    data_keys: tuple = ()
+    #: The data key naming the screen in sessions' path fields.
+    data_key: str = DEFAULT_DATA_KEY
+
+
 EVENT_SORTS = {
     "id": ("e.id",), "session_id": ("e.session_id", "e.id"), "time": ("e.time_utc", "e.id"),
     "time_utc": ("e.time_utc", "e.id"), "received_at": ("e.received_at", "e.id"),
@@ -1819,12 +1857,6 @@ def export_chunks(conn, query):
     return _export_lines(conn, inner, params, columns, names, query.format)
 
 
-def export_annotations(conn, query, output_format):
-    """read_annotations' annotations as CSV or NDJSON text, as exports write it."""
-    inner, params = _annotations_sql(query)
-    return _export_lines(conn, inner, params, ANNOTATION_FIELDS, ANNOTATION_FIELDS, output_format)
-
-
 def _export_lines(conn, inner, params, columns, names, output_format):
     """The rows of the SQL `inner` (its `columns`, named `names` in the file)
     as CSV or NDJSON lines, in chunks. SQLite writes each line: C beats a
@@ -1868,7 +1900,87 @@ def _export_lines(conn, inner, params, columns, names, output_format):
         yield newline.join(row[0] for row in rows) + newline
 
 
+# -- Annotations --------------------------------------------------------------
+
+def add_annotation(conn, time, text, consumer_name=None, site=None):
+    """Store what happened at a kiosk at `time` (a Timestamp): a marker on
+    the time charts, for every consumer or one; returns it as listed."""
+    with write_transaction(conn):
+        consumer_id = None
+        if consumer_name:
+            row = conn.execute("SELECT id FROM consumers WHERE name = ?", (consumer_name,)).fetchone()
+            if row is None:
+                message = f'"consumer": no consumer is named {consumer_name!r}'
+                raise MicroticksError(404, message, {"consumer": [message]})
+            consumer_id = row[0]
+        annotation_id = conn.execute(
+            "INSERT INTO annotations (time, time_utc, text, consumer_id, site, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (time.text, time.utc, text, consumer_id, site, utc_now())).lastrowid
+    return read_annotations(conn, annotation_id=annotation_id)[0]
+
+
+def read_annotations(conn, query=None, annotation_id=None):
+    """The annotations in a ReadQuery's time range (from, to, date), in time
+    order; with a consumer (or site) filter, that consumer's and those for
+    every consumer (site)."""
+    sql, params = _annotations_sql(query, annotation_id)
+    return [dict(zip(ANNOTATION_FIELDS, row)) for row in conn.execute(sql, params)]
+
+
+def _annotations_sql(query=None, annotation_id=None):
+    """The SQL and parameters of read_annotations: ANNOTATION_FIELDS, by name."""
+    clauses, params = [], []
+    if annotation_id is not None:
+        clauses.append("a.id = ?")
+        params.append(annotation_id)
+    if query is not None:
+        for clause, value in (("a.time_utc >= ?", query.start_utc), ("a.time_utc < ?", query.end_utc),
+                              ("a.time_utc >= ?", query.date and query.date[0]),
+                              ("a.time_utc < ?", query.date and query.date[1]),
+                              ("(a.consumer_id IS NULL OR a.consumer_id = ?)", query.consumer_id),
+                              ("(a.consumer_id IS NULL OR a.consumer_id IN (SELECT id FROM consumers"
+                               " WHERE name = ?))", query.consumer_name),
+                              ("(a.site IS NULL OR a.site = ?)", query.site)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    return ("SELECT a.id AS id, a.time AS time, a.time_utc AS time_utc, a.text AS text, a.consumer_id AS consumer_id,"
+            " c.name AS consumer, a.site AS site, a.created_at AS created_at"
+            f" FROM annotations a LEFT JOIN consumers c ON c.id = a.consumer_id{where} ORDER BY a.time_utc, a.id",
+            params)
+
+
+def delete_annotation(conn, annotation_id):
+    """Delete an annotation; whether there was one."""
+    with write_transaction(conn):
+        return conn.execute("DELETE FROM annotations WHERE id = ?", (annotation_id,)).rowcount == 1
+
+
+def export_annotations(conn, query, output_format):
+    """read_annotations' annotations as CSV or NDJSON text, as exports write it."""
+    inner, params = _annotations_sql(query)
+    return _export_lines(conn, inner, params, ANNOTATION_FIELDS, ANNOTATION_FIELDS, output_format)
+
+
 # -- Statistics ---------------------------------------------------------------
+
+class StatsQuery(NamedTuple):
+    """A clean /stats request."""
+
+    query: "ReadQuery"
+    tz: str
+    data_key: str
+    bin: int
+    #: Screen types are the part of a screen's name before this.
+    type_separator: str = ":"
+    #: The path figures: the common paths of this many first screens (0: none).
+    path_length: int = 0
+    #: The screens of a funnel, in order (none: no funnel).
+    funnel: tuple = ()
+    #: A session with at least this many touches is meaningful (ENGAGEMENT_DEFINITION).
+    meaningful: int = DEFAULT_MEANINGFUL_TOUCHES
+
 
 DURATION_BUCKETS = [(0, "0-10s"), (10, "10-30s"), (30, "30-60s"), (60, "1-2min"), (120, "2-5min"),
                     (300, "5-10min"), (600, "10-30min"), (1800, "30min+")]
@@ -2459,6 +2571,13 @@ def _round(value):
 
 # -- Comparisons of two sets of sessions --------------------------------------
 
+class CompareQuery(NamedTuple):
+    """A clean /compare request: the StatsQuery of each side."""
+
+    a: StatsQuery
+    b: StatsQuery
+
+
 def compare_figures(conn, comparison):
     """GET /compare: the /stats figures of two sets of sessions (a
     CompareQuery's sides a and b) and their differences
@@ -2792,17 +2911,6 @@ def purge_older_than(conn, cutoff_utc, chunk=2000, max_chunks=None):
     return sessions, events
 
 
-def shrink_database(conn):
-    """Give the space of deleted rows back to the file system."""
-    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # incremental
-        conn.execute("PRAGMA incremental_vacuum")
-    else:
-        # Set before the VACUUM that rewrites the file, the mode applies from
-        # then on: a file of the first Microticks is rewritten once.
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        conn.execute("VACUUM")
-
-
 def database_status(conn, path, silent_after):
     """What an operator on the phone needs: sizes, counts, open sessions,
     each consumer's and kiosk's last sign of life, and which are silent."""
@@ -2963,25 +3071,6 @@ def _timestamp(fields, name):
         raise ValueError(f'"{name}" is out of range') from None
     except ValueError as error:
         raise ValueError(f'"{name}" {error}') from None
-
-
-def _compact_json_encoder(ensure_ascii=False, allow_nan=False):
-    """A function encoding JSON values as compact text. JSONEncoder.encode
-    builds its C encoder anew on every call, half the cost of encoding one
-    event's data; this builds it once (json's own C encoder, where the
-    Python build has it and takes these arguments)."""
-    encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, allow_nan=allow_nan, separators=(",", ":"))
-    try:
-        from json.encoder import c_make_encoder, encode_basestring, encode_basestring_ascii
-        # markers=None: parsed JSON and our answers hold no cycles to look for.
-        make = c_make_encoder(None, encoder.default, encode_basestring_ascii if ensure_ascii else encode_basestring,
-                              None, ":", ",", False, False, allow_nan)
-        fast = lambda value: "".join(make(value, 0))  # noqa: E731
-        if fast({"a": [1, 2.5, None, True, "é"]}) == encoder.encode({"a": [1, 2.5, None, True, "é"]}):
-            return fast
-    except (ImportError, TypeError):
-        pass
-    return encoder.encode
 
 
 _compact_json = _compact_json_encoder()
@@ -3223,23 +3312,6 @@ def clean_batch(body, received, session_tokens=None):
     return cleaned
 
 
-def clean_consumer_name(text):
-    """A consumer's name as an operator gives it (it shows in the dashboard,
-    exports and /metrics): 1 to MAX_CONSUMER_NAME_CHARS printable characters."""
-    name = text.strip()
-    if not name or len(name) > MAX_CONSUMER_NAME_CHARS or not name.isprintable():
-        raise ValueError(f"{text[:120]!r} is not a name of 1 to {MAX_CONSUMER_NAME_CHARS} printable characters")
-    return name
-
-
-def clean_site_name(text):
-    """A site's name (MICROTICKS_SITE, import --site): as a consumer's."""
-    try:
-        return clean_consumer_name(text)
-    except ValueError as error:
-        raise ValueError(str(error).replace("is not a name", "is not a site name")) from None
-
-
 def clean_networks(text):
     """A comma-separated list of addresses or networks (10.0.0.0/24,
     2001:db8::/48), normalised; ValueError otherwise."""
@@ -3355,34 +3427,6 @@ EXPORT_FORMATS = ("json", "csv", "ndjson")
 _DATA_KEY = re.compile(r"[A-Za-z0-9_:-]{1,64}", re.ASCII)
 _DAY = re.compile(r"(\d{4})-(\d\d)-(\d\d)", re.ASCII)
 _LOCAL_TIME = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d([.,]\d{1,9})?)?", re.ASCII)
-
-
-@dataclass(frozen=True)
-class ReadQuery:
-    """A validated read of events or sessions: filters, order and page."""
-    kind: str = "events"
-    start_utc: str = None
-    end_utc: str = None
-    date: tuple = None
-    ip: str = None
-    consumer_id: int = None
-    consumer_name: str = None
-    action: str = None
-    session_id: int = None
-    #: A site's sessions (Settings.site: those collected here).
-    site: str = None
-    after_id: int = None
-    #: Events up to this id only (export --position's snapshot).
-    end_id: int = None
-    #: (column, descending) pairs, most significant first.
-    sort: tuple = (("id", False),)
-    limit: int = DEFAULT_PAGE_LIMIT
-    offset: int = 0
-    format: str = "json"
-    fields: tuple = EVENT_DEFAULT_FIELDS
-    data_keys: tuple = ()
-    #: The data key naming the screen in sessions' path fields.
-    data_key: str = DEFAULT_DATA_KEY
 
 
 def time_bound(text, tz_name, end=False):
@@ -3562,23 +3606,6 @@ def clean_read_query(params, kind, tz_name="", export=False):
         fields=clean["fields"], data_keys=clean["data_keys"], data_key=clean["data_key"])
 
 
-class StatsQuery(NamedTuple):
-    """A clean /stats request."""
-
-    query: "ReadQuery"
-    tz: str
-    data_key: str
-    bin: int
-    #: Screen types are the part of a screen's name before this.
-    type_separator: str = ":"
-    #: The path figures: the common paths of this many first screens (0: none).
-    path_length: int = 0
-    #: The screens of a funnel, in order (none: no funnel).
-    funnel: tuple = ()
-    #: A session with at least this many touches is meaningful (ENGAGEMENT_DEFINITION).
-    meaningful: int = DEFAULT_MEANINGFUL_TOUCHES
-
-
 def clean_stats_query(params, settings_tz):
     """The filters of a statistics request, the data key, the heatmap bin
     size in pixels, the time zone and what the path figures are asked for:
@@ -3635,13 +3662,6 @@ def clean_stats_query(params, settings_tz):
     query = clean_read_query(filters, "sessions", extra["tz"], export=True)
     return StatsQuery(query, extra["tz"], extra["data_key"], extra["bin"], extra["type_separator"], extra["paths"],
                       extra["funnel"], extra["meaningful"])
-
-
-class CompareQuery(NamedTuple):
-    """A clean /compare request: the StatsQuery of each side."""
-
-    a: StatsQuery
-    b: StatsQuery
 
 
 #: The filters one side of /compare takes, each prefixed with its side (a.from, b.consumer).
@@ -3744,18 +3764,6 @@ def clean_exported_events(records):
 ###############################################################################
 # HTTP app ####################################################################
 ###############################################################################
-
-#: JSON answers: as json.dumps writes them (ASCII only; NaN written, not refused), without its spaces.
-_answer_json = _compact_json_encoder(ensure_ascii=True, allow_nan=True)
-
-
-STATUS_MESSAGES = {
-    400: "Bad request",
-    404: "No such endpoint",
-    405: "Method not allowed",
-    413: f"Request body too large: at most {MAX_BODY_BYTES} bytes",
-    500: "Internal server error: the administrator will find the details in the server's log",
-}
 
 
 def content_length(text):
