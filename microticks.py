@@ -4342,6 +4342,15 @@ def finish():
 
 # -- The routes, in the order of ROUTES ---------------------------------------
 
+PAGE_SECURITY = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+                 "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+#: The demo runs only its own files' scripts; it may send to any service URL typed into it.
+EXAMPLES_SECURITY = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
+                     " connect-src *; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
 def page(text, nonce=None):
     """An HTML page, with a policy that lets no script run but its own."""
     bottle.response.content_type = "text/html; charset=utf-8"
@@ -4363,7 +4372,7 @@ def openapi():
 def dashboard():
     # A fresh nonce per answer: only our own script may run on the page.
     nonce = secrets.token_urlsafe(16)
-    return page(DASHBOARD_HTML.replace("__NONCE__", nonce), nonce)
+    return page(fill(DASHBOARD_HTML, NONCE=nonce), nonce)
 
 
 def favicon():
@@ -4582,1176 +4591,6 @@ def make_app(settings):
     # For the built-in server's own answers (408): an origin's CORS headers and the rest.
     app.config["microticks.common_headers"] = own.common_headers
     return app
-
-
-###############################################################################
-# API description and pages ###################################################
-###############################################################################
-
-#: What a session's path fields mean (the API description).
-SESSION_PATH_DEFINITION = (
-    "Not among the default fields; ask for them with fields= (or all): path, the session's visits in order,"
-    " each {screen, seconds, touches}: a visit is a run of events with the same screen (the data key"
-    f" data_key=, default {DEFAULT_DATA_KEY}), events without one aside; seconds, from its first event to the next visit's"
-    " (null for the last visit: only idle time came after it); touches, its click and swipe events."
-    " screens: distinct screens; touches: click and swipe events; page_changes: pageChange events;"
-    " actions: events per action.")
-#: What /stats' path figures mean (the API description).
-PATH_FIGURES_DEFINITION = (
-    "With paths= or funnel=; added up from each session's kept visits. touches_per_hour: click and swipe"
-    " events per hour of the day, in tz. transitions (paths=): {from, to, count, median_seconds} for each"
-    " move from one visit's screen to the next visit's (VALUES_DEFINITION), a session's first coming from"
-    " (entry) and its last going to (exit); median_seconds, of the time on the from screen (none for entry"
-    " and exit). common_paths (paths=N): the 20 most common sequences of a session's first N visited screens,"
-    " with how many sessions had each. funnel (funnel=a,b,c): per step, how many sessions visited its"
-    " screen after the steps before it, in order (other screens between allowed), and the median seconds"
-    " from arriving on the first step's screen to arriving on this step's; an unknown screen reaches 0.")
-#: What /stats' engagement figures mean (the API description and the docs page).
-ENGAGEMENT_DEFINITION = (
-    "Per session: its touches (click and swipe events); its screens (the distinct values of the data key"
-    " among its events); its time to first touch (seconds from the session's start to its first touch;"
-    " sessions without a touch are not counted, and a tracker that starts the session with the first touch"
-    " makes it 0). meaningful_sessions: sessions with at least meaningful_touches touches (meaningful=,"
-    f" default {DEFAULT_MEANINGFUL_TOUCHES}), meaningful_share their share of all sessions; bounces: sessions"
-    " with one touch or none, bounce_share theirs. touches_per_session, screens_per_session and"
-    " time_to_first_touch: min, median, mean and max over the sessions. The median and mean session"
-    " duration are duration's (from the start to the stop, else to the last event).")
-#: What /compare answers (the API description and the docs page).
-COMPARE_DEFINITION = (
-    "a and b: the /stats answer for each side's filters (a.from, b.consumer_name, ...; the other /stats"
-    " parameters are shared). differences: for duration (seconds), touches_per_session, screens_per_session"
-    " and time_on_screen (per screen, over its measured visits): a_median, b_median, difference (b - a),"
-    " a_n and b_n (sessions or visits), u (the Mann-Whitney U of side a) and p_value, two-sided, by the"
-    " normal approximation with tie and continuity correction. For meaningful_share (of the sessions),"
-    " first_picks (per screen, its share of the sessions' first visits) and visit_shares (per screen, its"
-    " share of all visits): a and b (the shares), difference (b - a), the counts and totals, and the p_value"
-    " of their 2x2 table by the chi-square test with Yates' correction, or by Fisher's exact test (test:"
-    " fisher) where an expected count is under 5. p_value is null where a side has nothing to test (an"
-    " empty side). tests: how many p values were computed: where nothing differs, about one in twenty"
-    " still comes out under 0.05 by chance. A session's visits are not independent of each other, so the"
-    " visit-level tests (time_on_screen, visit_shares) overstate their certainty.")
-#: What /stats' per-screen figures mean (the API description and the docs page).
-VALUES_DEFINITION = (
-    "Per value of the data key (the screen), in the selected sessions: events carrying it, clicks,"
-    " page_turns (pageChange events), sessions, and visits. A visit is a run of a session's events with"
-    " this value, in the tracker's order (seq, else as stored); events without a value (stopSession)"
-    " neither begin nor end one. first, second, third: how often it was a session's first, second or"
-    " third visit. time_spent (seconds): a visit's time on the screen, from its first event (arriving on"
-    " it) to the first event of the next visit (the next screen change); min, mean, max over the visits"
-    " measured (measured: how many). A session's last visit is not measured: after its last touch came"
-    " only the idle time until the kiosk stopped the session.")
-
-
-def _years_pattern(first, last):
-    """A regular expression for the four-digit years from `first` to `last`."""
-    parts, year = [], first
-    while year <= last:
-        if year % 10 == 0 and year + 9 <= last:
-            parts.append(f"{year // 10}[0-9]")
-            year += 10
-        else:
-            parts.append(str(year))
-            year += 1
-    return "|".join(parts)
-
-
-def openapi_spec():
-    """The OpenAPI 3.1 description of every endpoint (GET /openapi.json);
-    the documentation page at / is rendered from it."""
-    def ref(name):
-        return {"$ref": f"#/components/schemas/{name}"}
-
-    def answer(description, schema=None, content_type="application/json"):
-        body = {"description": description}
-        if schema is not None:
-            body["content"] = {content_type: {"schema": schema}}
-        return body
-
-    def errors(*codes):
-        reasons = {400: "A field or parameter is missing or malformed; `errors` names each.",
-                   401: "MICROTICKS_KEY is set and the request does not carry it.",
-                   403: "Unknown or revoked consumer key.",
-                   404: "Unknown session token, session, annotation, or consumer named.",
-                   409: "The session was stopped by its client.",
-                   411: "A chunked body: send a Content-Length.",
-                   413: f"A body over {MAX_BODY_BYTES} bytes or a batch over {MAX_BATCH_EVENTS} events.",
-                   415: "A body that is neither a form nor JSON.",
-                   429: "Too many requests from this address (MICROTICKS_RATE_LIMIT); see Retry-After.",
-                   503: "The database is busy or cannot be written; see Retry-After."}
-        return {str(c): answer(reasons[c], ref("Error")) for c in codes}
-
-    def body(schema, form_name):
-        return {"required": True, "description": "A form, or JSON (text/plain is read as JSON: "
-                                                 "navigator.sendBeacon sends that)", "content": {
-            "application/x-www-form-urlencoded": {"schema": ref(form_name + "Form")},
-            "application/json": {"schema": schema},
-            "text/plain": {"schema": schema}}}
-
-    def param(name, description, schema=None, location="query"):
-        # An empty value counts as absent, as HTML forms send them.
-        return {"name": name, "in": location, "required": location == "path", "description": description,
-                "schema": {"anyOf": [schema, {"const": ""}]} if schema else {"type": "string"}}
-
-    whole = {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}
-    day_or_time = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]}
-
-    def optional(schema, description=None):
-        """An optional field: null and "" count as absent."""
-        described = {"description": description} if description else {}
-        return {"anyOf": [schema, {"type": "null"}, {"const": ""}], **described}
-
-    timestamp = {"type": "string", "format": "date-time", "maxLength": MAX_TIMESTAMP_CHARS,
-                 "examples": ["2017-08-25T17:09:19.438Z"],
-                 "description": "ISO 8601 with a zone (Z or an offset); seconds and fractions optional"}
-    client_id = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"}
-
-    def text(max_chars, min_chars=1):
-        """A text field: no NUL, which C readers of the file take for its end."""
-        return {"type": "string", "minLength": min_chars, "maxLength": max_chars, "pattern": "^[^\\u0000]*$"}
-
-    this_year = datetime.now().year
-    sent_at = {**timestamp, "pattern": f"^({_years_pattern(this_year - 98, this_year + 98)})-",
-               "description": "The client's clock when sending: corrects a wrong clock; within"
-                              f" {MAX_AGE.days // 365} years of the server's"}
-    filters = [
-        param("from", "From this day (YYYY-MM-DD) or time on (events: their time; sessions: their start)",
-              day_or_time),
-        param("to", "Up to this day (included) or time (excluded)", day_or_time),
-        param("date", "Sessions started on this UTC day, YYYY-MM-DD", {"type": "string", "format": "date"}),
-        param("ip", "Sessions from this client address", {"type": "string", "maxLength": 64}),
-        param("consumer", "Consumer id", whole),
-        param("consumer_name", "Consumer name", {"type": "string", "maxLength": 200}),
-        param("action", "Events with this action (sessions: having one)",
-              {"type": "string", "maxLength": MAX_ACTION_CHARS}),
-        param("session", "One session's id", whole),
-        param("site", "One site's sessions (this installation's: MICROTICKS_SITE; others: import --site)",
-              {"type": "string", "maxLength": MAX_CONSUMER_NAME_CHARS}),
-    ]
-    screen_key = param("data_key", f"The data key naming screens in the path fields (default {DEFAULT_DATA_KEY})",
-                       {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,64}$"})
-    stats_params = [
-        param("data_key", f"The data key naming screens (default {DEFAULT_DATA_KEY})",
-              {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,64}$"}),
-        param("bin", f"Heatmap bin size in pixels (default {DEFAULT_HEATMAP_BIN})",
-              {"type": "integer", "minimum": 1, "maximum": 10000}),
-        param("tz", "Time zone, e.g. Europe/Berlin (default MICROTICKS_TZ)",
-              {"type": "string", "enum": ["UTC", "Europe/Berlin", "America/New_York", "Asia/Tokyo", "Asia/Kolkata"],
-               "description": "Any IANA zone name; these are examples"}),
-        param("type_separator", "Screen types are the part of a screen's name before this (default :)",
-              {"type": "string", "minLength": 1, "maxLength": 3}),
-        param("paths", "Add the path figures (touches_per_hour, transitions, common_paths): common paths of this"
-                       " many first screens", {"type": "integer", "minimum": 1, "maximum": MAX_PATH_STEPS}),
-        param("funnel", f"Add a funnel of these 2 to {MAX_PATH_STEPS} screens, in order, comma-separated",
-              {"type": "string", "pattern": "^[^,]+(,[^,]+){1,9}$", "maxLength": 2000,
-               "examples": ["main,year:2017"]}),
-        param("meaningful", f"Sessions with this many touches or more are meaningful (default"
-                            f" {DEFAULT_MEANINGFUL_TOUCHES})",
-              {"type": "integer", "minimum": 1, "maximum": MAX_MEANINGFUL_TOUCHES}),
-    ]
-    paging = [
-        param("after_id", "Rows with a larger id (with sort.desc=id: smaller): cursor paging", whole),
-        param("limit", f"Rows in a page, 0 to {MAX_PAGE_LIMIT} (default {DEFAULT_PAGE_LIMIT}; exports: all)",
-              {"type": "integer", "minimum": 0, "maximum": MAX_PAGE_LIMIT}),
-        param("offset", "Rows to skip", whole),
-        param("format", "json (a page), csv or ndjson (a download of every matching row)",
-              {"type": "string", "enum": list(EXPORT_FORMATS)}),
-    ]
-
-    def read_params(sorts, columns):
-        return filters + paging + [
-            param("sort", "Sort ascending by", {"type": "string", "enum": list(sorts)}),
-            param("sort.desc", "Sort descending by (after sort, if both)", {"type": "string", "enum": list(sorts)}),
-            param("fields", f"Comma-separated fields, or all: {', '.join(columns)}",
-                  {"type": "string", "pattern": f"^(all|({'|'.join(columns)})(,({'|'.join(columns)}))*)$"}),
-        ]
-
-    exports = {"text/csv": {"schema": {"type": "string"}}, "application/x-ndjson": {"schema": {"type": "string"}}}
-    event_fields = {
-        "token": {**text(MAX_TOKEN_CHARS), "description": "From POST /sessions"},
-        "action": {**text(MAX_ACTION_CHARS), "examples": ["click"]},
-        "data": {"description": f"Forms: a JSON string (plain text is kept as a string). JSON bodies: any"
-                                f" JSON value. At most {MAX_DATA_BYTES} bytes, {MAX_DATA_DEPTH} levels deep."},
-        "ts": timestamp,
-        "uuid": optional(client_id, "Chosen by the client: a retry with the same uuid stores nothing twice"),
-        "seq": optional({"type": "integer", "minimum": 0, "maximum": 2**53 - 1},
-                        "The event's number in its session: 1, 2, 3..."),
-        "boot": optional(client_id, "The page load that sent the event"),
-        "sent_at": optional(sent_at),
-    }
-    spec = {
-        "openapi": "3.1.0",
-        "info": {"title": "Microticks", "version": __version__,
-                 "description": "Simple analytics for kiosk and touch-table apps. With MICROTICKS_KEY set, every "
-                                "request but OPTIONS, /health and the pages needs the key.",
-                 "license": {"name": "MIT", "identifier": "MIT"}},
-        "components": {
-            "securitySchemes": {
-                "queryKey": {"type": "apiKey", "in": "query", "name": "key"},
-                "headerKey": {"type": "apiKey", "in": "header", "name": "X-Microticks-Key"},
-                "bearer": {"type": "http", "scheme": "bearer"},
-            },
-            "schemas": {
-                "Error": {"type": "object", "required": ["error", "status"], "properties": {
-                    "error": {"type": "string"}, "status": {"type": "integer"},
-                    "errors": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}}}},
-                "SessionStart": {"type": "object", "required": ["consumer_key", "ts"], "properties": {
-                    "consumer_key": text(MAX_TOKEN_CHARS * 2),
-                    "ts": timestamp, "uuid": event_fields["uuid"], "sent_at": event_fields["sent_at"],
-                    "device": optional(text(MAX_DEVICE_CHARS, 0)),
-                    "app_version": optional(text(MAX_DEVICE_CHARS, 0))}},
-                "Event": {"type": "object", "required": ["token", "action", "ts"], "properties": event_fields},
-                "Batch": {"type": "object", "required": ["events"], "properties": {
-                    "events": {"type": "array", "maxItems": MAX_BATCH_EVENTS,
-                               "items": {"description": "An Event. Each is checked on its own: a bad one"
-                                                        " (not even an object) gets an error result"}},
-                    "sent_at": event_fields["sent_at"],
-                    "sessions": {"type": "array", "maxItems": MAX_BATCH_SESSIONS,
-                                 "description": "Sessions to start first (a SessionStart each, with its uuid);"
-                                                " an event without a token may then name one by \"session\":"
-                                                " its uuid. For a page closing before its token came back.",
-                                 "items": {"allOf": [ref("SessionStart"),
-                                                     {"required": ["uuid"], "properties": {"uuid": client_id}}]}}}},
-                "Stored": {"type": "object", "required": ["event_id"], "properties": {
-                    "event_id": {"type": "integer"}, "duplicate": {"type": "boolean"}}},
-                "BatchResults": {"type": "object", "required": ["results"], "properties": {
-                    "results": {"type": "array", "items": {"oneOf": [ref("Stored"), ref("Error")]}},
-                    "status": {"type": "integer"}}},
-                "Stop": {"type": "object", "required": ["token", "ts"], "properties": {
-                    "token": event_fields["token"], "ts": timestamp, "sent_at": event_fields["sent_at"]}},
-                "Heartbeat": {"type": "object", "required": ["consumer_key", "device"], "properties": {
-                    "consumer_key": text(MAX_TOKEN_CHARS * 2),
-                    "device": text(MAX_DEVICE_CHARS),
-                    "app_version": optional(text(MAX_DEVICE_CHARS, 0)),
-                    "queue": optional({"type": "integer", "minimum": 0, "maximum": 2**53 - 1})}},
-                "EventsPage": {"type": "object", "required": ["events", "count"], "properties": {
-                    "events": {"type": "array", "items": {"type": "object", "properties": {
-                        "id": {"type": "integer"}, "session_id": {"type": "integer"}, "time": {"type": "string"},
-                        "action": {"type": "string"}, "data": {}}}},
-                    "count": {"type": "integer", "description": "Rows matching the filters, not the page length"},
-                    "status": {"type": "integer"}}},
-                "Session": {"type": "object", "description": SESSION_PATH_DEFINITION,
-                            "properties": {name: {} for name in SESSION_COLUMNS}},
-                "SessionsPage": {"type": "object", "required": ["sessions", "count"], "properties": {
-                    "sessions": {"type": "array", "items": ref("Session")},
-                    "count": {"type": "integer"}, "status": {"type": "integer"}}},
-                "Stats": {"type": "object", "required": ["sessions", "events"], "properties": {
-                    "sessions": {"type": "integer"}, "events": {"type": "integer"}, "timezone": {"type": "string"},
-                    "sessions_per_day": {"type": "array"}, "sessions_per_hour": {"type": "array"},
-                    "sessions_per_weekday": {"type": "array"}, "duration": {"type": "object"},
-                    "events_per_session": {"type": "object"}, "actions": {"type": "array"},
-                    "data_key": {"type": "string"}, "heatmaps": {"type": "object"},
-                    "values": {"type": "array", "description": VALUES_DEFINITION},
-                    "screen_types": {"type": "array", "description": "Per screen type (the part of a screen's name"
-                                     " before type_separator): visits, events and screens of that type"},
-                    "touches_per_hour": {"type": "array", "description": PATH_FIGURES_DEFINITION},
-                    "transitions": {"type": "array"}, "common_paths": {"type": "array"}, "funnel": {"type": "array"},
-                    "meaningful_sessions": {"type": "integer", "description": ENGAGEMENT_DEFINITION},
-                    "meaningful_touches": {"type": "integer"}, "meaningful_share": {"type": ["number", "null"]},
-                    "bounces": {"type": "integer"}, "bounce_share": {"type": ["number", "null"]},
-                    "touches_per_session": {"type": "object"}, "screens_per_session": {"type": "object"},
-                    "time_to_first_touch": {"type": "object"},
-                    "annotations": {"type": "array", "items": ref("Annotation"),
-                                    "description": "The annotations in the range, for every consumer or the"
-                                                   " one filtered for"},
-                    "status": {"type": "integer"}}},
-                "NewAnnotation": {"type": "object", "required": ["time", "text"], "properties": {
-                    "time": {**timestamp, "description": "When it happened: ISO 8601 with a zone"},
-                    "text": text(MAX_ANNOTATION_CHARS),
-                    "consumer": optional(text(MAX_CONSUMER_NAME_CHARS), "The consumer it concerns (a name;"
-                                                                        " default: every consumer)"),
-                    "site": optional(text(MAX_CONSUMER_NAME_CHARS), "The site it concerns")}},
-                "Annotation": {"type": "object", "properties": {name: {} for name in ANNOTATION_FIELDS}},
-            },
-        },
-        "security": [{}, {"queryKey": []}, {"headerKey": []}, {"bearer": []}],
-        "paths": {
-            "/sessions": {
-                "post": {"summary": "Start a session", "operationId": "startSession",
-                         "description": "Answers the session's token. A retried start with the same uuid answers"
-                                        " the same token.",
-                         "requestBody": body(ref("SessionStart"), "SessionStart"),
-                         "responses": {"200": answer("The session's token", {"type": "object", "required": ["token"],
-                                                     "properties": {"token": {"type": "string"},
-                                                                    "duplicate": {"type": "boolean"},
-                                                                    "status": {"type": "integer"}}}),
-                                       **errors(400, 401, 403, 409, 411, 413, 415, 429, 503)}},
-                "get": {"summary": "List sessions", "operationId": "listSessions",
-                        "parameters": read_params(SESSION_SORTS, SESSION_COLUMNS) + [screen_key],
-                        "responses": {"200": {"description": "A page of sessions, or a CSV/NDJSON download",
-                                              "content": {"application/json": {"schema": ref("SessionsPage")},
-                                                          **exports}},
-                                      **errors(400, 401, 429, 503)}},
-            },
-            "/events": {
-                "post": {"summary": "Store an event, or a batch of events", "operationId": "storeEvents",
-                         "description": "A batch is a JSON object with an events list: each event is stored or"
-                                        " refused on its own. An event whose uuid was stored before is answered"
-                                        " with the first one's id and duplicate: true.",
-                         "requestBody": body({"oneOf": [ref("Event"), ref("Batch")]}, "Event"),
-                         "responses": {"200": answer("The event's id, or one result per event of a batch",
-                                                     {"oneOf": [ref("Stored"), ref("BatchResults")]}),
-                                       **errors(400, 401, 404, 409, 411, 413, 415, 429, 503)}},
-                "get": {"summary": "List events", "operationId": "listEvents",
-                        "parameters": read_params(EVENT_SORTS, EVENT_COLUMNS) + [
-                            param("data_keys", "CSV/NDJSON: a column per data key, e.g. subject,clickX",
-                                  {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,64}(,[A-Za-z0-9_:-]{1,64}){0,19}$"})],
-                        "responses": {"200": {"description": "A page of events, or a CSV/NDJSON download",
-                                              "content": {"application/json": {"schema": ref("EventsPage")},
-                                                          **exports}},
-                                      **errors(400, 401, 429, 503)}},
-            },
-            "/sessions/{session_id}": {
-                "get": {"summary": "One session, with every field: its path among them", "operationId": "getSession",
-                        "parameters": [{"name": "session_id", "in": "path", "required": True, "schema": whole},
-                                       screen_key],
-                        "responses": {"200": answer("The session", {"type": "object", "required": ["session"],
-                                                                    "properties": {"session": ref("Session"),
-                                                                                   "status": {"type": "integer"}}}),
-                                      **errors(400, 401, 404, 429, 503)}},
-            },
-            "/sessions/stop": {
-                "post": {"summary": "Stop a session", "operationId": "stopSession",
-                         "description": "Stopping a stopped session changes nothing (already_stopped: true).",
-                         "requestBody": body(ref("Stop"), "Stop"),
-                         "responses": {"200": answer("Stopped", {"type": "object", "properties": {
-                             "stopped": {"type": "boolean"}, "already_stopped": {"type": "boolean"},
-                             "status": {"type": "integer"}}}),
-                             **errors(400, 401, 404, 411, 413, 415, 429, 503)}},
-            },
-            "/heartbeat": {
-                "post": {"summary": "Report that a kiosk is alive", "operationId": "heartbeat",
-                         "requestBody": body(ref("Heartbeat"), "Heartbeat"),
-                         "responses": {"200": answer("Recorded", {"type": "object", "properties": {
-                             "device_id": {"type": "integer"}, "status": {"type": "integer"}}}),
-                             **errors(400, 401, 403, 411, 413, 415, 429, 503)}},
-            },
-            "/stats": {
-                "get": {"summary": "Statistics of the selected sessions", "operationId": "stats",
-                        "parameters": filters + stats_params,
-                        "responses": {"200": answer("The statistics", ref("Stats")), **errors(400, 401, 429, 503)}},
-            },
-            "/compare": {
-                "get": {"summary": "Compare two sets of sessions: both sides' statistics, their differences and"
-                                   " p values", "operationId": "compare", "description": COMPARE_DEFINITION,
-                        "parameters": [{**p, "name": f"{side}.{p['name']}", "description": f"Side {side}: "
-                                        + p["description"]} for side in "ab" for p in filters] + stats_params,
-                        "responses": {"200": answer("Both sides' statistics and their differences", {
-                            "type": "object", "required": ["a", "b", "differences", "tests"], "properties": {
-                                "a": ref("Stats"), "b": ref("Stats"), "differences": {"type": "object"},
-                                "tests": {"type": "integer"}, "status": {"type": "integer"}}}),
-                            **errors(400, 401, 429, 503)}},
-            },
-            "/annotations": {
-                "post": {"summary": "Note what happened at a time (new content, a kiosk moved)",
-                         "operationId": "addAnnotation", "requestBody": body(ref("NewAnnotation"), "NewAnnotation"),
-                         "responses": {"201": answer("The annotation stored", {"type": "object", "properties": {
-                             "annotation": ref("Annotation"), "status": {"type": "integer"}}}),
-                             **errors(400, 401, 404, 411, 413, 415, 429, 503)}},
-                "get": {"summary": "List annotations, in time order", "operationId": "listAnnotations",
-                        "parameters": [p for p in filters + paging if p["name"] in ANNOTATION_FILTERS],
-                        "responses": {"200": {"description": "The annotations, or a CSV/NDJSON download", "content": {
-                            "application/json": {"schema": {"type": "object", "properties": {
-                                "annotations": {"type": "array", "items": ref("Annotation")},
-                                "status": {"type": "integer"}}}}, **exports}}, **errors(400, 401, 429, 503)}},
-            },
-            "/annotations/{annotation_id}": {
-                "delete": {"summary": "Delete an annotation", "operationId": "deleteAnnotation",
-                           "parameters": [{"name": "annotation_id", "in": "path", "required": True, "schema": whole}],
-                           "responses": {"200": answer("Deleted", {"type": "object", "properties": {
-                               "deleted": {"type": "integer"}, "status": {"type": "integer"}}}),
-                               **errors(401, 404, 429, 503)}},
-            },
-            "/consumers": {
-                "get": {"summary": "List consumers", "operationId": "listConsumers",
-                        "responses": {"200": answer("The consumers", {"type": "object", "properties": {
-                            "consumers": {"type": "array"}, "status": {"type": "integer"}}}),
-                            **errors(401, 429, 503)}},
-            },
-            "/status": {
-                "get": {"summary": "Sizes, counts, open sessions, and each consumer's and kiosk's last sign of life",
-                        "operationId": "status",
-                        "responses": {"200": answer("The status", {"type": "object", "properties": {
-                            "events": {"type": "integer"}, "sessions": {"type": "integer"},
-                            "open_sessions": {"type": "integer"}, "consumers": {"type": "array"},
-                            "read_only": {"type": ["string", "null"],
-                                          "description": "why the database can only be read; null: writable"},
-                            "devices": {"type": "array"}}}), **errors(401, 429, 503)}},
-            },
-            "/metrics": {
-                "get": {"summary": "The status and this process's counters for Prometheus",
-                        "operationId": "metrics",
-                        "responses": {"200": answer("Prometheus text format", {"type": "string"},
-                                                    "text/plain"), **errors(401, 429, 503)}},
-            },
-            "/health": {
-                "get": {"summary": "Whether the service can write its database (no key needed)",
-                        "operationId": "health", "security": [{}],
-                        "responses": {"200": answer("Healthy", {"type": "object", "properties": {
-                            "status": {"const": "ok"}, "version": {"type": "string"}}}), **errors(503)}},
-            },
-            "/openapi.json": {
-                "get": {"summary": "This description", "operationId": "openapi", "security": [{}],
-                        "responses": {"200": answer("OpenAPI 3.1", {"type": "object"})}},
-            },
-            "/": {
-                "get": {"summary": "The API documentation (HTML)", "operationId": "documentation", "security": [{}],
-                        "responses": {"200": answer("HTML", {"type": "string"}, "text/html")}},
-            },
-            "/dash": {
-                "get": {"summary": "The dashboard (HTML; it asks for the key itself)", "operationId": "dashboard",
-                        "security": [{}],
-                        "responses": {"200": answer("HTML", {"type": "string"}, "text/html")}},
-            },
-            "/favicon.ico": {
-                "get": {"summary": "No icon (answers 204 to spare the log)", "operationId": "favicon",
-                        "security": [{}], "responses": {"204": answer("No content")}},
-            },
-        },
-    }
-    # Forms cannot say null: their schemas are the JSON ones without it.
-    schemas = spec["components"]["schemas"]
-    for name in ("SessionStart", "Event", "Stop", "Heartbeat", "NewAnnotation"):
-        properties = {}
-        for field_name, field_schema in schemas[name]["properties"].items():
-            if "anyOf" in field_schema:
-                field_schema = dict(field_schema, anyOf=[o for o in field_schema["anyOf"] if o != {"type": "null"}])
-            properties[field_name] = field_schema
-        schemas[name + "Form"] = dict(schemas[name], properties=properties)
-    return spec
-
-
-def render_docs(spec, base):
-    """The API documentation page (GET /), rendered from the OpenAPI
-    description so that the two never disagree. Everything is escaped."""
-    e = html.escape
-    out = [DOCS_HEAD.replace("__BASE__", e(base)).replace("__VERSION__", e(__version__))
-           .replace("__COMMAND__", e(operator_command()))]
-    out.append('<h2 id="endpoints">Endpoints</h2>')
-    for path, operations in spec["paths"].items():
-        for method, operation in operations.items():
-            out.append(f'<section class="endpoint"><h3><span class="method">{e(method.upper())}</span> '
-                       f'<code>{e(path)}</code> <small>{e(operation["summary"])}</small></h3>')
-            if operation.get("description"):
-                out.append(f"<p>{e(operation['description'])}</p>")
-            if operation.get("parameters"):
-                out.append("<table><tr><th>Parameter</th><th>Meaning</th></tr>")
-                for parameter in operation["parameters"]:
-                    out.append(f"<tr><td><code>{e(parameter['name'])}</code></td>"
-                               f"<td>{e(parameter.get('description', ''))}</td></tr>")
-                out.append("</table>")
-            if operation.get("requestBody"):
-                schema = next(iter(operation["requestBody"]["content"].values()))["schema"]
-                out.append("<p>Body: a form (<code>application/x-www-form-urlencoded</code>) or JSON"
-                           " (<code>application/json</code>, or <code>text/plain</code> from sendBeacon).</p>")
-                for name in _schema_names(schema):
-                    fields = spec["components"]["schemas"][name]
-                    out.append(f"<table><tr><th>{e(name)} field</th><th>Required</th><th>Meaning</th></tr>")
-                    for field_name, field_schema in fields["properties"].items():
-                        meaning = field_schema.get("description") or field_schema.get("type", "")
-                        if "$ref" in field_schema.get("items", {}):
-                            meaning = "a list of " + field_schema["items"]["$ref"].rsplit("/", 1)[1]
-                        out.append(f"<tr><td><code>{e(field_name)}</code></td>"
-                                   f"<td>{'yes' if field_name in fields.get('required', ()) else ''}</td>"
-                                   f"<td>{e(str(meaning))}</td></tr>")
-                    out.append("</table>")
-            out.append("<table><tr><th>Answer</th><th>When</th></tr>")
-            for code, response in operation["responses"].items():
-                out.append(f"<tr><td><code>{e(code)}</code></td><td>{e(response['description'])}</td></tr>")
-            out.append("</table></section>")
-    out.append("</main></body></html>")
-    return "\n".join(out)
-
-
-def _schema_names(schema):
-    """The component names a request schema refers to."""
-    refs = [schema] if "$ref" in schema else schema.get("oneOf", [])
-    return [r["$ref"].rsplit("/", 1)[1] for r in refs if "$ref" in r]
-
-
-PAGE_SECURITY = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
-                 "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-#: The demo runs only its own files' scripts; it may send to any service URL typed into it.
-EXAMPLES_SECURITY = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
-                     " connect-src *; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-
-DOCS_HEAD = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Microticks API</title>
-<style>
-  body { margin: 0; font: 15px/1.5 system-ui, sans-serif; color: #1f2937; background: #f8fafc; }
-  main { max-width: 980px; margin: 0 auto; padding: 24px; }
-  h1 { margin-bottom: 0; } h2 { margin-top: 36px; border-bottom: 1px solid #e5e7eb; padding-bottom: 4px; }
-  h3 { font-size: 16px; } h3 small { color: #6b7280; font-weight: normal; }
-  .method { display: inline-block; min-width: 48px; padding: 1px 6px; border-radius: 4px; background: #2563eb;
-            color: #fff; font-size: 12px; text-align: center; }
-  code { background: #eef2f7; padding: 1px 4px; border-radius: 3px; }
-  pre { background: #0f172a; color: #e2e8f0; padding: 12px; border-radius: 8px; overflow-x: auto; }
-  pre code { background: none; padding: 0; }
-  table { border-collapse: collapse; width: 100%; margin: 8px 0; font-size: 14px; }
-  th, td { text-align: left; vertical-align: top; padding: 4px 8px; border-bottom: 1px solid #e5e7eb; }
-  .endpoint { background: #fff; border: 1px solid #e5e7eb; border-radius: 10px; padding: 4px 16px 12px; margin: 12px 0; }
-  nav a { margin-right: 16px; }
-</style></head><body><main>
-<h1>Microticks API</h1>
-<p>Version __VERSION__. Simple analytics for kiosk and touch-table apps: a frontend starts a session on the
-first touch, posts events, and stops the session when nobody has touched the screen for a while.</p>
-<nav><a href="dash">Dashboard</a><a href="openapi.json">OpenAPI description</a>
-<a href="examples/">Tracker demo</a><a href="#endpoints">Endpoints</a></nav>
-
-<h2>Quick start</h2>
-<p>Register the frontend once on the server: <code>__COMMAND__ createconsumer lobby-table</code>
-prints its consumer key. Then, from the kiosk:</p>
-<pre><code>curl -d 'consumer_key=KEY&amp;ts=2017-08-25T17:09:19.438Z' __BASE__/sessions
-# {"token": "TOKEN", "status": 200}
-curl -d 'token=TOKEN&amp;action=click&amp;data={"target":"map"}&amp;ts=2017-08-25T17:09:21.000Z' __BASE__/events
-# {"event_id": 1, "status": 200}
-curl -H 'Content-Type: application/json'      -d '{"events": [{"token": "TOKEN", "action": "click", "data": {"subject": "main"}, "ts": "2017-08-25T17:09:22Z", "uuid": "e-1"}]}'      __BASE__/events
-# {"results": [{"event_id": 2}], "status": 200}
-curl -d 'token=TOKEN&amp;ts=2017-08-25T17:11:00.000Z' __BASE__/sessions/stop
-curl '__BASE__/events?from=2017-08-25&amp;action=click&amp;limit=10'
-curl -o week.csv '__BASE__/events?format=csv&amp;from=2017-08-21&amp;to=2017-08-27'</code></pre>
-<p>From a page, with <code>fetch</code> (or use the tracker, <code>examples/microticks.js</code>, which queues,
-batches and retries for you):</p>
-<pre><code>const started = await fetch("__BASE__/sessions", {method: "POST",
-  body: new URLSearchParams({consumer_key: KEY, ts: new Date().toISOString()})}).then((r) =&gt; r.json());
-await fetch("__BASE__/events", {method: "POST", body: new URLSearchParams({
-  token: started.token, action: "click", data: JSON.stringify({target: "map"}), ts: new Date().toISOString()})});</code></pre>
-
-<h2>Keys</h2>
-<p>When the server has <code>MICROTICKS_KEY</code> set, every request except <code>OPTIONS</code>,
-<code>/health</code> and the pages (this one, <code>/dash</code>, <code>/openapi.json</code>, <code>/examples/</code>)
-needs it: <code>?key=KEY</code>, <code>X-Microticks-Key: KEY</code> or <code>Authorization: Bearer KEY</code>.
-The consumer key (<code>consumer_key</code>) is another thing: it tells which frontend a session belongs to.</p>
-
-<h2>Answers and errors</h2>
-<p>Every answer is JSON with CORS headers for any origin (configurable) and <code>Cache-Control: no-store</code>.
-An error is <code>{"error": "what is wrong", "status": 400}</code>, with <code>"errors": {"field": ["..."]}</code>
-when fields were wrong; a refused request changes nothing stored. 503 and 429 answers carry
-<code>Retry-After</code>: retry them; other 4xx answers will not change on a retry.</p>
-<p>Times are ISO 8601 with a zone, as <code>new Date().toISOString()</code> gives. The server keeps the
-client's time as sent, its own receive time, and a UTC time corrected for the client's clock when the request
-carried <code>sent_at</code>.</p>
-"""
-
-DASHBOARD_HTML = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Microticks dashboard</title>
-<style>
-  :root { --ink: #1f2937; --muted: #6b7280; --line: #e5e7eb; --paper: #f8fafc; --card: #fff;
-          --accent: #2563eb; --accent-soft: #dbeafe; --warm: #c2410c; }
-  * { box-sizing: border-box; }
-  body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--ink); background: var(--paper); }
-  header { display: flex; flex-wrap: wrap; gap: 12px 24px; align-items: end; padding: 16px 24px;
-           background: var(--card); border-bottom: 1px solid var(--line); position: sticky; top: 0; z-index: 2; }
-  header h1 { font-size: 20px; margin: 0 12px 4px 0; }
-  header h1 a { color: inherit; text-decoration: none; }
-  label { display: flex; flex-direction: column; font-size: 12px; color: var(--muted); gap: 2px; }
-  input, select, button { font: inherit; padding: 6px 8px; border: 1px solid #cbd5e1; border-radius: 6px; background: #fff; color: var(--ink); }
-  button { background: var(--accent); color: #fff; border-color: var(--accent); cursor: pointer; }
-  main { padding: 20px 24px 40px; max-width: 1800px; margin: 0 auto; }
-  .cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(160px, 1fr)); gap: 12px; margin-bottom: 16px; }
-  .card { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 12px 16px; }
-  .card .value { font-size: 28px; font-weight: 650; display: block; }
-  .card .label { color: var(--muted); font-size: 13px; }
-  .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 460px), 1fr)); gap: 16px; }
-  section { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 14px 16px; min-width: 0; }
-  section h2 { font-size: 15px; margin: 0 0 10px; }
-  section.wide { grid-column: 1 / -1; }
-  svg { width: 100%; height: auto; display: block; }
-  svg .bar { fill: var(--accent); }
-  svg .value { font-size: 11px; fill: var(--ink); text-anchor: middle; }
-  svg .axis { font-size: 11px; fill: var(--muted); text-anchor: middle; }
-  .bars { display: grid; grid-template-columns: minmax(80px, max-content) 1fr max-content; gap: 4px 10px; align-items: center; font-size: 13px; }
-  .bars .name { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; max-width: 40vw; }
-  .bars .track { background: var(--accent-soft); border-radius: 3px; height: 14px; }
-  .bars .fill { background: var(--accent); border-radius: 3px; height: 14px; }
-  table { border-collapse: collapse; width: 100%; font-size: 13px; }
-  th, td { text-align: right; padding: 5px 6px; border-bottom: 1px solid var(--line); white-space: nowrap; }
-  th:first-child, td:first-child { text-align: left; white-space: normal; overflow-wrap: anywhere; min-width: 12em; }
-  th { color: var(--muted); font-weight: 600; }
-  .scroll { overflow-x: auto; }
-  .heat-controls { display: flex; flex-wrap: wrap; gap: 10px; margin-bottom: 10px; align-items: end; }
-  .heat-controls label, .heat-controls select { max-width: 100%; }
-  canvas { width: 100%; max-width: 960px; height: auto; background: #0f172a; border-radius: 6px; display: block; }
-  .note { color: var(--muted); font-size: 13px; }
-  #live ol { list-style: none; padding: 0; margin: 0; }
-  #live li.session { border-bottom: 1px solid var(--line); padding: 8px 0; }
-  #live .head { display: flex; flex-wrap: wrap; gap: 4px 12px; font-size: 13px; }
-  #live .badge { border-radius: 10px; padding: 0 8px; font-size: 12px; background: #dcfce7; color: #166534; }
-  #live .badge.closed { background: #f1f5f9; color: var(--muted); }
-  #live .events { margin: 4px 0 0; padding-left: 14px; font: 12px/1.4 ui-monospace, monospace; color: #334155;
-                  max-height: 140px; overflow: auto; word-break: break-all; }
-  #error { display: none; margin: 0 0 12px; padding: 10px 14px; border-radius: 8px; background: #fee2e2; color: #991b1b; }
-  .stale { opacity: .35; }
-  svg .marker { stroke: var(--warm); stroke-dasharray: 3 3; }
-  svg .marker-label { font-size: 11px; fill: var(--warm); }
-  #compare-controls { display: contents; }
-  #compare-controls[hidden], label[hidden] { display: none; }
-  .pair { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 420px), 1fr)); gap: 16px; }
-  td.small-p { color: var(--warm); font-weight: 650; }
-  #keyform { display: none; position: fixed; inset: 0; background: rgba(15,23,42,.55); z-index: 5; align-items: center; justify-content: center; }
-  #keyform form { background: #fff; padding: 24px; border-radius: 12px; width: min(420px, 92vw); display: grid; gap: 12px; }
-  @media (max-width: 600px) { header, main { padding-left: 12px; padding-right: 12px; } .card .value { font-size: 22px; }
-                              header { position: static; } }  /* on a phone it would cover a third of the screen */
-</style>
-</head>
-<body>
-<header>
-  <h1><a href="./">Microticks</a></h1>
-  <label>From <input type="date" id="from"></label>
-  <label>To <input type="date" id="to"></label>
-  <label>Consumer <select id="consumer"><option value="">All consumers</option></select></label>
-  <label class="sites" hidden>Site <select id="site"><option value="">All sites</option></select></label>
-  <label>Screens are named by <input id="data_key" value="subject" size="10"></label>
-  <label><span><input type="checkbox" id="compare"> Compare with</span></label>
-  <span id="compare-controls" hidden>
-    <label>B from <input type="date" id="from-b"></label>
-    <label>B to <input type="date" id="to-b"></label>
-    <label>B consumer <select id="consumer-b"><option value="">All consumers</option></select></label>
-    <label class="sites" hidden>B site <select id="site-b"><option value="">All sites</option></select></label>
-  </span>
-  <button id="apply">Show</button>
-  <span class="note" id="updated"></span>
-</header>
-<main>
-  <div id="error" role="alert"></div>
-  <div class="cards">
-    <div class="card"><span class="value" data-figure="sessions">–</span><span class="label">sessions</span></div>
-    <div class="card"><span class="value" data-figure="events">–</span><span class="label">events</span></div>
-    <div class="card"><span class="value" data-figure="median-duration">–</span><span class="label">median session</span></div>
-    <div class="card"><span class="value" data-figure="median-events">–</span><span class="label">median events per session</span></div>
-    <div class="card"><span class="value" data-figure="busiest-day-sessions">–</span><span class="label">sessions on the busiest day, <span data-figure="busiest-day">–</span></span></div>
-    <div class="card"><span class="value" data-figure="top-screen" style="font-size:18px;word-break:break-all">–</span><span class="label">most used screen</span></div>
-    <div class="card"><span class="value" data-figure="meaningful-share">–</span><span class="label">meaningful sessions (<span data-figure="meaningful-touches">2</span>+ touches)</span></div>
-    <div class="card"><span class="value" data-figure="bounce-share">–</span><span class="label">bounces: <span data-figure="bounces">–</span> sessions of one touch or none</span></div>
-    <div class="card"><span class="value" data-figure="median-touches">–</span><span class="label">median touches per session</span></div>
-    <div class="card"><span class="value" data-figure="median-screens">–</span><span class="label">median screens per session</span></div>
-  </div>
-  <div class="grid">
-    <section class="wide" id="empty-range" hidden><h2>No sessions in this range</h2>
-      <p class="note" id="data-range"></p><button id="show-all" hidden>Show the range with data</button></section>
-    <section class="wide" id="comparison" hidden><h2>Comparison: A (<span id="label-a"></span>) and B (<span id="label-b"></span>)</h2>
-      <p class="note">Medians are compared by the Mann-Whitney U test, shares by the chi-square test (Fisher's exact test for small counts). A p value is the chance of a difference at least this large if A and B did not differ at all; under 0.05 is marked. <span id="compare-tests"></span></p>
-      <div class="scroll"><table id="compare-table"><thead><tr><th>Figure</th><th>A</th><th>B</th><th>B − A</th><th>p</th><th>n (A / B)</th></tr></thead><tbody></tbody></table></div>
-      <div class="pair"><div><h2>A: sessions per day</h2><div id="per-day-a"></div></div><div><h2>B: sessions per day</h2><div id="per-day-b"></div></div></div></section>
-    <section class="wide"><h2>Sessions per day</h2><div id="per-day"></div><ul class="note" id="annotations"></ul></section>
-    <section><h2>Sessions by hour of day (<span id="tz"></span>)</h2><div id="per-hour"></div></section>
-    <section><h2>Touches by hour of day (clicks and swipes)</h2><div id="touches-per-hour"></div></section>
-    <section><h2>Sessions by weekday</h2><div id="per-weekday"></div></section>
-    <section><h2>Session duration</h2><div id="durations"></div></section>
-    <section><h2>Events per session</h2><div id="per-session"></div></section>
-    <section><h2>Top actions</h2><div id="actions" class="bars"></div></section>
-    <section><h2>Screen types</h2><div id="screen-types" class="bars"></div></section>
-    <section class="wide"><h2>Screens</h2><p class="note">Visits count repeated touches on the same screen once; 1st, 2nd and 3rd: how often people picked it first, second, third in a session; time: seconds from arriving on it to the next screen change (a session's last screen is not measured: only idle time came after it).</p>
-      <div class="scroll"><table id="screens"><thead><tr><th>Screen</th><th>Events</th><th>Visits</th><th>Sessions</th><th>1st</th><th>2nd</th><th>3rd</th><th>Measured</th><th>Min (s)</th><th>Mean (s)</th><th>Max (s)</th><th>Page turns</th></tr></thead><tbody></tbody></table></div></section>
-    <section class="wide"><h2>Flow between screens</h2><p class="note">Each screen's moves to the next, as many as the visits they were made in; (entry) and (exit) are where sessions begin and end. The width of a band is its number of moves; the time is the median on the screen moved from.</p>
-      <div id="flow" class="scroll"></div></section>
-    <section class="wide"><h2>Most common paths (first three screens)</h2><div id="common-paths" class="bars"></div></section>
-    <section class="wide" id="explorer"><h2>Session explorer</h2>
-      <div class="heat-controls"><label>Session <select id="explore-session"></select></label>
-        <span class="note" id="explore-summary"></span></div>
-      <div id="explore-path"></div>
-      <canvas id="explore-heatmap" width="960" height="540"></canvas></section>
-    <section class="wide"><h2>Touches on a screen</h2>
-      <div class="heat-controls">
-        <label>Screen <select id="heat-screen"></select></label>
-        <label>Width (px) <input type="number" id="heat-width" min="1" style="width:90px"></label>
-        <label>Height (px) <input type="number" id="heat-height" min="1" style="width:90px"></label>
-        <span class="note"><span data-figure="heatmap-points">0</span> touch points</span>
-      </div>
-      <canvas id="heatmap" width="960" height="540"></canvas></section>
-    <section class="wide" id="kiosks"><h2>Kiosks</h2>
-      <div class="scroll"><table><thead><tr><th>Kiosk</th><th>Consumer</th><th>App version</th><th>Last seen</th><th>Queue</th><th>State</th></tr></thead><tbody></tbody></table></div>
-      <p class="note" id="kiosks-note"></p></section>
-    <section class="wide" id="live"><h2>Latest sessions (live)</h2><ol></ol></section>
-  </div>
-</main>
-<div id="keyform"><form>
-  <strong>This Microticks needs its API key</strong>
-  <span class="note" id="keynote">It is kept for this browser tab only.</span>
-  <input type="text" autocomplete="username" value="microticks" hidden aria-hidden="true">
-  <input type="password" id="key" autocomplete="current-password" placeholder="API key" required>
-  <button type="submit">Open the dashboard</button>
-</form></div>
-<script nonce="__NONCE__">
-"use strict";
-// Everything from the server is put on the page with textContent or as SVG
-// text: data a kiosk sent can never become markup.
-const BASE = location.pathname.replace(/\/dash\/?$/, "");
-const NS = "http://www.w3.org/2000/svg";
-const $ = (id) => document.getElementById(id);
-let key = sessionStorage.getItem("microticks-key") || "";
-let stats = null;
-
-function el(tag, attrs, text) {
-  const node = tag.startsWith("svg:") ? document.createElementNS(NS, tag.slice(4)) : document.createElement(tag);
-  for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
-  if (text !== undefined && text !== null) node.textContent = String(text);
-  return node;
-}
-
-function figure(name, value) {
-  for (const node of document.querySelectorAll(`[data-figure="${name}"]`)) node.textContent = value;
-}
-
-async function api(path, params, attempt = 0) {
-  const query = new URLSearchParams(Object.entries(params || {}).filter(([, v]) => v !== "" && v !== undefined));
-  const response = await fetch(`${BASE}${path}?${query}`, {headers: key ? {"X-Microticks-Key": key} : {}, cache: "no-store"});
-  if (response.status === 401) { askForKey(Boolean(key)); throw new Error("The API key is needed"); }
-  if (response.status === 503 && attempt < 6) {  // busy with other statistics: as the server says, a little later
-    const seconds = Math.min(10, Number(response.headers.get("Retry-After")) || 2);
-    await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
-    return api(path, params, attempt + 1);
-  }
-  const body = await response.json();
-  if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
-  return body;
-}
-
-function askForKey(wrong) {
-  $("keynote").textContent = wrong ? "That key was not accepted; try again." : "It is kept for this browser tab only.";
-  $("keyform").style.display = "flex";
-  $("key").focus();
-}
-
-$("keyform").querySelector("form").addEventListener("submit", (event) => {
-  event.preventDefault();
-  key = $("key").value.trim();
-  sessionStorage.setItem("microticks-key", key);
-  $("keyform").style.display = "none";
-  start();
-});
-
-function showError(error) {
-  $("error").textContent = error ? String(error.message || error) : "";
-  $("error").style.display = error ? "block" : "none";
-}
-
-function filters() {
-  return {from: $("from").value, to: $("to").value, consumer: $("consumer").value, site: $("site").value};
-}
-
-function columnChart(target, items, options) {
-  options = Object.assign({height: 190}, options);
-  // Drawn at the size it is shown, so that its text reads like the page's.
-  const width = Math.max(280, target.clientWidth || 480), top = 18, bottom = 34, height = options.height;
-  const longest = Math.max(1, ...items.map((i) => Math.max(String(i.label).length, String(i.sub || "").length)));
-  options.labelEvery = Math.max(1, Math.ceil((longest * 6.5 + 6) * items.length / width));
-  const max = Math.max(1, ...items.map((i) => i.value));
-  const slot = width / Math.max(1, items.length), bar = Math.max(4, slot * 0.7);
-  const chart = el("svg:svg", {viewBox: `0 0 ${width} ${height}`, role: "img"});
-  items.forEach((item, n) => {
-    const h = (height - top - bottom) * item.value / max, x = n * slot + (slot - bar) / 2;
-    const rect = el("svg:rect", {class: "bar", x, y: height - bottom - h, width: bar, height: Math.max(h, item.value ? 1 : 0), rx: 2});
-    rect.appendChild(el("svg:title", {}, `${item.label}: ${item.value}`));
-    chart.appendChild(rect);
-    if (item.value) chart.appendChild(el("svg:text", {class: "value", x: x + bar / 2, y: height - bottom - h - 4}, item.value));
-    if (n % options.labelEvery === 0) chart.appendChild(el("svg:text", {class: "axis", x: x + bar / 2, y: height - bottom + 14}, item.label));
-    if (item.sub && n % options.labelEvery === 0) chart.appendChild(el("svg:text", {class: "axis", x: x + bar / 2, y: height - bottom + 27}, item.sub));
-    // Annotations: a dashed line at their slot, the first one's text beside it.
-    const notes = (options.markers || []).filter((marker) => marker.key === item.key);
-    if (notes.length) {
-      const line = el("svg:line", {class: "marker", x1: n * slot + 1, x2: n * slot + 1, y1: 2, y2: height - bottom});
-      line.appendChild(el("svg:title", {}, notes.map((marker) => marker.text).join("\n")));
-      chart.appendChild(line);
-      chart.appendChild(el("svg:text", {class: "marker-label", x: n * slot + 4, y: 11},
-                           notes[0].text.length > 24 ? notes[0].text.slice(0, 23) + "…" : notes[0].text));
-    }
-  });
-  target.replaceChildren(chart);
-}
-
-// The day of an annotation in the zone the figures are in.
-function localDay(utc, zone) {
-  try { return new Intl.DateTimeFormat("en-CA", {timeZone: zone, year: "numeric", month: "2-digit", day: "2-digit"}).format(new Date(utc)); }
-  catch (error) { return utc.slice(0, 10); }
-}
-
-function dayChart(target, data) {
-  const days = data.sessions_per_day.map((d) => ({key: d.day, label: d.day.slice(5), sub: new Date(d.day + "T12:00:00Z").toLocaleDateString("en", {weekday: "short", timeZone: "UTC"}), value: d.sessions}));
-  const markers = (data.annotations || []).map((a) => ({key: localDay(a.time_utc, data.timezone), text: a.text}));
-  columnChart(target, days, {markers});
-}
-
-function barList(target, items) {
-  const max = Math.max(1, ...items.map((i) => i.value));
-  target.replaceChildren();
-  for (const item of items) {
-    const fill = el("div", {class: "fill", style: `width:${(100 * item.value / max).toFixed(1)}%`});
-    const track = el("div", {class: "track"});
-    track.appendChild(fill);
-    target.append(el("span", {class: "name", title: item.label}, item.label), track, el("span", {}, item.value));
-  }
-}
-
-function seconds(value) {
-  if (value === null || value === undefined) return "–";
-  if (value < 90) return `${Math.round(value)} s`;
-  return `${(value / 60).toFixed(1)} min`;
-}
-
-function render(data) {
-  stats = data;
-  figure("sessions", data.sessions);
-  figure("events", data.events);
-  figure("median-duration", seconds(data.duration.median));
-  figure("median-events", data.events_per_session.median ?? "–");
-  const busiest = data.sessions_per_day.reduce((best, d) => (!best || d.sessions > best.sessions ? d : best), null);
-  figure("busiest-day", busiest ? busiest.day : "–");
-  figure("busiest-day-sessions", busiest ? busiest.sessions : "–");
-  figure("top-screen", data.values.length ? data.values[0].value : "–");
-  const share = (value) => (value === null || value === undefined ? "–" : `${Math.round(value * 1000) / 10}%`);
-  figure("meaningful-share", share(data.meaningful_share));
-  figure("meaningful-touches", data.meaningful_touches);
-  figure("bounce-share", share(data.bounce_share));
-  figure("bounces", data.bounces);
-  figure("median-touches", data.touches_per_session.median ?? "–");
-  figure("median-screens", data.screens_per_session.median ?? "–");
-  $("tz").textContent = data.timezone;
-  dayChart($("per-day"), data);
-  $("annotations").replaceChildren(...data.annotations.map((a) => el("li", {"data-annotation": a.id},
-    `${localDay(a.time_utc, data.timezone)}: ${a.text}` + (a.consumer ? ` (${a.consumer})` : ""))));
-  columnChart($("per-hour"), data.sessions_per_hour.map((h) => ({label: String(h.hour).padStart(2, "0"), value: h.sessions})));
-  columnChart($("per-weekday"), data.sessions_per_weekday.map((d) => ({label: d.weekday.slice(0, 3), value: d.sessions})));
-  columnChart($("durations"), data.duration.distribution.map((b) => ({label: b.bucket, value: b.sessions})));
-  columnChart($("per-session"), data.events_per_session.distribution.map((b) => ({label: b.bucket, value: b.sessions})));
-  barList($("actions"), data.actions.slice(0, 12).map((a) => ({label: a.action, value: a.events})));
-  barList($("screen-types"), data.screen_types.map((t) => ({label: t.type, value: t.visits})));
-  const body = $("screens").querySelector("tbody");
-  body.replaceChildren();
-  const time = (value) => (value === null ? "–" : value.toFixed(1));
-  for (const v of data.values) {
-    const row = el("tr");
-    for (const cell of [v.value, v.events, v.visits, v.sessions, v.first, v.second, v.third, v.time_spent.measured,
-                        time(v.time_spent.min), time(v.time_spent.mean), time(v.time_spent.max), v.page_turns]) {
-      row.appendChild(el("td", {}, cell));
-    }
-    body.appendChild(row);
-  }
-  $("empty-range").hidden = data.sessions > 0;
-  if (!data.sessions) showDataRange();
-  const screens = Object.entries(data.heatmaps.screens).sort((a, b) => b[1].points - a[1].points);
-  const select = $("heat-screen"), previous = select.value;
-  select.replaceChildren();
-  for (const [name, heat] of screens) select.appendChild(el("option", {value: name}, `${name || "(no screen)"} (${heat.points})`));
-  if (screens.some(([name]) => name === previous)) select.value = previous;
-  if (!$("heat-width").dataset.set) $("heat-width").value = roundUp(data.heatmaps.width, 1920);
-  if (!$("heat-height").dataset.set) $("heat-height").value = roundUp(data.heatmaps.height, 1080);
-  drawHeatmap();
-  $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
-}
-
-// The path figures come in a second answer: computed from the events on
-// each request, over a big range they take seconds the rest need not wait.
-let paths = null;
-function renderPaths(data) {
-  paths = data;
-  columnChart($("touches-per-hour"), data.touches_per_hour.map((h) => ({label: String(h.hour).padStart(2, "0"), value: h.touches})));
-  drawFlow($("flow"), data.transitions);
-  barList($("common-paths"), data.common_paths.map((p) => ({label: p.path.join(" → "), value: p.sessions})));
-}
-
-// No touch points yet: a full-HD screen, the touch tables' most common.
-function roundUp(size, otherwise) { return size ? Math.ceil(size / 10) * 10 : otherwise; }
-
-function drawHeatmap() {
-  const heat = stats && stats.heatmaps.screens[$("heat-screen").value];
-  figure("heatmap-points", heat ? heat.points : 0);
-  paintHeat($("heatmap"), heat ? [heat] : [], stats ? stats.heatmaps.bin : 50);
-}
-
-// The bins of `heats` (one screen's, or all a session touched) on a canvas
-// of the screen's size as set above.
-function paintHeat(canvas, heats, bin) {
-  const context = canvas.getContext("2d");
-  const width = Number($("heat-width").value) || 1920, height = Number($("heat-height").value) || 1080;
-  canvas.width = 960;
-  canvas.height = Math.max(60, Math.round(960 * height / width));
-  context.fillStyle = "#0f172a";
-  context.fillRect(0, 0, canvas.width, canvas.height);
-  const bins = heats.flatMap((heat) => heat.bins), scale = canvas.width / width;
-  const max = Math.max(1, ...bins.map((b) => b[2]));
-  for (const [x, y, n] of bins) {
-    const strength = Math.sqrt(n / max);
-    context.fillStyle = `hsla(${Math.round(50 - 50 * strength)}, 100%, 55%, ${0.25 + 0.75 * strength})`;
-    context.fillRect(x * scale, y * scale, Math.max(1, bin * scale), Math.max(1, bin * scale));
-  }
-}
-
-// A flow diagram (Sankey-style): screens on the left that moves leave,
-// screens on the right that they reach, bands as wide as their moves. A
-// screen is both (people come back), so each side lists it; the 40 largest
-// bands are drawn, the rest said in a line.
-function drawFlow(target, transitions) {
-  const shown = transitions.slice(0, 40), total = transitions.reduce((sum, m) => sum + m.count, 0);
-  const sides = [new Map(), new Map()];
-  for (const m of shown) {
-    sides[0].set(m.from, (sides[0].get(m.from) || 0) + m.count);
-    sides[1].set(m.to, (sides[1].get(m.to) || 0) + m.count);
-  }
-  const moves = shown.reduce((sum, m) => sum + m.count, 0);
-  const width = Math.max(640, target.clientWidth || 900), gap = 4, label = Math.min(250, width * 0.3);
-  // A screen's box is as tall as its moves, and at least a line of text.
-  const unit = 360 / Math.max(1, moves), line = 15;
-  const place = sides.map((side) => {
-    const at = new Map();
-    let y = 5;
-    for (const [screen, n] of [...side.entries()].sort((a, b) => b[1] - a[1])) {
-      at.set(screen, {y, h: Math.max(line, n * unit), used: 0});
-      y += Math.max(line, n * unit) + gap;
-    }
-    return at;
-  });
-  const height = 10 + Math.max(...place.map((at) => [...at.values()].reduce((end, box) => Math.max(end, box.y + box.h), 0)));
-  const chart = el("svg:svg", {viewBox: `0 0 ${width} ${height}`, role: "img"});
-  const left = label, right = width - label;
-  for (const m of shown) {
-    const a = place[0].get(m.from), b = place[1].get(m.to), h = Math.max(1, m.count * unit);
-    const y1 = a.y + a.used + h / 2, y2 = b.y + b.used + h / 2;
-    a.used += h; b.used += h;
-    const band = el("svg:path", {d: `M${left},${y1} C${(left + right) / 2},${y1} ${(left + right) / 2},${y2} ${right},${y2}`,
-                                 fill: "none", stroke: "#2563eb", "stroke-opacity": 0.35, "stroke-width": h});
-    band.appendChild(el("svg:title", {}, `${m.from} → ${m.to}: ${m.count}` + (m.median_seconds === null ? "" : `, median ${m.median_seconds} s`)));
-    chart.appendChild(band);
-  }
-  place.forEach((at, side) => {
-    for (const [screen, box] of at) {
-      chart.appendChild(el("svg:rect", {x: side ? right : left - 6, y: box.y, width: 6, height: box.h, fill: "#1f2937"}));
-      const text = el("svg:text", {x: side ? right + 10 : left - 10, y: box.y + box.h / 2 + 4, "font-size": 12,
-                                    "text-anchor": side ? "start" : "end"}, screen.length > 32 ? screen.slice(0, 31) + "…" : screen);
-      text.appendChild(el("svg:title", {}, screen));
-      chart.appendChild(text);
-    }
-  });
-  const rest = total - moves;
-  target.replaceChildren(chart, el("p", {class: "note"}, rest ? `${rest} more moves in ${transitions.length - shown.length} smaller bands are not drawn.` : ""));
-}
-
-// An empty range says where the data is.
-async function showDataRange() {
-  try {
-    const first = await api("/sessions", {limit: 1, sort: "started_at", fields: "started_utc", consumer: $("consumer").value, site: $("site").value});
-    if (!first.count) { $("data-range").textContent = "This Microticks has no sessions yet."; $("show-all").hidden = true; return; }
-    const last = await api("/sessions", {limit: 1, "sort.desc": "started_at", fields: "started_utc", consumer: $("consumer").value, site: $("site").value});
-    const from = first.sessions[0].started_utc.slice(0, 10), to = last.sessions[0].started_utc.slice(0, 10);
-    $("data-range").textContent = `The ${first.count} sessions there are run from ${from} to ${to}.`;
-    $("show-all").hidden = false;
-    $("show-all").onclick = () => { $("from").value = from; $("to").value = to; loadStats(); };
-  } catch (error) { showError(error); }
-}
-
-// One session: its path as a timeline (a bar per visit, as long as its
-// time; the last, unmeasured, drawn short and hatched) and its touches.
-async function exploreSession() {
-  const id = $("explore-session").value;
-  if (!id) return;
-  try {
-    const screenKey = $("data_key").value.trim();
-    const [{session}, figures] = await Promise.all([api(`/sessions/${id}`, {data_key: screenKey}), api("/stats", {session: id, data_key: screenKey})]);
-    $("explore-summary").textContent = `${session.path.length} visits to ${session.screens} screens, ${session.touches} touches, ${seconds(session.duration)}`;
-    const measured = session.path.reduce((sum, v) => sum + (v.seconds || 0), 0) || 1;
-    const width = Math.max(480, $("explore-path").clientWidth || 900), rowHeight = 22;
-    const chart = el("svg:svg", {viewBox: `0 0 ${width} ${session.path.length * rowHeight + 8}`, role: "img"});
-    let x = 0;
-    session.path.forEach((visit, n) => {
-      const w = visit.seconds === null ? 8 : Math.max(2, (width * 0.55) * visit.seconds / measured);
-      const bar = el("svg:rect", {x: width * 0.4 + x, y: n * rowHeight + 4, width: w, height: rowHeight - 6, rx: 2,
-                                  fill: visit.seconds === null ? "#94a3b8" : "#2563eb"});
-      chart.appendChild(bar);
-      chart.appendChild(el("svg:text", {x: width * 0.4 - 8, y: n * rowHeight + 17, "font-size": 12, "text-anchor": "end"},
-                           `${visit.screen}  ${visit.seconds === null ? "(last: not measured)" : visit.seconds + " s"}, ${visit.touches} touches`));
-      x += visit.seconds === null ? 0 : w;
-    });
-    $("explore-path").replaceChildren(chart);
-    paintHeat($("explore-heatmap"), Object.values(figures.heatmaps.screens), figures.heatmaps.bin);
-  } catch (error) { showError(error); }
-}
-$("explore-session").addEventListener("change", exploreSession);
-
-let resizeTimer = null;
-window.addEventListener("resize", () => {
-  clearTimeout(resizeTimer);
-  resizeTimer = setTimeout(() => { if (stats) render(stats); if (paths) renderPaths(paths); }, 200);
-});
-
-for (const id of ["heat-width", "heat-height"]) {
-  $(id).addEventListener("input", () => { $(id).dataset.set = "1"; drawHeatmap(); });
-}
-$("heat-screen").addEventListener("change", drawHeatmap);
-
-// A query the service refused leaves the last figures on screen: dimmed,
-// and said so, lest they be read as the answer to the new one.
-function showStatsError(error) {
-  const message = String(error.message || error);
-  showError(stats ? `${message} (the figures below are still those of the last query shown)` : message);
-  markStale(Boolean(stats));
-}
-
-function markStale(stale) {
-  for (const part of document.querySelectorAll(".cards, .grid > section:not(#kiosks):not(#live)")) {
-    part.classList.toggle("stale", stale);
-  }
-}
-
-function renderComparison(data, labels) {
-  $("comparison").hidden = false;
-  $("label-a").textContent = labels.a;
-  $("label-b").textContent = labels.b;
-  const number = (value) => (value === null || value === undefined ? "–" : String(Math.round(value * 1000) / 1000));
-  const rows = [], d = data.differences;
-  const medians = (label, f) => rows.push([label, number(f.a_median), number(f.b_median), number(f.difference), f.p_value, `${f.a_n} / ${f.b_n}`]);
-  const shares = (label, f) => rows.push([label, number(f.a), number(f.b), number(f.difference), f.p_value, `${f.a_count} / ${f.b_count}`]);
-  medians("Session duration, median (s)", d.duration);
-  medians("Touches per session, median", d.touches_per_session);
-  medians("Distinct screens per session, median", d.screens_per_session);
-  shares(`Meaningful sessions (${data.a.meaningful_touches}+ touches), share`, d.meaningful_share);
-  for (const f of d.time_on_screen.slice(0, 15)) medians(`Time on ${f.screen}, median (s)`, f);
-  for (const f of d.first_picks.slice(0, 10)) shares(`Picked ${f.screen} first, share of sessions`, f);
-  for (const f of d.visit_shares.slice(0, 10)) shares(`Visits to ${f.screen}, share`, f);
-  const body = $("compare-table").querySelector("tbody");
-  body.replaceChildren(...rows.map(([label, a, b, difference, p, n]) => {
-    const row = el("tr");
-    row.append(el("td", {}, label), el("td", {}, a), el("td", {}, b), el("td", {}, difference),
-               el("td", p !== null && p < 0.05 ? {class: "small-p"} : {}, p === null ? "–" : p < 0.001 ? "< 0.001" : p.toFixed(3)),
-               el("td", {}, n));
-    return row;
-  }));
-  $("compare-tests").textContent = `${data.tests} tests were made (the table shows the largest screens): where nothing differs, about one in twenty still comes out under 0.05.`;
-  dayChart($("per-day-a"), data.a);
-  dayChart($("per-day-b"), data.b);
-}
-
-async function loadComparison(query) {
-  if (!$("compare").checked) { $("comparison").hidden = true; return; }
-  const side = {from: $("from-b").value, to: $("to-b").value, consumer: $("consumer-b").value, site: $("site-b").value};
-  const a = filters(), params = {data_key: query.data_key};
-  for (const [name, value] of Object.entries(a)) params[`a.${name}`] = value;
-  for (const [name, value] of Object.entries(side)) params[`b.${name}`] = value;
-  const label = (f, select) => `${f.from || "…"} to ${f.to || "…"}` + (f.consumer ? `, ${select.selectedOptions[0].textContent}` : "")
-    + (f.site ? `, site ${f.site}` : "");
-  renderComparison(await api("/compare", params), {a: label(a, $("consumer")), b: label(side, $("consumer-b"))});
-}
-
-$("compare").addEventListener("change", () => {
-  $("compare-controls").hidden = !$("compare").checked;
-  if (!$("compare").checked) $("comparison").hidden = true;
-});
-
-async function loadStats() {
-  const range = filters();
-  if (range.from && range.to && range.from > range.to) {  // the API answers that with nothing at all
-    showStatsError("From is after To: no day lies between them");
-    return;
-  }
-  try {
-    const query = Object.assign(filters(), {data_key: $("data_key").value.trim()});
-    render(await api("/stats", query));
-    await loadComparison(query);
-    showError(null);
-    markStale(false);
-    renderPaths(await api("/stats", Object.assign(query, {paths: 3})));
-  } catch (error) { showStatsError(error); }
-}
-
-async function loadLive() {
-  try {
-    const page = await api("/sessions", {limit: 10, "sort.desc": "id", consumer: $("consumer").value, site: $("site").value,
-                                         fields: "id,consumer,device,started_utc,stopped_at,stop_reason,events,missing_events"});
-    const list = $("live").querySelector("ol");
-    const items = await Promise.all(page.sessions.map(async (session) => {
-      const events = await api("/events", {session: session.id, sort: "seq", limit: 30, fields: "time_utc,action,data"});
-      const item = el("li", {class: "session", "data-session": session.id});
-      const head = el("div", {class: "head"});
-      head.append(el("strong", {}, `#${session.id}`),
-                  el("span", {}, new Date(session.started_utc).toLocaleString()),
-                  el("span", {}, session.consumer || ""), el("span", {}, session.device || ""),
-                  el("span", {}, `${session.events} events`),
-                  el("span", {class: session.stop_reason ? "badge closed" : "badge"},
-                     session.stop_reason ? `closed (${session.stop_reason})` : "open"));
-      if (session.missing_events) head.appendChild(el("span", {class: "badge closed"}, `${session.missing_events} missing`));
-      const lines = el("ol", {class: "events"});
-      for (const event of events.events) {
-        lines.appendChild(el("li", {}, `${event.time_utc ? event.time_utc.slice(11, 19) : ""} ${event.action} ${JSON.stringify(event.data)}`));
-      }
-      item.append(head, lines);
-      return item;
-    }));
-    list.replaceChildren(...items);
-    const choose = $("explore-session"), chosen = choose.value;
-    choose.replaceChildren(el("option", {value: ""}, "Pick one of the latest sessions"),
-                           ...page.sessions.map((session) => el("option", {value: session.id},
-                             `#${session.id}, ${new Date(session.started_utc).toLocaleString()}, ${session.events} events`)));
-    if (page.sessions.some((session) => String(session.id) === chosen)) choose.value = chosen;
-  } catch (error) { showError(error); }
-}
-
-async function loadKiosks() {
-  const status = await api("/status");
-  const body = $("kiosks").querySelector("tbody");
-  body.replaceChildren();
-  for (const d of status.devices) {
-    const row = el("tr", {"data-device": d.device});
-    for (const cell of [d.device, d.consumer, d.app_version || "", d.last_seen_at ? new Date(d.last_seen_at).toLocaleString() : "",
-                        d.queue_depth ?? "", d.silent ? "silent" : "ok"]) row.appendChild(el("td", {}, cell));
-    body.appendChild(row);
-  }
-  $("kiosks-note").textContent = status.devices.length ? `Silent: no sign of life for over ${status.silent_after_s / 3600} hours.`
-    : "No kiosk has reported a device name yet (the tracker's device option).";
-}
-
-async function loadConsumers() {
-  const answer = await api("/consumers");
-  for (const select of [$("consumer"), $("consumer-b")]) {
-    const chosen = select.value;
-    select.replaceChildren(el("option", {value: ""}, "All consumers"));
-    for (const consumer of answer.consumers) select.appendChild(el("option", {value: consumer.id}, consumer.name));
-    select.value = chosen;
-  }
-  // Sites: those of the consumers (a central Microticks imports others'); shown when there are two or more.
-  const sites = [...new Set(answer.consumers.map((consumer) => consumer.site))].sort();
-  for (const select of [$("site"), $("site-b")]) {
-    const chosen = select.value;
-    select.replaceChildren(el("option", {value: ""}, "All sites"), ...sites.map((site) => el("option", {value: site}, site)));
-    select.value = chosen;
-  }
-  for (const label of document.querySelectorAll("label.sites")) label.hidden = sites.length < 2;
-}
-
-let liveTimer = null;
-async function start() {
-  try { await loadConsumers(); } catch (error) { showError(error); return; }
-  const wanted = new URLSearchParams(location.search);
-  if (wanted.get("consumer")) $("consumer").value = wanted.get("consumer");
-  if (wanted.get("b.consumer")) $("consumer-b").value = wanted.get("b.consumer");
-  if (wanted.get("site")) $("site").value = wanted.get("site");
-  if (wanted.get("b.site")) $("site-b").value = wanted.get("b.site");
-  await Promise.all([loadStats(), loadLive(), loadKiosks().catch(showError)]);
-  clearInterval(liveTimer);
-  liveTimer = setInterval(() => { loadLive(); loadKiosks().catch(showError); }, 3000);
-}
-
-function isoDay(date) { return new Date(date.getTime() - date.getTimezoneOffset() * 60000).toISOString().slice(0, 10); }
-const params = new URLSearchParams(location.search);
-const today = new Date();
-$("to").value = params.get("to") || isoDay(today);
-$("from").value = params.get("from") || isoDay(new Date(today.getTime() - 6 * 86400000));
-$("data_key").value = params.get("data_key") || "subject";
-if (params.get("b.from") || params.get("b.to") || params.get("b.consumer") || params.get("b.site")) {
-  $("compare").checked = true;
-  $("compare-controls").hidden = false;
-  $("from-b").value = params.get("b.from") || "";
-  $("to-b").value = params.get("b.to") || "";
-}
-$("apply").addEventListener("click", () => { loadStats(); loadLive(); });
-start();
-</script>
-</body>
-</html>
-"""
 
 
 ###############################################################################
@@ -6743,123 +5582,9 @@ def _current_umask():
     return mask
 
 
-#: The files of a research bundle (write_research_bundle), and the DuckDB SQL
-#: that computes its headline figures from them: run in the folder,
-#: `duckdb < analysis.sql`. Its definitions are /stats' (VALUES_DEFINITION),
-#: and the tests hold it to /stats on the real week.
-BUNDLE_ANALYSIS_SQL = """\
--- The headline figures of this bundle, from its NDJSON files, with DuckDB:
---     cd this-folder && duckdb < analysis.sql
--- Days are UTC days. Definitions: README.md in this folder.
-CREATE OR REPLACE VIEW events AS SELECT * FROM read_json('events.ndjson', format = 'newline_delimited',
-    columns = {id: 'BIGINT', session_id: 'BIGINT', time: 'VARCHAR', time_utc: 'VARCHAR', action: 'VARCHAR',
-               data: 'JSON', seq: 'BIGINT'});
-CREATE OR REPLACE VIEW sessions AS SELECT * FROM read_json('sessions.ndjson', format = 'newline_delimited',
-    columns = {id: 'BIGINT', started_utc: 'VARCHAR', stopped_utc: 'VARCHAR', events: 'BIGINT', duration: 'DOUBLE'});
-CREATE OR REPLACE VIEW sessions_per_day AS
-    SELECT substr(started_utc, 1, 10) AS day, count(*) AS sessions FROM sessions GROUP BY day ORDER BY day;
-CREATE OR REPLACE VIEW events_per_action AS
-    SELECT action, count(*) AS events FROM events GROUP BY action ORDER BY events DESC, action;
--- A visit: a run of a session's events with the same screen, events without one aside.
-CREATE OR REPLACE VIEW visits AS
-    WITH valued AS (
-        SELECT session_id, id, seq, CAST(time_utc AS TIMESTAMP) AS t, json_extract_string(data, '$.__KEY__') AS screen
-        FROM events WHERE json_extract_string(data, '$.__KEY__') IS NOT NULL),
-    marked AS (
-        SELECT *, screen IS DISTINCT FROM lag(screen) OVER (PARTITION BY session_id ORDER BY seq NULLS FIRST, id)
-            AS new_visit
-        FROM valued),
-    numbered AS (
-        SELECT *, sum(CAST(new_visit AS INTEGER)) OVER (PARTITION BY session_id ORDER BY seq NULLS FIRST, id) AS visit
-        FROM marked)
-    SELECT session_id, visit, first(screen) AS screen, min(t) AS arrived FROM numbered GROUP BY session_id, visit;
--- Time on a screen: up to the next visit's arrival. A session's last visit is not measured.
-CREATE OR REPLACE VIEW screens AS
-    WITH timed AS (
-        SELECT *, epoch(lead(arrived) OVER (PARTITION BY session_id ORDER BY visit)) - epoch(arrived) AS seconds
-        FROM visits)
-    SELECT screen, count(*) AS visits, count(seconds) AS measured, round(avg(seconds), 3) AS mean_seconds,
-           count(*) FILTER (WHERE visit = 1) AS first_picks
-    FROM timed GROUP BY screen ORDER BY visits DESC, screen;
-SELECT * FROM sessions_per_day;
-SELECT * FROM events_per_action;
-SELECT * FROM screens;
-"""
-
 #: The version of the research bundle's layout (bundle.json's format):
 #: raised when a change would mislead an older reader.
 BUNDLE_FORMAT = 1
-BUNDLE_README = """\
-# Microticks research bundle
-
-Written by Microticks {version} on {written} (UTC) from `{database}`.
-Sessions selected: {selection}. {sessions:,} sessions, {events:,} events.
-
-Touch-table or kiosk analytics: a session starts on a visitor's first touch
-and ends when the kiosk stops it, after its idle timeout (`stop_reason`
-`client`), or when the server closes it after `{timeout}` seconds without an
-event (`timeout`). Each event has an action (`click`, `swipe`, `pageChange`,
-`stopSession`, ...) and a JSON `data` object; the screen is its data key
-`{data_key}`.
-
-## Files
-
-| File | What |
-| --- | --- |
-| `events.ndjson`, `events.csv` | every event of the selected sessions, one a line / row |
-| `sessions.ndjson`, `sessions.csv` | the sessions, each with its path |
-| `stats.json` | the figures of `GET /stats` for the same sessions, in time zone `{tz}`, with the path figures (`paths=3`) |
-| `bundle.json` | what wrote it: `format` (of the bundle: {bundle_format}), `microticks` (its version), `written`, `site`, the `selection` and the counts; `import` reads a bundle folder, and refuses one of a newer format |
-| `annotations.ndjson` | what happened at the kiosks in the selected range (new content, a kiosk moved): `id`, `time` (as given), `time_utc`, `text`, `consumer_id` and `consumer` (empty: every consumer), `site`, `created_at` |
-| `analysis.sql` | the headline figures again, from the NDJSON files, with DuckDB: `duckdb < analysis.sql` in this folder |
-
-CSV: UTF-8 with a byte order mark, a header row, text quoted; a text cell
-starting with `=`, `+`, `-`, `@`, a tab or a carriage return has a leading
-`'` (so that a spreadsheet shows it, not runs it); the NDJSON files have the
-text exactly as sent.
-
-## Events
-
-| Field | Type | Meaning |
-| --- | --- | --- |
-| `id` | integer | the event's id (ascending in the order events were stored) |
-| `session_id` | integer | its session |
-| `time` | text | the client's time, exactly as the kiosk sent it (ISO 8601) |
-| `time_utc` | text | the client's time in UTC, `YYYY-MM-DDTHH:MM:SS.mmmZ`, corrected for the kiosk's clock when it sent `sent_at` |
-| `received_at` | text | the server's time (UTC) when the event arrived |
-| `action` | text | what happened |
-| `data` | JSON | the event's data as the kiosk sent it (CSV: JSON text) |
-| `ip` | text | the kiosk's address as kept (by default its /24 or /48 network) |
-| `consumer_id`, `consumer` | integer, text | the frontend (kiosk app) that sent it |
-| `uuid`, `seq`, `boot` | text, integer, text | the tracker's event id, number in its session, and page load |
-| `site`, `source_id` | text, integer | the site it was collected at (MICROTICKS_SITE there), and its id there when it was imported from another site |
-
-## Sessions
-
-| Field | Type | Meaning |
-| --- | --- | --- |
-| `id` | integer | the session's id |
-| `consumer_id`, `consumer`, `ip`, `device` | | who sent it |
-| `started_at`, `stopped_at` | text | the client's times as sent |
-| `started_utc`, `stopped_utc` | text | the same in UTC, corrected for the kiosk's clock |
-| `received_at` | text | when the server saw it start (UTC) |
-| `stop_reason` | text | `client` (the kiosk stopped it), `timeout` (the server did), `import`, or empty while open |
-| `duration` | seconds | from the start to the stop (to the last event while open) |
-| `events`, `clicks`, `touches`, `page_changes` | integers | its events; `click` events; `click` and `swipe` events; `pageChange` events |
-| `actions` | JSON object | events per action |
-| `screens` | integer | distinct screens visited |
-| `path` | JSON array | {path} |
-| `last_action`, `last_event_at`, `missing_events`, `uuid` | | its last event's action and time; tracker numbers that never arrived; the tracker's session id |
-| `site`, `source_id` | text, integer | the site it was collected at, and its id there when it was imported from another site |
-
-## Figures (`stats.json`)
-
-Days, hours and weekdays are in time zone `{tz}`.
-
-- {values}
-- {paths}
-- {engagement}
-"""
 
 
 def write_research_bundle(conn, filters, directory, tz_name, timeout, database, database_site=DEFAULT_SITE):
@@ -6896,14 +5621,15 @@ def write_research_bundle(conn, filters, directory, tz_name, timeout, database, 
             stream.writelines(export_annotations(conn, clean_annotation_query(
                 {k: v for k, v in filters.items() if k in ANNOTATION_FILTERS}, tz_name), "ndjson"))
         with open(os.path.join(staging, "analysis.sql"), "w", encoding="utf-8") as stream:
-            stream.write(BUNDLE_ANALYSIS_SQL.replace("__KEY__", DEFAULT_DATA_KEY))
+            stream.write(fill(BUNDLE_ANALYSIS_SQL, KEY=DEFAULT_DATA_KEY))
         selection = ", ".join(f"{name}={value}" for name, value in sorted(filters.items())) or "all"
         with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as stream:
-            stream.write(BUNDLE_README.format(
-                version=__version__, written=utc_now(), database=database, selection=selection,
-                sessions=figures["sessions"], events=figures["events"], timeout=timeout, data_key=DEFAULT_DATA_KEY,
-                tz=figures["timezone"], path=SESSION_PATH_DEFINITION, values=VALUES_DEFINITION,
-                paths=PATH_FIGURES_DEFINITION, engagement=ENGAGEMENT_DEFINITION, bundle_format=BUNDLE_FORMAT))
+            stream.write(fill(
+                BUNDLE_README, VERSION=__version__, WRITTEN=utc_now(), DATABASE=database, SELECTION=selection,
+                SESSIONS=f"{figures['sessions']:,}", EVENTS=f"{figures['events']:,}", TIMEOUT=str(timeout),
+                DATA_KEY=DEFAULT_DATA_KEY, TZ=figures["timezone"], PATH=SESSION_PATH_DEFINITION,
+                VALUES=VALUES_DEFINITION, PATHS=PATH_FIGURES_DEFINITION, ENGAGEMENT=ENGAGEMENT_DEFINITION,
+                BUNDLE_FORMAT=str(BUNDLE_FORMAT)))
         if os.path.isdir(target):
             os.rmdir(target)  # empty, as checked
         os.rename(staging, target)
@@ -7643,6 +6369,1307 @@ def build_parser():
     sub.add_argument("--data-key", help="only those of this data key")
     sub.add_argument("--bin", type=whole_argument(1, MAX_HEATMAP_BIN), help="only those of this heatmap bin size")
     return parser
+
+
+###############################################################################
+# Page text ###################################################################
+###############################################################################
+
+# The pages, the API description and the documents Microticks writes, as
+# data: the code above takes them from here, as bottle.py keeps its
+# templates at its end. Each template marks what is filled in as __NAME__.
+
+def fill(template, **values):
+    """`template` with each __NAME__ mark replaced by values[NAME] (text
+    escaped for where it goes, by the caller)."""
+    for name, value in values.items():
+        template = template.replace(f"__{name}__", value)
+    return template
+
+
+#: What a session's path fields mean (the API description).
+SESSION_PATH_DEFINITION = (
+    "Not among the default fields; ask for them with fields= (or all): path, the session's visits in order,"
+    " each {screen, seconds, touches}: a visit is a run of events with the same screen (the data key"
+    f" data_key=, default {DEFAULT_DATA_KEY}), events without one aside; seconds, from its first event to the next visit's"
+    " (null for the last visit: only idle time came after it); touches, its click and swipe events."
+    " screens: distinct screens; touches: click and swipe events; page_changes: pageChange events;"
+    " actions: events per action.")
+
+
+#: What /stats' path figures mean (the API description).
+PATH_FIGURES_DEFINITION = (
+    "With paths= or funnel=; added up from each session's kept visits. touches_per_hour: click and swipe"
+    " events per hour of the day, in tz. transitions (paths=): {from, to, count, median_seconds} for each"
+    " move from one visit's screen to the next visit's (VALUES_DEFINITION), a session's first coming from"
+    " (entry) and its last going to (exit); median_seconds, of the time on the from screen (none for entry"
+    " and exit). common_paths (paths=N): the 20 most common sequences of a session's first N visited screens,"
+    " with how many sessions had each. funnel (funnel=a,b,c): per step, how many sessions visited its"
+    " screen after the steps before it, in order (other screens between allowed), and the median seconds"
+    " from arriving on the first step's screen to arriving on this step's; an unknown screen reaches 0.")
+
+
+#: What /stats' engagement figures mean (the API description and the docs page).
+ENGAGEMENT_DEFINITION = (
+    "Per session: its touches (click and swipe events); its screens (the distinct values of the data key"
+    " among its events); its time to first touch (seconds from the session's start to its first touch;"
+    " sessions without a touch are not counted, and a tracker that starts the session with the first touch"
+    " makes it 0). meaningful_sessions: sessions with at least meaningful_touches touches (meaningful=,"
+    f" default {DEFAULT_MEANINGFUL_TOUCHES}), meaningful_share their share of all sessions; bounces: sessions"
+    " with one touch or none, bounce_share theirs. touches_per_session, screens_per_session and"
+    " time_to_first_touch: min, median, mean and max over the sessions. The median and mean session"
+    " duration are duration's (from the start to the stop, else to the last event).")
+
+
+#: What /compare answers (the API description and the docs page).
+COMPARE_DEFINITION = (
+    "a and b: the /stats answer for each side's filters (a.from, b.consumer_name, ...; the other /stats"
+    " parameters are shared). differences: for duration (seconds), touches_per_session, screens_per_session"
+    " and time_on_screen (per screen, over its measured visits): a_median, b_median, difference (b - a),"
+    " a_n and b_n (sessions or visits), u (the Mann-Whitney U of side a) and p_value, two-sided, by the"
+    " normal approximation with tie and continuity correction. For meaningful_share (of the sessions),"
+    " first_picks (per screen, its share of the sessions' first visits) and visit_shares (per screen, its"
+    " share of all visits): a and b (the shares), difference (b - a), the counts and totals, and the p_value"
+    " of their 2x2 table by the chi-square test with Yates' correction, or by Fisher's exact test (test:"
+    " fisher) where an expected count is under 5. p_value is null where a side has nothing to test (an"
+    " empty side). tests: how many p values were computed: where nothing differs, about one in twenty"
+    " still comes out under 0.05 by chance. A session's visits are not independent of each other, so the"
+    " visit-level tests (time_on_screen, visit_shares) overstate their certainty.")
+
+
+#: What /stats' per-screen figures mean (the API description and the docs page).
+VALUES_DEFINITION = (
+    "Per value of the data key (the screen), in the selected sessions: events carrying it, clicks,"
+    " page_turns (pageChange events), sessions, and visits. A visit is a run of a session's events with"
+    " this value, in the tracker's order (seq, else as stored); events without a value (stopSession)"
+    " neither begin nor end one. first, second, third: how often it was a session's first, second or"
+    " third visit. time_spent (seconds): a visit's time on the screen, from its first event (arriving on"
+    " it) to the first event of the next visit (the next screen change); min, mean, max over the visits"
+    " measured (measured: how many). A session's last visit is not measured: after its last touch came"
+    " only the idle time until the kiosk stopped the session.")
+
+
+def _years_pattern(first, last):
+    """A regular expression for the four-digit years from `first` to `last`."""
+    parts, year = [], first
+    while year <= last:
+        if year % 10 == 0 and year + 9 <= last:
+            parts.append(f"{year // 10}[0-9]")
+            year += 10
+        else:
+            parts.append(str(year))
+            year += 1
+    return "|".join(parts)
+
+
+def openapi_spec():
+    """The OpenAPI 3.1 description of every endpoint (GET /openapi.json);
+    the documentation page at / is rendered from it."""
+    def ref(name):
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def answer(description, schema=None, content_type="application/json"):
+        body = {"description": description}
+        if schema is not None:
+            body["content"] = {content_type: {"schema": schema}}
+        return body
+
+    def errors(*codes):
+        reasons = {400: "A field or parameter is missing or malformed; `errors` names each.",
+                   401: "MICROTICKS_KEY is set and the request does not carry it.",
+                   403: "Unknown or revoked consumer key.",
+                   404: "Unknown session token, session, annotation, or consumer named.",
+                   409: "The session was stopped by its client.",
+                   411: "A chunked body: send a Content-Length.",
+                   413: f"A body over {MAX_BODY_BYTES} bytes or a batch over {MAX_BATCH_EVENTS} events.",
+                   415: "A body that is neither a form nor JSON.",
+                   429: "Too many requests from this address (MICROTICKS_RATE_LIMIT); see Retry-After.",
+                   503: "The database is busy or cannot be written; see Retry-After."}
+        return {str(c): answer(reasons[c], ref("Error")) for c in codes}
+
+    def body(schema, form_name):
+        return {"required": True, "description": "A form, or JSON (text/plain is read as JSON: "
+                                                 "navigator.sendBeacon sends that)", "content": {
+            "application/x-www-form-urlencoded": {"schema": ref(form_name + "Form")},
+            "application/json": {"schema": schema},
+            "text/plain": {"schema": schema}}}
+
+    def param(name, description, schema=None, location="query"):
+        # An empty value counts as absent, as HTML forms send them.
+        return {"name": name, "in": location, "required": location == "path", "description": description,
+                "schema": {"anyOf": [schema, {"const": ""}]} if schema else {"type": "string"}}
+
+    whole = {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}
+    day_or_time = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]}
+
+    def optional(schema, description=None):
+        """An optional field: null and "" count as absent."""
+        described = {"description": description} if description else {}
+        return {"anyOf": [schema, {"type": "null"}, {"const": ""}], **described}
+
+    timestamp = {"type": "string", "format": "date-time", "maxLength": MAX_TIMESTAMP_CHARS,
+                 "examples": ["2017-08-25T17:09:19.438Z"],
+                 "description": "ISO 8601 with a zone (Z or an offset); seconds and fractions optional"}
+    client_id = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"}
+
+    def text(max_chars, min_chars=1):
+        """A text field: no NUL, which C readers of the file take for its end."""
+        return {"type": "string", "minLength": min_chars, "maxLength": max_chars, "pattern": "^[^\\u0000]*$"}
+
+    this_year = datetime.now().year
+    sent_at = {**timestamp, "pattern": f"^({_years_pattern(this_year - 98, this_year + 98)})-",
+               "description": "The client's clock when sending: corrects a wrong clock; within"
+                              f" {MAX_AGE.days // 365} years of the server's"}
+    filters = [
+        param("from", "From this day (YYYY-MM-DD) or time on (events: their time; sessions: their start)",
+              day_or_time),
+        param("to", "Up to this day (included) or time (excluded)", day_or_time),
+        param("date", "Sessions started on this UTC day, YYYY-MM-DD", {"type": "string", "format": "date"}),
+        param("ip", "Sessions from this client address", {"type": "string", "maxLength": 64}),
+        param("consumer", "Consumer id", whole),
+        param("consumer_name", "Consumer name", {"type": "string", "maxLength": 200}),
+        param("action", "Events with this action (sessions: having one)",
+              {"type": "string", "maxLength": MAX_ACTION_CHARS}),
+        param("session", "One session's id", whole),
+        param("site", "One site's sessions (this installation's: MICROTICKS_SITE; others: import --site)",
+              {"type": "string", "maxLength": MAX_CONSUMER_NAME_CHARS}),
+    ]
+    screen_key = param("data_key", f"The data key naming screens in the path fields (default {DEFAULT_DATA_KEY})",
+                       {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,64}$"})
+    stats_params = [
+        param("data_key", f"The data key naming screens (default {DEFAULT_DATA_KEY})",
+              {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,64}$"}),
+        param("bin", f"Heatmap bin size in pixels (default {DEFAULT_HEATMAP_BIN})",
+              {"type": "integer", "minimum": 1, "maximum": 10000}),
+        param("tz", "Time zone, e.g. Europe/Berlin (default MICROTICKS_TZ)",
+              {"type": "string", "enum": ["UTC", "Europe/Berlin", "America/New_York", "Asia/Tokyo", "Asia/Kolkata"],
+               "description": "Any IANA zone name; these are examples"}),
+        param("type_separator", "Screen types are the part of a screen's name before this (default :)",
+              {"type": "string", "minLength": 1, "maxLength": 3}),
+        param("paths", "Add the path figures (touches_per_hour, transitions, common_paths): common paths of this"
+                       " many first screens", {"type": "integer", "minimum": 1, "maximum": MAX_PATH_STEPS}),
+        param("funnel", f"Add a funnel of these 2 to {MAX_PATH_STEPS} screens, in order, comma-separated",
+              {"type": "string", "pattern": "^[^,]+(,[^,]+){1,9}$", "maxLength": 2000,
+               "examples": ["main,year:2017"]}),
+        param("meaningful", f"Sessions with this many touches or more are meaningful (default"
+                            f" {DEFAULT_MEANINGFUL_TOUCHES})",
+              {"type": "integer", "minimum": 1, "maximum": MAX_MEANINGFUL_TOUCHES}),
+    ]
+    paging = [
+        param("after_id", "Rows with a larger id (with sort.desc=id: smaller): cursor paging", whole),
+        param("limit", f"Rows in a page, 0 to {MAX_PAGE_LIMIT} (default {DEFAULT_PAGE_LIMIT}; exports: all)",
+              {"type": "integer", "minimum": 0, "maximum": MAX_PAGE_LIMIT}),
+        param("offset", "Rows to skip", whole),
+        param("format", "json (a page), csv or ndjson (a download of every matching row)",
+              {"type": "string", "enum": list(EXPORT_FORMATS)}),
+    ]
+
+    def read_params(sorts, columns):
+        return filters + paging + [
+            param("sort", "Sort ascending by", {"type": "string", "enum": list(sorts)}),
+            param("sort.desc", "Sort descending by (after sort, if both)", {"type": "string", "enum": list(sorts)}),
+            param("fields", f"Comma-separated fields, or all: {', '.join(columns)}",
+                  {"type": "string", "pattern": f"^(all|({'|'.join(columns)})(,({'|'.join(columns)}))*)$"}),
+        ]
+
+    exports = {"text/csv": {"schema": {"type": "string"}}, "application/x-ndjson": {"schema": {"type": "string"}}}
+    event_fields = {
+        "token": {**text(MAX_TOKEN_CHARS), "description": "From POST /sessions"},
+        "action": {**text(MAX_ACTION_CHARS), "examples": ["click"]},
+        "data": {"description": f"Forms: a JSON string (plain text is kept as a string). JSON bodies: any"
+                                f" JSON value. At most {MAX_DATA_BYTES} bytes, {MAX_DATA_DEPTH} levels deep."},
+        "ts": timestamp,
+        "uuid": optional(client_id, "Chosen by the client: a retry with the same uuid stores nothing twice"),
+        "seq": optional({"type": "integer", "minimum": 0, "maximum": 2**53 - 1},
+                        "The event's number in its session: 1, 2, 3..."),
+        "boot": optional(client_id, "The page load that sent the event"),
+        "sent_at": optional(sent_at),
+    }
+    spec = {
+        "openapi": "3.1.0",
+        "info": {"title": "Microticks", "version": __version__,
+                 "description": "Simple analytics for kiosk and touch-table apps. With MICROTICKS_KEY set, every "
+                                "request but OPTIONS, /health and the pages needs the key.",
+                 "license": {"name": "MIT", "identifier": "MIT"}},
+        "components": {
+            "securitySchemes": {
+                "queryKey": {"type": "apiKey", "in": "query", "name": "key"},
+                "headerKey": {"type": "apiKey", "in": "header", "name": "X-Microticks-Key"},
+                "bearer": {"type": "http", "scheme": "bearer"},
+            },
+            "schemas": {
+                "Error": {"type": "object", "required": ["error", "status"], "properties": {
+                    "error": {"type": "string"}, "status": {"type": "integer"},
+                    "errors": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}}}},
+                "SessionStart": {"type": "object", "required": ["consumer_key", "ts"], "properties": {
+                    "consumer_key": text(MAX_TOKEN_CHARS * 2),
+                    "ts": timestamp, "uuid": event_fields["uuid"], "sent_at": event_fields["sent_at"],
+                    "device": optional(text(MAX_DEVICE_CHARS, 0)),
+                    "app_version": optional(text(MAX_DEVICE_CHARS, 0))}},
+                "Event": {"type": "object", "required": ["token", "action", "ts"], "properties": event_fields},
+                "Batch": {"type": "object", "required": ["events"], "properties": {
+                    "events": {"type": "array", "maxItems": MAX_BATCH_EVENTS,
+                               "items": {"description": "An Event. Each is checked on its own: a bad one"
+                                                        " (not even an object) gets an error result"}},
+                    "sent_at": event_fields["sent_at"],
+                    "sessions": {"type": "array", "maxItems": MAX_BATCH_SESSIONS,
+                                 "description": "Sessions to start first (a SessionStart each, with its uuid);"
+                                                " an event without a token may then name one by \"session\":"
+                                                " its uuid. For a page closing before its token came back.",
+                                 "items": {"allOf": [ref("SessionStart"),
+                                                     {"required": ["uuid"], "properties": {"uuid": client_id}}]}}}},
+                "Stored": {"type": "object", "required": ["event_id"], "properties": {
+                    "event_id": {"type": "integer"}, "duplicate": {"type": "boolean"}}},
+                "BatchResults": {"type": "object", "required": ["results"], "properties": {
+                    "results": {"type": "array", "items": {"oneOf": [ref("Stored"), ref("Error")]}},
+                    "status": {"type": "integer"}}},
+                "Stop": {"type": "object", "required": ["token", "ts"], "properties": {
+                    "token": event_fields["token"], "ts": timestamp, "sent_at": event_fields["sent_at"]}},
+                "Heartbeat": {"type": "object", "required": ["consumer_key", "device"], "properties": {
+                    "consumer_key": text(MAX_TOKEN_CHARS * 2),
+                    "device": text(MAX_DEVICE_CHARS),
+                    "app_version": optional(text(MAX_DEVICE_CHARS, 0)),
+                    "queue": optional({"type": "integer", "minimum": 0, "maximum": 2**53 - 1})}},
+                "EventsPage": {"type": "object", "required": ["events", "count"], "properties": {
+                    "events": {"type": "array", "items": {"type": "object", "properties": {
+                        "id": {"type": "integer"}, "session_id": {"type": "integer"}, "time": {"type": "string"},
+                        "action": {"type": "string"}, "data": {}}}},
+                    "count": {"type": "integer", "description": "Rows matching the filters, not the page length"},
+                    "status": {"type": "integer"}}},
+                "Session": {"type": "object", "description": SESSION_PATH_DEFINITION,
+                            "properties": {name: {} for name in SESSION_COLUMNS}},
+                "SessionsPage": {"type": "object", "required": ["sessions", "count"], "properties": {
+                    "sessions": {"type": "array", "items": ref("Session")},
+                    "count": {"type": "integer"}, "status": {"type": "integer"}}},
+                "Stats": {"type": "object", "required": ["sessions", "events"], "properties": {
+                    "sessions": {"type": "integer"}, "events": {"type": "integer"}, "timezone": {"type": "string"},
+                    "sessions_per_day": {"type": "array"}, "sessions_per_hour": {"type": "array"},
+                    "sessions_per_weekday": {"type": "array"}, "duration": {"type": "object"},
+                    "events_per_session": {"type": "object"}, "actions": {"type": "array"},
+                    "data_key": {"type": "string"}, "heatmaps": {"type": "object"},
+                    "values": {"type": "array", "description": VALUES_DEFINITION},
+                    "screen_types": {"type": "array", "description": "Per screen type (the part of a screen's name"
+                                     " before type_separator): visits, events and screens of that type"},
+                    "touches_per_hour": {"type": "array", "description": PATH_FIGURES_DEFINITION},
+                    "transitions": {"type": "array"}, "common_paths": {"type": "array"}, "funnel": {"type": "array"},
+                    "meaningful_sessions": {"type": "integer", "description": ENGAGEMENT_DEFINITION},
+                    "meaningful_touches": {"type": "integer"}, "meaningful_share": {"type": ["number", "null"]},
+                    "bounces": {"type": "integer"}, "bounce_share": {"type": ["number", "null"]},
+                    "touches_per_session": {"type": "object"}, "screens_per_session": {"type": "object"},
+                    "time_to_first_touch": {"type": "object"},
+                    "annotations": {"type": "array", "items": ref("Annotation"),
+                                    "description": "The annotations in the range, for every consumer or the"
+                                                   " one filtered for"},
+                    "status": {"type": "integer"}}},
+                "NewAnnotation": {"type": "object", "required": ["time", "text"], "properties": {
+                    "time": {**timestamp, "description": "When it happened: ISO 8601 with a zone"},
+                    "text": text(MAX_ANNOTATION_CHARS),
+                    "consumer": optional(text(MAX_CONSUMER_NAME_CHARS), "The consumer it concerns (a name;"
+                                                                        " default: every consumer)"),
+                    "site": optional(text(MAX_CONSUMER_NAME_CHARS), "The site it concerns")}},
+                "Annotation": {"type": "object", "properties": {name: {} for name in ANNOTATION_FIELDS}},
+            },
+        },
+        "security": [{}, {"queryKey": []}, {"headerKey": []}, {"bearer": []}],
+        "paths": {
+            "/sessions": {
+                "post": {"summary": "Start a session", "operationId": "startSession",
+                         "description": "Answers the session's token. A retried start with the same uuid answers"
+                                        " the same token.",
+                         "requestBody": body(ref("SessionStart"), "SessionStart"),
+                         "responses": {"200": answer("The session's token", {"type": "object", "required": ["token"],
+                                                     "properties": {"token": {"type": "string"},
+                                                                    "duplicate": {"type": "boolean"},
+                                                                    "status": {"type": "integer"}}}),
+                                       **errors(400, 401, 403, 409, 411, 413, 415, 429, 503)}},
+                "get": {"summary": "List sessions", "operationId": "listSessions",
+                        "parameters": read_params(SESSION_SORTS, SESSION_COLUMNS) + [screen_key],
+                        "responses": {"200": {"description": "A page of sessions, or a CSV/NDJSON download",
+                                              "content": {"application/json": {"schema": ref("SessionsPage")},
+                                                          **exports}},
+                                      **errors(400, 401, 429, 503)}},
+            },
+            "/events": {
+                "post": {"summary": "Store an event, or a batch of events", "operationId": "storeEvents",
+                         "description": "A batch is a JSON object with an events list: each event is stored or"
+                                        " refused on its own. An event whose uuid was stored before is answered"
+                                        " with the first one's id and duplicate: true.",
+                         "requestBody": body({"oneOf": [ref("Event"), ref("Batch")]}, "Event"),
+                         "responses": {"200": answer("The event's id, or one result per event of a batch",
+                                                     {"oneOf": [ref("Stored"), ref("BatchResults")]}),
+                                       **errors(400, 401, 404, 409, 411, 413, 415, 429, 503)}},
+                "get": {"summary": "List events", "operationId": "listEvents",
+                        "parameters": read_params(EVENT_SORTS, EVENT_COLUMNS) + [
+                            param("data_keys", "CSV/NDJSON: a column per data key, e.g. subject,clickX",
+                                  {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,64}(,[A-Za-z0-9_:-]{1,64}){0,19}$"})],
+                        "responses": {"200": {"description": "A page of events, or a CSV/NDJSON download",
+                                              "content": {"application/json": {"schema": ref("EventsPage")},
+                                                          **exports}},
+                                      **errors(400, 401, 429, 503)}},
+            },
+            "/sessions/{session_id}": {
+                "get": {"summary": "One session, with every field: its path among them", "operationId": "getSession",
+                        "parameters": [{"name": "session_id", "in": "path", "required": True, "schema": whole},
+                                       screen_key],
+                        "responses": {"200": answer("The session", {"type": "object", "required": ["session"],
+                                                                    "properties": {"session": ref("Session"),
+                                                                                   "status": {"type": "integer"}}}),
+                                      **errors(400, 401, 404, 429, 503)}},
+            },
+            "/sessions/stop": {
+                "post": {"summary": "Stop a session", "operationId": "stopSession",
+                         "description": "Stopping a stopped session changes nothing (already_stopped: true).",
+                         "requestBody": body(ref("Stop"), "Stop"),
+                         "responses": {"200": answer("Stopped", {"type": "object", "properties": {
+                             "stopped": {"type": "boolean"}, "already_stopped": {"type": "boolean"},
+                             "status": {"type": "integer"}}}),
+                             **errors(400, 401, 404, 411, 413, 415, 429, 503)}},
+            },
+            "/heartbeat": {
+                "post": {"summary": "Report that a kiosk is alive", "operationId": "heartbeat",
+                         "requestBody": body(ref("Heartbeat"), "Heartbeat"),
+                         "responses": {"200": answer("Recorded", {"type": "object", "properties": {
+                             "device_id": {"type": "integer"}, "status": {"type": "integer"}}}),
+                             **errors(400, 401, 403, 411, 413, 415, 429, 503)}},
+            },
+            "/stats": {
+                "get": {"summary": "Statistics of the selected sessions", "operationId": "stats",
+                        "parameters": filters + stats_params,
+                        "responses": {"200": answer("The statistics", ref("Stats")), **errors(400, 401, 429, 503)}},
+            },
+            "/compare": {
+                "get": {"summary": "Compare two sets of sessions: both sides' statistics, their differences and"
+                                   " p values", "operationId": "compare", "description": COMPARE_DEFINITION,
+                        "parameters": [{**p, "name": f"{side}.{p['name']}", "description": f"Side {side}: "
+                                        + p["description"]} for side in "ab" for p in filters] + stats_params,
+                        "responses": {"200": answer("Both sides' statistics and their differences", {
+                            "type": "object", "required": ["a", "b", "differences", "tests"], "properties": {
+                                "a": ref("Stats"), "b": ref("Stats"), "differences": {"type": "object"},
+                                "tests": {"type": "integer"}, "status": {"type": "integer"}}}),
+                            **errors(400, 401, 429, 503)}},
+            },
+            "/annotations": {
+                "post": {"summary": "Note what happened at a time (new content, a kiosk moved)",
+                         "operationId": "addAnnotation", "requestBody": body(ref("NewAnnotation"), "NewAnnotation"),
+                         "responses": {"201": answer("The annotation stored", {"type": "object", "properties": {
+                             "annotation": ref("Annotation"), "status": {"type": "integer"}}}),
+                             **errors(400, 401, 404, 411, 413, 415, 429, 503)}},
+                "get": {"summary": "List annotations, in time order", "operationId": "listAnnotations",
+                        "parameters": [p for p in filters + paging if p["name"] in ANNOTATION_FILTERS],
+                        "responses": {"200": {"description": "The annotations, or a CSV/NDJSON download", "content": {
+                            "application/json": {"schema": {"type": "object", "properties": {
+                                "annotations": {"type": "array", "items": ref("Annotation")},
+                                "status": {"type": "integer"}}}}, **exports}}, **errors(400, 401, 429, 503)}},
+            },
+            "/annotations/{annotation_id}": {
+                "delete": {"summary": "Delete an annotation", "operationId": "deleteAnnotation",
+                           "parameters": [{"name": "annotation_id", "in": "path", "required": True, "schema": whole}],
+                           "responses": {"200": answer("Deleted", {"type": "object", "properties": {
+                               "deleted": {"type": "integer"}, "status": {"type": "integer"}}}),
+                               **errors(401, 404, 429, 503)}},
+            },
+            "/consumers": {
+                "get": {"summary": "List consumers", "operationId": "listConsumers",
+                        "responses": {"200": answer("The consumers", {"type": "object", "properties": {
+                            "consumers": {"type": "array"}, "status": {"type": "integer"}}}),
+                            **errors(401, 429, 503)}},
+            },
+            "/status": {
+                "get": {"summary": "Sizes, counts, open sessions, and each consumer's and kiosk's last sign of life",
+                        "operationId": "status",
+                        "responses": {"200": answer("The status", {"type": "object", "properties": {
+                            "events": {"type": "integer"}, "sessions": {"type": "integer"},
+                            "open_sessions": {"type": "integer"}, "consumers": {"type": "array"},
+                            "read_only": {"type": ["string", "null"],
+                                          "description": "why the database can only be read; null: writable"},
+                            "devices": {"type": "array"}}}), **errors(401, 429, 503)}},
+            },
+            "/metrics": {
+                "get": {"summary": "The status and this process's counters for Prometheus",
+                        "operationId": "metrics",
+                        "responses": {"200": answer("Prometheus text format", {"type": "string"},
+                                                    "text/plain"), **errors(401, 429, 503)}},
+            },
+            "/health": {
+                "get": {"summary": "Whether the service can write its database (no key needed)",
+                        "operationId": "health", "security": [{}],
+                        "responses": {"200": answer("Healthy", {"type": "object", "properties": {
+                            "status": {"const": "ok"}, "version": {"type": "string"}}}), **errors(503)}},
+            },
+            "/openapi.json": {
+                "get": {"summary": "This description", "operationId": "openapi", "security": [{}],
+                        "responses": {"200": answer("OpenAPI 3.1", {"type": "object"})}},
+            },
+            "/": {
+                "get": {"summary": "The API documentation (HTML)", "operationId": "documentation", "security": [{}],
+                        "responses": {"200": answer("HTML", {"type": "string"}, "text/html")}},
+            },
+            "/dash": {
+                "get": {"summary": "The dashboard (HTML; it asks for the key itself)", "operationId": "dashboard",
+                        "security": [{}],
+                        "responses": {"200": answer("HTML", {"type": "string"}, "text/html")}},
+            },
+            "/favicon.ico": {
+                "get": {"summary": "No icon (answers 204 to spare the log)", "operationId": "favicon",
+                        "security": [{}], "responses": {"204": answer("No content")}},
+            },
+        },
+    }
+    # Forms cannot say null: their schemas are the JSON ones without it.
+    schemas = spec["components"]["schemas"]
+    for name in ("SessionStart", "Event", "Stop", "Heartbeat", "NewAnnotation"):
+        properties = {}
+        for field_name, field_schema in schemas[name]["properties"].items():
+            if "anyOf" in field_schema:
+                field_schema = dict(field_schema, anyOf=[o for o in field_schema["anyOf"] if o != {"type": "null"}])
+            properties[field_name] = field_schema
+        schemas[name + "Form"] = dict(schemas[name], properties=properties)
+    return spec
+
+
+def render_docs(spec, base):
+    """The API documentation page (GET /), rendered from the OpenAPI
+    description so that the two never disagree. Everything is escaped."""
+    e = html.escape
+    out = [fill(DOCS_HEAD, BASE=e(base), VERSION=e(__version__), COMMAND=e(operator_command()))]
+    out.append('<h2 id="endpoints">Endpoints</h2>')
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            out.append(f'<section class="endpoint"><h3><span class="method">{e(method.upper())}</span> '
+                       f'<code>{e(path)}</code> <small>{e(operation["summary"])}</small></h3>')
+            if operation.get("description"):
+                out.append(f"<p>{e(operation['description'])}</p>")
+            if operation.get("parameters"):
+                out.append("<table><tr><th>Parameter</th><th>Meaning</th></tr>")
+                for parameter in operation["parameters"]:
+                    out.append(f"<tr><td><code>{e(parameter['name'])}</code></td>"
+                               f"<td>{e(parameter.get('description', ''))}</td></tr>")
+                out.append("</table>")
+            if operation.get("requestBody"):
+                schema = next(iter(operation["requestBody"]["content"].values()))["schema"]
+                out.append("<p>Body: a form (<code>application/x-www-form-urlencoded</code>) or JSON"
+                           " (<code>application/json</code>, or <code>text/plain</code> from sendBeacon).</p>")
+                for name in _schema_names(schema):
+                    fields = spec["components"]["schemas"][name]
+                    out.append(f"<table><tr><th>{e(name)} field</th><th>Required</th><th>Meaning</th></tr>")
+                    for field_name, field_schema in fields["properties"].items():
+                        meaning = field_schema.get("description") or field_schema.get("type", "")
+                        if "$ref" in field_schema.get("items", {}):
+                            meaning = "a list of " + field_schema["items"]["$ref"].rsplit("/", 1)[1]
+                        out.append(f"<tr><td><code>{e(field_name)}</code></td>"
+                                   f"<td>{'yes' if field_name in fields.get('required', ()) else ''}</td>"
+                                   f"<td>{e(str(meaning))}</td></tr>")
+                    out.append("</table>")
+            out.append("<table><tr><th>Answer</th><th>When</th></tr>")
+            for code, response in operation["responses"].items():
+                out.append(f"<tr><td><code>{e(code)}</code></td><td>{e(response['description'])}</td></tr>")
+            out.append("</table></section>")
+    out.append("</main></body></html>")
+    return "\n".join(out)
+
+
+def _schema_names(schema):
+    """The component names a request schema refers to."""
+    refs = [schema] if "$ref" in schema else schema.get("oneOf", [])
+    return [r["$ref"].rsplit("/", 1)[1] for r in refs if "$ref" in r]
+
+
+DOCS_HEAD = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Microticks API</title>
+<style>
+  body { margin: 0; font: 15px/1.5 system-ui, sans-serif; color: #1f2937; background: #f8fafc; }
+  main { max-width: 980px; margin: 0 auto; padding: 24px; }
+  h1 { margin-bottom: 0; } h2 { margin-top: 36px; border-bottom: 1px solid #e5e7eb; padding-bottom: 4px; }
+  h3 { font-size: 16px; } h3 small { color: #6b7280; font-weight: normal; }
+  .method { display: inline-block; min-width: 48px; padding: 1px 6px; border-radius: 4px; background: #2563eb;
+            color: #fff; font-size: 12px; text-align: center; }
+  code { background: #eef2f7; padding: 1px 4px; border-radius: 3px; }
+  pre { background: #0f172a; color: #e2e8f0; padding: 12px; border-radius: 8px; overflow-x: auto; }
+  pre code { background: none; padding: 0; }
+  table { border-collapse: collapse; width: 100%; margin: 8px 0; font-size: 14px; }
+  th, td { text-align: left; vertical-align: top; padding: 4px 8px; border-bottom: 1px solid #e5e7eb; }
+  .endpoint { background: #fff; border: 1px solid #e5e7eb; border-radius: 10px; padding: 4px 16px 12px; margin: 12px 0; }
+  nav a { margin-right: 16px; }
+</style></head><body><main>
+<h1>Microticks API</h1>
+<p>Version __VERSION__. Simple analytics for kiosk and touch-table apps: a frontend starts a session on the
+first touch, posts events, and stops the session when nobody has touched the screen for a while.</p>
+<nav><a href="dash">Dashboard</a><a href="openapi.json">OpenAPI description</a>
+<a href="examples/">Tracker demo</a><a href="#endpoints">Endpoints</a></nav>
+
+<h2>Quick start</h2>
+<p>Register the frontend once on the server: <code>__COMMAND__ createconsumer lobby-table</code>
+prints its consumer key. Then, from the kiosk:</p>
+<pre><code>curl -d 'consumer_key=KEY&amp;ts=2017-08-25T17:09:19.438Z' __BASE__/sessions
+# {"token": "TOKEN", "status": 200}
+curl -d 'token=TOKEN&amp;action=click&amp;data={"target":"map"}&amp;ts=2017-08-25T17:09:21.000Z' __BASE__/events
+# {"event_id": 1, "status": 200}
+curl -H 'Content-Type: application/json'      -d '{"events": [{"token": "TOKEN", "action": "click", "data": {"subject": "main"}, "ts": "2017-08-25T17:09:22Z", "uuid": "e-1"}]}'      __BASE__/events
+# {"results": [{"event_id": 2}], "status": 200}
+curl -d 'token=TOKEN&amp;ts=2017-08-25T17:11:00.000Z' __BASE__/sessions/stop
+curl '__BASE__/events?from=2017-08-25&amp;action=click&amp;limit=10'
+curl -o week.csv '__BASE__/events?format=csv&amp;from=2017-08-21&amp;to=2017-08-27'</code></pre>
+<p>From a page, with <code>fetch</code> (or use the tracker, <code>examples/microticks.js</code>, which queues,
+batches and retries for you):</p>
+<pre><code>const started = await fetch("__BASE__/sessions", {method: "POST",
+  body: new URLSearchParams({consumer_key: KEY, ts: new Date().toISOString()})}).then((r) =&gt; r.json());
+await fetch("__BASE__/events", {method: "POST", body: new URLSearchParams({
+  token: started.token, action: "click", data: JSON.stringify({target: "map"}), ts: new Date().toISOString()})});</code></pre>
+
+<h2>Keys</h2>
+<p>When the server has <code>MICROTICKS_KEY</code> set, every request except <code>OPTIONS</code>,
+<code>/health</code> and the pages (this one, <code>/dash</code>, <code>/openapi.json</code>, <code>/examples/</code>)
+needs it: <code>?key=KEY</code>, <code>X-Microticks-Key: KEY</code> or <code>Authorization: Bearer KEY</code>.
+The consumer key (<code>consumer_key</code>) is another thing: it tells which frontend a session belongs to.</p>
+
+<h2>Answers and errors</h2>
+<p>Every answer is JSON with CORS headers for any origin (configurable) and <code>Cache-Control: no-store</code>.
+An error is <code>{"error": "what is wrong", "status": 400}</code>, with <code>"errors": {"field": ["..."]}</code>
+when fields were wrong; a refused request changes nothing stored. 503 and 429 answers carry
+<code>Retry-After</code>: retry them; other 4xx answers will not change on a retry.</p>
+<p>Times are ISO 8601 with a zone, as <code>new Date().toISOString()</code> gives. The server keeps the
+client's time as sent, its own receive time, and a UTC time corrected for the client's clock when the request
+carried <code>sent_at</code>.</p>
+"""
+
+
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Microticks dashboard</title>
+<style>
+  :root { --ink: #1f2937; --muted: #6b7280; --line: #e5e7eb; --paper: #f8fafc; --card: #fff;
+          --accent: #2563eb; --accent-soft: #dbeafe; --warm: #c2410c; }
+  * { box-sizing: border-box; }
+  body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--ink); background: var(--paper); }
+  header { display: flex; flex-wrap: wrap; gap: 12px 24px; align-items: end; padding: 16px 24px;
+           background: var(--card); border-bottom: 1px solid var(--line); position: sticky; top: 0; z-index: 2; }
+  header h1 { font-size: 20px; margin: 0 12px 4px 0; }
+  header h1 a { color: inherit; text-decoration: none; }
+  label { display: flex; flex-direction: column; font-size: 12px; color: var(--muted); gap: 2px; }
+  input, select, button { font: inherit; padding: 6px 8px; border: 1px solid #cbd5e1; border-radius: 6px; background: #fff; color: var(--ink); }
+  button { background: var(--accent); color: #fff; border-color: var(--accent); cursor: pointer; }
+  main { padding: 20px 24px 40px; max-width: 1800px; margin: 0 auto; }
+  .cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(160px, 1fr)); gap: 12px; margin-bottom: 16px; }
+  .card { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 12px 16px; }
+  .card .value { font-size: 28px; font-weight: 650; display: block; }
+  .card .label { color: var(--muted); font-size: 13px; }
+  .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 460px), 1fr)); gap: 16px; }
+  section { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 14px 16px; min-width: 0; }
+  section h2 { font-size: 15px; margin: 0 0 10px; }
+  section.wide { grid-column: 1 / -1; }
+  svg { width: 100%; height: auto; display: block; }
+  svg .bar { fill: var(--accent); }
+  svg .value { font-size: 11px; fill: var(--ink); text-anchor: middle; }
+  svg .axis { font-size: 11px; fill: var(--muted); text-anchor: middle; }
+  .bars { display: grid; grid-template-columns: minmax(80px, max-content) 1fr max-content; gap: 4px 10px; align-items: center; font-size: 13px; }
+  .bars .name { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; max-width: 40vw; }
+  .bars .track { background: var(--accent-soft); border-radius: 3px; height: 14px; }
+  .bars .fill { background: var(--accent); border-radius: 3px; height: 14px; }
+  table { border-collapse: collapse; width: 100%; font-size: 13px; }
+  th, td { text-align: right; padding: 5px 6px; border-bottom: 1px solid var(--line); white-space: nowrap; }
+  th:first-child, td:first-child { text-align: left; white-space: normal; overflow-wrap: anywhere; min-width: 12em; }
+  th { color: var(--muted); font-weight: 600; }
+  .scroll { overflow-x: auto; }
+  .heat-controls { display: flex; flex-wrap: wrap; gap: 10px; margin-bottom: 10px; align-items: end; }
+  .heat-controls label, .heat-controls select { max-width: 100%; }
+  canvas { width: 100%; max-width: 960px; height: auto; background: #0f172a; border-radius: 6px; display: block; }
+  .note { color: var(--muted); font-size: 13px; }
+  #live ol { list-style: none; padding: 0; margin: 0; }
+  #live li.session { border-bottom: 1px solid var(--line); padding: 8px 0; }
+  #live .head { display: flex; flex-wrap: wrap; gap: 4px 12px; font-size: 13px; }
+  #live .badge { border-radius: 10px; padding: 0 8px; font-size: 12px; background: #dcfce7; color: #166534; }
+  #live .badge.closed { background: #f1f5f9; color: var(--muted); }
+  #live .events { margin: 4px 0 0; padding-left: 14px; font: 12px/1.4 ui-monospace, monospace; color: #334155;
+                  max-height: 140px; overflow: auto; word-break: break-all; }
+  #error { display: none; margin: 0 0 12px; padding: 10px 14px; border-radius: 8px; background: #fee2e2; color: #991b1b; }
+  .stale { opacity: .35; }
+  svg .marker { stroke: var(--warm); stroke-dasharray: 3 3; }
+  svg .marker-label { font-size: 11px; fill: var(--warm); }
+  #compare-controls { display: contents; }
+  #compare-controls[hidden], label[hidden] { display: none; }
+  .pair { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 420px), 1fr)); gap: 16px; }
+  td.small-p { color: var(--warm); font-weight: 650; }
+  #keyform { display: none; position: fixed; inset: 0; background: rgba(15,23,42,.55); z-index: 5; align-items: center; justify-content: center; }
+  #keyform form { background: #fff; padding: 24px; border-radius: 12px; width: min(420px, 92vw); display: grid; gap: 12px; }
+  @media (max-width: 600px) { header, main { padding-left: 12px; padding-right: 12px; } .card .value { font-size: 22px; }
+                              header { position: static; } }  /* on a phone it would cover a third of the screen */
+</style>
+</head>
+<body>
+<header>
+  <h1><a href="./">Microticks</a></h1>
+  <label>From <input type="date" id="from"></label>
+  <label>To <input type="date" id="to"></label>
+  <label>Consumer <select id="consumer"><option value="">All consumers</option></select></label>
+  <label class="sites" hidden>Site <select id="site"><option value="">All sites</option></select></label>
+  <label>Screens are named by <input id="data_key" value="subject" size="10"></label>
+  <label><span><input type="checkbox" id="compare"> Compare with</span></label>
+  <span id="compare-controls" hidden>
+    <label>B from <input type="date" id="from-b"></label>
+    <label>B to <input type="date" id="to-b"></label>
+    <label>B consumer <select id="consumer-b"><option value="">All consumers</option></select></label>
+    <label class="sites" hidden>B site <select id="site-b"><option value="">All sites</option></select></label>
+  </span>
+  <button id="apply">Show</button>
+  <span class="note" id="updated"></span>
+</header>
+<main>
+  <div id="error" role="alert"></div>
+  <div class="cards">
+    <div class="card"><span class="value" data-figure="sessions">–</span><span class="label">sessions</span></div>
+    <div class="card"><span class="value" data-figure="events">–</span><span class="label">events</span></div>
+    <div class="card"><span class="value" data-figure="median-duration">–</span><span class="label">median session</span></div>
+    <div class="card"><span class="value" data-figure="median-events">–</span><span class="label">median events per session</span></div>
+    <div class="card"><span class="value" data-figure="busiest-day-sessions">–</span><span class="label">sessions on the busiest day, <span data-figure="busiest-day">–</span></span></div>
+    <div class="card"><span class="value" data-figure="top-screen" style="font-size:18px;word-break:break-all">–</span><span class="label">most used screen</span></div>
+    <div class="card"><span class="value" data-figure="meaningful-share">–</span><span class="label">meaningful sessions (<span data-figure="meaningful-touches">2</span>+ touches)</span></div>
+    <div class="card"><span class="value" data-figure="bounce-share">–</span><span class="label">bounces: <span data-figure="bounces">–</span> sessions of one touch or none</span></div>
+    <div class="card"><span class="value" data-figure="median-touches">–</span><span class="label">median touches per session</span></div>
+    <div class="card"><span class="value" data-figure="median-screens">–</span><span class="label">median screens per session</span></div>
+  </div>
+  <div class="grid">
+    <section class="wide" id="empty-range" hidden><h2>No sessions in this range</h2>
+      <p class="note" id="data-range"></p><button id="show-all" hidden>Show the range with data</button></section>
+    <section class="wide" id="comparison" hidden><h2>Comparison: A (<span id="label-a"></span>) and B (<span id="label-b"></span>)</h2>
+      <p class="note">Medians are compared by the Mann-Whitney U test, shares by the chi-square test (Fisher's exact test for small counts). A p value is the chance of a difference at least this large if A and B did not differ at all; under 0.05 is marked. <span id="compare-tests"></span></p>
+      <div class="scroll"><table id="compare-table"><thead><tr><th>Figure</th><th>A</th><th>B</th><th>B − A</th><th>p</th><th>n (A / B)</th></tr></thead><tbody></tbody></table></div>
+      <div class="pair"><div><h2>A: sessions per day</h2><div id="per-day-a"></div></div><div><h2>B: sessions per day</h2><div id="per-day-b"></div></div></div></section>
+    <section class="wide"><h2>Sessions per day</h2><div id="per-day"></div><ul class="note" id="annotations"></ul></section>
+    <section><h2>Sessions by hour of day (<span id="tz"></span>)</h2><div id="per-hour"></div></section>
+    <section><h2>Touches by hour of day (clicks and swipes)</h2><div id="touches-per-hour"></div></section>
+    <section><h2>Sessions by weekday</h2><div id="per-weekday"></div></section>
+    <section><h2>Session duration</h2><div id="durations"></div></section>
+    <section><h2>Events per session</h2><div id="per-session"></div></section>
+    <section><h2>Top actions</h2><div id="actions" class="bars"></div></section>
+    <section><h2>Screen types</h2><div id="screen-types" class="bars"></div></section>
+    <section class="wide"><h2>Screens</h2><p class="note">Visits count repeated touches on the same screen once; 1st, 2nd and 3rd: how often people picked it first, second, third in a session; time: seconds from arriving on it to the next screen change (a session's last screen is not measured: only idle time came after it).</p>
+      <div class="scroll"><table id="screens"><thead><tr><th>Screen</th><th>Events</th><th>Visits</th><th>Sessions</th><th>1st</th><th>2nd</th><th>3rd</th><th>Measured</th><th>Min (s)</th><th>Mean (s)</th><th>Max (s)</th><th>Page turns</th></tr></thead><tbody></tbody></table></div></section>
+    <section class="wide"><h2>Flow between screens</h2><p class="note">Each screen's moves to the next, as many as the visits they were made in; (entry) and (exit) are where sessions begin and end. The width of a band is its number of moves; the time is the median on the screen moved from.</p>
+      <div id="flow" class="scroll"></div></section>
+    <section class="wide"><h2>Most common paths (first three screens)</h2><div id="common-paths" class="bars"></div></section>
+    <section class="wide" id="explorer"><h2>Session explorer</h2>
+      <div class="heat-controls"><label>Session <select id="explore-session"></select></label>
+        <span class="note" id="explore-summary"></span></div>
+      <div id="explore-path"></div>
+      <canvas id="explore-heatmap" width="960" height="540"></canvas></section>
+    <section class="wide"><h2>Touches on a screen</h2>
+      <div class="heat-controls">
+        <label>Screen <select id="heat-screen"></select></label>
+        <label>Width (px) <input type="number" id="heat-width" min="1" style="width:90px"></label>
+        <label>Height (px) <input type="number" id="heat-height" min="1" style="width:90px"></label>
+        <span class="note"><span data-figure="heatmap-points">0</span> touch points</span>
+      </div>
+      <canvas id="heatmap" width="960" height="540"></canvas></section>
+    <section class="wide" id="kiosks"><h2>Kiosks</h2>
+      <div class="scroll"><table><thead><tr><th>Kiosk</th><th>Consumer</th><th>App version</th><th>Last seen</th><th>Queue</th><th>State</th></tr></thead><tbody></tbody></table></div>
+      <p class="note" id="kiosks-note"></p></section>
+    <section class="wide" id="live"><h2>Latest sessions (live)</h2><ol></ol></section>
+  </div>
+</main>
+<div id="keyform"><form>
+  <strong>This Microticks needs its API key</strong>
+  <span class="note" id="keynote">It is kept for this browser tab only.</span>
+  <input type="text" autocomplete="username" value="microticks" hidden aria-hidden="true">
+  <input type="password" id="key" autocomplete="current-password" placeholder="API key" required>
+  <button type="submit">Open the dashboard</button>
+</form></div>
+<script nonce="__NONCE__">
+"use strict";
+// Everything from the server is put on the page with textContent or as SVG
+// text: data a kiosk sent can never become markup.
+const BASE = location.pathname.replace(/\/dash\/?$/, "");
+const NS = "http://www.w3.org/2000/svg";
+const $ = (id) => document.getElementById(id);
+let key = sessionStorage.getItem("microticks-key") || "";
+let stats = null;
+
+function el(tag, attrs, text) {
+  const node = tag.startsWith("svg:") ? document.createElementNS(NS, tag.slice(4)) : document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+function figure(name, value) {
+  for (const node of document.querySelectorAll(`[data-figure="${name}"]`)) node.textContent = value;
+}
+
+async function api(path, params, attempt = 0) {
+  const query = new URLSearchParams(Object.entries(params || {}).filter(([, v]) => v !== "" && v !== undefined));
+  const response = await fetch(`${BASE}${path}?${query}`, {headers: key ? {"X-Microticks-Key": key} : {}, cache: "no-store"});
+  if (response.status === 401) { askForKey(Boolean(key)); throw new Error("The API key is needed"); }
+  if (response.status === 503 && attempt < 6) {  // busy with other statistics: as the server says, a little later
+    const seconds = Math.min(10, Number(response.headers.get("Retry-After")) || 2);
+    await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+    return api(path, params, attempt + 1);
+  }
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
+  return body;
+}
+
+function askForKey(wrong) {
+  $("keynote").textContent = wrong ? "That key was not accepted; try again." : "It is kept for this browser tab only.";
+  $("keyform").style.display = "flex";
+  $("key").focus();
+}
+
+$("keyform").querySelector("form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  key = $("key").value.trim();
+  sessionStorage.setItem("microticks-key", key);
+  $("keyform").style.display = "none";
+  start();
+});
+
+function showError(error) {
+  $("error").textContent = error ? String(error.message || error) : "";
+  $("error").style.display = error ? "block" : "none";
+}
+
+function filters() {
+  return {from: $("from").value, to: $("to").value, consumer: $("consumer").value, site: $("site").value};
+}
+
+function columnChart(target, items, options) {
+  options = Object.assign({height: 190}, options);
+  // Drawn at the size it is shown, so that its text reads like the page's.
+  const width = Math.max(280, target.clientWidth || 480), top = 18, bottom = 34, height = options.height;
+  const longest = Math.max(1, ...items.map((i) => Math.max(String(i.label).length, String(i.sub || "").length)));
+  options.labelEvery = Math.max(1, Math.ceil((longest * 6.5 + 6) * items.length / width));
+  const max = Math.max(1, ...items.map((i) => i.value));
+  const slot = width / Math.max(1, items.length), bar = Math.max(4, slot * 0.7);
+  const chart = el("svg:svg", {viewBox: `0 0 ${width} ${height}`, role: "img"});
+  items.forEach((item, n) => {
+    const h = (height - top - bottom) * item.value / max, x = n * slot + (slot - bar) / 2;
+    const rect = el("svg:rect", {class: "bar", x, y: height - bottom - h, width: bar, height: Math.max(h, item.value ? 1 : 0), rx: 2});
+    rect.appendChild(el("svg:title", {}, `${item.label}: ${item.value}`));
+    chart.appendChild(rect);
+    if (item.value) chart.appendChild(el("svg:text", {class: "value", x: x + bar / 2, y: height - bottom - h - 4}, item.value));
+    if (n % options.labelEvery === 0) chart.appendChild(el("svg:text", {class: "axis", x: x + bar / 2, y: height - bottom + 14}, item.label));
+    if (item.sub && n % options.labelEvery === 0) chart.appendChild(el("svg:text", {class: "axis", x: x + bar / 2, y: height - bottom + 27}, item.sub));
+    // Annotations: a dashed line at their slot, the first one's text beside it.
+    const notes = (options.markers || []).filter((marker) => marker.key === item.key);
+    if (notes.length) {
+      const line = el("svg:line", {class: "marker", x1: n * slot + 1, x2: n * slot + 1, y1: 2, y2: height - bottom});
+      line.appendChild(el("svg:title", {}, notes.map((marker) => marker.text).join("\n")));
+      chart.appendChild(line);
+      chart.appendChild(el("svg:text", {class: "marker-label", x: n * slot + 4, y: 11},
+                           notes[0].text.length > 24 ? notes[0].text.slice(0, 23) + "…" : notes[0].text));
+    }
+  });
+  target.replaceChildren(chart);
+}
+
+// The day of an annotation in the zone the figures are in.
+function localDay(utc, zone) {
+  try { return new Intl.DateTimeFormat("en-CA", {timeZone: zone, year: "numeric", month: "2-digit", day: "2-digit"}).format(new Date(utc)); }
+  catch (error) { return utc.slice(0, 10); }
+}
+
+function dayChart(target, data) {
+  const days = data.sessions_per_day.map((d) => ({key: d.day, label: d.day.slice(5), sub: new Date(d.day + "T12:00:00Z").toLocaleDateString("en", {weekday: "short", timeZone: "UTC"}), value: d.sessions}));
+  const markers = (data.annotations || []).map((a) => ({key: localDay(a.time_utc, data.timezone), text: a.text}));
+  columnChart(target, days, {markers});
+}
+
+function barList(target, items) {
+  const max = Math.max(1, ...items.map((i) => i.value));
+  target.replaceChildren();
+  for (const item of items) {
+    const fill = el("div", {class: "fill", style: `width:${(100 * item.value / max).toFixed(1)}%`});
+    const track = el("div", {class: "track"});
+    track.appendChild(fill);
+    target.append(el("span", {class: "name", title: item.label}, item.label), track, el("span", {}, item.value));
+  }
+}
+
+function seconds(value) {
+  if (value === null || value === undefined) return "–";
+  if (value < 90) return `${Math.round(value)} s`;
+  return `${(value / 60).toFixed(1)} min`;
+}
+
+function render(data) {
+  stats = data;
+  figure("sessions", data.sessions);
+  figure("events", data.events);
+  figure("median-duration", seconds(data.duration.median));
+  figure("median-events", data.events_per_session.median ?? "–");
+  const busiest = data.sessions_per_day.reduce((best, d) => (!best || d.sessions > best.sessions ? d : best), null);
+  figure("busiest-day", busiest ? busiest.day : "–");
+  figure("busiest-day-sessions", busiest ? busiest.sessions : "–");
+  figure("top-screen", data.values.length ? data.values[0].value : "–");
+  const share = (value) => (value === null || value === undefined ? "–" : `${Math.round(value * 1000) / 10}%`);
+  figure("meaningful-share", share(data.meaningful_share));
+  figure("meaningful-touches", data.meaningful_touches);
+  figure("bounce-share", share(data.bounce_share));
+  figure("bounces", data.bounces);
+  figure("median-touches", data.touches_per_session.median ?? "–");
+  figure("median-screens", data.screens_per_session.median ?? "–");
+  $("tz").textContent = data.timezone;
+  dayChart($("per-day"), data);
+  $("annotations").replaceChildren(...data.annotations.map((a) => el("li", {"data-annotation": a.id},
+    `${localDay(a.time_utc, data.timezone)}: ${a.text}` + (a.consumer ? ` (${a.consumer})` : ""))));
+  columnChart($("per-hour"), data.sessions_per_hour.map((h) => ({label: String(h.hour).padStart(2, "0"), value: h.sessions})));
+  columnChart($("per-weekday"), data.sessions_per_weekday.map((d) => ({label: d.weekday.slice(0, 3), value: d.sessions})));
+  columnChart($("durations"), data.duration.distribution.map((b) => ({label: b.bucket, value: b.sessions})));
+  columnChart($("per-session"), data.events_per_session.distribution.map((b) => ({label: b.bucket, value: b.sessions})));
+  barList($("actions"), data.actions.slice(0, 12).map((a) => ({label: a.action, value: a.events})));
+  barList($("screen-types"), data.screen_types.map((t) => ({label: t.type, value: t.visits})));
+  const body = $("screens").querySelector("tbody");
+  body.replaceChildren();
+  const time = (value) => (value === null ? "–" : value.toFixed(1));
+  for (const v of data.values) {
+    const row = el("tr");
+    for (const cell of [v.value, v.events, v.visits, v.sessions, v.first, v.second, v.third, v.time_spent.measured,
+                        time(v.time_spent.min), time(v.time_spent.mean), time(v.time_spent.max), v.page_turns]) {
+      row.appendChild(el("td", {}, cell));
+    }
+    body.appendChild(row);
+  }
+  $("empty-range").hidden = data.sessions > 0;
+  if (!data.sessions) showDataRange();
+  const screens = Object.entries(data.heatmaps.screens).sort((a, b) => b[1].points - a[1].points);
+  const select = $("heat-screen"), previous = select.value;
+  select.replaceChildren();
+  for (const [name, heat] of screens) select.appendChild(el("option", {value: name}, `${name || "(no screen)"} (${heat.points})`));
+  if (screens.some(([name]) => name === previous)) select.value = previous;
+  if (!$("heat-width").dataset.set) $("heat-width").value = roundUp(data.heatmaps.width, 1920);
+  if (!$("heat-height").dataset.set) $("heat-height").value = roundUp(data.heatmaps.height, 1080);
+  drawHeatmap();
+  $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
+}
+
+// The path figures come in a second answer: computed from the events on
+// each request, over a big range they take seconds the rest need not wait.
+let paths = null;
+function renderPaths(data) {
+  paths = data;
+  columnChart($("touches-per-hour"), data.touches_per_hour.map((h) => ({label: String(h.hour).padStart(2, "0"), value: h.touches})));
+  drawFlow($("flow"), data.transitions);
+  barList($("common-paths"), data.common_paths.map((p) => ({label: p.path.join(" → "), value: p.sessions})));
+}
+
+// No touch points yet: a full-HD screen, the touch tables' most common.
+function roundUp(size, otherwise) { return size ? Math.ceil(size / 10) * 10 : otherwise; }
+
+function drawHeatmap() {
+  const heat = stats && stats.heatmaps.screens[$("heat-screen").value];
+  figure("heatmap-points", heat ? heat.points : 0);
+  paintHeat($("heatmap"), heat ? [heat] : [], stats ? stats.heatmaps.bin : 50);
+}
+
+// The bins of `heats` (one screen's, or all a session touched) on a canvas
+// of the screen's size as set above.
+function paintHeat(canvas, heats, bin) {
+  const context = canvas.getContext("2d");
+  const width = Number($("heat-width").value) || 1920, height = Number($("heat-height").value) || 1080;
+  canvas.width = 960;
+  canvas.height = Math.max(60, Math.round(960 * height / width));
+  context.fillStyle = "#0f172a";
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  const bins = heats.flatMap((heat) => heat.bins), scale = canvas.width / width;
+  const max = Math.max(1, ...bins.map((b) => b[2]));
+  for (const [x, y, n] of bins) {
+    const strength = Math.sqrt(n / max);
+    context.fillStyle = `hsla(${Math.round(50 - 50 * strength)}, 100%, 55%, ${0.25 + 0.75 * strength})`;
+    context.fillRect(x * scale, y * scale, Math.max(1, bin * scale), Math.max(1, bin * scale));
+  }
+}
+
+// A flow diagram (Sankey-style): screens on the left that moves leave,
+// screens on the right that they reach, bands as wide as their moves. A
+// screen is both (people come back), so each side lists it; the 40 largest
+// bands are drawn, the rest said in a line.
+function drawFlow(target, transitions) {
+  const shown = transitions.slice(0, 40), total = transitions.reduce((sum, m) => sum + m.count, 0);
+  const sides = [new Map(), new Map()];
+  for (const m of shown) {
+    sides[0].set(m.from, (sides[0].get(m.from) || 0) + m.count);
+    sides[1].set(m.to, (sides[1].get(m.to) || 0) + m.count);
+  }
+  const moves = shown.reduce((sum, m) => sum + m.count, 0);
+  const width = Math.max(640, target.clientWidth || 900), gap = 4, label = Math.min(250, width * 0.3);
+  // A screen's box is as tall as its moves, and at least a line of text.
+  const unit = 360 / Math.max(1, moves), line = 15;
+  const place = sides.map((side) => {
+    const at = new Map();
+    let y = 5;
+    for (const [screen, n] of [...side.entries()].sort((a, b) => b[1] - a[1])) {
+      at.set(screen, {y, h: Math.max(line, n * unit), used: 0});
+      y += Math.max(line, n * unit) + gap;
+    }
+    return at;
+  });
+  const height = 10 + Math.max(...place.map((at) => [...at.values()].reduce((end, box) => Math.max(end, box.y + box.h), 0)));
+  const chart = el("svg:svg", {viewBox: `0 0 ${width} ${height}`, role: "img"});
+  const left = label, right = width - label;
+  for (const m of shown) {
+    const a = place[0].get(m.from), b = place[1].get(m.to), h = Math.max(1, m.count * unit);
+    const y1 = a.y + a.used + h / 2, y2 = b.y + b.used + h / 2;
+    a.used += h; b.used += h;
+    const band = el("svg:path", {d: `M${left},${y1} C${(left + right) / 2},${y1} ${(left + right) / 2},${y2} ${right},${y2}`,
+                                 fill: "none", stroke: "#2563eb", "stroke-opacity": 0.35, "stroke-width": h});
+    band.appendChild(el("svg:title", {}, `${m.from} → ${m.to}: ${m.count}` + (m.median_seconds === null ? "" : `, median ${m.median_seconds} s`)));
+    chart.appendChild(band);
+  }
+  place.forEach((at, side) => {
+    for (const [screen, box] of at) {
+      chart.appendChild(el("svg:rect", {x: side ? right : left - 6, y: box.y, width: 6, height: box.h, fill: "#1f2937"}));
+      const text = el("svg:text", {x: side ? right + 10 : left - 10, y: box.y + box.h / 2 + 4, "font-size": 12,
+                                    "text-anchor": side ? "start" : "end"}, screen.length > 32 ? screen.slice(0, 31) + "…" : screen);
+      text.appendChild(el("svg:title", {}, screen));
+      chart.appendChild(text);
+    }
+  });
+  const rest = total - moves;
+  target.replaceChildren(chart, el("p", {class: "note"}, rest ? `${rest} more moves in ${transitions.length - shown.length} smaller bands are not drawn.` : ""));
+}
+
+// An empty range says where the data is.
+async function showDataRange() {
+  try {
+    const first = await api("/sessions", {limit: 1, sort: "started_at", fields: "started_utc", consumer: $("consumer").value, site: $("site").value});
+    if (!first.count) { $("data-range").textContent = "This Microticks has no sessions yet."; $("show-all").hidden = true; return; }
+    const last = await api("/sessions", {limit: 1, "sort.desc": "started_at", fields: "started_utc", consumer: $("consumer").value, site: $("site").value});
+    const from = first.sessions[0].started_utc.slice(0, 10), to = last.sessions[0].started_utc.slice(0, 10);
+    $("data-range").textContent = `The ${first.count} sessions there are run from ${from} to ${to}.`;
+    $("show-all").hidden = false;
+    $("show-all").onclick = () => { $("from").value = from; $("to").value = to; loadStats(); };
+  } catch (error) { showError(error); }
+}
+
+// One session: its path as a timeline (a bar per visit, as long as its
+// time; the last, unmeasured, drawn short and hatched) and its touches.
+async function exploreSession() {
+  const id = $("explore-session").value;
+  if (!id) return;
+  try {
+    const screenKey = $("data_key").value.trim();
+    const [{session}, figures] = await Promise.all([api(`/sessions/${id}`, {data_key: screenKey}), api("/stats", {session: id, data_key: screenKey})]);
+    $("explore-summary").textContent = `${session.path.length} visits to ${session.screens} screens, ${session.touches} touches, ${seconds(session.duration)}`;
+    const measured = session.path.reduce((sum, v) => sum + (v.seconds || 0), 0) || 1;
+    const width = Math.max(480, $("explore-path").clientWidth || 900), rowHeight = 22;
+    const chart = el("svg:svg", {viewBox: `0 0 ${width} ${session.path.length * rowHeight + 8}`, role: "img"});
+    let x = 0;
+    session.path.forEach((visit, n) => {
+      const w = visit.seconds === null ? 8 : Math.max(2, (width * 0.55) * visit.seconds / measured);
+      const bar = el("svg:rect", {x: width * 0.4 + x, y: n * rowHeight + 4, width: w, height: rowHeight - 6, rx: 2,
+                                  fill: visit.seconds === null ? "#94a3b8" : "#2563eb"});
+      chart.appendChild(bar);
+      chart.appendChild(el("svg:text", {x: width * 0.4 - 8, y: n * rowHeight + 17, "font-size": 12, "text-anchor": "end"},
+                           `${visit.screen}  ${visit.seconds === null ? "(last: not measured)" : visit.seconds + " s"}, ${visit.touches} touches`));
+      x += visit.seconds === null ? 0 : w;
+    });
+    $("explore-path").replaceChildren(chart);
+    paintHeat($("explore-heatmap"), Object.values(figures.heatmaps.screens), figures.heatmaps.bin);
+  } catch (error) { showError(error); }
+}
+$("explore-session").addEventListener("change", exploreSession);
+
+let resizeTimer = null;
+window.addEventListener("resize", () => {
+  clearTimeout(resizeTimer);
+  resizeTimer = setTimeout(() => { if (stats) render(stats); if (paths) renderPaths(paths); }, 200);
+});
+
+for (const id of ["heat-width", "heat-height"]) {
+  $(id).addEventListener("input", () => { $(id).dataset.set = "1"; drawHeatmap(); });
+}
+$("heat-screen").addEventListener("change", drawHeatmap);
+
+// A query the service refused leaves the last figures on screen: dimmed,
+// and said so, lest they be read as the answer to the new one.
+function showStatsError(error) {
+  const message = String(error.message || error);
+  showError(stats ? `${message} (the figures below are still those of the last query shown)` : message);
+  markStale(Boolean(stats));
+}
+
+function markStale(stale) {
+  for (const part of document.querySelectorAll(".cards, .grid > section:not(#kiosks):not(#live)")) {
+    part.classList.toggle("stale", stale);
+  }
+}
+
+function renderComparison(data, labels) {
+  $("comparison").hidden = false;
+  $("label-a").textContent = labels.a;
+  $("label-b").textContent = labels.b;
+  const number = (value) => (value === null || value === undefined ? "–" : String(Math.round(value * 1000) / 1000));
+  const rows = [], d = data.differences;
+  const medians = (label, f) => rows.push([label, number(f.a_median), number(f.b_median), number(f.difference), f.p_value, `${f.a_n} / ${f.b_n}`]);
+  const shares = (label, f) => rows.push([label, number(f.a), number(f.b), number(f.difference), f.p_value, `${f.a_count} / ${f.b_count}`]);
+  medians("Session duration, median (s)", d.duration);
+  medians("Touches per session, median", d.touches_per_session);
+  medians("Distinct screens per session, median", d.screens_per_session);
+  shares(`Meaningful sessions (${data.a.meaningful_touches}+ touches), share`, d.meaningful_share);
+  for (const f of d.time_on_screen.slice(0, 15)) medians(`Time on ${f.screen}, median (s)`, f);
+  for (const f of d.first_picks.slice(0, 10)) shares(`Picked ${f.screen} first, share of sessions`, f);
+  for (const f of d.visit_shares.slice(0, 10)) shares(`Visits to ${f.screen}, share`, f);
+  const body = $("compare-table").querySelector("tbody");
+  body.replaceChildren(...rows.map(([label, a, b, difference, p, n]) => {
+    const row = el("tr");
+    row.append(el("td", {}, label), el("td", {}, a), el("td", {}, b), el("td", {}, difference),
+               el("td", p !== null && p < 0.05 ? {class: "small-p"} : {}, p === null ? "–" : p < 0.001 ? "< 0.001" : p.toFixed(3)),
+               el("td", {}, n));
+    return row;
+  }));
+  $("compare-tests").textContent = `${data.tests} tests were made (the table shows the largest screens): where nothing differs, about one in twenty still comes out under 0.05.`;
+  dayChart($("per-day-a"), data.a);
+  dayChart($("per-day-b"), data.b);
+}
+
+async function loadComparison(query) {
+  if (!$("compare").checked) { $("comparison").hidden = true; return; }
+  const side = {from: $("from-b").value, to: $("to-b").value, consumer: $("consumer-b").value, site: $("site-b").value};
+  const a = filters(), params = {data_key: query.data_key};
+  for (const [name, value] of Object.entries(a)) params[`a.${name}`] = value;
+  for (const [name, value] of Object.entries(side)) params[`b.${name}`] = value;
+  const label = (f, select) => `${f.from || "…"} to ${f.to || "…"}` + (f.consumer ? `, ${select.selectedOptions[0].textContent}` : "")
+    + (f.site ? `, site ${f.site}` : "");
+  renderComparison(await api("/compare", params), {a: label(a, $("consumer")), b: label(side, $("consumer-b"))});
+}
+
+$("compare").addEventListener("change", () => {
+  $("compare-controls").hidden = !$("compare").checked;
+  if (!$("compare").checked) $("comparison").hidden = true;
+});
+
+async function loadStats() {
+  const range = filters();
+  if (range.from && range.to && range.from > range.to) {  // the API answers that with nothing at all
+    showStatsError("From is after To: no day lies between them");
+    return;
+  }
+  try {
+    const query = Object.assign(filters(), {data_key: $("data_key").value.trim()});
+    render(await api("/stats", query));
+    await loadComparison(query);
+    showError(null);
+    markStale(false);
+    renderPaths(await api("/stats", Object.assign(query, {paths: 3})));
+  } catch (error) { showStatsError(error); }
+}
+
+async function loadLive() {
+  try {
+    const page = await api("/sessions", {limit: 10, "sort.desc": "id", consumer: $("consumer").value, site: $("site").value,
+                                         fields: "id,consumer,device,started_utc,stopped_at,stop_reason,events,missing_events"});
+    const list = $("live").querySelector("ol");
+    const items = await Promise.all(page.sessions.map(async (session) => {
+      const events = await api("/events", {session: session.id, sort: "seq", limit: 30, fields: "time_utc,action,data"});
+      const item = el("li", {class: "session", "data-session": session.id});
+      const head = el("div", {class: "head"});
+      head.append(el("strong", {}, `#${session.id}`),
+                  el("span", {}, new Date(session.started_utc).toLocaleString()),
+                  el("span", {}, session.consumer || ""), el("span", {}, session.device || ""),
+                  el("span", {}, `${session.events} events`),
+                  el("span", {class: session.stop_reason ? "badge closed" : "badge"},
+                     session.stop_reason ? `closed (${session.stop_reason})` : "open"));
+      if (session.missing_events) head.appendChild(el("span", {class: "badge closed"}, `${session.missing_events} missing`));
+      const lines = el("ol", {class: "events"});
+      for (const event of events.events) {
+        lines.appendChild(el("li", {}, `${event.time_utc ? event.time_utc.slice(11, 19) : ""} ${event.action} ${JSON.stringify(event.data)}`));
+      }
+      item.append(head, lines);
+      return item;
+    }));
+    list.replaceChildren(...items);
+    const choose = $("explore-session"), chosen = choose.value;
+    choose.replaceChildren(el("option", {value: ""}, "Pick one of the latest sessions"),
+                           ...page.sessions.map((session) => el("option", {value: session.id},
+                             `#${session.id}, ${new Date(session.started_utc).toLocaleString()}, ${session.events} events`)));
+    if (page.sessions.some((session) => String(session.id) === chosen)) choose.value = chosen;
+  } catch (error) { showError(error); }
+}
+
+async function loadKiosks() {
+  const status = await api("/status");
+  const body = $("kiosks").querySelector("tbody");
+  body.replaceChildren();
+  for (const d of status.devices) {
+    const row = el("tr", {"data-device": d.device});
+    for (const cell of [d.device, d.consumer, d.app_version || "", d.last_seen_at ? new Date(d.last_seen_at).toLocaleString() : "",
+                        d.queue_depth ?? "", d.silent ? "silent" : "ok"]) row.appendChild(el("td", {}, cell));
+    body.appendChild(row);
+  }
+  $("kiosks-note").textContent = status.devices.length ? `Silent: no sign of life for over ${status.silent_after_s / 3600} hours.`
+    : "No kiosk has reported a device name yet (the tracker's device option).";
+}
+
+async function loadConsumers() {
+  const answer = await api("/consumers");
+  for (const select of [$("consumer"), $("consumer-b")]) {
+    const chosen = select.value;
+    select.replaceChildren(el("option", {value: ""}, "All consumers"));
+    for (const consumer of answer.consumers) select.appendChild(el("option", {value: consumer.id}, consumer.name));
+    select.value = chosen;
+  }
+  // Sites: those of the consumers (a central Microticks imports others'); shown when there are two or more.
+  const sites = [...new Set(answer.consumers.map((consumer) => consumer.site))].sort();
+  for (const select of [$("site"), $("site-b")]) {
+    const chosen = select.value;
+    select.replaceChildren(el("option", {value: ""}, "All sites"), ...sites.map((site) => el("option", {value: site}, site)));
+    select.value = chosen;
+  }
+  for (const label of document.querySelectorAll("label.sites")) label.hidden = sites.length < 2;
+}
+
+let liveTimer = null;
+async function start() {
+  try { await loadConsumers(); } catch (error) { showError(error); return; }
+  const wanted = new URLSearchParams(location.search);
+  if (wanted.get("consumer")) $("consumer").value = wanted.get("consumer");
+  if (wanted.get("b.consumer")) $("consumer-b").value = wanted.get("b.consumer");
+  if (wanted.get("site")) $("site").value = wanted.get("site");
+  if (wanted.get("b.site")) $("site-b").value = wanted.get("b.site");
+  await Promise.all([loadStats(), loadLive(), loadKiosks().catch(showError)]);
+  clearInterval(liveTimer);
+  liveTimer = setInterval(() => { loadLive(); loadKiosks().catch(showError); }, 3000);
+}
+
+function isoDay(date) { return new Date(date.getTime() - date.getTimezoneOffset() * 60000).toISOString().slice(0, 10); }
+const params = new URLSearchParams(location.search);
+const today = new Date();
+$("to").value = params.get("to") || isoDay(today);
+$("from").value = params.get("from") || isoDay(new Date(today.getTime() - 6 * 86400000));
+$("data_key").value = params.get("data_key") || "subject";
+if (params.get("b.from") || params.get("b.to") || params.get("b.consumer") || params.get("b.site")) {
+  $("compare").checked = true;
+  $("compare-controls").hidden = false;
+  $("from-b").value = params.get("b.from") || "";
+  $("to-b").value = params.get("b.to") || "";
+}
+$("apply").addEventListener("click", () => { loadStats(); loadLive(); });
+start();
+</script>
+</body>
+</html>
+"""
+
+
+#: The files of a research bundle (write_research_bundle), and the DuckDB SQL
+#: that computes its headline figures from them: run in the folder,
+#: `duckdb < analysis.sql`. Its definitions are /stats' (VALUES_DEFINITION),
+#: and the tests hold it to /stats on the real week.
+BUNDLE_ANALYSIS_SQL = """\
+-- The headline figures of this bundle, from its NDJSON files, with DuckDB:
+--     cd this-folder && duckdb < analysis.sql
+-- Days are UTC days. Definitions: README.md in this folder.
+CREATE OR REPLACE VIEW events AS SELECT * FROM read_json('events.ndjson', format = 'newline_delimited',
+    columns = {id: 'BIGINT', session_id: 'BIGINT', time: 'VARCHAR', time_utc: 'VARCHAR', action: 'VARCHAR',
+               data: 'JSON', seq: 'BIGINT'});
+CREATE OR REPLACE VIEW sessions AS SELECT * FROM read_json('sessions.ndjson', format = 'newline_delimited',
+    columns = {id: 'BIGINT', started_utc: 'VARCHAR', stopped_utc: 'VARCHAR', events: 'BIGINT', duration: 'DOUBLE'});
+CREATE OR REPLACE VIEW sessions_per_day AS
+    SELECT substr(started_utc, 1, 10) AS day, count(*) AS sessions FROM sessions GROUP BY day ORDER BY day;
+CREATE OR REPLACE VIEW events_per_action AS
+    SELECT action, count(*) AS events FROM events GROUP BY action ORDER BY events DESC, action;
+-- A visit: a run of a session's events with the same screen, events without one aside.
+CREATE OR REPLACE VIEW visits AS
+    WITH valued AS (
+        SELECT session_id, id, seq, CAST(time_utc AS TIMESTAMP) AS t, json_extract_string(data, '$.__KEY__') AS screen
+        FROM events WHERE json_extract_string(data, '$.__KEY__') IS NOT NULL),
+    marked AS (
+        SELECT *, screen IS DISTINCT FROM lag(screen) OVER (PARTITION BY session_id ORDER BY seq NULLS FIRST, id)
+            AS new_visit
+        FROM valued),
+    numbered AS (
+        SELECT *, sum(CAST(new_visit AS INTEGER)) OVER (PARTITION BY session_id ORDER BY seq NULLS FIRST, id) AS visit
+        FROM marked)
+    SELECT session_id, visit, first(screen) AS screen, min(t) AS arrived FROM numbered GROUP BY session_id, visit;
+-- Time on a screen: up to the next visit's arrival. A session's last visit is not measured.
+CREATE OR REPLACE VIEW screens AS
+    WITH timed AS (
+        SELECT *, epoch(lead(arrived) OVER (PARTITION BY session_id ORDER BY visit)) - epoch(arrived) AS seconds
+        FROM visits)
+    SELECT screen, count(*) AS visits, count(seconds) AS measured, round(avg(seconds), 3) AS mean_seconds,
+           count(*) FILTER (WHERE visit = 1) AS first_picks
+    FROM timed GROUP BY screen ORDER BY visits DESC, screen;
+SELECT * FROM sessions_per_day;
+SELECT * FROM events_per_action;
+SELECT * FROM screens;
+"""
+
+
+BUNDLE_README = """\
+# Microticks research bundle
+
+Written by Microticks __VERSION__ on __WRITTEN__ (UTC) from `__DATABASE__`.
+Sessions selected: __SELECTION__. __SESSIONS__ sessions, __EVENTS__ events.
+
+Touch-table or kiosk analytics: a session starts on a visitor's first touch
+and ends when the kiosk stops it, after its idle timeout (`stop_reason`
+`client`), or when the server closes it after `__TIMEOUT__` seconds without an
+event (`timeout`). Each event has an action (`click`, `swipe`, `pageChange`,
+`stopSession`, ...) and a JSON `data` object; the screen is its data key
+`__DATA_KEY__`.
+
+## Files
+
+| File | What |
+| --- | --- |
+| `events.ndjson`, `events.csv` | every event of the selected sessions, one a line / row |
+| `sessions.ndjson`, `sessions.csv` | the sessions, each with its path |
+| `stats.json` | the figures of `GET /stats` for the same sessions, in time zone `__TZ__`, with the path figures (`paths=3`) |
+| `bundle.json` | what wrote it: `format` (of the bundle: __BUNDLE_FORMAT__), `microticks` (its version), `written`, `site`, the `selection` and the counts; `import` reads a bundle folder, and refuses one of a newer format |
+| `annotations.ndjson` | what happened at the kiosks in the selected range (new content, a kiosk moved): `id`, `time` (as given), `time_utc`, `text`, `consumer_id` and `consumer` (empty: every consumer), `site`, `created_at` |
+| `analysis.sql` | the headline figures again, from the NDJSON files, with DuckDB: `duckdb < analysis.sql` in this folder |
+
+CSV: UTF-8 with a byte order mark, a header row, text quoted; a text cell
+starting with `=`, `+`, `-`, `@`, a tab or a carriage return has a leading
+`'` (so that a spreadsheet shows it, not runs it); the NDJSON files have the
+text exactly as sent.
+
+## Events
+
+| Field | Type | Meaning |
+| --- | --- | --- |
+| `id` | integer | the event's id (ascending in the order events were stored) |
+| `session_id` | integer | its session |
+| `time` | text | the client's time, exactly as the kiosk sent it (ISO 8601) |
+| `time_utc` | text | the client's time in UTC, `YYYY-MM-DDTHH:MM:SS.mmmZ`, corrected for the kiosk's clock when it sent `sent_at` |
+| `received_at` | text | the server's time (UTC) when the event arrived |
+| `action` | text | what happened |
+| `data` | JSON | the event's data as the kiosk sent it (CSV: JSON text) |
+| `ip` | text | the kiosk's address as kept (by default its /24 or /48 network) |
+| `consumer_id`, `consumer` | integer, text | the frontend (kiosk app) that sent it |
+| `uuid`, `seq`, `boot` | text, integer, text | the tracker's event id, number in its session, and page load |
+| `site`, `source_id` | text, integer | the site it was collected at (MICROTICKS_SITE there), and its id there when it was imported from another site |
+
+## Sessions
+
+| Field | Type | Meaning |
+| --- | --- | --- |
+| `id` | integer | the session's id |
+| `consumer_id`, `consumer`, `ip`, `device` | | who sent it |
+| `started_at`, `stopped_at` | text | the client's times as sent |
+| `started_utc`, `stopped_utc` | text | the same in UTC, corrected for the kiosk's clock |
+| `received_at` | text | when the server saw it start (UTC) |
+| `stop_reason` | text | `client` (the kiosk stopped it), `timeout` (the server did), `import`, or empty while open |
+| `duration` | seconds | from the start to the stop (to the last event while open) |
+| `events`, `clicks`, `touches`, `page_changes` | integers | its events; `click` events; `click` and `swipe` events; `pageChange` events |
+| `actions` | JSON object | events per action |
+| `screens` | integer | distinct screens visited |
+| `path` | JSON array | __PATH__ |
+| `last_action`, `last_event_at`, `missing_events`, `uuid` | | its last event's action and time; tracker numbers that never arrived; the tracker's session id |
+| `site`, `source_id` | text, integer | the site it was collected at, and its id there when it was imported from another site |
+
+## Figures (`stats.json`)
+
+Days, hours and weekdays are in time zone `__TZ__`.
+
+- __VALUES__
+- __PATHS__
+- __ENGAGEMENT__
+"""
 
 
 ###############################################################################

@@ -2846,6 +2846,19 @@ def test_bad_read_parameters_are_400_naming_them(client, params, name):
 # API description and pages: the documentation and the dashboard ##############
 ###############################################################################
 
+def test_every_script_we_serve_parses(tmp_path):
+    """The dashboard's script (in the module's page text) and the tracker's
+    files, checked by Node before any browser runs them."""
+    require_tool("node", "apt-get install nodejs (the machine kind has it)")
+    scripts = re.findall(r"<script nonce=\"__NONCE__\">(.*?)</script>", microticks.DASHBOARD_HTML, re.S)
+    assert len(scripts) == 1
+    (tmp_path / "dashboard.js").write_text(scripts[0])
+    for path in [tmp_path / "dashboard.js", *sorted((HERE / "examples").glob("*.js")),
+                 *sorted((HERE / "examples").glob("*.mjs"))]:
+        proc = subprocess.run(["node", "--check", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, (path.name, proc.stderr)
+
+
 def test_openapi_description_is_valid_and_covers_every_route(client):
     from openapi_spec_validator import validate
     spec = client.get("/openapi.json").json
