@@ -4027,11 +4027,31 @@ class KeyFailures:
 
 #: Seconds /health answers 503 after a write failed, unless one works before.
 WRITE_FAILURE_SHOWN = 60
-#: The WSGI environ key under which the built-in server gives the app a
-#: function telling whether the request's client has gone (closed its
-#: connection): expensive work for it then stops (SharedReads). Other
-#: servers give none, and work runs to its end.
-CLIENT_GONE = "microticks.client_gone"
+class ServerContract:
+    """How the built-in server (its section, below) and this app talk
+    besides WSGI: keys of the app's config, which say what the app offers,
+    and of a request's environ, which carry what one side tells the other
+    about that request. Any other WSGI server knows none of them, and gets
+    a plain WSGI app.
+
+    - ANSWERS_HEADS (app.config, True): the app answers a request's head
+      alone, before the server reads a body still to come. The server then
+      calls it with HEAD_ONLY set in the environ and an empty body; the app
+      answers a refusal (a wrong key, an unknown path, a body over the
+      limit), which the server sends and then drops the body unread, or
+      raises a 100 response left at GO_ON: read the body, and ask again.
+    - COMMON_HEADERS (app.config): a function of a request's Origin giving
+      the headers (CORS, nosniff) the server adds to answers it writes
+      itself (400 and 431 for what it cannot parse, 408, 413).
+    - CLIENT_GONE (environ): a function telling whether the request's
+      client has closed its connection; the app stops expensive work for
+      it then (SharedReads)."""
+
+    ANSWERS_HEADS = "microticks.answers_heads"
+    COMMON_HEADERS = "microticks.common_headers"
+    HEAD_ONLY = "microticks.head_only"
+    GO_ON = "microticks.go_on"
+    CLIENT_GONE = "microticks.client_gone"
 
 
 class SharedReads:
@@ -4174,7 +4194,7 @@ class Service:
         request = bottle.request
         key = (request.path, tuple(sorted((name, value) for name, value in query_params(request).items()
                                           if name != "key")))
-        client_gone = request.environ.get(CLIENT_GONE)
+        client_gone = request.environ.get(ServerContract.CLIENT_GONE)
         return self.reads.answer(key, lambda still_wanted: self._computed(compute, kinds, still_wanted),
                                  (lambda: not client_gone()) if client_gone else (lambda: True))
 
@@ -4310,7 +4330,7 @@ def preflight_and_authenticate():
                                                                          preflight=True))
     # The built-in server asks with a request's head alone, before it
     # reads a body still to come: a refused one is then never held.
-    head_only = request.environ.get("microticks.head_only")
+    head_only = request.environ.get(ServerContract.HEAD_ONLY)
     if head_only:
         body_length(request.environ)
     if request.path not in PUBLIC_PATHS and not request.path.startswith("/examples/"):
@@ -4326,7 +4346,7 @@ def preflight_and_authenticate():
         request.app.router.match(request.environ)  # else an unknown path or method is answered now (404, 405)
         # Kept where answer_to_head finds it: Bottle's frame holds what was
         # raised, whose traceback holds that frame (and the environ), a cycle.
-        raise request.environ.setdefault("microticks.go_on", bottle.HTTPResponse(status=100))
+        raise request.environ.setdefault(ServerContract.GO_ON, bottle.HTTPResponse(status=100))
 
 
 def finish():
@@ -4585,17 +4605,41 @@ def make_app(settings):
     app.add_hook("after_request", finish)
     for method, path, handler in ROUTES:
         app.route(path, method, handler)
-    app.config["microticks.settings"] = settings
-    app.config["microticks.db"] = own.db
-    app.config["microticks.answers_heads"] = True  # see preflight_and_authenticate
-    # For the built-in server's own answers (408): an origin's CORS headers and the rest.
-    app.config["microticks.common_headers"] = own.common_headers
+    app.config[ServerContract.ANSWERS_HEADS] = True  # see preflight_and_authenticate
+    app.config[ServerContract.COMMON_HEADERS] = own.common_headers
     return app
 
 
 ###############################################################################
 # Built-in server #############################################################
 ###############################################################################
+
+# Our own server (`serve`'s default), on the standard library's wsgiref and
+# http.server. It subclasses them and relies on these of their parts, which
+# are not all public: the tests check them on every Python from 3.9 to 3.13.
+STDLIB_PARTS = {
+    "wsgiref.handlers.BaseHandler": ("run", "cleanup_headers", "send_headers", "finish_content", "log_exception",
+                                     "close", "headers_sent", "os_environ", "http_version"),
+    "wsgiref.handlers.SimpleHandler": ("_write", "_flush"),
+    "wsgiref.simple_server.WSGIRequestHandler": ("get_stderr", "server_version"),
+    "http.server.BaseHTTPRequestHandler": ("handle_expect_100", "send_response", "send_header", "end_headers"),
+    "wsgiref.simple_server.WSGIServer": ("set_app", "get_app", "setup_environ"),
+    "socketserver.TCPServer": ("server_activate", "server_close", "shutdown_request", "close_request",
+                               "handle_error", "request_queue_size", "address_family"),
+}
+
+
+# -- Reading requests ahead ---------------------------------------------------
+
+_HTTP_VERSION = re.compile(r"HTTP/\d{1,10}\.\d{1,10}", re.ASCII)
+
+
+def request_line_words(line):
+    """A request line's method, target and version, or None for a line that
+    is not one."""
+    words = line.split()
+    return words if len(words) == 3 and _HTTP_VERSION.fullmatch(words[2]) else None
+
 
 def header_fields(lines):
     """A head's header lines (bytes, after the request line) as they were
@@ -4808,6 +4852,8 @@ class _BodyReader:
         return iter(self.readline, b"")
 
 
+# -- Connections --------------------------------------------------------------
+
 class _ResponseWriter(ServerHandler):
     """wsgiref's response writer, noting whether the response said where it
     ends (then the connection can carry another request). A streamed answer
@@ -4894,7 +4940,6 @@ class ConnectionHandler(WSGIRequestHandler):
 
     #: Limits on a request's header lines (as the standard library's).
     max_headers, max_line = 100, 65536
-    version_pattern = re.compile(r"HTTP/\d{1,10}\.\d{1,10}", re.ASCII)
 
     def parse_request(self):
         """BaseHTTPRequestHandler.parse_request for HTTP/1.0 and 1.1, with
@@ -4903,10 +4948,10 @@ class ConnectionHandler(WSGIRequestHandler):
         Sends the error and returns False for what it refuses."""
         self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if not words:
+        if not self.requestline.strip():
             return False
-        if len(words) != 3 or not self.version_pattern.fullmatch(words[2]):
+        words = request_line_words(self.requestline)
+        if words is None:
             self.send_error(400, f"Bad request syntax ({self.requestline!r})")
             return False
         self.command, self.path, self.request_version = words
@@ -4972,26 +5017,26 @@ class ConnectionHandler(WSGIRequestHandler):
     def answer_to_head(self, head, length):
         """The whole answer (bytes) to a request refused on its head alone, its
         body still to come, or None. The app decides, where it can (it sets
-        microticks.answers_heads): a wrong API key, an unknown path, a body
+        ServerContract.ANSWERS_HEADS): a wrong API key, an unknown path, a body
         over the limit; another app is only held to the limit."""
         app = self.server.get_app()
-        if not getattr(app, "config", {}).get("microticks.answers_heads"):
+        if not getattr(app, "config", {}).get(ServerContract.ANSWERS_HEADS):
             if length <= MAX_BODY_BYTES:
                 return None
             body = error_json(413, STATUS_MESSAGES[413]).encode()
             return _closing_answer("413 Content Too Large", [("Content-Type", "application/json")], body)
         lines = head.rstrip(b"\r\n").split(b"\n")
-        words = lines[0].decode("iso-8859-1").split()
+        words = request_line_words(lines[0].decode("iso-8859-1"))
         try:
             header_lines, fields = header_fields(line.rstrip(b"\r") for line in lines[1:])
         except ValueError:
+            words = None
+        if words is None:
             return None  # malformed: the worker refuses it
-        if len(words) != 3:
-            return None
         environ = self.environ_of(*words, header_lines, fields)
         environ.update({"wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr, "wsgi.version": (1, 0),
                         "wsgi.url_scheme": "http", "wsgi.multithread": True, "wsgi.multiprocess": False,
-                        "wsgi.run_once": False, "microticks.head_only": True})
+                        "wsgi.run_once": False, ServerContract.HEAD_ONLY: True})
         answer = []
 
         def start_response(status, headers, exc_info=None):
@@ -5003,7 +5048,7 @@ class ConnectionHandler(WSGIRequestHandler):
             log.exception("answering the head of %s %s", words[0], words[1][:200])
             return None
         finally:
-            go_on = environ.pop("microticks.go_on", None)
+            go_on = environ.pop(ServerContract.GO_ON, None)
             if go_on is not None:
                 go_on.__traceback__ = None  # see preflight_and_authenticate
         status, headers = answer
@@ -5022,7 +5067,7 @@ class ConnectionHandler(WSGIRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         # As the app's answers: a page on another origin can read what went wrong.
-        app_headers = getattr(self.server.get_app(), "config", {}).get("microticks.common_headers")
+        app_headers = getattr(self.server.get_app(), "config", {}).get(ServerContract.COMMON_HEADERS)
         headers = getattr(self, "headers", None)
         for name, value in (app_headers(headers.get("Origin") if headers else None) if app_headers else {}).items():
             self.send_header(name, value)
@@ -5053,7 +5098,7 @@ class ConnectionHandler(WSGIRequestHandler):
         body = _BodyReader(self.rfile, length)
         environ = self.get_environ()
         environ["wsgi.input"] = body
-        environ[CLIENT_GONE] = self.client_gone
+        environ[ServerContract.CLIENT_GONE] = self.client_gone
         handler = _ResponseWriter(body, self.wfile, self.get_stderr(), environ, multithread=True)
         handler.request_handler = self
         handler.run(self.server.get_app())
@@ -5103,14 +5148,14 @@ class ConnectionHandler(WSGIRequestHandler):
                  self.client_address[0], self.rfile.timeout)
         body = error_json(408, f"The request did not arrive whole within {self.rfile.timeout} s")
         origin = re.search(rb"\n[Oo][Rr][Ii][Gg][Ii][Nn][ \t]*:[ \t]*([^\r\n]*)", self.rfile.ahead)
-        app_headers = getattr(self.server.get_app(), "config", {}).get("microticks.common_headers")
+        app_headers = getattr(self.server.get_app(), "config", {}).get(ServerContract.COMMON_HEADERS)
         headers = app_headers(origin.group(1).decode("latin-1").strip() if origin else None) if app_headers else {}
         self.rfile._send_now(_closing_answer("408 Request Timeout", [("Content-Type", "application/json"),
                                                                      *headers.items()], body.encode()))
 
     def client_gone(self):
         """Whether the client has closed its connection: what it asked for
-        would go nowhere (CLIENT_GONE). A client that sends its next request
+        would go nowhere (ServerContract.CLIENT_GONE). A client that sends its next request
         (pipelined) has not gone; one that only half-closes after its
         request, waiting for the answer, looks gone (no HTTP client we know
         of does)."""
@@ -5127,6 +5172,96 @@ class ConnectionHandler(WSGIRequestHandler):
     def log_message(self, format, *args):
         pass  # the app logs each request, without the query string (it may carry the key)
 
+
+# -- Process tuning -----------------------------------------------------------
+
+def keep_to_one_cpu():
+    """Keep the calling thread, and the threads it starts from then on, to
+    one CPU core: the last one it may use (the first takes most hardware
+    interrupts on some boards, the Raspberry Pi's among them). Returns the
+    core, or None where there is no choice or no way to make it.
+
+    Python runs one thread at a time (the GIL), and a worker hands it on at
+    every socket and SQLite call. Between two cores each handoff wakes the
+    other core; on one, it is a plain switch. Under 8 clients on a 2-core
+    machine, that was a third of a request's CPU time (the benchmark: 1.3 to
+    1.5 times the requests/s on one core)."""
+    if not hasattr(os, "sched_setaffinity"):  # Linux only
+        return None
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        return None
+    cpu = max(allowed)
+    try:
+        os.sched_setaffinity(0, {cpu})  # 0: the calling thread (threads it starts inherit it)
+    except OSError:
+        return None
+    return cpu
+
+
+#: Container objects (dicts, lists...) made and not yet freed between two
+#: runs of the cyclic garbage collector on the youngest ones (Python: 700).
+GC_YOUNG_THRESHOLD = 5000
+
+
+def settle_for_serving():
+    """Ready the process for its life as a server, once its app is built.
+
+    Python's cyclic garbage collector runs whenever 700 more containers have
+    been made than freed. Eight batches in flight hold a few thousand (their
+    parsed events), alive: it ran every other request, walked them and moved
+    them on to the older generations, whose runs walk every object of the
+    process, start-up's 20,000 included: 6% of `serve`'s CPU time for
+    batches of 100. Start-up's objects live as long as the process, so they
+    are frozen out of every later run; and since a request's objects are
+    freed by reference counting (an answered request leaves no cycle: see
+    supplied_api_key and render_error), the youngest generation is
+    collected every GC_YOUNG_THRESHOLD instead."""
+    gc.collect()  # start-up's garbage, before the rest is frozen
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    release_freed_memory()
+
+
+def release_freed_memory():
+    """Give the pages that glibc's malloc holds free back to the system.
+    Starting up (imports, and compiling this file where its bytecode cannot
+    be cached) frees megabytes that malloc keeps; a server would carry them
+    for its whole life, and its load would come on top (where nothing can
+    be cached, serve peaked at 40.4 MB under load, now 36.5)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError, TypeError):  # not glibc: nothing to give back this way
+        pass
+
+
+# Imports this file by path (it may be renamed) and runs main() on the rest of argv.
+_MODULE_BOOT = ("import importlib.util, sys; sys.argv = sys.argv[1:]; "
+                "spec = importlib.util.spec_from_file_location('microticks', sys.argv[0]); "
+                "module = sys.modules['microticks'] = importlib.util.module_from_spec(spec); "
+                "spec.loader.exec_module(module); sys.exit(module.main())")
+
+
+def serve_as_imported_module():
+    """Replace this process (same PID, same arguments) by one that imports this
+    file, when a plain `python microticks.py serve` started it.
+
+    CPython keeps a script's syntax tree until the script returns: for a server,
+    its whole life, 8 MB of its 40 under load. An imported module's tree is
+    freed once compiled, and its bytecode is cached in __pycache__ (when the
+    directory is writable) for the next start. Interpreter options, wrappers
+    (coverage, pdb), Python 3.9 and Windows, where exec starts a separate
+    process, run the script as it is.
+    """
+    if (os.name == "posix" and "serve" in sys.argv[1:] and sys.executable
+            and getattr(sys, "orig_argv", [])[1:] == sys.argv):
+        with contextlib.suppress(OSError):
+            os.execv(sys.executable, [sys.executable, "-c", _MODULE_BOOT,
+                                      os.path.abspath(__file__), *sys.argv[1:]])
+
+
+# -- The pool -----------------------------------------------------------------
 
 class PooledWSGIServer(WSGIServer):
     """The standard library's WSGI server, made fit for a building of kiosks:
@@ -5315,30 +5450,6 @@ class PooledWSGIServer(WSGIServer):
                 sock.close()
 
 
-def keep_to_one_cpu():
-    """Keep the calling thread, and the threads it starts from then on, to
-    one CPU core: the last one it may use (the first takes most hardware
-    interrupts on some boards, the Raspberry Pi's among them). Returns the
-    core, or None where there is no choice or no way to make it.
-
-    Python runs one thread at a time (the GIL), and a worker hands it on at
-    every socket and SQLite call. Between two cores each handoff wakes the
-    other core; on one, it is a plain switch. Under 8 clients on a 2-core
-    machine, that was a third of a request's CPU time (the benchmark: 1.3 to
-    1.5 times the requests/s on one core)."""
-    if not hasattr(os, "sched_setaffinity"):  # Linux only
-        return None
-    allowed = os.sched_getaffinity(0)
-    if len(allowed) < 2:
-        return None
-    cpu = max(allowed)
-    try:
-        os.sched_setaffinity(0, {cpu})  # 0: the calling thread (threads it starts inherit it)
-    except OSError:
-        return None
-    return cpu
-
-
 def make_http_server(app, host, port, threads=8, one_cpu=True):
     """Our default server, bound and ready for serve_forever()."""
     server_class = type("Server", (PooledWSGIServer,), {"threads": threads, "one_cpu": one_cpu})
@@ -5347,68 +5458,6 @@ def make_http_server(app, host, port, threads=8, one_cpu=True):
     server = server_class((host, port), ConnectionHandler)
     server.set_app(app)
     return server
-
-
-#: Container objects (dicts, lists...) made and not yet freed between two
-#: runs of the cyclic garbage collector on the youngest ones (Python: 700).
-GC_YOUNG_THRESHOLD = 5000
-
-
-def settle_for_serving():
-    """Ready the process for its life as a server, once its app is built.
-
-    Python's cyclic garbage collector runs whenever 700 more containers have
-    been made than freed. Eight batches in flight hold a few thousand (their
-    parsed events), alive: it ran every other request, walked them and moved
-    them on to the older generations, whose runs walk every object of the
-    process, start-up's 20,000 included: 6% of `serve`'s CPU time for
-    batches of 100. Start-up's objects live as long as the process, so they
-    are frozen out of every later run; and since a request's objects are
-    freed by reference counting (an answered request leaves no cycle: see
-    supplied_api_key and render_error), the youngest generation is
-    collected every GC_YOUNG_THRESHOLD instead."""
-    gc.collect()  # start-up's garbage, before the rest is frozen
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-    release_freed_memory()
-
-
-def release_freed_memory():
-    """Give the pages that glibc's malloc holds free back to the system.
-    Starting up (imports, and compiling this file where its bytecode cannot
-    be cached) frees megabytes that malloc keeps; a server would carry them
-    for its whole life, and its load would come on top (where nothing can
-    be cached, serve peaked at 40.4 MB under load, now 36.5)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None).malloc_trim(0)
-    except (ImportError, OSError, AttributeError, TypeError):  # not glibc: nothing to give back this way
-        pass
-
-
-# Imports this file by path (it may be renamed) and runs main() on the rest of argv.
-_MODULE_BOOT = ("import importlib.util, sys; sys.argv = sys.argv[1:]; "
-                "spec = importlib.util.spec_from_file_location('microticks', sys.argv[0]); "
-                "module = sys.modules['microticks'] = importlib.util.module_from_spec(spec); "
-                "spec.loader.exec_module(module); sys.exit(module.main())")
-
-
-def serve_as_imported_module():
-    """Replace this process (same PID, same arguments) by one that imports this
-    file, when a plain `python microticks.py serve` started it.
-
-    CPython keeps a script's syntax tree until the script returns: for a server,
-    its whole life, 8 MB of its 40 under load. An imported module's tree is
-    freed once compiled, and its bytecode is cached in __pycache__ (when the
-    directory is writable) for the next start. Interpreter options, wrappers
-    (coverage, pdb), Python 3.9 and Windows, where exec starts a separate
-    process, run the script as it is.
-    """
-    if (os.name == "posix" and "serve" in sys.argv[1:] and sys.executable
-            and getattr(sys, "orig_argv", [])[1:] == sys.argv):
-        with contextlib.suppress(OSError):
-            os.execv(sys.executable, [sys.executable, "-c", _MODULE_BOOT,
-                                      os.path.abspath(__file__), *sys.argv[1:]])
 
 
 ###############################################################################

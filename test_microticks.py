@@ -3123,6 +3123,86 @@ def test_dashboard_asks_for_the_key_once_and_keeps_it_out_of_urls(sample_client,
 # Built-in server, and writers taking turns: concurrency and failure ##########
 ###############################################################################
 
+# What the built-in server does with the standard library's parts it relies
+# on (microticks.STDLIB_PARTS), run under each Python the README names.
+STDLIB_SERVER_CHECK = r"""
+import importlib, json, socket, sys, tempfile, threading
+sys.path.insert(0, sys.argv[1])
+import microticks
+for where, names in microticks.STDLIB_PARTS.items():
+    module, _, name = where.rpartition(".")
+    owner = getattr(importlib.import_module(module), name)
+    missing = [n for n in names if not hasattr(owner, n)]
+    assert not missing, (where, missing)
+db = tempfile.mkdtemp() + "/x.db"
+key = microticks.create_consumer(microticks.connect(db), "kiosk")
+app = microticks.make_app(microticks.Settings(db_path=db, rate_limit=0, log_level="WARNING"))
+server = microticks.make_http_server(app, "127.0.0.1", 0, threads=2)
+threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+def exchange(sock, data):
+    sock.sendall(data)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v for k, _, v in (l.partition(": ") for l in lines[1:])}
+    if lines[0].startswith("HTTP/1.1 100"):
+        return lines[0], headers, body
+    if "content-length" in headers:
+        while len(body) < int(headers["content-length"]):
+            body += sock.recv(65536)
+    else:  # chunked: to its last chunk
+        while not body.endswith(b"0\r\n\r\n"):
+            body += sock.recv(65536)
+    return lines[0], headers, body
+
+with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
+    form = f"consumer_key={key}&ts=2017-08-25T17:09:19Z".encode()
+    form_type = b"Content-Type: application/x-www-form-urlencoded\r\n"
+    status, _, body = exchange(sock, b"POST /sessions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n" + form_type
+                               + b"Content-Length: %d\r\n\r\n" % len(form))
+    assert status == "HTTP/1.1 100 Continue", status
+    sock.sendall(form)
+    status, headers, body = exchange(sock, b"")
+    assert status == "HTTP/1.1 200 OK" and headers["access-control-allow-origin"] == "*", (status, body)
+    token = json.loads(body)["token"]
+    event = f"token={token}&action=click&ts=2017-08-25T17:09:20Z".encode()
+    status, _, body = exchange(sock, b"POST /events HTTP/1.1\r\nHost: x\r\n" + form_type
+                               + b"Content-Length: %d\r\n\r\n%s" % (len(event), event))  # the same connection, kept
+    assert status == "HTTP/1.1 200 OK" and json.loads(body)["event_id"] == 1, body
+    status, headers, body = exchange(sock, b"GET /events?format=ndjson HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert headers["transfer-encoding"] == "chunked" and b'"action":"click"' in body, (headers, body)
+with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
+    status, headers, body = exchange(sock, b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 9999999\r\n\r\n")
+    assert status.startswith("HTTP/1.1 413") and json.loads(body)["status"] == 413, status
+with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as sock:
+    status, headers, body = exchange(sock, b"NONSENSE\r\n\r\n")
+    assert status.startswith("HTTP/1.1 400") and headers["content-type"] == "application/json", status
+server.shutdown()
+server.server_close()
+print("ok", sys.version.split()[0])
+"""
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.10", "3.11", "3.12", "3.13"])
+def test_the_built_in_server_works_on_every_python_the_readme_names(version, tmp_path):
+    """The standard library parts the server relies on (STDLIB_PARTS, not
+    all public) exist and behave alike on each Python: keep-alive, Expect:
+    100-continue, a streamed answer in chunks, refusals from a head."""
+    this = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    found = [Path(sys.executable)] if version == this else sorted(
+        Path.home().glob(f".pyenv/versions/{version}.*/bin/python{version}"))
+    if not found:
+        pytest.skip(f"no Python {version} on this machine")
+    import bottle
+    shutil.copy(bottle.__file__, tmp_path / "bottle.py")
+    proc = subprocess.run([str(found[0]), "-c", STDLIB_SERVER_CHECK, str(HERE)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"ok {version}."), proc.stderr
+
+
 def post_events_concurrently(client, consumer_key, clients, per_client):
     """Each client posts a session of events; returns the acknowledged ids."""
     def run(n):
