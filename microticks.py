@@ -2029,17 +2029,22 @@ OPEN_SESSION_LAG = timedelta(seconds=60)
 STATS_CHUNK = 2000
 
 
+def _few(part, whole):
+    """Whether `part` sessions of `whole` are few enough to lead a join, each
+    found by index, rather than be met in one pass over a whole table: a
+    tenth, or a part of keep_stats. Spelled out in the SQL (CROSS JOIN):
+    without ANALYZE, SQLite's planner takes the pass."""
+    return part * 10 < whole or part <= STATS_CHUNK
+
+
 def _compute_session_stats(conn, data_key, bin_size):
     """Figures per session, for the sessions in temp.stale, into the fresh_*
     tables: per value of the data key (events, clicks, page turns, visits,
     picks, time spent), heatmap bins per screen, events per action. A
     session's events are taken in the tracker's order (seq), else in the
     order they were stored."""
-    # A few stale sessions (or a part of keep_stats) lead (CROSS JOIN), their
-    # events found by index; many are cheaper to find in one pass over the events.
     stale, sessions = conn.execute("SELECT (SELECT count(*) FROM temp.stale), (SELECT count(*) FROM sessions)").fetchone()
-    events = ("temp.stale st CROSS JOIN events e ON e.session_id = st.session_id"
-              if stale * 10 < sessions or stale <= STATS_CHUNK
+    events = ("temp.stale st CROSS JOIN events e ON e.session_id = st.session_id" if _few(stale, sessions)
               else "events e JOIN temp.stale st ON st.session_id = e.session_id")
     key_path, prev_path = f'$."{data_key}"', f'$."prev{data_key[:1].upper()}{data_key[1:]}"'
     conn.execute(
@@ -2120,14 +2125,17 @@ def _keep_session_stats(conn, data_key, bin_size, chunk=1000):
     return len(ids)
 
 
+#: The quota on kept kinds (MAX_KEPT_STATS_KINDS), as SQL with its
+#: parameters: whether another kind besides the default's may be kept.
+_ROOM_FOR_A_KIND = ("(SELECT count(*) FROM stats_kinds WHERE NOT (data_key = ? AND bin = ?)) < ?",
+                    (DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN, MAX_KEPT_STATS_KINDS))
+
+
 def _room_for_stats(conn, data_key, bin_size):
     """Whether figures for this data key and bin are kept, or there is room
     to keep them (_may_keep_stats claims it)."""
-    kind, default = (data_key, bin_size), (DEFAULT_DATA_KEY, DEFAULT_HEATMAP_BIN)
-    return kind == default or bool(conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM stats_kinds WHERE data_key = ? AND bin = ?)"
-        " OR (SELECT count(*) FROM stats_kinds WHERE NOT (data_key = ? AND bin = ?)) < ?",
-        (*kind, *default, MAX_KEPT_STATS_KINDS)).fetchone()[0])
+    return figures_kept(conn, data_key, bin_size) or bool(
+        conn.execute(f"SELECT {_ROOM_FOR_A_KIND[0]}", _ROOM_FOR_A_KIND[1]).fetchone()[0])
 
 
 def figures_kept(conn, data_key, bin_size):
@@ -2149,9 +2157,8 @@ def _may_keep_stats(conn, data_key, bin_size):
         return False
     try:
         with write_transaction(conn):
-            conn.execute("INSERT INTO stats_kinds SELECT ?, ? WHERE ? OR (SELECT count(*) FROM stats_kinds"
-                         " WHERE NOT (data_key = ? AND bin = ?)) < ?",
-                         (*kind, kind == default, *default, MAX_KEPT_STATS_KINDS))
+            conn.execute(f"INSERT INTO stats_kinds SELECT ?, ? WHERE ? OR {_ROOM_FOR_A_KIND[0]}",
+                         (*kind, kind == default, *_ROOM_FOR_A_KIND[1]))
             claimed = conn.execute("SELECT changes()").fetchone()[0] == 1
     except sqlite3.OperationalError as error:
         log.info("statistics computed but not kept (%s)", error)
@@ -2208,15 +2215,29 @@ def _find_stale_sessions(conn, selected, params, data_key, bin_size):
          KEEP_OPEN_SESSIONS_FROM])
 
 
-def _selected_sessions(query):
-    """The sessions a ReadQuery selects, as a WITH clause `sel` (its SQL and
-    parameters), and whether that is every session."""
+class Selection(NamedTuple):
+    """The sessions a ReadQuery selects: a WITH clause `sel` and its
+    parameters; whether that is every session, and whether they are few
+    (_few), which decides how their kept figures are met."""
+    sql: str
+    params: list
+    everything: bool
+    few: bool = False
+
+
+def _selected_sessions(conn, query):
+    """The Selection of a ReadQuery's sessions."""
     clauses, params = _filters(replace(query, kind="sessions"))
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    return f"sel AS (SELECT s.id FROM sessions s{where})", params, not clauses
+    sql = f"sel AS (SELECT s.id FROM sessions s{where})"
+    if not clauses:
+        return Selection(sql, params, True)
+    selected, sessions = conn.execute(f"WITH {sql} SELECT (SELECT count(*) FROM sel), (SELECT count(*) FROM sessions)",
+                                      params).fetchone()
+    return Selection(sql, params, False, _few(selected, sessions))
 
 
-def compute_stats(conn, request, samples=None):
+def compute_stats(conn, stats_query, samples=None):
     """What researchers compute by hand from an export, for the sessions a
     StatsQuery selects: per day, hour and weekday (local time in its zone),
     durations, events per session and per action, engagement
@@ -2235,11 +2256,11 @@ def compute_stats(conn, request, samples=None):
     `samples`, a dict if given, receives what /compare tests: per session
     its duration, touches and distinct screens, and per screen the measured
     times of its visits (seconds)."""
-    data_key, bin_size = request.data_key, request.bin
-    selected, params, _ = _selected_sessions(request.query)
+    data_key, bin_size = stats_query.data_key, stats_query.bin
     conn.execute("BEGIN")  # one snapshot for every figure
     try:
-        _find_stale_sessions(conn, selected, params, data_key, bin_size)
+        selection = _selected_sessions(conn, stats_query.query)
+        _find_stale_sessions(conn, selection.sql, selection.params, data_key, bin_size)
         low, high, closed = conn.execute("SELECT min(session_id), max(session_id), count(*)"
                                          " FROM temp.stale WHERE closed").fetchone()
         # Nothing kept yet (an upgraded database, another bin): part by part first.
@@ -2249,44 +2270,45 @@ def compute_stats(conn, request, samples=None):
                      closed, STATS_CHUNK)
             keep_stats(conn, low, high, data_key, bin_size)
             conn.execute("BEGIN")
-            _find_stale_sessions(conn, selected, params, data_key, bin_size)
+            selection = _selected_sessions(conn, stats_query.query)
+            _find_stale_sessions(conn, selection.sql, selection.params, data_key, bin_size)
         _compute_session_stats(conn, data_key, bin_size)
-        stats = _add_up_stats(conn, request, samples)
-        stats.update(_engagement(conn, request, samples))
+        stats = _add_up_stats(conn, stats_query, selection, samples)
+        stats.update(_engagement(conn, stats_query, selection, samples))
+        if stats_query.path_length or stats_query.funnel:
+            stats.update(path_statistics(conn, stats_query, selection))
     finally:
         if conn.in_transaction:  # else an error ended it (SQLite rolls back after some): that one is told
             conn.execute("COMMIT")
     _keep_session_stats(conn, data_key, bin_size)
-    stats["screen_types"] = screen_types(stats["values"], request.type_separator)
+    stats["screen_types"] = screen_types(stats["values"], stats_query.type_separator)
     return stats
 
 
-def stats_figures(conn, request, samples=None):
-    """The /stats answer for a clean StatsQuery: compute_stats' figures, the
-    path figures where asked for (path_statistics), and the annotations of
-    its range and consumer."""
-    figures = compute_stats(conn, request, samples)
-    if request.path_length or request.funnel:
-        figures.update(path_statistics(conn, request))
-    figures["annotations"] = read_annotations(conn, request.query)
+def stats_figures(conn, stats_query, samples=None):
+    """The /stats answer for a clean StatsQuery: compute_stats' figures,
+    and the annotations of its range and consumer."""
+    figures = compute_stats(conn, stats_query, samples)
+    figures["annotations"] = read_annotations(conn, stats_query.query)
     return figures
 
 
-def _kept_and_fresh(conn, request, kept, columns, tail="", join=""):
-    """Rows of a kept stats table for the sessions a StatsQuery selects whose
-    kept figures are valid, then those of its fresh table (the stale
-    sessions'): right after compute_stats, on the same connection. `join`
-    joins other tables to the stats table's rows (named k)."""
-    selected, params, everything = _selected_sessions(request.query)
-    kind = [request.data_key, request.bin]
-    not_stale = "k.session_id NOT IN (SELECT session_id FROM temp.stale)"
-    if everything:
-        rows = conn.execute(f"SELECT {columns} FROM main.{kept} k {join} WHERE k.data_key = ? AND k.bin = ?"
-                            f" AND {not_stale} {tail}", kind)
+def _kept_and_fresh(conn, stats_query, selection, kept, columns, tail="", join=""):
+    """`columns` of a kept stats table's rows (named k) for the selected
+    sessions whose kept figures are valid, then of its fresh table (the
+    stale sessions'), each followed by `tail` (a GROUP BY, an ORDER BY):
+    inside compute_stats' snapshot. `join` joins other tables to k. A few
+    sessions lead, their rows found by index; many are met in one pass
+    over the kept table, in its order (_few)."""
+    kind = [stats_query.data_key, stats_query.bin]
+    where = f"WHERE k.data_key = ? AND k.bin = ? AND k.session_id NOT IN (SELECT session_id FROM temp.stale) {tail}"
+    if selection.everything:
+        rows = conn.execute(f"SELECT {columns} FROM main.{kept} k {join} {where}", kind)
     else:
-        rows = conn.execute(f"WITH {selected} SELECT {columns} FROM sel CROSS JOIN main.{kept} k"
-                            f" ON k.data_key = ? AND k.bin = ? AND k.session_id = sel.id {join} WHERE {not_stale}"
-                            f" {tail}", [*params, *kind])
+        source = (f"sel CROSS JOIN main.{kept} k ON k.session_id = sel.id" if selection.few
+                  else f"main.{kept} k JOIN sel ON sel.id = k.session_id")
+        rows = conn.execute(f"WITH {selection.sql} SELECT {columns} FROM {source} {join} {where}",
+                            [*selection.params, *kind])
     # Both cursors read as one in C: a generator's step per row cost a third
     # of the path figures over a million events.
     return itertools.chain(rows, conn.execute(f"SELECT {columns} FROM temp.{KEPT_STATS[kept]} k {join} {tail}"))
@@ -2296,23 +2318,24 @@ def _share(part, whole):
     return round(part / whole, 4) if whole else None
 
 
-def _engagement(conn, request, samples=None):
+def _engagement(conn, stats_query, selection, samples=None):
     """The engagement figures (ENGAGEMENT_DEFINITION) of the sessions a
     StatsQuery selects, from each one's kept or fresh stats_engagement row;
     into `samples` (compute_stats) the touches and screens of each, and the
     measured times of each screen's visits."""
-    rows = list(_kept_and_fresh(conn, request, "stats_engagement", "k.touches, k.screens, k.first_touch_ms"))
+    rows = list(_kept_and_fresh(conn, stats_query, selection, "stats_engagement",
+                                "k.touches, k.screens, k.first_touch_ms"))
     touches, screens = [row[0] for row in rows], [row[1] for row in rows]
     first_touches = [row[2] / 1000 for row in rows if row[2] is not None]
-    meaningful = sum(n >= request.meaningful for n in touches)
+    meaningful = sum(n >= stats_query.meaningful for n in touches)
     bounces = sum(n <= 1 for n in touches)
     if samples is not None:
         samples.update(touches=touches, screens=screens, time_on_screen={})
-        for screen, ms in _kept_and_fresh(conn, request, "stats_visits", "k.screen, k.ms"):
+        for screen, ms in _kept_and_fresh(conn, stats_query, selection, "stats_visits", "k.screen, k.ms"):
             if ms is not None:  # a session's last visit is not measured
                 samples["time_on_screen"].setdefault(screen, []).append(ms / 1000)
     return {
-        "meaningful_touches": request.meaningful,
+        "meaningful_touches": stats_query.meaningful,
         "meaningful_sessions": meaningful, "meaningful_share": _share(meaningful, len(rows)),
         "bounces": bounces, "bounce_share": _share(bounces, len(rows)),
         "touches_per_session": _summary(touches),
@@ -2341,24 +2364,25 @@ ENTRY, EXIT = "(entry)", "(exit)"
 COMMON_PATHS = 20
 
 
-def path_statistics(conn, request):
+def path_statistics(conn, stats_query, selection):
     """What the selected sessions' paths add up to: touches per hour,
     transitions between screens, the most common paths of their first
     `path_length` screens, and the funnel of `funnel`'s screens. Visits are
     those of VALUES_DEFINITION. Added up from each session's kept visits and
     touches (stats_visits, stats_touches), or the fresh ones compute_stats
-    has just made for the sessions it found stale (temp.stale): call it
-    right after compute_stats, on the same connection and request."""
+    has just made for the sessions it found stale (temp.stale): called by
+    compute_stats, inside its snapshot."""
     touches = [0] * 24
-    minutes = _kept_and_fresh(conn, request, "stats_touches", "k.minute, sum(k.touches)", "GROUP BY k.minute")
-    for _, of_day, n in _in_local_time(minutes, request.tz):
+    minutes = _kept_and_fresh(conn, stats_query, selection, "stats_touches", "k.minute, sum(k.touches)",
+                              "GROUP BY k.minute")
+    for _, of_day, n in _in_local_time(minutes, stats_query.tz):
         touches[of_day // 60] += n
     # Each session's visits in order, then a mark that ends the last session.
     visits = itertools.chain(
-        _kept_and_fresh(conn, request, "stats_visits", "k.session_id, k.screen, k.ms",
+        _kept_and_fresh(conn, stats_query, selection, "stats_visits", "k.session_id, k.screen, k.ms",
                         "ORDER BY k.session_id, k.visit"),
         [(None, EXIT, None)])
-    steps, length = request.funnel, request.path_length
+    steps, length = stats_query.funnel, stats_query.path_length
     moves, paths, funnel = {}, {}, [[0, []] for _ in steps]
     session = first_row = object()
     for session_id, screen, ms in visits:  # ms: on the screen, to the next visit (None for the last)
@@ -2392,15 +2416,15 @@ def path_statistics(conn, request):
         elapsed += ms or 0
         before, before_ms = screen, ms
     figures = {"touches_per_hour": [{"hour": hour, "touches": n} for hour, n in enumerate(touches)]}
-    if request.path_length:
+    if stats_query.path_length:
         figures["transitions"] = sorted(
             ({"from": a, "to": b, "count": n, "median_seconds": _summary(times)["median"]}
              for (a, b), (n, times) in moves.items()), key=lambda m: (-m["count"], str(m["from"]), str(m["to"])))
         figures["common_paths"] = [{"path": list(path), "sessions": n} for path, n in sorted(
             paths.items(), key=lambda item: (-item[1], [str(screen) for screen in item[0]]))[:COMMON_PATHS]]
-    if request.funnel:
+    if stats_query.funnel:
         figures["funnel"] = [{"screen": screen, "sessions": n, "median_seconds": _summary(times)["median"]}
-                             for screen, (n, times) in zip(request.funnel, funnel)]
+                             for screen, (n, times) in zip(stats_query.funnel, funnel)]
     return figures
 
 
@@ -2463,39 +2487,26 @@ def _in_local_time(minutes, tz_name):
         yield ordinal + local // 1440, local % 1440, n
 
 
-def _add_up_stats(conn, request, samples=None):
+def _add_up_stats(conn, stats_query, selection, samples=None):
     """The figures of the sessions a StatsQuery selects: their own, and the
     per-session ones (kept where valid, else fresh) added up; their
     durations into `samples` (compute_stats)."""
-    selected, params, everything = _selected_sessions(request.query)
-    tz_name, data_key, bin_size = request.tz, request.data_key, request.bin
-    # A few selected sessions (a day of many years) lead, their kept rows
-    # found by index; many are added up in one pass over the kept table.
-    # Spelled out (CROSS JOIN): without ANALYZE the planner takes the pass.
-    few = not everything and conn.execute(
-        f"WITH {selected} SELECT (SELECT count(*) FROM sel) * 10 < (SELECT count(*) FROM sessions)",
-        params).fetchone()[0]
+    tz_name, data_key, bin_size = stats_query.tz, stats_query.data_key, stats_query.bin
+    selected, params = selection.sql, selection.params
 
     def add_up(kept, group, figures):
         """{group: figures} over the selected sessions' rows of a stats table;
         `figures` maps a column to how it adds up (sum, min, max). The kept
         and the fresh rows are added up apart (each in its table's order,
         without sorting) and then together."""
-        columns = ", ".join([*group, *(f"{how}({column})" for column, how in figures.items()), "count(*)"])
-        hows, grouping = [*figures.values(), "sum"], ", ".join(group)
-        source = (f"main.{kept} k" if everything else f"sel CROSS JOIN main.{kept} k ON k.session_id = sel.id" if few
-                  else f"main.{kept} k JOIN sel ON sel.id = k.session_id")
-        with_, args = ("", []) if everything else (f"WITH {selected} ", params)
-        kept_rows = (f"{with_}SELECT {columns} FROM {source} WHERE k.data_key = ? AND k.bin = ?"
-                     f" AND k.session_id NOT IN (SELECT session_id FROM temp.stale) GROUP BY {grouping}",
-                     [*args, data_key, bin_size])
-        fresh_rows = (f"SELECT {columns} FROM temp.{KEPT_STATS[kept]} GROUP BY {grouping}", [])
+        columns = ", ".join([*(f"k.{column}" for column in group),
+                             *(f"{how}(k.{column})" for column, how in figures.items()), "count(*)"])
+        hows, grouping = [*figures.values(), "sum"], ", ".join(f"k.{column}" for column in group)
         totals = {}
-        for sql, args in (kept_rows, fresh_rows):
-            for row in conn.execute(sql, args):
-                key, new = row[:len(group)], row[len(group):]
-                old = totals.get(key)
-                totals[key] = new if old is None else [_combine(how, a, b) for how, a, b in zip(hows, old, new)]
+        for row in _kept_and_fresh(conn, stats_query, selection, kept, columns, tail=f"GROUP BY {grouping}"):
+            key, new = row[:len(group)], row[len(group):]
+            old = totals.get(key)
+            totals[key] = new if old is None else [_combine(how, a, b) for how, a, b in zip(hows, old, new)]
         return totals
 
     per_day, per_hour, per_weekday = {}, [0] * 24, [0] * 7
@@ -2508,7 +2519,7 @@ def _add_up_stats(conn, request, samples=None):
     # Each session's events and duration, from its kept or fresh figures
     # (an open one's duration ends at its latest event): not its events read again.
     sessions = list(_kept_and_fresh(
-        conn, request, "stats_engagement", "k.events, round((julianday(coalesce(s.stopped_utc, k.last_time,"
+        conn, stats_query, selection, "stats_engagement", "k.events, round((julianday(coalesce(s.stopped_utc, k.last_time,"
         " s.started_utc)) - julianday(s.started_utc)) * 86400, 3)", join="JOIN sessions s ON s.id = k.session_id"))
     event_counts = [n for n, _ in sessions]
     durations = [d for _, d in sessions if d is not None]
