@@ -2922,6 +2922,20 @@ def purge_older_than(conn, cutoff_utc, chunk=2000, max_chunks=None):
     return sessions, events
 
 
+def prepare_read(conn, session_timeout, retention_days=0):
+    """What comes before sessions are read or counted, by the HTTP API and
+    the commands alike, so that both tell the same: the sessions of
+    vanished kiosks closed (idle over `session_timeout` seconds), and with
+    a retention, one chunk of the sessions older than it deleted (`purge`
+    deletes all at once). A read-only file is read as it is."""
+    if conn.read_only:
+        return
+    close_idle_sessions(conn, session_timeout)
+    if retention_days:
+        cutoff = format_utc(datetime.now(timezone.utc) - timedelta(days=retention_days))
+        purge_older_than(conn, cutoff, chunk=500, max_chunks=1)
+
+
 def database_status(conn, path, silent_after):
     """What an operator on the phone needs: sizes, counts, open sessions,
     each consumer's and kiosk's last sign of life, and which are silent."""
@@ -3334,6 +3348,15 @@ def clean_networks(text):
             except ValueError:
                 raise ValueError(f"{part!r} is not an IP address or network") from None
     return ",".join(networks)
+
+
+def clean_proxies(text):
+    """MICROTICKS_TRUSTED_PROXIES' value, as --trusted-proxies takes it."""
+    problems = []
+    proxies = proxies_setting(text, problems)
+    if problems:
+        raise ValueError(problems[0].split(": ", 1)[1])
+    return proxies
 
 
 def plain_address(text):
@@ -4173,19 +4196,13 @@ class Service:
     def connection(self):
         return self.db.connection()
 
-    def close_idle(self):
-        """Close vanished kiosks' sessions, before they are read or counted."""
-        close_idle_sessions(self.db.connection(), self.settings.session_timeout)
-
-    def apply_retention(self):
-        """One chunk of old sessions per session start: retention keeps up
-        without ever holding up ingest for long (`purge` does the rest)."""
-        if self.settings.retention_days:
-            cutoff = format_utc(datetime.now(timezone.utc) - timedelta(days=self.settings.retention_days))
-            purge_older_than(self.db.connection(), cutoff, chunk=500, max_chunks=1)
+    def prepare_read(self):
+        """prepare_read before a read, and before a session starts: a chunk
+        of retention each time keeps up without ever holding up ingest long."""
+        prepare_read(self.db.connection(), self.settings.session_timeout, self.settings.retention_days)
 
     def current_status(self):
-        self.close_idle()  # vanished kiosks' sessions are not counted open
+        self.prepare_read()  # vanished kiosks' sessions are not counted open
         return database_status(self.db.connection(), self.settings.db_path,
                                timedelta(hours=self.settings.silent_hours))
 
@@ -4449,8 +4466,7 @@ def post_session():
     own, received = service(), datetime.now(timezone.utc)
     fields, _ = request_fields(bottle.request)
     clean = clean_session_start(fields, received)
-    own.close_idle()
-    own.apply_retention()
+    own.prepare_read()
     with own.counting_wrong_keys():
         token, existed = start_session(own.connection(), clean["consumer_key"], clean["ts"], own.client_ip(),
                                        clean["uuid"], clean["device"], clean["app_version"], own.settings.store_ip)
@@ -4498,7 +4514,7 @@ def read_answer(kind):
     own, request = service(), bottle.request
     query = clean_read_query(query_params(request), kind, own.settings.tz,
                              export=request.query.get("format") in ("csv", "ndjson"))
-    own.close_idle()  # reads show sessions of vanished kiosks closed
+    own.prepare_read()
     if query.format == "json":
         return dict(read_page(own.connection(), query), status=200)
     return download(kind, query.format, export_chunks(own.connection(), query))
@@ -4524,7 +4540,7 @@ def get_session(session_id):
     own, screen_key = service(), query_params(bottle.request).get("data_key")
     query = clean_read_query({"session": str(session_id), "fields": "all", **({"data_key": screen_key} if screen_key
                                                                               else {})}, "sessions", own.settings.tz)
-    own.close_idle()
+    own.prepare_read()
     sessions = read_page(own.connection(), query)["sessions"]
     if not sessions:
         raise MicroticksError(404, f"No session {session_id}")
@@ -4534,7 +4550,7 @@ def get_session(session_id):
 def get_stats():
     own = service()
     stats_query = clean_stats_query(query_params(bottle.request), own.settings.tz)
-    own.close_idle()
+    own.prepare_read()
     return dict(own.expensive_read(lambda conn: stats_figures(conn, stats_query),
                                    [(stats_query.data_key, stats_query.bin)]), status=200)
 
@@ -4542,7 +4558,7 @@ def get_stats():
 def get_compare():
     own = service()
     comparison = clean_compare_query(query_params(bottle.request), own.settings.tz)
-    own.close_idle()
+    own.prepare_read()
     return dict(own.expensive_read(lambda conn: compare_figures(conn, comparison),
                                    {(side.data_key, side.bin) for side in comparison}), status=200)
 
@@ -5480,6 +5496,13 @@ def open_database(settings):
     return connect(settings.db_path, settings.site)
 
 
+def open_for_reading(settings):
+    """open_database, ready to be read as the HTTP API reads it (prepare_read)."""
+    conn = open_database(settings)
+    prepare_read(conn, settings.session_timeout, settings.retention_days)
+    return conn
+
+
 def cmd_initdb(args, settings):
     conn = open_database(settings)
     print(f"Database ready: {os.path.abspath(settings.db_path)} (schema version {schema_version(conn)})")
@@ -5539,7 +5562,7 @@ def cmd_read(args, settings):
     params = read_params(args)
     if getattr(args, "bundle", None):
         filters = {k: v for k, v in params.items() if k in READ_FILTERS}
-        bundle = write_research_bundle(open_database(settings), filters, args.bundle, settings.tz,
+        bundle = write_research_bundle(open_for_reading(settings), filters, args.bundle, settings.tz,
                                        settings.session_timeout, os.path.abspath(settings.db_path), settings.site)
         print(f"Wrote {bundle['folder']}: {', '.join(bundle['files'])} ({bundle['sessions']:,} sessions,"
               f" {bundle['events']:,} events)")
@@ -5547,10 +5570,10 @@ def cmd_read(args, settings):
     export = params["format"] in ("csv", "ndjson")
     kind = getattr(args, "kind", None) or args.command
     if getattr(args, "position", None):
-        export_since_position(open_database(settings), params, args, settings)
+        export_since_position(open_for_reading(settings), params, args, settings)
         return
     query = clean_read_query(params, kind, settings.tz, export=export)
-    conn = open_database(settings)
+    conn = open_for_reading(settings)
     try:
         output = open(args.output, "w", encoding="utf-8", newline="") if args.output else None
     except OSError as error:
@@ -5933,7 +5956,7 @@ def cmd_stats(args, settings):
                                           ("paths", args.paths), ("funnel", args.funnel),
                                           ("type_separator", args.type_separator),
                                           ("meaningful", args.meaningful)) if v is not None})
-    print_answer(args, stats_figures(open_database(settings), clean_stats_query(params, settings.tz)), print_stats)
+    print_answer(args, stats_figures(open_for_reading(settings), clean_stats_query(params, settings.tz)), print_stats)
 
 
 def print_answer(args, answer, as_tables):
@@ -6009,7 +6032,7 @@ def cmd_compare(args, settings):
               if name[:2] in ("a.", "b.") and value is not None}
     params.update({k: str(v) for k, v in (("data_key", args.data_key), ("tz", args.tz),
                                           ("meaningful", args.meaningful)) if v is not None})
-    print_answer(args, compare_figures(open_database(settings), clean_compare_query(params, settings.tz)),
+    print_answer(args, compare_figures(open_for_reading(settings), clean_compare_query(params, settings.tz)),
                  print_comparison)
 
 
@@ -6099,26 +6122,16 @@ def whole_argument(low, high, of=""):
     return whole
 
 
-def name_argument(text):
-    try:
-        return clean_consumer_name(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def proxies_argument(text):
-    problems = []
-    proxies = proxies_setting(text, problems)
-    if problems:
-        raise argparse.ArgumentTypeError(problems[0].split(": ", 1)[1])
-    return proxies
-
-
-def networks_argument(text):
-    try:
-        return clean_networks(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def argument(clean):
+    """An argparse type from a validator that raises ValueError (the clean_*
+    functions): its message is what argparse tells."""
+    def argument_type(text):
+        try:
+            return clean(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    argument_type.__name__ = clean.__name__.replace("clean_", "")  # argparse names the type in its messages
+    return argument_type
 
 
 def cmd_allowips(args, settings):
@@ -6164,7 +6177,7 @@ def cmd_purge(args, settings):
 
 def cmd_status(args, settings):
     silent_after = timedelta(hours=args.silent_hours or settings.silent_hours)
-    status = database_status(open_database(settings), settings.db_path, silent_after)
+    status = database_status(open_for_reading(settings), settings.db_path, silent_after)
     if args.json:
         json.dump(status, sys.stdout, indent=2)
         print()
@@ -6243,13 +6256,6 @@ def cmd_serve(args, settings):
                                    f"pip install {settings.server}, or use --server threads") from None
 
 
-def site_argument(text):
-    try:
-        return clean_site_name(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     # Given before or after the command: `microticks --db x.db status` and
@@ -6284,7 +6290,7 @@ def build_parser():
     sub.add_argument("--cpus", choices=CPUS_CHOICES,
                      help="one: the built-in server keeps to one CPU core, where Python's threads take"
                           f" turns fastest; all: it runs on any (default: $MICROTICKS_CPUS, else {DEFAULTS.cpus})")
-    sub.add_argument("--trusted-proxies", type=proxies_argument, metavar="LIST",
+    sub.add_argument("--trusted-proxies", type=argument(clean_proxies), metavar="LIST",
                      help="reverse proxies whose header (--proxy-header) names the client:"
                           " addresses or networks, comma-separated; '' for none"
                           f" (default: $MICROTICKS_TRUSTED_PROXIES, else {','.join(DEFAULTS.trusted_proxies)})")
@@ -6293,8 +6299,8 @@ def build_parser():
                           " append to), or forwarded (RFC 7239) where the proxy is set up to write it"
                           f" (default: $MICROTICKS_PROXY_HEADER, else {DEFAULTS.proxy_header})")
     sub = command("createconsumer", cmd_createconsumer, "register a frontend and print its consumer key")
-    sub.add_argument("name", type=name_argument, help="a name for the frontend, e.g. the kiosk's location")
-    sub.add_argument("--allow", type=networks_argument, metavar="NETWORKS",
+    sub.add_argument("name", type=argument(clean_consumer_name), help="a name for the frontend, e.g. the kiosk's location")
+    sub.add_argument("--allow", type=argument(clean_networks), metavar="NETWORKS",
                      help="only from these addresses or networks, comma-separated (e.g. 10.1.2.0/24)")
     command("consumers", cmd_consumers, "list the consumers")
     sub = command("revokeconsumer", cmd_revokeconsumer, "stop a consumer's key from starting sessions")
@@ -6303,10 +6309,10 @@ def build_parser():
     sub.add_argument("name", help="the consumer's name")
     sub = command("renameconsumer", cmd_renameconsumer, "rename a consumer")
     sub.add_argument("name", help="the consumer's name")
-    sub.add_argument("new_name", type=name_argument, help="its new name")
+    sub.add_argument("new_name", type=argument(clean_consumer_name), help="its new name")
     sub = command("allowips", cmd_allowips, "restrict a consumer to addresses or networks (none given: any)")
     sub.add_argument("name", help="the consumer's name")
-    sub.add_argument("networks", nargs="?", default="", type=networks_argument,
+    sub.add_argument("networks", nargs="?", default="", type=argument(clean_networks),
                      help="comma-separated addresses or networks, e.g. 10.1.2.0/24,2001:db8::/48")
     sub = command("delete", cmd_delete, "erase sessions and their events (an erasure request)")
     sub.add_argument("--session", type=whole_argument(1, 10**18 - 1), action="append", required=True, metavar="ID",
@@ -6371,7 +6377,7 @@ def build_parser():
     sub.add_argument("file", help="the export file, or a research bundle's folder")
     sub.add_argument("--consumer", default="import", help="consumer the sessions belong to "
                                                           "(created if missing; default: %(default)s)")
-    sub.add_argument("--site", type=site_argument, metavar="NAME",
+    sub.add_argument("--site", type=argument(clean_site_name), metavar="NAME",
                      help="the export is of another site (its MICROTICKS_SITE): its events and sessions get ids of"
                           " their own, the consumer is named CONSUMER@NAME, and what was imported for the site"
                           " before is skipped, so a later export that overlaps adds only what is new")
