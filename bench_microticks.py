@@ -756,9 +756,41 @@ def bench_hostile(workdir, results, seconds):
            "p99_ratio": round(beside[197] / alone[197], 2), "aim": "p99 under 1 s"}
     print_row(row)
     results.setdefault("hostile", {})["stalls"] = row
+    bench_key_timing(workdir, results)
     bench_ambiguous_framing(workdir, results)
     bench_expensive_bursts(workdir, results)
     bench_huge_open_session(workdir, results)
+
+
+def bench_key_timing(workdir, results, n=400):
+    """The answers to an API key wrong in its first character and in its
+    last (compared by hmac.compare_digest): their medians, and the ratio.
+    Each from an address of its own (through a trusted local proxy), so
+    that ten wrong keys from one address do not turn into 429s."""
+    import http.client
+    db = workdir / "keys.db"
+    command, server_env, cwd = servers(workdir, "serve", "microticks", db)
+    key = server_env["MICROTICKS_KEY"]
+    with Process(command, server_env, cwd) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        medians = {}
+        for turn in range(2):  # the two kinds in turns, twice: a drift in the machine's speed touches both
+            for label, wrong in (("first", "x" + key[1:]), ("last", key[:-1] + "x")):
+                times = []
+                for i in range(n):
+                    started = time.perf_counter()
+                    conn.request("GET", "/events", headers={"X-Microticks-Key": wrong,
+                                                            "X-Forwarded-For": f"10.{turn}.{i // 256}.{i % 256}"})
+                    conn.getresponse().read()
+                    times.append(time.perf_counter() - started)
+                medians.setdefault(label, []).append(sorted(times)[n // 2])
+        conn.close()
+    first, last = min(medians["first"]), min(medians["last"])
+    row = {"api_key": "wrong in the first / last character, 401", "first_median_us": round(first * 1e6),
+           "last_median_us": round(last * 1e6), "last / first": round(last / first, 3),
+           "aim": "1.0 within the noise: compared in constant time"}
+    print_row(row)
+    results.setdefault("hostile", {})["key timing"] = row
 
 
 AMBIGUOUS_HEADS = [b"Content-Length: 900\r\nContent-Length: 900\r\n\r\n",
