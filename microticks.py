@@ -1374,7 +1374,7 @@ def _session_for_token(conn, token):
         " stopped_at IS NOT NULL AND coalesce(stop_reason, 'client') != 'timeout' AS final"
         " FROM sessions WHERE token = ?", (token,)).fetchone()
     if session is None:
-        raise MicroticksError(404, "Could not find session: start one with POST /sessions")
+        raise MicroticksError(404, "Could not find session: no session has this token (start one first)")
     return session
 
 
