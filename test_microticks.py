@@ -3844,6 +3844,42 @@ def subcommands():
     return sorted(action.choices)
 
 
+def test_the_module_reads_top_to_bottom():
+    """Each section (and sub-section) of microticks.py uses only what stands
+    above it, but for the page text, kept as data before the entry points
+    (README: Reading the code). Within a section, a function may use
+    helpers that follow it."""
+    import ast
+    source = (HERE / "microticks.py").read_text(encoding="utf-8")
+    banners = [number for number, line in enumerate(source.splitlines(), 1)
+               if re.match(r"# [A-Z][A-Za-z ,-]+ #{5,}$", line) or line.startswith("# -- ")]
+
+    def section(line):
+        return sum(number <= line for number in banners)
+
+    page_text = section(next(number for number, line in enumerate(source.splitlines(), 1)
+                             if line.startswith("# Page text #")))
+    tree = ast.parse(source)
+    defined = {}
+    for node in tree.body:
+        targets = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
+            n.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if t is not None
+            for n in ast.walk(t) if isinstance(n, ast.Name)]
+        for name in targets:
+            defined.setdefault(name, node.lineno)
+    backwards = []
+    for node in tree.body:
+        own = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        own |= {a.arg for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.Lambda))
+                for a in [*n.args.args, *n.args.kwonlyargs, *n.args.posonlyargs]}
+        own -= {getattr(node, "name", None)}
+        for name in {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - own:
+            where = defined.get(name)
+            if where and section(where) > section(node.lineno) and section(where) != page_text:
+                backwards.append((getattr(node, "name", node.lineno), name))
+    assert not backwards, backwards
+
+
 def test_every_subcommand_has_help_and_is_in_the_readme():
     names = subcommands()
     assert {"initdb", "createconsumer", "consumers", "revokeconsumer", "serve"} <= set(names)
