@@ -184,6 +184,11 @@ def bench_reads(workdir, results, db):
         rows.append({"read": "CSV export rate", "rows_per_s": round(events / seconds), "target_rows_per_s": 100_000})
         _, seconds, _ = measure("NDJSON export, everything", "/events?format=ndjson", repeat=1)
         rows.append({"read": "NDJSON export rate", "rows_per_s": round(events / seconds)})
+        ndjson_rate = events / seconds
+        # The first Microticks' read: GET /events without a limit, one JSON document of every event.
+        _, seconds, _ = measure("GET /events, every event as one JSON document", "/events", repeat=1)
+        rows.append({"read": "GET /events document rate", "rows_per_s": round(events / seconds),
+                     "ratio_to_ndjson_export": round(events / seconds / ndjson_rate, 2)})
         for export in ("csv", "ndjson"):  # a researcher's export: a column per data key too
             _, seconds, _ = measure(f"{export.upper()} export with 3 data keys", f"/events?format={export}"
                                     "&data_keys=subject,clickX,clickY", repeat=1)

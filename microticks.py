@@ -162,8 +162,8 @@ DEFAULT_MEANINGFUL_TOUCHES = 2
 MAX_MEANINGFUL_TOUCHES = 1000
 #: The longest annotation, in characters.
 MAX_ANNOTATION_CHARS = 1000
-#: Rows one page of GET /events or GET /sessions holds.
-DEFAULT_PAGE_LIMIT = 1000
+#: The most rows a page of GET /events or GET /sessions holds (limit=);
+#: without a limit, every row comes, streamed.
 MAX_PAGE_LIMIT = 10000
 
 # Bottle reads bodies up to MEMFILE_MAX into memory and spills larger ones to a
@@ -487,19 +487,22 @@ STATUS_MESSAGES = {
 }
 
 
-def error_fields(status, message, errors=None):
+def error_fields(status, message, errors=None, allowed=None):
     """What every error answer holds, the app's and the built-in server's own
     (a request it cannot parse, or that did not arrive whole): its message,
-    its status, and what was wrong with each field, if that is known."""
+    its status, what was wrong with each field, if that is known, and for a
+    method not allowed (405), the methods that are."""
     fields = {"error": message, "status": status}
     if errors:
         fields["errors"] = errors
+    if allowed:
+        fields["allowed"] = allowed
     return fields
 
 
-def error_json(status, message, errors=None):
+def error_json(status, message, errors=None, allowed=None):
     """error_fields as the JSON text of an answer."""
-    return _answer_json(error_fields(status, message, errors))
+    return _answer_json(error_fields(status, message, errors, allowed))
 
 
 ###############################################################################
@@ -1637,7 +1640,8 @@ class ReadQuery:
     end_id: int = None
     #: (column, descending) pairs, most significant first.
     sort: tuple = (("id", False),)
-    limit: int = DEFAULT_PAGE_LIMIT
+    #: Rows in the page (None: every row).
+    limit: int = None
     offset: int = 0
     format: str = "json"
     fields: tuple = EVENT_DEFAULT_FIELDS
@@ -1848,6 +1852,28 @@ def read_page(conn, query):
     return {query.kind: rows, "count": count}
 
 
+def page_document(conn, query, closing=None):
+    """Every row a ReadQuery without a limit selects, as one JSON document
+    in the first Microticks' shape, {"events": [...], "count": N} and the
+    fields of `closing`, streamed as export_chunks streams: its readers
+    (the first Microticks' analysis scripts among them) get every row, in
+    flat memory. The count and the rows are read in one snapshot."""
+    inner, params = _select(query, query.fields)
+    count_sql, count_params = _select(query, query.fields, count=True)
+    conn.execute("BEGIN")
+    try:
+        count = conn.execute(count_sql, count_params).fetchone()[0]
+        yield f'{{"{query.kind}":['
+        separator = ""
+        for chunk in _export_lines(conn, inner, params, query.fields, query.fields, "json"):
+            yield separator + chunk
+            separator = ","
+        yield "]," + _answer_json({"count": count, **(closing or {})})[1:]
+    finally:
+        if conn.in_transaction:  # a client gone midway closes the generator: the snapshot ends here
+            conn.execute("COMMIT")
+
+
 def export_chunks(conn, query):
     """The rows of a ReadQuery as CSV or NDJSON text, in chunks, reading the
     database as it goes: memory stays flat whatever the number of rows."""
@@ -1859,14 +1885,15 @@ def export_chunks(conn, query):
 
 def _export_lines(conn, inner, params, columns, names, output_format):
     """The rows of the SQL `inner` (its `columns`, named `names` in the file)
-    as CSV or NDJSON lines, in chunks. SQLite writes each line: C beats a
+    as CSV or NDJSON lines, in chunks; or, as `json`, JSON objects separated
+    by commas (page_document's list). SQLite writes each line: C beats a
     Python call per field fivefold."""
-    if output_format == "ndjson":
+    if output_format in ("ndjson", "json"):
         # data and the data keys are JSON text already: embedded as JSON, not as strings.
         pairs = ", ".join(f"?, json({c})" if c in JSON_FIELDS or c.startswith("data_key_") else f"?, {c}"
                           for c in columns)
         sql, params = f"SELECT json_object({pairs}) FROM ({inner})", list(names) + list(params)
-        header, newline = None, "\n"
+        header, newline = None, "\n" if output_format == "ndjson" else ","
     else:
         # RFC 4180: numbers bare, text always quoted with quotes doubled, NULL empty.
         # Text a spreadsheet would run as a formula (=, +, -, @, tab, CR first:
@@ -1897,7 +1924,7 @@ def _export_lines(conn, inner, params, columns, names, output_format):
         rows = cursor.fetchmany(2000)
         if not rows:
             break
-        yield newline.join(row[0] for row in rows) + newline
+        yield newline.join(row[0] for row in rows) + ("" if output_format == "json" else newline)
 
 
 # -- Annotations --------------------------------------------------------------
@@ -3534,7 +3561,8 @@ def refuse_unknown_parameters(params, allowed):
 def clean_read_query(params, kind, tz_name="", export=False):
     """Turn query parameters (a dict of strings, from a URL or the CLI) into
     a ReadQuery, or refuse with a 400 that names the parameter and what is
-    allowed. With export=True there is no default limit."""
+    allowed. Without a limit, every row: a JSON answer streams them all
+    (page_document), as the first Microticks answered."""
     refuse_unknown_parameters(params, READ_FILTERS + PAGE_PARAMETERS)
     events = kind == "events"
     columns = EVENT_COLUMNS if events else SESSION_COLUMNS
@@ -3580,11 +3608,11 @@ def clean_read_query(params, kind, tz_name="", export=False):
     def limit(p, name):
         value = p.get(name)
         if value is None or value == "":
-            return None if export else DEFAULT_PAGE_LIMIT
+            return None
         number = _whole(value, 2**62 if export else MAX_PAGE_LIMIT)
         if number is None:
             raise ValueError(f'"limit" must be a whole number from 0 to {MAX_PAGE_LIMIT}'
-                             + (" (exports have none by default)" if not export else ""))
+                             + (" (leave it out for every row)" if not export else ""))
         return number
 
     def output_format(p, name):
@@ -3835,6 +3863,14 @@ def request_fields(request):
     except UnicodeDecodeError:
         raise MicroticksError(400, "The body is not valid UTF-8") from None
     content_type = request.content_type.split(";")[0].strip().lower()
+    if content_type in ("", "application/x-www-form-urlencoded") and text.lstrip()[:1] == "{":
+        # curl -d '{...}' sends JSON as a form; a form is never one JSON object: read as what it is.
+        try:
+            value = parse_json(text, max_depth=None)
+        except ValueError:
+            value = None
+        if isinstance(value, dict):
+            return value, False
     if content_type in ("", "application/x-www-form-urlencoded"):
         try:
             pairs = parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=100)
@@ -4299,11 +4335,15 @@ def render_error(error):
         message = f"No such endpoint: {request.method} {request.path}"
     else:
         message = STATUS_MESSAGES.get(status, error.status_line)
+    allowed = None
+    if status == 405:
+        allowed = [method for method in error.headers.get("Allow", "").split(",") if method]
+        message = f"{request.method} is not allowed on {request.path}: use {' or '.join(allowed)}"
     if 400 <= status < 500:
         counters["requests_refused"] += 1
     elif status == 503:
         counters["database_errors"] += 1
-    return error_json(status, message, getattr(error, "errors", None))
+    return error_json(status, message, getattr(error, "errors", None), allowed)
 
 
 def refuse_failures(callback):
@@ -4510,11 +4550,15 @@ def post_heartbeat():
 
 
 def read_answer(kind):
-    """GET /events and GET /sessions: a page as JSON, or a streamed export."""
+    """GET /events and GET /sessions: every row as one JSON document, a page
+    (limit=), or a streamed export."""
     own, request = service(), bottle.request
     query = clean_read_query(query_params(request), kind, own.settings.tz,
                              export=request.query.get("format") in ("csv", "ndjson"))
     own.prepare_read()
+    if query.format == "json" and query.limit is None:  # every row, streamed: the first Microticks' answer
+        bottle.response.content_type = "application/json"
+        return page_document(own.connection(), query, {"status": 200})
     if query.format == "json":
         return dict(read_page(own.connection(), query), status=200)
     return download(kind, query.format, export_chunks(own.connection(), query))
@@ -5532,15 +5576,33 @@ def cmd_revokeconsumer(args, settings):
     print(f"Consumer {args.name!r} revoked: its key starts no new sessions; its data stays.")
 
 
+def consumer_filter(text):
+    """--consumer as the HTTP API's filters: a number is a consumer's id,
+    anything else its name."""
+    return {"consumer": text} if text.isascii() and text.isdigit() else {"consumer_name": text}
+
+
+def consumer_named(conn, text):
+    """The name of the consumer --consumer means: a number is an existing
+    consumer's id; anything else (or an id nobody has) is a name."""
+    if text and text.isascii() and text.isdigit():
+        row = conn.execute("SELECT name FROM consumers WHERE id = ?", (int(text),)).fetchone()
+        if row is not None:
+            return row[0]
+    return text
+
+
 def read_params(args):
     """The read filters given on the command line, as the query parameters
     the HTTP API takes, so both are validated by the same function."""
-    names = {"from_": "from", "to": "to", "date": "date", "ip": "ip", "consumer": "consumer",
+    names = {"from_": "from", "to": "to", "date": "date", "ip": "ip",
              "consumer_name": "consumer_name", "action": "action", "session": "session", "site": "site",
              "after_id": "after_id", "limit": "limit", "offset": "offset", "format": "format",
              "fields": "fields", "data_keys": "data_keys", "data_key": "data_key"}
     params = {param: str(getattr(args, attr)) for attr, param in names.items()
               if getattr(args, attr, None) is not None}
+    if getattr(args, "consumer", None) is not None:
+        params.update(consumer_filter(args.consumer))
     if getattr(args, "sort", None):
         params["sort.desc" if args.desc else "sort"] = args.sort
     return params
@@ -5557,8 +5619,9 @@ def write_export(conn, query, stream):
 
 
 def cmd_read(args, settings):
-    """`events` and `sessions`: a page as JSON, like the HTTP API, or every
-    matching row as CSV or NDJSON (`export`)."""
+    """`events` and `sessions`: every matching row as JSON, or a page
+    (--limit), like the HTTP API; or every matching row as CSV or NDJSON
+    (`export`)."""
     params = read_params(args)
     if getattr(args, "bundle", None):
         filters = {k: v for k, v in params.items() if k in READ_FILTERS}
@@ -5579,7 +5642,10 @@ def cmd_read(args, settings):
     except OSError as error:
         raise MicroticksError(400, f"Cannot write {args.output}: {error.strerror or error}") from None
     with output or contextlib.nullcontext(sys.stdout) as stream:
-        if query.format == "json":
+        if query.format == "json" and query.limit is None:  # every row, as GET /events answers it
+            stream.writelines(page_document(conn, query))
+            stream.write("\n")
+        elif query.format == "json":
             json.dump(read_page(conn, query), stream, indent=2, ensure_ascii=False)
             stream.write("\n")
         else:
@@ -5708,7 +5774,8 @@ def write_research_bundle(conn, filters, directory, tz_name, timeout, database, 
         selection = ", ".join(f"{name}={value}" for name, value in sorted(filters.items())) or "all"
         with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as stream:
             stream.write(fill(
-                BUNDLE_README, VERSION=__version__, WRITTEN=utc_now(), DATABASE=database, SELECTION=selection,
+                BUNDLE_README, VERSION=__version__, WRITTEN=utc_now(), DATABASE=os.path.basename(database),
+                SELECTION=selection,
                 SESSIONS=f"{figures['sessions']:,}", EVENTS=f"{figures['events']:,}", TIMEOUT=str(timeout),
                 DATA_KEY=DEFAULT_DATA_KEY, TZ=figures["timezone"], PATH=SESSION_PATH_DEFINITION,
                 VALUES=VALUES_DEFINITION, PATHS=PATH_FIGURES_DEFINITION, ENGAGEMENT=ENGAGEMENT_DEFINITION,
@@ -5932,13 +5999,15 @@ def cmd_import(args, settings):
         except OSError as error:
             raise MicroticksError(400, f"Cannot read {path}: {error.strerror or error}") from None
         records = read_export_file(stream, os.path.basename(path), expected_events)
-        result = import_events(open_database(settings), clean_exported_events(records),
-                               os.path.basename(path), digest, args.consumer, args.site)
+        conn = open_database(settings)
+        consumer = args.consumer if args.site else consumer_named(conn, args.consumer)
+        result = import_events(conn, clean_exported_events(records), os.path.basename(path), digest, consumer,
+                               args.site)
     renumbered = [f"{n:,} {kind}" for kind, n in result["new_ids"].items() if n]
     print(f"Imported {result['events']} events in {result['sessions']} sessions from {args.file}"
           + (f" ({result['skipped']} already present, skipped)" if result["skipped"] else "")
           + (f" of site {args.site!r} (its consumers as NAME@{args.site}; unnamed: {args.consumer}@{args.site})"
-             if args.site else f" as consumer {args.consumer!r}")
+             if args.site else f" as consumer {consumer!r}")
           + (f"; {' and '.join(renumbered)} got new ids, theirs being taken here (the file's ids are kept as"
              " source_id)" if renumbered else ""))
 
@@ -6029,7 +6098,11 @@ def print_stats(stats):
 
 def cmd_compare(args, settings):
     params = {name: str(value) for name, value in vars(args).items()
-              if name[:2] in ("a.", "b.") and value is not None}
+              if name[:2] in ("a.", "b.") and name[2:] != "consumer" and value is not None}
+    for side in "ab":
+        if vars(args)[f"{side}.consumer"] is not None:
+            params.update({f"{side}.{name}": value for name, value in
+                           consumer_filter(vars(args)[f"{side}.consumer"]).items()})
     params.update({k: str(v) for k, v in (("data_key", args.data_key), ("tz", args.tz),
                                           ("meaningful", args.meaningful)) if v is not None})
     print_answer(args, compare_figures(open_for_reading(settings), clean_compare_query(params, settings.tz)),
@@ -6077,7 +6150,8 @@ def cmd_annotate(args, settings):
         clean = clean_annotation({"time": args.at, "text": args.text, "consumer": args.consumer, "site": args.site})
     except MicroticksError as refusal:  # named as on the command line
         raise MicroticksError(400, refusal.message.replace('"time"', "--at")) from None
-    annotation = add_annotation(open_database(settings), clean["time"], clean["text"], clean["consumer"],
+    conn = open_database(settings)
+    annotation = add_annotation(conn, clean["time"], clean["text"], consumer_named(conn, clean["consumer"]),
                                 clean["site"])
     print(f"annotation {annotation['id']} at {annotation['time_utc']}: {annotation['text']}")
 
@@ -6089,8 +6163,9 @@ def cmd_annotations(args, settings):
             raise MicroticksError(404, f"No annotation {args.delete}")
         print(f"annotation {args.delete} deleted")
         return
-    params = {name: value for name, value in (("from", args.from_), ("to", args.to),
-                                              ("consumer_name", args.consumer_name)) if value is not None}
+    params = {name: value for name, value in (("from", args.from_), ("to", args.to)) if value is not None}
+    if args.consumer is not None:
+        params.update(consumer_filter(args.consumer))
     if args.format:
         query = clean_annotation_query(params, settings.tz)
         write_export_text(export_annotations(conn, query, args.format), args.output)
@@ -6271,7 +6346,7 @@ def build_parser():
                "a flag given wins.")
     parser.add_argument("--version", action="version", version=f"Microticks {__version__}")
     parser.add_argument("--db", **db_option)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     def command(name, func, help):
         sub = commands.add_parser(name, parents=[common], help=help, description=help)
@@ -6337,8 +6412,8 @@ def build_parser():
         group.add_argument("--to", metavar="TIME", help="up to this day (included) or time (excluded)")
         group.add_argument("--date", help="sessions started on this UTC day, YYYY-MM-DD")
         group.add_argument("--ip", help="sessions from this client address")
-        group.add_argument("--consumer", type=int, help="consumer id")
-        group.add_argument("--consumer-name", help="consumer name")
+        group.add_argument("--consumer", metavar="NAME|ID", help="a consumer's sessions: its name, or its id")
+        group.add_argument("--consumer-name", help=argparse.SUPPRESS)  # the first name of --consumer NAME
         group.add_argument("--action", help="events with this action (sessions: having one)")
         group.add_argument("--session", type=int, help="session id")
         group.add_argument("--site", help="a site's sessions (this installation's: $MICROTICKS_SITE, else the host"
@@ -6372,11 +6447,12 @@ def build_parser():
                      " events and sessions as NDJSON and CSV, stats.json, a data dictionary (README.md) and DuckDB"
                      " SQL for the headline figures (analysis.sql); takes the filters")
     sub = command("import", cmd_import, "load a GET /events JSON export, an NDJSON export or a research bundle,"
-                                        " keeping ids, sessions, times and data (a file loads once), or another"
-                                        " site's with --site")
+                                        " with its sessions, times and data, adding only (ids kept where free;"
+                                        " a file loads once), or another site's with --site")
     sub.add_argument("file", help="the export file, or a research bundle's folder")
-    sub.add_argument("--consumer", default="import", help="consumer the sessions belong to "
-                                                          "(created if missing; default: %(default)s)")
+    sub.add_argument("--consumer", default="import", metavar="NAME|ID",
+                     help="consumer the sessions belong to: its name (created if missing), or its id"
+                          " (default: %(default)s)")
     sub.add_argument("--site", type=argument(clean_site_name), metavar="NAME",
                      help="the export is of another site (its MICROTICKS_SITE): its events and sessions get ids of"
                           " their own, the consumer is named CONSUMER@NAME, and what was imported for the site"
@@ -6401,9 +6477,9 @@ def build_parser():
         group.add_argument(f"--{side}-from", dest=f"{side}.from", metavar="TIME", help="from this day or time on")
         group.add_argument(f"--{side}-to", dest=f"{side}.to", metavar="TIME",
                            help="up to this day (included) or time (excluded)")
-        group.add_argument(f"--{side}-consumer", dest=f"{side}.consumer", type=int, metavar="ID", help="consumer id")
-        group.add_argument(f"--{side}-consumer-name", dest=f"{side}.consumer_name", metavar="NAME",
-                           help="consumer name")
+        group.add_argument(f"--{side}-consumer", dest=f"{side}.consumer", metavar="NAME|ID",
+                           help="a consumer's sessions: its name, or its id")
+        group.add_argument(f"--{side}-consumer-name", dest=f"{side}.consumer_name", help=argparse.SUPPRESS)
         group.add_argument(f"--{side}-ip", dest=f"{side}.ip", metavar="ADDRESS", help="client address")
         group.add_argument(f"--{side}-site", dest=f"{side}.site", metavar="NAME", help="site")
     sub.add_argument("--data-key", help=f"the data key naming screens (default: {DEFAULT_DATA_KEY})")
@@ -6416,12 +6492,14 @@ def build_parser():
     sub.add_argument("text", help=f"what happened (up to {MAX_ANNOTATION_CHARS} characters)")
     sub.add_argument("--at", required=True, metavar="TIME", help="when: an ISO 8601 time with a zone,"
                      " e.g. 2017-05-24T10:00+02:00")
-    sub.add_argument("--consumer", metavar="NAME", help="the consumer it concerns (default: every one)")
+    sub.add_argument("--consumer", metavar="NAME|ID", help="the consumer it concerns: its name, or its id"
+                                                          " (default: every one)")
     sub.add_argument("--site", help="the site it concerns")
     sub = command("annotations", cmd_annotations, "list or export the annotations (or delete one)")
     sub.add_argument("--from", dest="from_", metavar="TIME", help="from this day or time on")
     sub.add_argument("--to", metavar="TIME", help="up to this day (included) or time (excluded)")
-    sub.add_argument("--consumer-name", metavar="NAME", help="that consumer's, and those for every consumer")
+    sub.add_argument("--consumer", metavar="NAME|ID", help="that consumer's (its name, or its id), and those for"
+                                                          " every consumer")
     sub.add_argument("--delete", type=whole_argument(1, 10**18 - 1), metavar="ID", help="delete this annotation")
     sub.add_argument("--json", action="store_true", help="print the JSON of GET /annotations")
     sub.add_argument("--format", choices=("csv", "ndjson"), help="write them as CSV or NDJSON, as exports do")
@@ -6623,10 +6701,11 @@ def openapi_spec():
     ]
     paging = [
         param("after_id", "Rows with a larger id (with sort.desc=id: smaller): cursor paging", whole),
-        param("limit", f"Rows in a page, 0 to {MAX_PAGE_LIMIT} (default {DEFAULT_PAGE_LIMIT}; exports: all)",
-              {"type": "integer", "minimum": 0, "maximum": MAX_PAGE_LIMIT}),
+        param("limit", f"Rows in a page, 0 to {MAX_PAGE_LIMIT}; without it, every row, streamed (as the first"
+                       " Microticks answered)", {"type": "integer", "minimum": 0, "maximum": MAX_PAGE_LIMIT}),
         param("offset", "Rows to skip", whole),
-        param("format", "json (a page), csv or ndjson (a download of every matching row)",
+        param("format", "json (every matching row, or a page with limit=), csv or ndjson (a download of every"
+                        " matching row)",
               {"type": "string", "enum": list(EXPORT_FORMATS)}),
     ]
 
@@ -7784,7 +7863,11 @@ def main(argv=None):
         # Under CGI, stdout is the response: nothing may print on this path.
         bottle.CGIServer().run(application)
         return 0
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # what there is to do, a line each
+        parser.print_help()
+        return 0
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "server", "threads", "cpus", "trusted_proxies",
                                                     "proxy_header")}
     settings = load_settings(db_path=getattr(args, "db", None), **overrides)

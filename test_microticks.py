@@ -594,6 +594,51 @@ def test_import_round_trips_the_first_microticks_export_exactly(sample_client, s
     assert event_count(db_path) == 1628
 
 
+def test_reads_without_a_limit_answer_every_row_as_the_first_microticks_did(sample_client, sample_events, db_path):
+    """The first Microticks' analysis script reads GET /events as it comes:
+    every event, in one document; a page of 1,000 cut the real week in
+    half (51 sessions of 81). limit= and after_id= still page."""
+    document = sample_client.get("/events")
+    assert document.headers["content-type"].startswith("application/json")
+    answer = document.json
+    assert answer["events"] == sample_events and answer["count"] == 1628 and answer["status"] == 200
+    sessions = sample_client.get("/sessions").json
+    assert sessions["count"] == len(sessions["sessions"]) == 83
+    assert len({e["session_id"] for e in answer["events"]}) == 83
+    page = sample_client.get("/events", limit="1000").json
+    assert len(page["events"]) == 1000 and page["count"] == 1628
+    rest = sample_client.get("/events", after_id=str(page["events"][-1]["id"])).json
+    assert page["events"] + rest["events"] == sample_events
+    clicks = sample_client.get("/events", action="click").json
+    assert clicks["events"] == [e for e in sample_events if e["action"] == "click"] == clicks["events"][:clicks["count"]]
+    said = json.loads(run_cli("events", "--db", db_path).stdout)  # the command answers alike
+    assert said["events"] == sample_events and said["count"] == 1628
+
+
+def test_a_client_that_reads_every_row_slowly_holds_a_worker_no_longer_than_the_write_timeout(
+        one_worker_server, db_path, consumer_key, monkeypatch):
+    """A million rows for a client that reads nothing: the worker gives up
+    when a write has waited the connection's timeout, and the one worker
+    answers the next client."""
+    monkeypatch.setattr(microticks.ConnectionHandler, "timeout", 1)
+    fill_database(db_path, sessions=2000, events_per_session=50)  # 100,000 events, about 12 MB of JSON
+    port = one_worker_server.server_port
+    with socket.create_connection(("127.0.0.1", port)) as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)  # the worker is writing to it
+        started = time.monotonic()
+        assert Client(f"http://127.0.0.1:{port}").get("/health").status == 200
+        # Once the write timeout (1 s here, 15 s as served) is over, not after the 12 MB: not a measure of speed.
+        assert time.monotonic() - started < 8
+        received = 0
+        with contextlib.suppress(OSError):
+            slow.settimeout(5)
+            while chunk := slow.recv(1 << 20):
+                received += len(chunk)
+        assert received < 12_000_000  # cut short: the answer was not held for it
+
+
 def test_ndjson_export_round_trips_through_import(sample_client, sample_events, tmp_path):
     export = sample_client.get("/events", format="ndjson")
     assert export.status == 200 and export.headers["content-type"] == "application/x-ndjson"
@@ -1024,6 +1069,7 @@ def test_a_research_bundle_holds_the_data_its_dictionary_and_sql_that_gives_the_
         {k: stats[k] for k in ("sessions", "events", "values", "transitions")}
     dictionary = (bundle / "README.md").read_text(encoding="utf-8")
     assert f"Microticks {microticks.__version__}" in dictionary and "last visit is not measured" in dictionary
+    assert os.path.dirname(db_path) not in dictionary and f"from `{os.path.basename(db_path)}`" in dictionary
     for field in (*microticks.EVENT_COLUMNS, *microticks.SESSION_COLUMNS):
         assert f"`{field}`" in dictionary, f"the data dictionary does not say what {field} is"
     figures = json.loads(subprocess.run([sys.executable, "-c", BUNDLE_DUCKDB], cwd=bundle, capture_output=True,
@@ -2630,6 +2676,25 @@ def test_unknown_routes_answer_json(client, method, path, status):
     reply = client.request(method, path)
     assert reply.status == status
     assert reply.json["status"] == status
+    if status == 405:  # the methods allowed, in Allow and in the JSON
+        assert reply.json["allowed"] == reply.headers["allow"].split(",") and method not in reply.json["allowed"]
+        assert f"{method} is not allowed on {path}: use " in reply.json["error"]
+
+
+def test_json_sent_with_curls_default_content_type_is_read_as_json(client, consumer_key, db_path):
+    """curl -d '{...}' sends JSON as a form (application/x-www-form-urlencoded):
+    a form is never one JSON object, so such a body is read as JSON."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    start = client.request("POST", "/sessions", json.dumps({"consumer_key": consumer_key,
+                                                            "ts": "2017-08-25T17:09:19Z"}), form)
+    assert start.status == 200, start
+    event = client.request("POST", "/events", json.dumps({"token": start.json["token"], "action": "click",
+                                                          "data": {"subject": "main"}, "ts": "2017-08-25T17:09:20Z"}),
+                           form)
+    assert event.status == 200, event
+    assert stored(db_path, "SELECT data FROM events") == [('{"subject":"main"}',)]
+    # A real form is read as the form it is, a data string included.
+    assert client.event(start.json["token"], data='{"subject":"year"}') == 2
 
 
 ###############################################################################
@@ -3884,10 +3949,31 @@ def test_every_subcommand_has_help_and_is_in_the_readme():
     names = subcommands()
     assert {"initdb", "createconsumer", "consumers", "revokeconsumer", "serve"} <= set(names)
     top = run_cli("--help").stdout
+    alone = run_cli().stdout  # no command: the commands, a line each
     for name in names:
-        assert name in top
+        assert name in top and re.search(rf"^    {name}\b", alone, re.M), name
         assert "usage:" in run_cli(name, "--help").stdout
         assert f"microticks.py {name}" in README, f"README does not document `{name}`"
+
+
+def test_consumer_is_a_name_or_an_id_in_every_command(sample_client, db_path, tmp_path):
+    by_name = json.loads(run_cli("stats", "--consumer", "touchtable", "--json", "--db", db_path).stdout)
+    by_id = json.loads(run_cli("stats", "--consumer", "1", "--json", "--db", db_path).stdout)
+    assert by_name == by_id and by_name["sessions"] == 83
+    assert json.loads(run_cli("events", "--consumer", "touchtable", "--limit", "1", "--db", db_path).stdout
+                      )["count"] == 1628
+    nobody = json.loads(run_cli("sessions", "--consumer", "nobody", "--db", db_path).stdout)
+    assert nobody["count"] == 0
+    compared = json.loads(run_cli("compare", "--a-consumer", "touchtable", "--b-consumer", "1", "--json",
+                                  "--db", db_path).stdout)
+    assert compared["a"]["sessions"] == compared["b"]["sessions"] == 83
+    run_cli("annotate", "New shelf", "--at", "2017-05-24T10:00Z", "--consumer", "1", "--db", db_path)
+    listed = json.loads(run_cli("annotations", "--consumer", "touchtable", "--json", "--db", db_path).stdout)
+    assert [a["consumer"] for a in listed] == ["touchtable"]
+    export = tmp_path / "more.ndjson"
+    export.write_text(json.dumps({"id": 9000, "session_id": 9000, "time": "2017-05-30T10:00:00Z",
+                                  "action": "click"}) + "\n")
+    assert "as consumer 'touchtable'" in run_cli("import", str(export), "--consumer", "1", "--db", db_path).stdout
 
 
 def test_cli_administers_consumers(tmp_path):
