@@ -4341,6 +4341,154 @@ def test_module_copied_with_bottle_py_runs_offline_and_without_it_says_why(tmp_p
 
 
 ###############################################################################
+# The README, run as printed ##################################################
+###############################################################################
+
+def readme_code_blocks():
+    """Every fenced code block of the README, in order: (heading, language,
+    text, the HTML comment right before it or '', line number). Read with
+    markdown-it-py, a CommonMark parser, not with patterns of our own."""
+    from markdown_it import MarkdownIt
+    blocks, heading, comment = [], "", ""
+    tokens = MarkdownIt("commonmark").parse(README)
+    for n, token in enumerate(tokens):
+        if token.type == "heading_open":
+            heading = tokens[n + 1].content
+        if token.type == "html_block":
+            comment = token.content.strip()
+        elif token.type == "fence":
+            blocks.append((heading, token.info.strip(), token.content, comment, token.map[0] + 1))
+            comment = ""
+        elif token.type.endswith("_open") and token.level == 0:
+            comment = ""
+    return blocks
+
+
+def not_run_reason(comment):
+    """Why a block is not run here (its marker says `not run: why`), or None."""
+    match = re.fullmatch(r"<!-- (?:[\w-]+; )?not run(?: here)?: (.+) -->", comment, re.S)
+    return match.group(1).strip() if match else None
+
+
+def readme_commands(text):
+    """The commands of an sh block, each with what it says it prints: a
+    trailing `# prints: ...`, or comment lines `#   ...` right after it."""
+    commands = []
+    for line in text.replace("\\\n", " ").splitlines():
+        if line.startswith("#   ") and commands:
+            commands[-1][1].append(line[4:])
+        elif line.strip() and not line.startswith("#"):
+            command, _, said = line.partition("# prints: ")
+            commands.append([command.split("   #")[0].strip() if "# prints: " not in line else command.strip(),
+                             [said.strip()] if said else []])
+    return commands
+
+
+class ReadersTerminal:
+    """Commands run as a reader runs them in a terminal: one after another,
+    in one folder, each in bash with the environment and directory the one
+    before left (`. .venv/bin/activate` carries over). A service (serve,
+    gunicorn) runs in the background, on `port`, until the next one starts."""
+
+    def __init__(self, folder, port):
+        self.folder, self.port, self.service = folder, port, None
+        self.cwd = str(folder)
+        # A fresh shell's environment, without this test run's Python environment.
+        path = ":".join(p for p in os.environ["PATH"].split(":") if not p.startswith(sys.prefix))
+        self.env = {"PATH": path, "HOME": os.environ.get("HOME", str(folder)), "LANG": "C.UTF-8",
+                    "MICROTICKS_PORT": str(port), "MICROTICKS_LOG_LEVEL": "WARNING",
+                    **{k: v for k, v in os.environ.items() if k.startswith("PIP_")}}
+        self.found = {}  # what the commands printed and later ones use: <key>, <token>
+
+    def substituted(self, command):
+        """The command as the reader types it: the key and token they got,
+        their port, their folders."""
+        for name, value in self.found.items():
+            command = command.replace(f"<{name}>", value)
+        return (command.replace("127.0.0.1:8080", f"127.0.0.1:{self.port}")
+                .replace("/var/lib/microticks/", ""))
+
+    def run(self, command, timeout=600):
+        state = self.folder / ".terminal-state"
+        script = f'{command}\nstatus=$?\npwd > "{state}.pwd"\nenv -0 > "{state}.env"\nexit $status\n'
+        proc = subprocess.run(["bash", "-c", script], cwd=self.cwd, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        if Path(f"{state}.env").exists():
+            self.env = dict(item.split("=", 1) for item in Path(f"{state}.env").read_text().split("\0") if "=" in item)
+            self.cwd = Path(f"{state}.pwd").read_text().strip()
+        return proc
+
+    def start(self, command):
+        """A service, in the background; returns once it listens."""
+        self.stop()
+        self.service = subprocess.Popen(["bash", "-c", command], cwd=self.cwd, env=self.env, start_new_session=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for_port(self.port, self.service, timeout=180)
+
+    def stop(self):
+        if self.service is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.service.pid, signal.SIGTERM)
+            self.service.wait(30)
+            self.service = None
+
+
+def matches(printed, said, found):
+    """Whether `printed` is what the README says it prints, its <name>s any
+    word; the words they stand for go into `found`."""
+    pattern, seen = "", set()
+    for n, part in enumerate(re.split(r"<(\w+)>", said)):
+        if n % 2 == 0:
+            pattern += re.escape(part)
+        else:
+            pattern += f"(?P={part})" if part in seen else f"(?P<{part}>[\\w-]+)"
+            seen.add(part)
+    match = re.fullmatch(pattern, printed.strip())
+    if match:
+        found.update(match.groupdict())
+    return bool(match)
+
+
+def test_every_block_of_the_readme_runs_as_printed_in_order(tmp_path):
+    """A reader's walk through the README from a fresh clone: every shell
+    block's commands (a service in the background), and every Python block,
+    in the order printed; what the README says a command prints, it prints.
+    A block that cannot run here says why (and where it is tested)."""
+    require_tool("curl", "apt-get install curl")
+    folder = copy_of_the_repository(tmp_path / "clone")
+    terminal = ReadersTerminal(folder, free_port())
+    ran = 0
+    try:
+        for number, (heading, language, text, comment, line) in enumerate(readme_code_blocks()):
+            where = f"README, {heading!r} (line {line})"
+            reason = not_run_reason(comment)
+            if reason is not None:
+                continue
+            assert language in ("sh", "python"), f"{where}: a {language} block must say why it is not run"
+            if language == "python":
+                (folder / f"readme-block-{number}.py").write_text(text)
+                proc = terminal.run(f"python readme-block-{number}.py")
+                assert proc.returncode == 0, f"{where}:\n{text}\n{proc.stderr[-3000:]}"
+                ran += 1
+                continue
+            for command, said in readme_commands(text):
+                typed = terminal.substituted(command)
+                if re.search(r"\bmicroticks(\.py)? serve\b|\bgunicorn .*microticks:application", typed):
+                    terminal.start(typed)
+                else:
+                    proc = terminal.run(typed)
+                    assert proc.returncode == 0, f"{where}: `{typed}` failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+                    if said:
+                        assert matches(proc.stdout, "\n".join(said), terminal.found), (
+                            f"{where}: `{typed}` printed\n{proc.stdout[-2000:]}\nwhere the README says\n"
+                            + "\n".join(said))
+                ran += 1
+    finally:
+        terminal.stop()
+    assert ran > 20
+
+
+###############################################################################
 # Entry points: gunicorn, CGI, Apache mod_wsgi ################################
 ###############################################################################
 
@@ -4585,7 +4733,7 @@ def test_gunicorn_with_four_workers_stores_every_acknowledged_event_once(tmp_pat
 
 def readme_block(name):
     """The README's code block that follows the marker <!-- name -->."""
-    match = re.search(rf"<!-- {name} -->\s*```\w*\n(.*?)```", README, re.S)
+    match = re.search(rf"<!-- {name}(?:;[^>]*)? -->\s*```\w*\n(.*?)```", README, re.S)
     assert match, f"README has no block marked {name}"
     return match.group(1)
 
