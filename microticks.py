@@ -162,6 +162,10 @@ DEFAULT_MEANINGFUL_TOUCHES = 2
 MAX_MEANINGFUL_TOUCHES = 1000
 #: The longest annotation, in characters.
 MAX_ANNOTATION_CHARS = 1000
+#: The largest screen image (PUT /screens/{screen}/image: that route alone
+#: takes bodies over MAX_BODY_BYTES), and the longest screen name.
+MAX_IMAGE_BYTES = 5 * 1024 * 1024
+MAX_SCREEN_CHARS = 200
 #: The most rows a page of GET /events or GET /sessions holds (limit=);
 #: without a limit, every row comes, streamed.
 MAX_PAGE_LIMIT = 10000
@@ -861,6 +865,17 @@ MIGRATIONS = [
         " AND received_at IN (SELECT imported_at FROM imports)",
         "UPDATE events SET source_id = id WHERE source_id IS NULL AND session_id IN"
         " (SELECT id FROM sessions WHERE site IS NULL AND source_id IS NOT NULL)",
+    ]),
+    ("screen images, and the navigating touches of the kept heatmaps", [
+        # A picture of each screen (a value of the data key), which the
+        # heatmaps are drawn over: in the database, so that a backup, a
+        # restore and a research bundle carry it.
+        "CREATE TABLE screen_images (screen TEXT PRIMARY KEY, type TEXT NOT NULL, width INTEGER NOT NULL,"
+        " height INTEGER NOT NULL, image BLOB NOT NULL, updated_at TEXT NOT NULL)",
+        # Of a bin's touch points, those that navigated (carry prevSubject):
+        # /stats' touches=navigating. The kept figures are computed again.
+        "ALTER TABLE stats_heat ADD COLUMN navigating INTEGER",
+        "DELETE FROM stats_sessions",
     ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -2007,6 +2022,8 @@ class StatsQuery(NamedTuple):
     funnel: tuple = ()
     #: A session with at least this many touches is meaningful (ENGAGEMENT_DEFINITION).
     meaningful: int = DEFAULT_MEANINGFUL_TOUCHES
+    #: The heatmaps' touches: all, or navigating (those that carry prevSubject).
+    touches: str = "all"
 
 
 DURATION_BUCKETS = [(0, "0-10s"), (10, "10-30s"), (30, "30-60s"), (60, "1-2min"), (120, "2-5min"),
@@ -2105,10 +2122,11 @@ def _compute_session_stats(conn, data_key, bin_size):
         "INSERT INTO temp.fresh_heat WITH points AS (SELECT e.session_id, json_extract(e.data, '$.clickX') AS x,"
         f" json_extract(e.data, '$.clickY') AS y, e.data AS data FROM {events} WHERE x IS NOT NULL)"
         " SELECT session_id, ?, ?, coalesce(json_extract(data, ?), json_extract(data, ?), '') AS screen,"
-        " CAST(x / ? AS INTEGER) * ? AS bx, CAST(y / ? AS INTEGER) * ? AS by, count(*), max(x), max(y)"
+        " CAST(x / ? AS INTEGER) * ? AS bx, CAST(y / ? AS INTEGER) * ? AS by, count(*), max(x), max(y),"
+        " sum(json_extract(data, ?) IS NOT NULL)"
         " FROM points WHERE typeof(x) IN ('integer', 'real') AND typeof(y) IN ('integer', 'real')"
         " GROUP BY session_id, screen, bx, by",
-        (data_key, bin_size, prev_path, key_path, bin_size, bin_size, bin_size, bin_size))
+        (data_key, bin_size, prev_path, key_path, bin_size, bin_size, bin_size, bin_size, prev_path))
     # Every stale session gets a row, its touches and screens 0 if it had none
     # (ENGAGEMENT_DEFINITION): /stats and /compare count sessions here.
     conn.execute(
@@ -2410,7 +2428,7 @@ def path_statistics(conn, stats_query, selection):
                         "ORDER BY k.session_id, k.visit"),
         [(None, EXIT, None)])
     steps, length = stats_query.funnel, stats_query.path_length
-    moves, paths, funnel = {}, {}, [[0, []] for _ in steps]
+    moves, paths, funnel, journeys = {}, {}, [[0, []] for _ in steps], {}
     session = first_row = object()
     for session_id, screen, ms in visits:  # ms: on the screen, to the next visit (None for the last)
         if session_id != session:
@@ -2422,17 +2440,23 @@ def path_statistics(conn, stats_query, selection):
                 if length:
                     first = tuple(first)
                     paths[first] = paths.get(first, 0) + 1
+                    # Step by step (JOURNEYS_DEFINITION): its first screens, then (exit) if it ended sooner.
+                    chain = (ENTRY, *first, EXIT) if visits < length else (ENTRY, *first)
+                    for n in range(1, len(chain)):
+                        journeys[n, chain[n - 1], chain[n]] = journeys.get((n, chain[n - 1], chain[n]), 0) + 1
             if session_id is None:
                 break
             # before: the previous visit's screen and time on it; elapsed: ms
             # from arriving on the session's first screen to arriving on this one.
             session, before, before_ms, first, step, started, elapsed = session_id, ENTRY, None, [], 0, 0, 0
+            visits = 0
         move = moves.get((before, screen))
         if move is None:
             move = moves[before, screen] = [0, []]
         move[0] += 1
         if before_ms is not None:
             move[1].append(before_ms / 1000)
+        visits += 1
         if len(first) < length:
             first.append(screen)
         if step < len(steps) and screen == steps[step]:
@@ -2449,6 +2473,8 @@ def path_statistics(conn, stats_query, selection):
              for (a, b), (n, times) in moves.items()), key=lambda m: (-m["count"], str(m["from"]), str(m["to"])))
         figures["common_paths"] = [{"path": list(path), "sessions": n} for path, n in sorted(
             paths.items(), key=lambda item: (-item[1], [str(screen) for screen in item[0]]))[:COMMON_PATHS]]
+        figures["journeys"] = [{"step": step, "from": a, "to": b, "sessions": n} for (step, a, b), n in sorted(
+            journeys.items(), key=lambda item: (item[0][0], -item[1], str(item[0][1]), str(item[0][2])))]
     if stats_query.funnel:
         figures["funnel"] = [{"screen": screen, "sessions": n, "median_seconds": _summary(times)["median"]}
                              for screen, (n, times) in zip(stats_query.funnel, funnel)]
@@ -2569,13 +2595,19 @@ def _add_up_stats(conn, stats_query, selection, samples=None):
                                       "max": _round(high), "measured": measured}})
 
     heatmaps, width, height = {}, 0, 0
-    bins = add_up("stats_heat", ["screen", "x", "y"], {"points": "sum", "max_x": "max", "max_y": "max"})
+    navigating = stats_query.touches == "navigating"
+    bins = add_up("stats_heat", ["screen", "x", "y"], {"points": "sum", "max_x": "max", "max_y": "max",
+                                                       "navigating": "sum"})
     screens_first = sorted(bins.items(), key=lambda item: (isinstance(item[0][0], str), item[0]))  # numbers, then text
-    for (screen, x, y), (n, max_x, max_y, _) in screens_first:
+    for (screen, x, y), (n, max_x, max_y, n_navigating, _) in screens_first:
+        width, height = max(width, max_x), max(height, max_y)  # the screen's size, from every touch
+        if navigating:
+            n = n_navigating or 0
+            if not n:
+                continue
         heatmap = heatmaps.setdefault(str(screen), {"points": 0, "bins": []})
         heatmap["points"] += n
         heatmap["bins"].append([x, y, n])
-        width, height = max(width, max_x), max(height, max_y)
 
     return {
         "sessions": len(sessions),
@@ -2592,7 +2624,8 @@ def _add_up_stats(conn, stats_query, selection, samples=None):
         "actions": actions,
         "data_key": data_key,
         "values": sorted(values, key=lambda v: (-v["events"], str(v["value"]))),
-        "heatmaps": {"bin": bin_size, "width": width, "height": height, "screens": heatmaps},
+        "heatmaps": {"bin": bin_size, "width": width, "height": height, "touches": stats_query.touches,
+                     "screens": heatmaps},
     }
 
 
@@ -2730,6 +2763,51 @@ def fisher_exact(table):
 
 def _log_choose(n, k):
     return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+# -- Screen images ------------------------------------------------------------
+
+class ScreenImage(NamedTuple):
+    """A picture of a screen, as clean_image found it: its media type, its
+    size in pixels, its bytes."""
+    type: str
+    width: int
+    height: int
+    data: bytes
+
+
+def put_screen_image(conn, screen, image):
+    """Give `screen` (a value of the data key) this ScreenImage, in place of
+    any it had."""
+    with write_transaction(conn):
+        conn.execute("INSERT OR REPLACE INTO screen_images (screen, type, width, height, image, updated_at)"
+                     " VALUES (?, ?, ?, ?, ?, ?)", (screen, image.type, image.width, image.height, image.data,
+                                                    utc_now()))
+
+
+def screen_image(conn, screen):
+    """The ScreenImage of `screen`, or None."""
+    row = conn.execute("SELECT type, width, height, image FROM screen_images WHERE screen = ?", (screen,)).fetchone()
+    return ScreenImage(row[0], row[1], row[2], bytes(row[3])) if row else None
+
+
+def delete_screen_image(conn, screen):
+    """Delete the image of `screen`; whether it had one."""
+    with write_transaction(conn):
+        return conn.execute("DELETE FROM screen_images WHERE screen = ?", (screen,)).rowcount == 1
+
+
+def list_screens(conn, data_key=DEFAULT_DATA_KEY):
+    """The screens: the values of `data_key` that /stats has kept figures of,
+    and those with an image, each with its image's type, size and bytes."""
+    rows = conn.execute(
+        "SELECT screen, type, width, height, length(image), updated_at FROM screen_images UNION ALL"
+        " SELECT DISTINCT value, NULL, NULL, NULL, NULL, NULL FROM stats_values WHERE data_key = ? AND bin = ?"
+        " AND typeof(value) = 'text' AND value NOT IN (SELECT screen FROM screen_images)",
+        (data_key, DEFAULT_HEATMAP_BIN)).fetchall()
+    return [{"screen": screen, "image": None if kind is None else
+             {"type": kind, "width": width, "height": height, "bytes": size, "updated_at": updated}}
+            for screen, kind, width, height, size, updated in sorted(rows, key=lambda row: row[0])]
 
 
 # -- Import and maintenance ---------------------------------------------------
@@ -3481,7 +3559,9 @@ def clean_session_stop(fields, received):
 #: Filters every read takes; `key` is the API key, not a filter.
 READ_FILTERS = ("from", "to", "date", "ip", "consumer", "consumer_name", "action", "session", "site", "key")
 PAGE_PARAMETERS = ("after_id", "sort", "sort.desc", "limit", "offset", "format", "fields", "data_keys", "data_key")
-STATS_PARAMETERS = ("data_key", "bin", "tz", "type_separator", "paths", "funnel", "meaningful")
+STATS_PARAMETERS = ("data_key", "bin", "tz", "type_separator", "paths", "funnel", "meaningful", "touches")
+#: The values of /stats' touches= (the heatmaps'), the default first.
+TOUCHES_CHOICES = ("all", "navigating")
 #: The longest common path (paths=) and funnel (funnel=) /stats takes.
 MAX_PATH_STEPS = 10
 EXPORT_FORMATS = ("json", "csv", "ndjson")
@@ -3719,11 +3799,18 @@ def clean_stats_query(params, settings_tz):
             raise ValueError(f'"meaningful" is how many touches make a session meaningful: 1 to {MAX_MEANINGFUL_TOUCHES}')
         return number
 
+    def touches(p, name):
+        value = p.get(name) or TOUCHES_CHOICES[0]
+        if value not in TOUCHES_CHOICES:
+            raise ValueError('"touches" is all (every touch on the heatmaps) or navigating (only those that moved to'
+                             ' another screen: they carry prevSubject)')
+        return value
+
     extra = _check(stats_params, {"tz": tz, "data_key": _data_key_parameter, "bin": bin_size, "type_separator": type_separator,
-                                  "paths": path_length, "funnel": funnel, "meaningful": meaningful})
+                                  "paths": path_length, "funnel": funnel, "meaningful": meaningful, "touches": touches})
     query = clean_read_query(filters, "sessions", extra["tz"], export=True)
     return StatsQuery(query, extra["tz"], extra["data_key"], extra["bin"], extra["type_separator"], extra["paths"],
-                      extra["funnel"], extra["meaningful"])
+                      extra["funnel"], extra["meaningful"], extra["touches"])
 
 
 #: The filters one side of /compare takes, each prefixed with its side (a.from, b.consumer).
@@ -3757,6 +3844,74 @@ def clean_compare_query(params, settings_tz):
                 for message in messages] for name, messages in refusal.errors.items()}
             raise MicroticksError(400, next(iter(errors.values()))[0] if errors else refusal.message, errors) from None
     return CompareQuery(queries["a"], queries["b"])
+
+
+def clean_screen_name(text):
+    """A screen's name as a path names it: 1 to MAX_SCREEN_CHARS characters,
+    without / or control characters (NUL among them), and not . or ..
+    (ValueError otherwise)."""
+    if not isinstance(text, str) or not text or len(text) > MAX_SCREEN_CHARS:
+        raise ValueError(f"a screen's name is 1 to {MAX_SCREEN_CHARS} characters")
+    if "/" in text or text in (".", "..") or _CONTROL_CHARACTERS.search(text):
+        raise ValueError(f"{text[:60]!r} is not a screen's name: it holds a / or a control character (a NUL,"
+                         " a line break...), or is . or ..")
+    return text
+
+
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+_PNG_SIGNATURE, _PNG_END = b"\x89PNG\r\n\x1a\n", b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def clean_image(data):
+    """A PNG, JPEG or WebP image, known by its bytes (not by a name or a
+    header), whole, as a ScreenImage; ValueError naming what it is not."""
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"the image is larger than {MAX_IMAGE_BYTES:,} bytes")
+    if data.startswith(_PNG_SIGNATURE):
+        if len(data) < 33 or data[12:16] != b"IHDR" or not data.endswith(_PNG_END):
+            raise ValueError("the PNG is cut short or damaged (no IHDR first or no IEND last)")
+        width, height = struct.unpack(">II", data[16:24])
+        kind = "image/png"
+    elif data.startswith(b"\xff\xd8\xff"):
+        if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            raise ValueError("the JPEG is cut short (no end of image marker)")
+        width = height = 0
+        at = 2
+        while at + 9 < len(data):  # the segments up to a frame header (SOF0 to SOF15 but DHT, JPG, DAC)
+            if data[at] != 0xFF:
+                raise ValueError("the JPEG is damaged (a segment does not start with 0xFF)")
+            marker = data[at + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                at += 1 if marker == 0xFF else 2
+                continue
+            length = struct.unpack(">H", data[at + 2:at + 4])[0]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                height, width = struct.unpack(">HH", data[at + 5:at + 9])
+                break
+            at += 2 + length
+        kind = "image/jpeg"
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        if struct.unpack("<I", data[4:8])[0] + 8 != len(data):
+            raise ValueError("the WebP is cut short (its RIFF size is not the file's)")
+        chunk = data[12:16]
+        if chunk == b"VP8X":
+            width = 1 + int.from_bytes(data[24:27], "little")
+            height = 1 + int.from_bytes(data[27:30], "little")
+        elif chunk == b"VP8L":
+            bits = int.from_bytes(data[21:25], "little")
+            width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        elif chunk == b"VP8 ":
+            width, height = (struct.unpack("<H", data[26:28])[0] & 0x3FFF, struct.unpack("<H", data[28:30])[0] & 0x3FFF)
+        else:
+            width = height = 0
+        kind = "image/webp"
+    else:
+        raise ValueError("the file is not a PNG, JPEG or WebP image (told by its first bytes, not by its name)")
+    if not (0 < width <= 65535 and 0 < height <= 65535):
+        raise ValueError("the image's size in pixels cannot be read")
+    return ScreenImage(kind, width, height, bytes(data))
 
 
 def clean_annotation(fields):
@@ -3835,16 +3990,21 @@ def content_length(text):
     return int(text) if text.isascii() and text.isdigit() else None
 
 
+_IMAGE_PATH = re.compile(r"/screens/.+/image")
+
+
 def body_length(environ):
     """The length of a request's body, refused unless the service would read
-    it: chunked (411), or over MAX_BODY_BYTES (413)."""
+    it: chunked (411), or over MAX_BODY_BYTES (413; a screen's image: over
+    MAX_IMAGE_BYTES)."""
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         raise MicroticksError(411, "Send the body with a Content-Length, not chunked")
     length = content_length(environ.get("CONTENT_LENGTH"))
     if length is None:
         raise MicroticksError(400, "Content-Length is not a number of bytes")
-    if length > MAX_BODY_BYTES:
-        raise MicroticksError(413, STATUS_MESSAGES[413])
+    image = environ.get("REQUEST_METHOD") == "PUT" and _IMAGE_PATH.fullmatch(environ.get("PATH_INFO", ""))
+    if length > (MAX_IMAGE_BYTES if image else MAX_BODY_BYTES):
+        raise MicroticksError(413, f"An image is at most {MAX_IMAGE_BYTES:,} bytes" if image else STATUS_MESSAGES[413])
     return length
 
 
@@ -4623,6 +4783,49 @@ def get_annotations():
     return download("annotations", query.format, export_annotations(service().connection(), query, query.format))
 
 
+def screen_named(screen):
+    try:
+        return clean_screen_name(screen)
+    except ValueError as error:
+        raise MicroticksError(400, f"The screen's name: {error}", {"screen": [str(error)]}) from None
+
+
+def get_screens():
+    params = query_params(bottle.request)
+    refuse_unknown_parameters(params, ("data_key", "key"))
+    data_key = _check(params, {"data_key": _data_key_parameter})["data_key"]
+    return {"screens": list_screens(service().connection(), data_key), "status": 200}
+
+
+def put_image(screen):
+    screen, request = screen_named(screen), bottle.request
+    body_length(request.environ)
+    try:
+        image = clean_image(request.body.read(MAX_IMAGE_BYTES + 1))
+    except OSError:  # the client stopped sending (a timeout), or went away
+        raise MicroticksError(408, "The image did not arrive whole in time") from None
+    except ValueError as error:
+        raise MicroticksError(400, f"Not stored: {error}", {"image": [str(error)]}) from None
+    put_screen_image(service().connection(), screen, image)
+    return {"screen": screen, "image": {"type": image.type, "width": image.width, "height": image.height,
+                                        "bytes": len(image.data)}, "status": 200}
+
+
+def get_image(screen):
+    image = screen_image(service().connection(), screen_named(screen))
+    if image is None:
+        raise MicroticksError(404, f"The screen {screen!r} has no image: give it one with PUT")
+    # Served as what it is, never read as anything else, nor allowed to load or run anything.
+    return bottle.HTTPResponse(image.data, headers={"Content-Type": image.type,
+                                                    "Content-Security-Policy": "default-src 'none'"})
+
+
+def remove_image(screen):
+    if not delete_screen_image(service().connection(), screen_named(screen)):
+        raise MicroticksError(404, f"The screen {screen!r} has no image")
+    return {"deleted": screen, "status": 200}
+
+
 def remove_annotation(annotation_id):
     if not delete_annotation(service().connection(), annotation_id):
         raise MicroticksError(404, f"No annotation {annotation_id}")
@@ -4654,6 +4857,10 @@ ROUTES = [
     ("POST", "/annotations", post_annotation),
     ("GET", "/annotations", get_annotations),
     ("DELETE", "/annotations/<annotation_id:int>", remove_annotation),
+    ("GET", "/screens", get_screens),
+    ("PUT", "/screens/<screen:path>/image", put_image),
+    ("GET", "/screens/<screen:path>/image", get_image),
+    ("DELETE", "/screens/<screen:path>/image", remove_image),
 ]
 
 
@@ -5762,10 +5969,20 @@ def write_research_bundle(conn, filters, directory, tz_name, timeout, database, 
         figures = stats_figures(conn, clean_stats_query({**filters, "paths": "3"}, tz_name))
         with open(os.path.join(staging, "stats.json"), "w", encoding="utf-8") as stream:
             json.dump(figures, stream, indent=1, ensure_ascii=False)
+        screens = {}
+        for listed in list_screens(conn):
+            image = listed["image"] and screen_image(conn, listed["screen"])
+            if image:  # a file name of its own, whatever characters the screen's name holds
+                name = (re.sub(r"[^A-Za-z0-9._-]+", "_", listed["screen"])[:80] + "-"
+                        + hashlib.sha256(listed["screen"].encode()).hexdigest()[:8] + "." + image.type.split("/")[1])
+                os.makedirs(os.path.join(staging, "screens"), exist_ok=True)
+                with open(os.path.join(staging, "screens", name), "wb") as stream:
+                    stream.write(image.data)
+                screens[name] = listed["screen"]
         with open(os.path.join(staging, "bundle.json"), "w", encoding="utf-8") as stream:
             json.dump({"format": BUNDLE_FORMAT, "microticks": __version__, "written": utc_now(),
                        "site": database_site, "selection": filters, "sessions": rows["sessions"],
-                       "events": rows["events"]}, stream, indent=1, ensure_ascii=False)
+                       "events": rows["events"], "screens": screens}, stream, indent=1, ensure_ascii=False)
         with open(os.path.join(staging, "annotations.ndjson"), "w", encoding="utf-8") as stream:
             stream.writelines(export_annotations(conn, clean_annotation_query(
                 {k: v for k, v in filters.items() if k in ANNOTATION_FILTERS}, tz_name), "ndjson"))
@@ -6145,6 +6362,29 @@ def print_comparison(comparison):
           " below p = 0.05 by chance (see the README, Comparing two periods)")
 
 
+def cmd_screenshot(args, settings):
+    try:
+        screen = clean_screen_name(args.screen)
+    except ValueError as error:
+        raise MicroticksError(400, f"SCREEN: {error}") from None
+    conn = open_database(settings)
+    if args.delete:
+        if not delete_screen_image(conn, screen):
+            raise MicroticksError(404, f"The screen {screen!r} has no image")
+        print(f"The image of {screen!r} deleted")
+        return
+    if not args.file:
+        raise MicroticksError(400, "Give the image's FILE (or --delete)")
+    with open_import_file(args.file) as stream:
+        data = stream.read(MAX_IMAGE_BYTES + 1)
+    try:
+        image = clean_image(data)
+    except ValueError as error:
+        raise MicroticksError(400, f"{args.file}: {error}; nothing was stored") from None
+    put_screen_image(conn, screen, image)
+    print(f"{screen!r} has its image: {image.type}, {image.width} x {image.height} pixels, {len(image.data):,} bytes")
+
+
 def cmd_annotate(args, settings):
     try:
         clean = clean_annotation({"time": args.at, "text": args.text, "consumer": args.consumer, "site": args.site})
@@ -6495,6 +6735,12 @@ def build_parser():
     sub.add_argument("--consumer", metavar="NAME|ID", help="the consumer it concerns: its name, or its id"
                                                           " (default: every one)")
     sub.add_argument("--site", help="the site it concerns")
+    sub = command("screenshot", cmd_screenshot, "give a screen (a value of the data key) an image, which the"
+                  " heatmaps are drawn over (or --delete it)")
+    sub.add_argument("screen", metavar="SCREEN", help="the screen, e.g. main or year:2017")
+    sub.add_argument("file", metavar="FILE", nargs="?", help=f"a PNG, JPEG or WebP image, up to {MAX_IMAGE_BYTES:,}"
+                                                             " bytes")
+    sub.add_argument("--delete", action="store_true", help="delete the screen's image")
     sub = command("annotations", cmd_annotations, "list or export the annotations (or delete one)")
     sub.add_argument("--from", dest="from_", metavar="TIME", help="from this day or time on")
     sub.add_argument("--to", metavar="TIME", help="up to this day (included) or time (excluded)")
@@ -6548,7 +6794,11 @@ PATH_FIGURES_DEFINITION = (
     " move from one visit's screen to the next visit's (VALUES_DEFINITION), a session's first coming from"
     " (entry) and its last going to (exit); median_seconds, of the time on the from screen (none for entry"
     " and exit). common_paths (paths=N): the 20 most common sequences of a session's first N visited screens,"
-    " with how many sessions had each. funnel (funnel=a,b,c): per step, how many sessions visited its"
+    " with how many sessions had each. journeys (paths=N): the same first N screens step by step,"
+    " {step, from, to, sessions}: at step 1 every session moves from (entry) to its first screen, at step k"
+    " from its (k-1)th screen to its kth, or to (exit) if it had no more (then it takes no further step):"
+    " the bands of a journey diagram, and each step's sessions add up to those still in after the step"
+    " before. funnel (funnel=a,b,c): per step, how many sessions visited its"
     " screen after the steps before it, in order (other screens between allowed), and the median seconds"
     " from arriving on the first step's screen to arriving on this step's; an unknown screen reaches 0.")
 
@@ -6678,6 +6928,10 @@ def openapi_spec():
         param("site", "One site's sessions (this installation's: MICROTICKS_SITE; others: import --site)",
               {"type": "string", "maxLength": MAX_CONSUMER_NAME_CHARS}),
     ]
+    screen_name = {"name": "screen", "in": "path", "required": True,
+                   "description": f"A value of the data key: 1 to {MAX_SCREEN_CHARS} characters, no /",
+                   "schema": {"type": "string", "minLength": 1, "maxLength": MAX_SCREEN_CHARS,
+                              "pattern": "^[^/\\u0000-\\u001f\\u007f-\\u009f]+$", "not": {"enum": [".", ".."]}}}
     screen_key = param("data_key", f"The data key naming screens in the path fields (default {DEFAULT_DATA_KEY})",
                        {"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,64}$"})
     stats_params = [
@@ -6698,6 +6952,8 @@ def openapi_spec():
         param("meaningful", f"Sessions with this many touches or more are meaningful (default"
                             f" {DEFAULT_MEANINGFUL_TOUCHES})",
               {"type": "integer", "minimum": 1, "maximum": MAX_MEANINGFUL_TOUCHES}),
+        param("touches", "The heatmaps' touch points: all (default), or navigating: those that moved to another"
+                         " screen (they carry prevSubject)", {"type": "string", "enum": list(TOUCHES_CHOICES)}),
     ]
     paging = [
         param("after_id", "Rows with a larger id (with sort.desc=id: smaller): cursor paging", whole),
@@ -6797,6 +7053,7 @@ def openapi_spec():
                                      " before type_separator): visits, events and screens of that type"},
                     "touches_per_hour": {"type": "array", "description": PATH_FIGURES_DEFINITION},
                     "transitions": {"type": "array"}, "common_paths": {"type": "array"}, "funnel": {"type": "array"},
+                    "journeys": {"type": "array"},
                     "meaningful_sessions": {"type": "integer", "description": ENGAGEMENT_DEFINITION},
                     "meaningful_touches": {"type": "integer"}, "meaningful_share": {"type": ["number", "null"]},
                     "bounces": {"type": "integer"}, "bounce_share": {"type": ["number", "null"]},
@@ -6913,6 +7170,37 @@ def openapi_spec():
                                "deleted": {"type": "integer"}, "status": {"type": "integer"}}}),
                                **errors(401, 404, 429, 503)}},
             },
+            "/screens": {
+                "get": {"summary": "List the screens: those /stats has figures of, and those with an image",
+                        "operationId": "listScreens", "parameters": [screen_key],
+                        "responses": {"200": answer("The screens, each with its image's type, size and bytes (or"
+                                                    " null)", {"type": "object", "properties": {
+                            "screens": {"type": "array"}, "status": {"type": "integer"}}}),
+                            **errors(400, 401, 429, 503)}},
+            },
+            "/screens/{screen}/image": {
+                "put": {"summary": "Give a screen an image, which the heatmaps are drawn over",
+                        "operationId": "putScreenImage", "parameters": [screen_name],
+                        "description": f"A PNG, JPEG or WebP image, known by its bytes, up to {MAX_IMAGE_BYTES:,}"
+                                       " bytes; it replaces the screen's image, if it had one.",
+                        "requestBody": {"required": True, "content": {
+                            media: {"schema": {"type": "string", "format": "binary"}}
+                            for media in ("image/png", "image/jpeg", "image/webp", "application/octet-stream")}},
+                        "responses": {"200": answer("Stored: the image's type, size and bytes", {
+                            "type": "object", "properties": {"screen": {"type": "string"},
+                                                             "image": {"type": "object"},
+                                                             "status": {"type": "integer"}}}),
+                            **errors(400, 401, 411, 413, 429, 503)}},
+                "get": {"summary": "A screen's image, as it was given", "operationId": "getScreenImage",
+                        "parameters": [screen_name], "responses": {"200": {"description": "The image", "content": {
+                            media: {"schema": {"type": "string", "format": "binary"}}
+                            for media in ("image/png", "image/jpeg", "image/webp")}},
+                            **errors(400, 401, 404, 429, 503)}},
+                "delete": {"summary": "Delete a screen's image", "operationId": "deleteScreenImage",
+                           "parameters": [screen_name], "responses": {"200": answer("Deleted", {"type": "object", "properties": {
+                               "deleted": {"type": "string"}, "status": {"type": "integer"}}}),
+                               **errors(400, 401, 404, 429, 503)}},
+            },
             "/consumers": {
                 "get": {"summary": "List consumers", "operationId": "listConsumers",
                         "responses": {"200": answer("The consumers", {"type": "object", "properties": {
@@ -6992,8 +7280,9 @@ def render_docs(spec, base):
                 out.append("</table>")
             if operation.get("requestBody"):
                 schema = next(iter(operation["requestBody"]["content"].values()))["schema"]
-                out.append("<p>Body: a form (<code>application/x-www-form-urlencoded</code>) or JSON"
-                           " (<code>application/json</code>, or <code>text/plain</code> from sendBeacon).</p>")
+                out.append("<p>Body: the image's bytes (PNG, JPEG or WebP).</p>" if schema.get("format") == "binary"
+                           else "<p>Body: a form (<code>application/x-www-form-urlencoded</code>) or JSON"
+                                " (<code>application/json</code>, or <code>text/plain</code> from sendBeacon).</p>")
                 for name in _schema_names(schema):
                     fields = spec["components"]["schemas"][name]
                     out.append(f"<table><tr><th>{e(name)} field</th><th>Required</th><th>Meaning</th></tr>")
@@ -7766,7 +8055,8 @@ event (`timeout`). Each event has an action (`click`, `swipe`, `pageChange`,
 | `stats.json` | the figures of `GET /stats` for the same sessions, in time zone `__TZ__`, with the path figures (`paths=3`) |
 | `bundle.json` | what wrote it: `format` (of the bundle: __BUNDLE_FORMAT__), `microticks` (its version), `written`, `site`, the `selection` and the counts; `import` reads a bundle folder, and refuses one of a newer format |
 | `annotations.ndjson` | what happened at the kiosks in the selected range (new content, a kiosk moved): `id`, `time` (as given), `time_utc`, `text`, `consumer_id` and `consumer` (empty: every consumer), `site`, `created_at` |
-| `analysis.sql` | the headline figures again, from the NDJSON files, with DuckDB: `duckdb < analysis.sql` in this folder |
+| `analysis.sql` | the headline figures again, from the NDJSON files, with DuckDB: `duckdb < analysis.sql` in this folder (the command comes with `pip install duckdb-cli`) |
+| `screens/` | the screens' images, which heatmaps are drawn over; `bundle.json`'s `screens` names the screen of each file |
 
 CSV: UTF-8 with a byte order mark, a header row, text quoted; a text cell
 starting with `=`, `+`, `-`, `@`, a tab or a carriage return has a leading

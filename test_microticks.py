@@ -1598,6 +1598,34 @@ def test_path_figures_equal_an_independent_computation_over_the_sample_week(samp
     assert {t["type"] for t in slashed} >= {"year:", "main"}
 
 
+def test_journeys_and_navigating_heatmaps_equal_an_independent_computation_over_the_sample_week(sample_client,
+                                                                                              sample_events):
+    """Journeys (paths=N): step by step, each session's first N screens, to
+    (exit) if it ended sooner; a navigating touch is one that carries
+    prevSubject, drawn on the screen it was made on (the analysis script's)."""
+    stats = sample_client.get("/stats", paths="4", touches="navigating").json
+    expected = {}
+    for sid, info in independent_paths(sample_events).items():
+        screens = [visit["screen"] for visit in info["path"]][:4]
+        chain = ["(entry)", *screens] + (["(exit)"] if len(info["path"]) < 4 else [])
+        for step in range(1, len(chain)):
+            key = (step, chain[step - 1], chain[step])
+            expected[key] = expected.get(key, 0) + 1
+    assert {(j["step"], j["from"], j["to"]): j["sessions"] for j in stats["journeys"]} == expected
+    assert sum(j["sessions"] for j in stats["journeys"] if j["step"] == 1) == 83
+    navigating = {}
+    for e in sample_events:
+        data = e["data"] if isinstance(e["data"], dict) else {}
+        if "clickX" in data and data.get("prevSubject") is not None:
+            navigating[data["prevSubject"]] = navigating.get(data["prevSubject"], 0) + 1
+    drawn = {screen: heat["points"] for screen, heat in stats["heatmaps"]["screens"].items()}
+    assert drawn == navigating and stats["heatmaps"]["touches"] == "navigating"
+    every = sample_client.get("/stats").json["heatmaps"]
+    assert every["touches"] == "all" and sum(h["points"] for h in every["screens"].values()) > sum(drawn.values())
+    assert (every["width"], every["height"]) == (stats["heatmaps"]["width"], stats["heatmaps"]["height"])
+    assert sample_client.get("/stats", touches="some").status == 400
+
+
 @pytest.mark.parametrize("params, name", [
     ({"funnel": ","}, "funnel"), ({"funnel": "main"}, "funnel"), ({"funnel": ",".join(["main"] * 50)}, "funnel"),
     ({"funnel": "main,,year:2017"}, "funnel"), ({"paths": "0"}, "paths"), ({"paths": "11"}, "paths"),
@@ -2002,6 +2030,95 @@ def test_bad_compare_parameters_are_400_naming_them(sample_client, params, name)
     assert reply.status == 400 and name in reply.json["errors"], reply
 
 
+def image_bytes(kind, width=64, height=36, color=(200, 30, 30)):
+    """An image made by Pillow: PNG, JPEG or WEBP."""
+    from PIL import Image
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(out, kind)
+    return out.getvalue()
+
+
+def test_screens_get_images_known_by_their_bytes(start_server, db_path, tmp_path):
+    client = start_server(api_key=SECRET)
+    for kind, media in (("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")):
+        data = image_bytes(kind, 320, 180)
+        # Sent as something else by name and header: known by its bytes.
+        put = client.request("PUT", f"/screens/year:{kind}/image", data, {"Content-Type": "text/plain"})
+        assert put.status == 200 and put.json["image"] == {"type": media, "width": 320, "height": 180,
+                                                           "bytes": len(data)}, put
+        got = client.request("GET", f"/screens/year:{kind}/image")
+        assert got.status == 200 and got.headers["content-type"] == media and got.headers["x-content-type-options"] == "nosniff"
+        assert got.headers["content-security-policy"] == "default-src 'none'"
+    raw = http.client.HTTPConnection("127.0.0.1", client.port)
+    raw.request("GET", "/screens/year:PNG/image", headers={"X-Microticks-Key": SECRET})
+    assert raw.getresponse().read() == image_bytes("PNG", 320, 180)
+    listed = {s["screen"]: s["image"] for s in client.get("/screens").json["screens"]}
+    assert listed["year:WEBP"]["type"] == "image/webp" and listed["year:PNG"]["width"] == 320
+    client.key = None  # only keyed requests change images
+    assert client.request("PUT", "/screens/main/image", image_bytes("PNG")).status == 401
+    client.key = SECRET
+    assert client.request("DELETE", "/screens/year:JPEG/image").json == {"deleted": "year:JPEG", "status": 200}
+    assert client.request("GET", "/screens/year:JPEG/image").status == 404
+    # The command does the same, and a backup carries the images.
+    picture = tmp_path / "main.png"
+    picture.write_bytes(image_bytes("PNG", 1920, 1080))
+    said = run_cli("screenshot", "main", str(picture), "--db", db_path).stdout
+    assert "'main' has its image: image/png, 1920 x 1080 pixels" in said
+    run_cli("backup", str(tmp_path / "backup.db"), "--db", db_path)
+    assert stored(str(tmp_path / "backup.db"), "SELECT screen, width FROM screen_images ORDER BY screen") == [
+        ("main", 1920), ("year:PNG", 320), ("year:WEBP", 320)]
+    assert "deleted" in run_cli("screenshot", "main", "--delete", "--db", db_path).stdout
+
+
+@pytest.mark.parametrize("name, body, status, words", [
+    ("a text file named .png", b"hello, I am no image", 400, "not a PNG, JPEG or WebP"),
+    ("an SVG", b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>', 400, "not a PNG"),
+    ("an HTML page", b"<!doctype html><script>alert(1)</script>", 400, "not a PNG"),
+    ("a truncated PNG", None, 400, "PNG is cut short"),
+    ("a truncated JPEG", None, 400, "JPEG is cut short"),
+    ("a truncated WebP", None, 400, "WebP is cut short"),
+    ("an empty body", b"", 400, "not a PNG"),
+])
+def test_what_is_not_a_whole_image_is_refused_and_nothing_stored(client, db_path, name, body, status, words):
+    if body is None:
+        kind = name.split()[-1].upper()
+        body = image_bytes(kind, 300, 200)[:-30]
+    reply = client.request("PUT", "/screens/main/image", body, {"Content-Type": "image/png"})
+    assert reply.status == status and words in reply.json["error"] and "image" in reply.json["errors"], reply
+    assert stored(db_path, "SELECT count(*) FROM screen_images") == [(0,)]
+
+
+@pytest.mark.parametrize("path, status, words", [
+    ("/screens/a/b/image", 400, "holds a /"), ("/screens/../image", 400, "or is . or .."),
+    ("/screens/%2e%2e/image", 400, "or is . or .."), ("/screens/a%00b/image", 400, "a NUL"),
+    ("/screens/" + "x" * 10000 + "/image", 400, "1 to 200 characters"),
+])
+def test_bad_screen_names_are_400_naming_the_screen(client, db_path, path, status, words):
+    for method in ("PUT", "GET", "DELETE"):
+        reply = client.request(method, path, image_bytes("PNG") if method == "PUT" else b"")
+        assert reply.status == status and words in reply.json["error"] and "screen" in reply.json["errors"], reply
+    assert stored(db_path, "SELECT count(*) FROM screen_images") == [(0,)]
+
+
+def test_an_image_over_5_mib_is_refused_from_its_head(client, db_path):
+    """413 before the body is read: the client is told at once, and what it
+    sends on is read and dropped, never held."""
+    with socket.create_connection(("127.0.0.1", client.port), timeout=10) as sock:
+        sock.sendall(b"PUT /screens/main/image HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (5 * 1024 * 1024 + 1))
+        status, headers, body = raw_exchange(sock, b"")[0]
+    assert status == "413" and "at most 5,242,880 bytes" in json.loads(body)["error"]
+    big = client.request("PUT", "/screens/main/image", image_bytes("PNG") + b"\0" * (5 * 1024 * 1024))
+    assert big.status == 413
+    # Up to 5 MiB passes (the API's other routes take 1 MiB).
+    from PIL import Image
+    noisy = io.BytesIO()
+    Image.frombytes("RGB", (1000, 1000), os.urandom(3_000_000)).save(noisy, "PNG", compress_level=0)
+    assert 1024 * 1024 < len(noisy.getvalue()) <= 5 * 1024 * 1024
+    assert client.request("PUT", "/screens/main/image", noisy.getvalue()).status == 200
+    assert client.post_json("/events", {"pad": "x" * (1024 * 1024 + 10)}).status == 413
+
+
 def test_annotations_are_stored_listed_shown_with_stats_and_deleted(start_server, db_path, consumer_key):
     client = start_server(api_key=SECRET, tz="Europe/Berlin")
     client.key = None
@@ -2331,8 +2448,8 @@ def test_every_earlier_schema_version_upgrades_losing_nothing(tmp_path, start_se
     assert stored(db, "PRAGMA user_version") == [(microticks.SCHEMA_VERSION,)]
     assert stored(db, "PRAGMA integrity_check") == [("ok",)]
     assert stored(db, "SELECT * FROM stats_kinds") == ([("target", 20)] if version >= 6 else [])
-    # Kept figures are computed again where their definition changed (versions 8 and 10); not since.
-    assert stored(db, "SELECT count(*) FROM stats_sessions") == ([(0,)] if version < 10 else [(1,)])
+    # Kept figures are computed again where their definition changed (versions 8, 10 and 13); not since.
+    assert stored(db, "SELECT count(*) FROM stats_sessions") == ([(0,)] if version < 13 else [(1,)])
 
 
 ###############################################################################
@@ -5482,12 +5599,16 @@ def test_schemathesis_finds_no_server_error_and_no_spec_mismatch(tmp_path, consu
     config = tmp_path / "schemathesis.toml"
     # A refusal may be any 4xx the description lists, not only 400/422.
     # /compare refuses a side without a filter, which an OpenAPI description
-    # cannot say (at least one of several parameters): that 400 is allowed there.
+    # cannot say (at least one of several parameters): that 400 is allowed there;
+    # nor can it say which bytes make an image (a PUT of a screen's image).
     config.write_text("[checks.negative_data_rejection]\n"
                       "expected-statuses = [400, 401, 403, 404, 405, 409, 411, 413, 415, 422, 429]\n"
                       "[[operations]]\n"
                       'include-path = "/compare"\n'
-                      "checks.positive_data_acceptance.expected-statuses = [200, 400, 401, 429]\n")
+                      "checks.positive_data_acceptance.expected-statuses = [200, 400, 401, 429]\n"
+                      "[[operations]]\n"
+                      'include-path = "/screens/{screen}/image"\n'
+                      "checks.positive_data_acceptance.expected-statuses = [200, 400, 401, 404, 429]\n")
     summaries = []
     for key in (None, SECRET):
         server = RestartableServer(db_path, api_key=key or "")
