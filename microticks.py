@@ -57,6 +57,7 @@ single file bottle.py copied beside this one).
 """
 
 import argparse
+import base64
 import codecs
 import collections
 import contextlib
@@ -96,7 +97,7 @@ from functools import lru_cache
 from datetime import date, datetime, timedelta, timezone
 from http import HTTPStatus
 from typing import NamedTuple
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, urlencode
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 try:
@@ -1762,6 +1763,7 @@ SESSION_SORTS = {
     "started_at": ("s.started_utc", "s.id"), "stopped_at": ("s.stopped_utc", "s.id"),
     "events": ("events", "s.id"), "clicks": ("clicks", "s.id"), "duration": ("duration", "s.id"),
     "last_event_at": ("last_event_at", "s.id"), "missing_events": ("missing_events", "s.id"),
+    "touches": ("touches", "s.id"), "screens": ("screens", "s.id"),
 }
 
 
@@ -1833,16 +1835,19 @@ def _select(query, fields, count=False):
     select += [f"{_DATA_KEY_VALUE} AS data_key_{n}" for n in range(len(query.data_keys))]
     paths = [f'$."{key}"' for key in query.data_keys]
     params = select_params + paths + params  # the select list's come first
-    order, ordered = [], set()
+    order, ordered, order_params = [], set(), []
     for name, descending in query.sort:
         for part in (EVENT_SORTS if events else SESSION_SORTS)[name]:
             if part == id_column and name != "id":
                 continue  # a tie-breaker: it goes last
             if part not in ordered:
                 ordered.add(part)
-                order.append(columns.get(part, part) + (" DESC" if descending else ""))
+                expression = columns.get(part, part)  # a path column names the screen's data key: bound here too
+                order_params += [screen[mark] for mark in _SCREEN_MARKS.findall(expression)]
+                order.append(_SCREEN_MARKS.sub("?", expression) + (" DESC" if descending else ""))
     if id_column not in ordered:
         order.append(id_column)
+    params += order_params
     sql = (f"SELECT {', '.join(select)} FROM {table}"
            + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
            + " ORDER BY " + ", ".join(order))
@@ -4590,7 +4595,7 @@ def finish():
 
 # -- The routes, in the order of ROUTES ---------------------------------------
 
-PAGE_SECURITY = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+PAGE_SECURITY = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
                  "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
@@ -4620,7 +4625,7 @@ def openapi():
 def dashboard():
     # A fresh nonce per answer: only our own script may run on the page.
     nonce = secrets.token_urlsafe(16)
-    return page(fill(DASHBOARD_HTML, NONCE=nonce), nonce)
+    return page(fill(DASHBOARD_HTML, NONCE=nonce, EMBEDDED="null"), nonce)
 
 
 def favicon():
@@ -4826,6 +4831,14 @@ def remove_image(screen):
     return {"deleted": screen, "status": 200}
 
 
+def get_report():
+    own = service()
+    own.prepare_read()
+    html, name = own.expensive_read(lambda conn: report_document(conn, query_params(bottle.request), own.settings.tz))
+    bottle.response.set_header("Content-Disposition", f'attachment; filename="{name}"')
+    return page(html)
+
+
 def remove_annotation(annotation_id):
     if not delete_annotation(service().connection(), annotation_id):
         raise MicroticksError(404, f"No annotation {annotation_id}")
@@ -4857,6 +4870,7 @@ ROUTES = [
     ("POST", "/annotations", post_annotation),
     ("GET", "/annotations", get_annotations),
     ("DELETE", "/annotations/<annotation_id:int>", remove_annotation),
+    ("GET", "/report", get_report),
     ("GET", "/screens", get_screens),
     ("PUT", "/screens/<screen:path>/image", put_image),
     ("GET", "/screens/<screen:path>/image", get_image),
@@ -6362,6 +6376,19 @@ def print_comparison(comparison):
           " below p = 0.05 by chance (see the README, Comparing two periods)")
 
 
+def cmd_report(args, settings):
+    params = {name: getattr(args, attr) for attr, name in (
+        ("from_", "from"), ("to", "to"), ("site", "site"), ("data_key", "data_key"), ("touches", "touches"),
+        ("b_from", "b.from"), ("b_to", "b.to"), ("b_site", "b.site")) if getattr(args, attr) is not None}
+    for prefix, value in (("", args.consumer), ("b.", args.b_consumer)):
+        if value is not None:
+            params.update({prefix + name: text for name, text in consumer_filter(value).items()})
+    html, name = report_document(open_for_reading(settings), params, args.tz or settings.tz)
+    write_export_text([html], args.output or name)
+    print(f"Wrote {args.output or name}: the dashboard of that range, its charts and screens' images inside;"
+          " it opens in any browser, with no network", file=sys.stderr)
+
+
 def cmd_screenshot(args, settings):
     try:
         screen = clean_screen_name(args.screen)
@@ -6735,6 +6762,20 @@ def build_parser():
     sub.add_argument("--consumer", metavar="NAME|ID", help="the consumer it concerns: its name, or its id"
                                                           " (default: every one)")
     sub.add_argument("--site", help="the site it concerns")
+    sub = command("report", cmd_report, "write the dashboard of a range as one HTML file (its charts and the"
+                  " screens' images inside; prints on A4): for a director, an archive, a mail")
+    sub.add_argument("--from", dest="from_", metavar="TIME", help="from this day or time on")
+    sub.add_argument("--to", metavar="TIME", help="up to this day (included) or time (excluded)")
+    sub.add_argument("--consumer", metavar="NAME|ID", help="one consumer's sessions: its name, or its id")
+    sub.add_argument("--site", help="one site's sessions")
+    sub.add_argument("--data-key", help=f"the data key naming screens (default: {DEFAULT_DATA_KEY})")
+    sub.add_argument("--touches", choices=TOUCHES_CHOICES, help="the heatmaps' touches (default: all)")
+    sub.add_argument("--tz", help="time zone of days and hours (default: $MICROTICKS_TZ, else the server's)")
+    for side in ("from", "to", "consumer", "site"):
+        sub.add_argument(f"--b-{side}", dest=f"b_{side}", metavar="NAME|ID" if side == "consumer" else
+                         ("TIME" if side in ("from", "to") else None), help=f"compare with side B: its {side}")
+    sub.add_argument("--output", "-o", metavar="FILE", help="where to write it (default:"
+                                                            " microticks-report-FROM-TO.html)")
     sub = command("screenshot", cmd_screenshot, "give a screen (a value of the data key) an image, which the"
                   " heatmaps are drawn over (or --delete it)")
     sub.add_argument("screen", metavar="SCREEN", help="the screen, e.g. main or year:2017")
@@ -7170,6 +7211,18 @@ def openapi_spec():
                                "deleted": {"type": "integer"}, "status": {"type": "integer"}}}),
                                **errors(401, 404, 429, 503)}},
             },
+            "/report": {
+                "get": {"summary": "The dashboard of a range as one HTML file to keep, print or send",
+                        "operationId": "report",
+                        "description": "Self-contained: the figures, charts and screens' images inside, no network"
+                                       " needed to open it; with b.* parameters, a comparison with side B too.",
+                        "parameters": [p for p in filters if p["name"] in REPORT_PARAMETERS]
+                        + [p for p in stats_params if p["name"] in ("data_key", "touches", "tz")]
+                        + [{**p, "name": f"b.{p['name']}", "description": "Side B: " + p["description"]}
+                           for p in filters if f"b.{p['name']}" in REPORT_PARAMETERS],
+                        "responses": {"200": {"description": "The report, as a download", "content": {
+                            "text/html": {"schema": {"type": "string"}}}}, **errors(400, 401, 429, 503)}},
+            },
             "/screens": {
                 "get": {"summary": "List the screens: those /stats has figures of, and those with an image",
                         "operationId": "listScreens", "parameters": [screen_key],
@@ -7258,6 +7311,54 @@ def openapi_spec():
             properties[field_name] = field_schema
         schemas[name + "Form"] = dict(schemas[name], properties=properties)
     return spec
+
+
+#: What a report takes: /stats' filters and parameters, and those of a side B.
+REPORT_PARAMETERS = ("from", "to", "date", "consumer", "consumer_name", "site", "data_key", "touches", "tz",
+                     "b.from", "b.to", "b.consumer", "b.consumer_name", "b.site", "key")
+
+
+def report_document(conn, params, settings_tz, tz_name=None):
+    """The dashboard of a range as one self-contained HTML file: the answers
+    its page asks for, computed now, and the screens' images, inside it (no
+    network, no service needed: it opens from a disk or a mail), and a
+    print stylesheet for A4. `params`: REPORT_PARAMETERS; with b.*, the
+    comparison too. Returns (html, file name)."""
+    refuse_unknown_parameters(params, REPORT_PARAMETERS)
+    given = {name: value for name, value in params.items() if value not in (None, "") and name != "key"}
+    side_b = {name: value for name, value in given.items() if name.startswith("b.")}
+    asked = {name: value for name, value in given.items() if not name.startswith("b.")}
+    asked.setdefault("data_key", DEFAULT_DATA_KEY)
+    stats = stats_figures(conn, clean_stats_query(asked, settings_tz))
+    answers = {("/consumers", ()): {"consumers": list_consumers(conn), "status": 200},
+               ("/stats", tuple(sorted(asked.items()))): dict(stats, status=200)}
+    with_paths = {**asked, "paths": "4"}
+    answers["/stats", tuple(sorted(with_paths.items()))] = dict(
+        stats_figures(conn, clean_stats_query(with_paths, settings_tz)), status=200)
+    screens = set(stats["heatmaps"]["screens"])
+    if side_b:
+        compared = {name: value for name, value in asked.items() if name in ("data_key", "touches", "tz")}
+        compared.update({f"a.{name}": value for name, value in asked.items() if name in SIDE_FILTERS})
+        compared.update(side_b)
+        figures = compare_figures(conn, clean_compare_query(compared, settings_tz))
+        answers["/compare", tuple(sorted(compared.items()))] = dict(figures, status=200)
+        screens |= set(figures["b"]["heatmaps"]["screens"])
+    images = {}
+    for screen in screens:
+        image = screen_image(conn, screen)
+        if image:
+            images[screen] = f"data:{image.type};base64," + base64.b64encode(image.data).decode("ascii")
+    embedded = {"answers": {json.dumps([path, [list(pair) for pair in pairs]], separators=(",", ":"),
+                                       ensure_ascii=False): answer for (path, pairs), answer in answers.items()},
+                "images": images, "state": urlencode({**asked, **side_b}),
+                "title": f"Report of {given.get('from', 'the start')} to {given.get('to', 'the end')}"
+                         + (f" against {side_b.get('b.from', 'the start')} to {side_b.get('b.to', 'the end')}"
+                            if side_b else "") + f", written {utc_now()[:16].replace('T', ' ')} UTC by Microticks"
+                                                 f" {__version__}"}
+    # Inside a script element, "<" as \u003c: no text of the data can end the element.
+    text = json.dumps(embedded, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+    html = fill(DASHBOARD_HTML, NONCE=secrets.token_urlsafe(16), EMBEDDED=text)
+    return html, f"microticks-report-{given.get('from', 'start')}-{given.get('to', 'end')}.html"
 
 
 def render_docs(spec, base):
@@ -7387,6 +7488,8 @@ DASHBOARD_HTML = r"""<!doctype html>
   label { display: flex; flex-direction: column; font-size: 12px; color: var(--muted); gap: 2px; }
   input, select, button { font: inherit; padding: 6px 8px; border: 1px solid #cbd5e1; border-radius: 6px; background: #fff; color: var(--ink); }
   button { background: var(--accent); color: #fff; border-color: var(--accent); cursor: pointer; }
+  button.quiet { background: #fff; color: var(--accent); }
+  button:disabled { opacity: .5; cursor: default; }
   main { padding: 20px 24px 40px; max-width: 1800px; margin: 0 auto; }
   .cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(160px, 1fr)); gap: 12px; margin-bottom: 16px; }
   .card { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 12px 16px; }
@@ -7395,6 +7498,7 @@ DASHBOARD_HTML = r"""<!doctype html>
   .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 460px), 1fr)); gap: 16px; }
   section { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 14px 16px; min-width: 0; }
   section h2 { font-size: 15px; margin: 0 0 10px; }
+  section h3 { font-size: 13px; margin: 8px 0 6px; color: var(--muted); }
   section.wide { grid-column: 1 / -1; }
   svg { width: 100%; height: auto; display: block; }
   svg .bar { fill: var(--accent); }
@@ -7408,11 +7512,38 @@ DASHBOARD_HTML = r"""<!doctype html>
   th, td { text-align: right; padding: 5px 6px; border-bottom: 1px solid var(--line); white-space: nowrap; }
   th:first-child, td:first-child { text-align: left; white-space: normal; overflow-wrap: anywhere; min-width: 12em; }
   th { color: var(--muted); font-weight: 600; }
+  th button.sort { background: none; border: 0; color: var(--accent); padding: 0; font: inherit; font-weight: 600; cursor: pointer; }
+  th button.sort[aria-sort]::after { content: " ↓"; }
+  tr.picked td { background: var(--accent-soft); }
+  tbody tr[data-session] { cursor: pointer; }
   .scroll { overflow-x: auto; }
-  .heat-controls { display: flex; flex-wrap: wrap; gap: 10px; margin-bottom: 10px; align-items: end; }
-  .heat-controls label, .heat-controls select { max-width: 100%; }
-  canvas { width: 100%; max-width: 960px; height: auto; background: #0f172a; border-radius: 6px; display: block; }
+  .controls { display: flex; flex-wrap: wrap; gap: 10px; margin-bottom: 10px; align-items: end; }
+  .controls label, .controls select { max-width: 100%; }
+  .picture { position: relative; max-width: 1100px; }
+  canvas { width: 100%; height: auto; border-radius: 6px; display: block; background: #f1f5f9; }
+  canvas.legend { height: 12px; border-radius: 3px; background: none; }
+  .legend-row { display: grid; grid-template-columns: max-content minmax(120px, 320px) max-content; gap: 8px; align-items: center;
+                font-size: 12px; color: var(--muted); margin-top: 6px; max-width: 100%; }
+  .pair { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 420px), 1fr)); gap: 16px; }
   .note { color: var(--muted); font-size: 13px; }
+  #journeys-wrap { display: grid; grid-template-columns: minmax(0, 3fr) minmax(min(100%, 280px), 1fr); gap: 16px; align-items: start; }
+  #journeys-picture { overflow-x: auto; }
+  #journeys svg { min-width: 720px; }
+  #journeys .band { fill: none; stroke-opacity: .35; }
+  #journeys .band.lit { stroke-opacity: .8; }
+  #journeys .band.dim { stroke-opacity: .08; }
+  #journeys .node { cursor: pointer; }
+  #journeys text { font-size: 12px; fill: var(--ink); }
+  #journeys text.count { fill: var(--muted); font-size: 11px; }
+  #journeys text.step { font-size: 12px; fill: var(--muted); font-weight: 600; }
+  #journeys-table-box { max-height: 460px; overflow: auto; }
+  #journey-focus { min-height: 1.4em; }
+  #explore-timeline svg { min-width: 560px; }
+  #explore-timeline .visit { cursor: pointer; }
+  #explore-timeline .visit.chosen { stroke: var(--ink); stroke-width: 2; }
+  #explore-timeline text { font-size: 11px; fill: var(--ink); }
+  #explore-timeline .tick { stroke: var(--line); }
+  #explore-timeline .touch { stroke: var(--warm); stroke-width: 2; }
   #live ol { list-style: none; padding: 0; margin: 0; }
   #live li.session { border-bottom: 1px solid var(--line); padding: 8px 0; }
   #live .head { display: flex; flex-wrap: wrap; gap: 4px 12px; font-size: 13px; }
@@ -7421,22 +7552,39 @@ DASHBOARD_HTML = r"""<!doctype html>
   #live .events { margin: 4px 0 0; padding-left: 14px; font: 12px/1.4 ui-monospace, monospace; color: #334155;
                   max-height: 140px; overflow: auto; word-break: break-all; }
   #error { display: none; margin: 0 0 12px; padding: 10px 14px; border-radius: 8px; background: #fee2e2; color: #991b1b; }
+  #report-note { display: none; }
   .stale { opacity: .35; }
   svg .marker { stroke: var(--warm); stroke-dasharray: 3 3; }
   svg .marker-label { font-size: 11px; fill: var(--warm); }
   #compare-controls { display: contents; }
-  #compare-controls[hidden], label[hidden] { display: none; }
-  .pair { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 420px), 1fr)); gap: 16px; }
+  #compare-controls[hidden], label[hidden], [hidden] { display: none !important; }
   td.small-p { color: var(--warm); font-weight: 650; }
   #keyform { display: none; position: fixed; inset: 0; background: rgba(15,23,42,.55); z-index: 5; align-items: center; justify-content: center; }
   #keyform form { background: #fff; padding: 24px; border-radius: 12px; width: min(420px, 92vw); display: grid; gap: 12px; }
   @media (max-width: 600px) { header, main { padding-left: 12px; padding-right: 12px; } .card .value { font-size: 22px; }
                               header { position: static; } }  /* on a phone it would cover a third of the screen */
+  /* A report written to a file: the figures of one range, no controls, and on paper, A4. */
+  body.report header label, body.report header #apply, body.report header #report { display: none; }
+  body.report #report-note { display: inline; }
+  @media print {
+    @page { size: A4; margin: 14mm; }
+    body { background: #fff; font-size: 11pt; }
+    header { position: static; border: 0; padding: 0 0 8px; }
+    header label, header button, .controls, #live, #kiosks, #keyform, #explore-list-box, #explore-play-row { display: none !important; }
+    #report-note { display: inline !important; }
+    main { padding: 0; max-width: none; }
+    .grid { display: block; }
+    section, .card { break-inside: avoid; margin-bottom: 10px; border-color: #cbd5e1; }
+    .cards { grid-template-columns: repeat(5, 1fr); }
+    .scroll, #journeys-picture, #journeys-table-box { overflow: visible; max-height: none; }
+    #journeys-wrap { display: block; }
+  }
 </style>
 </head>
 <body>
 <header>
   <h1><a href="./">Microticks</a></h1>
+  <span class="note" id="report-note"></span>
   <label>From <input type="date" id="from"></label>
   <label>To <input type="date" id="to"></label>
   <label>Consumer <select id="consumer"><option value="">All consumers</option></select></label>
@@ -7450,6 +7598,7 @@ DASHBOARD_HTML = r"""<!doctype html>
     <label class="sites" hidden>B site <select id="site-b"><option value="">All sites</option></select></label>
   </span>
   <button id="apply">Show</button>
+  <button id="report" class="quiet" title="One HTML file of this page's figures: for a director, an archive, or print">Report</button>
   <span class="note" id="updated"></span>
 </header>
 <main>
@@ -7462,7 +7611,7 @@ DASHBOARD_HTML = r"""<!doctype html>
     <div class="card"><span class="value" data-figure="busiest-day-sessions">–</span><span class="label">sessions on the busiest day, <span data-figure="busiest-day">–</span></span></div>
     <div class="card"><span class="value" data-figure="top-screen" style="font-size:18px;word-break:break-all">–</span><span class="label">most used screen</span></div>
     <div class="card"><span class="value" data-figure="meaningful-share">–</span><span class="label">meaningful sessions (<span data-figure="meaningful-touches">2</span>+ touches)</span></div>
-    <div class="card"><span class="value" data-figure="bounce-share">–</span><span class="label">bounces: <span data-figure="bounces">–</span> sessions of one touch or none</span></div>
+    <div class="card"><span class="value" data-figure="bounce-share">–</span><span class="label">bounces: <span data-figure="bounces">–</span> of one touch or none</span></div>
     <div class="card"><span class="value" data-figure="median-touches">–</span><span class="label">median touches per session</span></div>
     <div class="card"><span class="value" data-figure="median-screens">–</span><span class="label">median screens per session</span></div>
   </div>
@@ -7483,22 +7632,47 @@ DASHBOARD_HTML = r"""<!doctype html>
     <section><h2>Screen types</h2><div id="screen-types" class="bars"></div></section>
     <section class="wide"><h2>Screens</h2><p class="note">Visits count repeated touches on the same screen once; 1st, 2nd and 3rd: how often people picked it first, second, third in a session; time: seconds from arriving on it to the next screen change (a session's last screen is not measured: only idle time came after it).</p>
       <div class="scroll"><table id="screens"><thead><tr><th>Screen</th><th>Events</th><th>Visits</th><th>Sessions</th><th>1st</th><th>2nd</th><th>3rd</th><th>Measured</th><th>Min (s)</th><th>Mean (s)</th><th>Max (s)</th><th>Page turns</th></tr></thead><tbody></tbody></table></div></section>
-    <section class="wide"><h2>Flow between screens</h2><p class="note">Each screen's moves to the next, as many as the visits they were made in; (entry) and (exit) are where sessions begin and end. The width of a band is its number of moves; the time is the median on the screen moved from.</p>
-      <div id="flow" class="scroll"></div></section>
-    <section class="wide"><h2>Most common paths (first three screens)</h2><div id="common-paths" class="bars"></div></section>
-    <section class="wide" id="explorer"><h2>Session explorer</h2>
-      <div class="heat-controls"><label>Session <select id="explore-session"></select></label>
-        <span class="note" id="explore-summary"></span></div>
-      <div id="explore-path"></div>
-      <canvas id="explore-heatmap" width="960" height="540"></canvas></section>
-    <section class="wide"><h2>Touches on a screen</h2>
-      <div class="heat-controls">
+    <section class="wide" id="heat"><h2>Touches on a screen</h2>
+      <div class="controls">
         <label>Screen <select id="heat-screen"></select></label>
-        <label>Width (px) <input type="number" id="heat-width" min="1" style="width:90px"></label>
-        <label>Height (px) <input type="number" id="heat-height" min="1" style="width:90px"></label>
-        <span class="note"><span data-figure="heatmap-points">0</span> touch points</span>
+        <label>Touches <select id="heat-touches"><option value="all">every touch</option><option value="navigating">navigating touches only</option></select></label>
+        <label>Smoothing radius <input type="range" id="heat-radius" min="10" max="200" step="5" value="60"></label>
+        <label>Image <input type="range" id="heat-opacity" min="0" max="1" step="0.05" value="1"></label>
+        <label id="heat-size-w">Width (px) <input type="number" id="heat-width" min="1" style="width:90px"></label>
+        <label id="heat-size-h">Height (px) <input type="number" id="heat-height" min="1" style="width:90px"></label>
+        <label>Screen image <input type="file" id="heat-upload" accept="image/png,image/jpeg,image/webp"></label>
+        <button id="heat-download" class="quiet">Download PNG</button>
       </div>
-      <canvas id="heatmap" width="960" height="540"></canvas></section>
+      <p class="note"><span data-figure="heatmap-points">0</span> <span id="heat-what">touch points</span>; <span id="heat-image-note"></span></p>
+      <div id="heat-single" class="picture"><canvas id="heatmap" width="960" height="540"></canvas>
+        <div class="legend-row"><span>0</span><canvas class="legend" id="heat-legend" width="256" height="12"></canvas><span id="heat-legend-max"></span></div></div>
+      <div id="heat-compare" hidden>
+        <div class="pair"><div class="picture"><h3>A (<span id="heat-sessions-a"></span>)</h3><canvas id="heatmap-a" width="960" height="540"></canvas></div>
+          <div class="picture"><h3>B (<span id="heat-sessions-b"></span>)</h3><canvas id="heatmap-b" width="960" height="540"></canvas></div></div>
+        <div class="legend-row"><span>0</span><canvas class="legend" id="heat-legend-ab" width="256" height="12"></canvas><span id="heat-legend-ab-max"></span></div>
+        <div class="picture"><h3>B − A: where touches rose (red) and fell (blue), per session</h3><canvas id="heatmap-diff" width="960" height="540"></canvas>
+          <div class="legend-row"><span id="heat-legend-diff-min"></span><canvas class="legend" id="heat-legend-diff" width="256" height="12"></canvas><span id="heat-legend-diff-max"></span></div></div>
+      </div></section>
+    <section class="wide" id="journeys-section"><h2>Journeys: the first screens of a session, step by step</h2>
+      <p class="note">Each column is a step: the screen people were on at their first, second, third and fourth screen change, or (exit) where their session ended. Bands are as wide as their sessions; touch or hover over a screen to follow the paths through it.</p>
+      <div id="journeys-wrap"><div id="journeys-picture"><div id="journeys"></div><p class="note" id="journey-focus"></p></div>
+        <div id="journeys-table-box"><table id="journeys-table"><thead><tr><th>Step: from → to</th><th>Sessions</th></tr></thead><tbody></tbody></table></div></div></section>
+    <section class="wide"><h2>Most common paths (first four screens)</h2><div id="common-paths" class="bars"></div></section>
+    <section class="wide" id="explorer"><h2>Session explorer</h2>
+      <div class="controls"><label>Open a session by its id <input id="explore-id" inputmode="numeric" size="8"></label><button id="explore-open" class="quiet">Open</button>
+        <span class="note" id="explore-count"></span></div>
+      <div id="explore-list-box" class="scroll"><table id="explore-list"><thead><tr>
+        <th><button class="sort" data-sort="id">Session</button></th><th><button class="sort" data-sort="started_at">Start</button></th>
+        <th><button class="sort" data-sort="duration">Duration</button></th><th><button class="sort" data-sort="touches">Touches</button></th>
+        <th><button class="sort" data-sort="screens">Screens</button></th></tr></thead><tbody></tbody></table></div>
+      <div class="controls"><button id="explore-prev" class="quiet">← Newer</button><button id="explore-next" class="quiet">Older →</button></div>
+      <p class="note" id="explore-hint">Pick a session in the list, or open one by its id, to see its path on a time line and replay it.</p>
+      <p id="explore-summary"></p>
+      <div id="explore-timeline" class="scroll"></div>
+      <div class="controls" id="explore-play-row" hidden><button id="explore-play">▶ Replay</button>
+        <label>Speed <select id="explore-speed"><option value="1">real time</option><option value="5">5 ×</option><option value="10" selected>10 ×</option><option value="30">30 ×</option></select></label>
+        <span class="note" id="explore-now"></span></div>
+      <div class="picture"><canvas id="explore-canvas" width="960" height="540" hidden></canvas></div></section>
     <section class="wide" id="kiosks"><h2>Kiosks</h2>
       <div class="scroll"><table><thead><tr><th>Kiosk</th><th>Consumer</th><th>App version</th><th>Last seen</th><th>Queue</th><th>State</th></tr></thead><tbody></tbody></table></div>
       <p class="note" id="kiosks-note"></p></section>
@@ -7512,6 +7686,7 @@ DASHBOARD_HTML = r"""<!doctype html>
   <input type="password" id="key" autocomplete="current-password" placeholder="API key" required>
   <button type="submit">Open the dashboard</button>
 </form></div>
+<script type="application/json" id="embedded">__EMBEDDED__</script>
 <script nonce="__NONCE__">
 "use strict";
 // Everything from the server is put on the page with textContent or as SVG
@@ -7519,8 +7694,10 @@ DASHBOARD_HTML = r"""<!doctype html>
 const BASE = location.pathname.replace(/\/dash\/?$/, "");
 const NS = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
+// A report written to a file carries its answers (and images) here; the live page asks the service.
+const EMBEDDED = JSON.parse(document.getElementById("embedded").textContent);
 let key = sessionStorage.getItem("microticks-key") || "";
-let stats = null;
+let stats = null, paths = null, comparison = null;
 
 function el(tag, attrs, text) {
   const node = tag.startsWith("svg:") ? document.createElementNS(NS, tag.slice(4)) : document.createElement(tag);
@@ -7533,13 +7710,49 @@ function figure(name, value) {
   for (const node of document.querySelectorAll(`[data-figure="${name}"]`)) node.textContent = value;
 }
 
+// One way to show numbers: thousands separated, shares as percentages, words in the plural they need.
+const NUMBER = new Intl.NumberFormat("en");
+function count(value) { return value === null || value === undefined ? "–" : NUMBER.format(value); }
+function percent(share) { return share === null || share === undefined ? "–" : `${NUMBER.format(Math.round(share * 1000) / 10)}%`; }
+function plural(n, one, many) { return `${count(n)} ${n === 1 ? one : many}`; }
+function seconds(value) {
+  if (value === null || value === undefined) return "–";
+  if (value < 90) return `${NUMBER.format(Math.round(value))} s`;
+  return `${NUMBER.format(Math.round(value / 6) / 10)} min`;
+}
+function clock(ms) {  // mm:ss from a session's start
+  const s = Math.max(0, Math.round(ms / 1000));
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+}
+// A long name shortened in the middle, where screen names differ least.
+function shorten(name, most) {
+  name = String(name);
+  if (name.length <= most) return name;
+  const head = Math.ceil((most - 1) * 0.6);
+  return name.slice(0, head) + "…" + name.slice(name.length - (most - 1 - head));
+}
+
+// How a report finds an answer: the path and the parameters given, sorted (report_answers writes the same).
+function answerKey(path, params) {
+  return JSON.stringify([path, Object.entries(params || {}).filter(([, v]) => v !== "" && v !== undefined && v !== null)
+    .map(([k, v]) => [k, String(v)]).sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0))]);
+}
+
+function query(params) {
+  return new URLSearchParams(Object.entries(params || {}).filter(([, v]) => v !== "" && v !== undefined && v !== null));
+}
+
 async function api(path, params, attempt = 0) {
-  const query = new URLSearchParams(Object.entries(params || {}).filter(([, v]) => v !== "" && v !== undefined));
-  const response = await fetch(`${BASE}${path}?${query}`, {headers: key ? {"X-Microticks-Key": key} : {}, cache: "no-store"});
+  if (EMBEDDED) {
+    const answer = EMBEDDED.answers[answerKey(path, params)];
+    if (answer === undefined) throw new Error(`This report holds no answer for ${path}`);
+    return answer;
+  }
+  const response = await fetch(`${BASE}${path}?${query(params)}`, {headers: key ? {"X-Microticks-Key": key} : {}, cache: "no-store"});
   if (response.status === 401) { askForKey(Boolean(key)); throw new Error("The API key is needed"); }
   if (response.status === 503 && attempt < 6) {  // busy with other statistics: as the server says, a little later
-    const seconds = Math.min(10, Number(response.headers.get("Retry-After")) || 2);
-    await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+    const wait = Math.min(10, Number(response.headers.get("Retry-After")) || 2);
+    await new Promise((resolve) => setTimeout(resolve, wait * 1000));
     return api(path, params, attempt + 1);
   }
   const body = await response.json();
@@ -7570,6 +7783,58 @@ function filters() {
   return {from: $("from").value, to: $("to").value, consumer: $("consumer").value, site: $("site").value};
 }
 
+function sideB() {
+  return {from: $("from-b").value, to: $("to-b").value, consumer: $("consumer-b").value, site: $("site-b").value};
+}
+
+// ---- The address bar follows the page: a reload, a bookmark or a link shows the same.
+const STATE_KEYS = ["from", "to", "consumer", "site", "data_key", "b.from", "b.to", "b.consumer", "b.site",
+                    "screen", "touches", "session"];
+
+function pageState() {
+  const state = Object.assign(filters(), {data_key: $("data_key").value.trim() === "subject" ? "" : $("data_key").value.trim(),
+                                           screen: $("heat-screen").value, session: explorer.session || "",
+                                           touches: $("heat-touches").value === "all" ? "" : $("heat-touches").value});
+  if ($("compare").checked) for (const [name, value] of Object.entries(sideB())) state[`b.${name}`] = value;
+  return state;
+}
+
+function remember(replace) {
+  if (EMBEDDED) return;
+  const url = `${location.pathname}?${query(pageState())}`;
+  if (url === `${location.pathname}${location.search}`) return;
+  if (replace) history.replaceState(null, "", url); else history.pushState(null, "", url);
+}
+
+function isoDay(date) { return new Date(date.getTime() - date.getTimezoneOffset() * 60000).toISOString().slice(0, 10); }
+
+function restore(params) {
+  const today = new Date();
+  $("to").value = params.get("to") ?? isoDay(today);
+  $("from").value = params.get("from") ?? isoDay(new Date(today.getTime() - 6 * 86400000));
+  $("data_key").value = params.get("data_key") || "subject";
+  $("consumer").value = params.get("consumer") || "";
+  $("site").value = params.get("site") || "";
+  $("heat-touches").value = params.get("touches") === "navigating" ? "navigating" : "all";
+  wantedScreen = params.get("screen") || "";
+  const compared = ["b.from", "b.to", "b.consumer", "b.site"].some((name) => params.get(name));
+  $("compare").checked = compared;
+  $("compare-controls").hidden = !compared;
+  $("from-b").value = params.get("b.from") || "";
+  $("to-b").value = params.get("b.to") || "";
+  $("consumer-b").value = params.get("b.consumer") || "";
+  $("site-b").value = params.get("b.site") || "";
+  explorer.session = params.get("session") || "";
+}
+
+window.addEventListener("popstate", () => {
+  restore(new URLSearchParams(location.search));
+  loadStats(false);
+  loadLive();
+});
+
+// ---- Charts
+
 function columnChart(target, items, options) {
   options = Object.assign({height: 190}, options);
   // Drawn at the size it is shown, so that its text reads like the page's.
@@ -7584,7 +7849,10 @@ function columnChart(target, items, options) {
     const rect = el("svg:rect", {class: "bar", x, y: height - bottom - h, width: bar, height: Math.max(h, item.value ? 1 : 0), rx: 2});
     rect.appendChild(el("svg:title", {}, `${item.label}: ${item.value}`));
     chart.appendChild(rect);
-    if (item.value) chart.appendChild(el("svg:text", {class: "value", x: x + bar / 2, y: height - bottom - h - 4}, item.value));
+    // A bar's value above it where there is room for the text (its title says it always).
+    if (item.value && count(item.value).length * 6.5 + 2 <= slot) {
+      chart.appendChild(el("svg:text", {class: "value", x: x + bar / 2, y: height - bottom - h - 4}, count(item.value)));
+    }
     if (n % options.labelEvery === 0) chart.appendChild(el("svg:text", {class: "axis", x: x + bar / 2, y: height - bottom + 14}, item.label));
     if (item.sub && n % options.labelEvery === 0) chart.appendChild(el("svg:text", {class: "axis", x: x + bar / 2, y: height - bottom + 27}, item.sub));
     // Annotations: a dashed line at their slot, the first one's text beside it.
@@ -7593,8 +7861,7 @@ function columnChart(target, items, options) {
       const line = el("svg:line", {class: "marker", x1: n * slot + 1, x2: n * slot + 1, y1: 2, y2: height - bottom});
       line.appendChild(el("svg:title", {}, notes.map((marker) => marker.text).join("\n")));
       chart.appendChild(line);
-      chart.appendChild(el("svg:text", {class: "marker-label", x: n * slot + 4, y: 11},
-                           notes[0].text.length > 24 ? notes[0].text.slice(0, 23) + "…" : notes[0].text));
+      chart.appendChild(el("svg:text", {class: "marker-label", x: n * slot + 4, y: 11}, shorten(notes[0].text, 24)));
     }
   });
   target.replaceChildren(chart);
@@ -7619,33 +7886,26 @@ function barList(target, items) {
     const fill = el("div", {class: "fill", style: `width:${(100 * item.value / max).toFixed(1)}%`});
     const track = el("div", {class: "track"});
     track.appendChild(fill);
-    target.append(el("span", {class: "name", title: item.label}, item.label), track, el("span", {}, item.value));
+    target.append(el("span", {class: "name", title: item.label}, item.label), track, el("span", {}, count(item.value)));
   }
-}
-
-function seconds(value) {
-  if (value === null || value === undefined) return "–";
-  if (value < 90) return `${Math.round(value)} s`;
-  return `${(value / 60).toFixed(1)} min`;
 }
 
 function render(data) {
   stats = data;
-  figure("sessions", data.sessions);
-  figure("events", data.events);
+  figure("sessions", count(data.sessions));
+  figure("events", count(data.events));
   figure("median-duration", seconds(data.duration.median));
-  figure("median-events", data.events_per_session.median ?? "–");
+  figure("median-events", count(data.events_per_session.median));
   const busiest = data.sessions_per_day.reduce((best, d) => (!best || d.sessions > best.sessions ? d : best), null);
   figure("busiest-day", busiest ? busiest.day : "–");
-  figure("busiest-day-sessions", busiest ? busiest.sessions : "–");
+  figure("busiest-day-sessions", busiest ? count(busiest.sessions) : "–");
   figure("top-screen", data.values.length ? data.values[0].value : "–");
-  const share = (value) => (value === null || value === undefined ? "–" : `${Math.round(value * 1000) / 10}%`);
-  figure("meaningful-share", share(data.meaningful_share));
+  figure("meaningful-share", percent(data.meaningful_share));
   figure("meaningful-touches", data.meaningful_touches);
-  figure("bounce-share", share(data.bounce_share));
-  figure("bounces", data.bounces);
-  figure("median-touches", data.touches_per_session.median ?? "–");
-  figure("median-screens", data.screens_per_session.median ?? "–");
+  figure("bounce-share", percent(data.bounce_share));
+  figure("bounces", plural(data.bounces, "session", "sessions"));
+  figure("median-touches", count(data.touches_per_session.median));
+  figure("median-screens", count(data.screens_per_session.median));
   $("tz").textContent = data.timezone;
   dayChart($("per-day"), data);
   $("annotations").replaceChildren(...data.annotations.map((a) => el("li", {"data-annotation": a.id},
@@ -7658,11 +7918,12 @@ function render(data) {
   barList($("screen-types"), data.screen_types.map((t) => ({label: t.type, value: t.visits})));
   const body = $("screens").querySelector("tbody");
   body.replaceChildren();
-  const time = (value) => (value === null ? "–" : value.toFixed(1));
+  const time = (value) => (value === null ? "–" : NUMBER.format(Math.round(value * 10) / 10));
   for (const v of data.values) {
     const row = el("tr");
-    for (const cell of [v.value, v.events, v.visits, v.sessions, v.first, v.second, v.third, v.time_spent.measured,
-                        time(v.time_spent.min), time(v.time_spent.mean), time(v.time_spent.max), v.page_turns]) {
+    for (const cell of [v.value, count(v.events), count(v.visits), count(v.sessions), count(v.first), count(v.second),
+                        count(v.third), count(v.time_spent.measured), time(v.time_spent.min), time(v.time_spent.mean),
+                        time(v.time_spent.max), count(v.page_turns)]) {
       row.appendChild(el("td", {}, cell));
     }
     body.appendChild(row);
@@ -7670,153 +7931,571 @@ function render(data) {
   $("empty-range").hidden = data.sessions > 0;
   if (!data.sessions) showDataRange();
   const screens = Object.entries(data.heatmaps.screens).sort((a, b) => b[1].points - a[1].points);
-  const select = $("heat-screen"), previous = select.value;
+  const select = $("heat-screen"), previous = wantedScreen || select.value;
   select.replaceChildren();
-  for (const [name, heat] of screens) select.appendChild(el("option", {value: name}, `${name || "(no screen)"} (${heat.points})`));
+  for (const [name, heat] of screens) select.appendChild(el("option", {value: name}, `${shorten(name || "(no screen)", 48)} (${count(heat.points)})`));
   if (screens.some(([name]) => name === previous)) select.value = previous;
-  if (!$("heat-width").dataset.set) $("heat-width").value = roundUp(data.heatmaps.width, 1920);
-  if (!$("heat-height").dataset.set) $("heat-height").value = roundUp(data.heatmaps.height, 1080);
-  drawHeatmap();
-  $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
+  wantedScreen = "";
+  drawHeatmaps();
+  $("updated").textContent = EMBEDDED ? "" : `Updated ${new Date().toLocaleTimeString()}`;
 }
 
-// The path figures come in a second answer: computed from the events on
-// each request, over a big range they take seconds the rest need not wait.
-let paths = null;
+// The path figures come in a second answer: over a big range they take a
+// second the rest need not wait for.
 function renderPaths(data) {
   paths = data;
   columnChart($("touches-per-hour"), data.touches_per_hour.map((h) => ({label: String(h.hour).padStart(2, "0"), value: h.touches})));
-  drawFlow($("flow"), data.transitions);
+  drawJourneys(data.journeys || []);
   barList($("common-paths"), data.common_paths.map((p) => ({label: p.path.join(" → "), value: p.sessions})));
+}
+
+// ---- Heatmaps: a smooth density of the touches over the screen's own image.
+
+let wantedScreen = "";
+const images = new Map();  // screen -> Promise of {image, width, height} or null
+
+let withImages = null;  // Promise of the set of screens that have an image (GET /screens)
+function screensWithImages(again) {
+  if (EMBEDDED) return Promise.resolve(new Set(Object.keys(EMBEDDED.images || {})));
+  if (!withImages || again) {
+    withImages = api("/screens").then((answer) => new Set(answer.screens.filter((s) => s.image).map((s) => s.screen)))
+      .catch(() => new Set());
+  }
+  return withImages;
+}
+
+function screenImage(screen) {
+  if (!images.has(screen)) {
+    images.set(screen, (async () => {
+      let url = null;
+      if (!(await screensWithImages()).has(screen)) return null;  // asked for, it would be a 404 in the console
+      if (EMBEDDED) url = (EMBEDDED.images || {})[screen] || null;
+      else {
+        const response = await fetch(`${BASE}/screens/${encodeURIComponent(screen)}/image`,
+                                     {headers: key ? {"X-Microticks-Key": key} : {}, cache: "no-store"});
+        if (response.ok) url = URL.createObjectURL(await response.blob());
+      }
+      if (!url) return null;
+      const image = new Image();
+      image.src = url;
+      await image.decode();
+      return {image, width: image.naturalWidth, height: image.naturalHeight};
+    })().catch(() => null));
+  }
+  return images.get(screen);
+}
+
+// Touches per grid cell, smoothed by a Gaussian of the chosen radius: the
+// value near a point is about how many touches fell within the radius.
+function density(bins, bin, width, height, radius, weight) {
+  const cell = Math.max(2, Math.ceil(Math.max(width, height) / 480));
+  const cols = Math.ceil(width / cell), rows = Math.ceil(height / cell);
+  let grid = new Float32Array(cols * rows);
+  for (const [x, y, n] of bins) {
+    const cx = Math.min(cols - 1, Math.max(0, Math.floor((x + bin / 2) / cell)));
+    const cy = Math.min(rows - 1, Math.max(0, Math.floor((y + bin / 2) / cell)));
+    grid[cy * cols + cx] += n * weight;
+  }
+  const sigma = Math.max(0.5, radius / 2 / cell), reach = Math.ceil(3 * sigma);
+  const kernel = Array.from({length: 2 * reach + 1}, (_, i) => Math.exp(-((i - reach) ** 2) / (2 * sigma * sigma)));
+  for (const [across, along, step, lineStep] of [[cols, rows, 1, cols], [rows, cols, cols, 1]]) {
+    const out = new Float32Array(cols * rows);
+    for (let line = 0; line < along; line++) {
+      for (let i = 0; i < across; i++) {
+        const value = grid[line * lineStep + i * step];
+        if (!value) continue;
+        for (let k = Math.max(0, i - reach); k <= Math.min(across - 1, i + reach); k++) {
+          out[line * lineStep + k * step] += value * kernel[k - i + reach];
+        }
+      }
+    }
+    grid = out;
+  }
+  return {grid, cols, rows};
+}
+
+// The colour scale: nothing where there are no touches (the image shows
+// through), then blue, green, yellow, to the hot end at the most touches.
+const RAMP = [[0, 0, 90, 255, 0], [0.12, 0, 110, 255, 0.45], [0.35, 0, 190, 110, 0.6], [0.6, 250, 215, 0, 0.75],
+              [0.8, 250, 120, 0, 0.88], [1, 215, 25, 28, 1]];
+function heatColour(t) {
+  if (t < 0.02) return [0, 0, 0, 0];
+  for (let n = 1; n < RAMP.length; n++) {
+    if (t <= RAMP[n][0]) {
+      const [t0, ...a] = RAMP[n - 1], [t1, ...b] = RAMP[n], f = (t - t0) / (t1 - t0);
+      return a.map((v, i) => v + (b[i] - v) * f);
+    }
+  }
+  return RAMP[RAMP.length - 1].slice(1);
+}
+// For differences: blue where touches fell, red where they rose.
+function differenceColour(t) {
+  const m = Math.min(1, Math.abs(t));
+  if (m < 0.03) return [0, 0, 0, 0];
+  return t > 0 ? [215, 25, 28, 0.2 + 0.8 * m] : [33, 102, 172, 0.2 + 0.8 * m];
+}
+
+function paintDensity(canvas, picture, field, colour, scale, opacity) {
+  const {width, height} = picture;
+  canvas.width = width;
+  canvas.height = height;
+  const context = canvas.getContext("2d");
+  context.fillStyle = "#fff";
+  context.fillRect(0, 0, width, height);
+  if (picture.image) {
+    context.globalAlpha = opacity;
+    context.drawImage(picture.image, 0, 0, width, height);
+    context.globalAlpha = 1;
+  } else {
+    context.fillStyle = "#e2e8f0";
+    context.fillRect(0, 0, width, height);
+  }
+  const layer = document.createElement("canvas");
+  layer.width = field.cols;
+  layer.height = field.rows;
+  const pixels = layer.getContext("2d").createImageData(field.cols, field.rows);
+  for (let i = 0; i < field.grid.length; i++) {
+    const [r, g, b, a] = colour(field.grid[i] / scale);
+    pixels.data.set([r, g, b, Math.round(a * 255)], i * 4);
+  }
+  layer.getContext("2d").putImageData(pixels, 0, 0);
+  context.imageSmoothingEnabled = true;
+  context.imageSmoothingQuality = "high";
+  context.drawImage(layer, 0, 0, width, height);
+}
+
+function paintLegend(canvas, colour, from) {
+  const context = canvas.getContext("2d"), width = canvas.width;
+  context.clearRect(0, 0, width, canvas.height);
+  for (let x = 0; x < width; x++) {
+    const [r, g, b, a] = colour(from + (1 - from) * x / (width - 1));
+    context.fillStyle = `rgba(${r},${g},${b},${Math.max(a, 0.08)})`;
+    context.fillRect(x, 0, 1, canvas.height);
+  }
+}
+
+// The screen's size: its image's, else the one set on the page (the touches' extent at first).
+async function pictureOf(screen, heatmaps) {
+  const found = await screenImage(screen);
+  const hasImage = Boolean(found);
+  $("heat-size-w").hidden = $("heat-size-h").hidden = hasImage;
+  if (!$("heat-width").dataset.set) $("heat-width").value = roundUp(heatmaps.width, 1920);
+  if (!$("heat-height").dataset.set) $("heat-height").value = roundUp(heatmaps.height, 1080);
+  const picture = found || {image: null, width: Number($("heat-width").value) || 1920, height: Number($("heat-height").value) || 1080};
+  $("heat-image-note").textContent = found ? `drawn over the screen's image (${count(found.width)} × ${count(found.height)} px)`
+    : "this screen has no image yet: give it one (a screenshot) with the field above";
+  return {image: picture.image, width: Math.min(8192, picture.width), height: Math.min(8192, picture.height)};
 }
 
 // No touch points yet: a full-HD screen, the touch tables' most common.
 function roundUp(size, otherwise) { return size ? Math.ceil(size / 10) * 10 : otherwise; }
 
-function drawHeatmap() {
-  const heat = stats && stats.heatmaps.screens[$("heat-screen").value];
-  figure("heatmap-points", heat ? heat.points : 0);
-  paintHeat($("heatmap"), heat ? [heat] : [], stats ? stats.heatmaps.bin : 50);
+// The largest of many values (spread into Math.max, a grid's would overflow the stack).
+function largest(values, floor) {
+  let top = floor;
+  for (const value of values) if (value > top) top = value;
+  return top;
 }
 
-// The bins of `heats` (one screen's, or all a session touched) on a canvas
-// of the screen's size as set above.
-function paintHeat(canvas, heats, bin) {
-  const context = canvas.getContext("2d");
-  const width = Number($("heat-width").value) || 1920, height = Number($("heat-height").value) || 1080;
-  canvas.width = 960;
-  canvas.height = Math.max(60, Math.round(960 * height / width));
-  context.fillStyle = "#0f172a";
-  context.fillRect(0, 0, canvas.width, canvas.height);
-  const bins = heats.flatMap((heat) => heat.bins), scale = canvas.width / width;
-  const max = Math.max(1, ...bins.map((b) => b[2]));
-  for (const [x, y, n] of bins) {
-    const strength = Math.sqrt(n / max);
-    context.fillStyle = `hsla(${Math.round(50 - 50 * strength)}, 100%, 55%, ${0.25 + 0.75 * strength})`;
-    context.fillRect(x * scale, y * scale, Math.max(1, bin * scale), Math.max(1, bin * scale));
+let heatDrawn = 0;
+async function drawHeatmaps() {
+  if (!stats) return;
+  const turn = ++heatDrawn;  // a later redraw wins over one still loading its image
+  const screen = $("heat-screen").value, radius = Number($("heat-radius").value), opacity = Number($("heat-opacity").value);
+  const heat = stats.heatmaps.screens[screen];
+  figure("heatmap-points", count(heat ? heat.points : 0));
+  $("heat-what").textContent = stats.heatmaps.touches === "navigating" ? "navigating touch points (those that moved to another screen)" : "touch points";
+  const picture = await pictureOf(screen, stats.heatmaps);
+  if (turn !== heatDrawn) return;
+  const compared = comparison && $("compare").checked;
+  $("heat-single").hidden = Boolean(compared);
+  $("heat-compare").hidden = !compared;
+  if (!compared) {
+    const field = density(heat ? heat.bins : [], stats.heatmaps.bin, picture.width, picture.height, radius, 1);
+    const top = largest(field.grid, 1e-9);
+    paintDensity($("heatmap"), picture, field, heatColour, top, opacity);
+    paintLegend($("heat-legend"), heatColour, 0.02);
+    $("heat-legend-max").textContent = `${plural(Math.round(top * 10) / 10, "touch", "touches")} within about ${radius} px`;
+    $("heatmap").dataset.scaleMax = top;
+    return;
   }
+  // Both sides on one scale, per session, and their difference.
+  const side = (data) => {
+    const found = data.heatmaps.screens[screen];
+    return density(found ? found.bins : [], data.heatmaps.bin, picture.width, picture.height, radius, 1 / Math.max(1, data.sessions));
+  };
+  const a = side(comparison.a), b = side(comparison.b);
+  const top = Math.max(largest(a.grid, 1e-9), largest(b.grid, 1e-9));
+  paintDensity($("heatmap-a"), picture, a, heatColour, top, opacity);
+  paintDensity($("heatmap-b"), picture, b, heatColour, top, opacity);
+  $("heat-sessions-a").textContent = plural(comparison.a.sessions, "session", "sessions");
+  $("heat-sessions-b").textContent = plural(comparison.b.sessions, "session", "sessions");
+  paintLegend($("heat-legend-ab"), heatColour, 0.02);
+  $("heat-legend-ab-max").textContent = `${NUMBER.format(Math.round(top * 1000) / 1000)} touches per session within about ${radius} px`;
+  const difference = {cols: a.cols, rows: a.rows, grid: b.grid.map((value, i) => value - a.grid[i])};
+  const spread = largest(difference.grid.map(Math.abs), 1e-9);
+  paintDensity($("heatmap-diff"), picture, difference, differenceColour, spread, opacity);
+  paintLegend($("heat-legend-diff"), (t) => differenceColour(2 * t - 1), 0);
+  $("heat-legend-diff-min").textContent = `−${NUMBER.format(Math.round(spread * 1000) / 1000)}`;
+  $("heat-legend-diff-max").textContent = `+${NUMBER.format(Math.round(spread * 1000) / 1000)} touches per session`;
 }
 
-// A flow diagram (Sankey-style): screens on the left that moves leave,
-// screens on the right that they reach, bands as wide as their moves. A
-// screen is both (people come back), so each side lists it; the 40 largest
-// bands are drawn, the rest said in a line.
-function drawFlow(target, transitions) {
-  const shown = transitions.slice(0, 40), total = transitions.reduce((sum, m) => sum + m.count, 0);
-  const sides = [new Map(), new Map()];
-  for (const m of shown) {
-    sides[0].set(m.from, (sides[0].get(m.from) || 0) + m.count);
-    sides[1].set(m.to, (sides[1].get(m.to) || 0) + m.count);
+$("heat-screen").addEventListener("change", () => { drawHeatmaps(); remember(); });
+for (const id of ["heat-radius", "heat-opacity"]) $(id).addEventListener("input", drawHeatmaps);
+for (const id of ["heat-width", "heat-height"]) {
+  $(id).addEventListener("input", () => { $(id).dataset.set = "1"; drawHeatmaps(); });
+}
+$("heat-touches").addEventListener("change", () => { remember(); loadStats(false); });
+
+$("heat-download").addEventListener("click", () => {
+  const canvas = $("compare").checked && comparison ? $("heatmap-diff") : $("heatmap");
+  canvas.toBlob((blob) => {
+    const link = el("a", {href: URL.createObjectURL(blob), download: `heatmap-${$("heat-screen").value.replace(/[^\w.-]+/g, "_") || "screen"}.png`});
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+  }, "image/png");
+});
+
+$("heat-upload").addEventListener("change", async () => {
+  const file = $("heat-upload").files[0], screen = $("heat-screen").value;
+  if (!file || !screen) return;
+  try {
+    const response = await fetch(`${BASE}/screens/${encodeURIComponent(screen)}/image`, {
+      method: "PUT", body: file, headers: key ? {"X-Microticks-Key": key} : {}});
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
+    images.delete(screen);
+    await screensWithImages(true);
+    showError(null);
+    drawHeatmaps();
+  } catch (error) { showError(error); }
+  $("heat-upload").value = "";
+});
+
+// ---- Journeys: a visit's first screens as steps, column after column.
+
+// Screens' colours: a palette of ten that tell apart, given to the screens with the most
+// sessions in this range first (the rest share a grey); the same screen, the same colour, in every chart.
+const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#2f4b7c"];
+let colourRank = new Map();
+function rankColours(journeys) {
+  const sessions = new Map();
+  for (const j of journeys) if (j.to !== "(exit)") sessions.set(j.to, (sessions.get(j.to) || 0) + j.sessions);
+  colourRank = new Map([...sessions.entries()].sort((a, b) => b[1] - a[1]).slice(0, PALETTE.length).map(([name], n) => [name, n]));
+}
+function screenColour(name) {
+  if (name === "(exit)") return "#94a3b8";
+  if (name === "(entry)") return "#1f2937";
+  return colourRank.has(name) ? PALETTE[colourRank.get(name)] : "#b8c2cc";
+}
+
+const SHOWN_PER_STEP = 8;
+function drawJourneys(journeys) {
+  rankColours(journeys);
+  const steps = Math.max(0, ...journeys.map((j) => j.step));
+  // Per step, the screens with the most sessions arriving, the rest as "other screens"; (exit) last.
+  const columns = [[{name: "(entry)", sessions: journeys.filter((j) => j.step === 1).reduce((sum, j) => sum + j.sessions, 0)}]];
+  const kept = [new Set(["(entry)"])];
+  for (let step = 1; step <= steps; step++) {
+    const arriving = new Map();
+    for (const j of journeys.filter((j) => j.step === step)) arriving.set(j.to, (arriving.get(j.to) || 0) + j.sessions);
+    const ranked = [...arriving.entries()].filter(([name]) => name !== "(exit)").sort((a, b) => b[1] - a[1]);
+    const shown = ranked.slice(0, SHOWN_PER_STEP), rest = ranked.slice(SHOWN_PER_STEP);
+    const column = shown.map(([name, sessions]) => ({name, sessions}));
+    if (rest.length) column.push({name: "other screens", sessions: rest.reduce((sum, [, n]) => sum + n, 0), others: rest.length});
+    if (arriving.has("(exit)")) column.push({name: "(exit)", sessions: arriving.get("(exit)")});
+    columns.push(column);
+    kept.push(new Set(shown.map(([name]) => name).concat(["(exit)"])));
   }
-  const moves = shown.reduce((sum, m) => sum + m.count, 0);
-  const width = Math.max(640, target.clientWidth || 900), gap = 4, label = Math.min(250, width * 0.3);
-  // A screen's box is as tall as its moves, and at least a line of text.
-  const unit = 360 / Math.max(1, moves), line = 15;
-  const place = sides.map((side) => {
+  const node = (step, name) => (kept[step].has(name) ? name : "other screens");
+  const bands = new Map();  // step|from|to -> sessions, with names folded into "other screens"
+  for (const j of journeys) {
+    const id = `${j.step}\u0000${node(j.step - 1, j.from)}\u0000${node(j.step, j.to)}`;
+    bands.set(id, (bands.get(id) || 0) + j.sessions);
+  }
+  const total = Math.max(1, columns[0][0].sessions);
+  // A node as tall as its sessions, and apart from the next by at least its two lines of text.
+  const width = Math.max(720, $("journeys").clientWidth || 900), unit = 420 / total, label = 200, pitch = 30;
+  const x = (step) => 10 + step * (width - 20 - label) / Math.max(1, steps);
+  const place = columns.map((column) => {
+    let y = 24;
     const at = new Map();
-    let y = 5;
-    for (const [screen, n] of [...side.entries()].sort((a, b) => b[1] - a[1])) {
-      at.set(screen, {y, h: Math.max(line, n * unit), used: 0});
-      y += Math.max(line, n * unit) + gap;
+    for (const box of column) {
+      const h = Math.max(3, box.sessions * unit);
+      at.set(box.name, {y, h, out: 0, in: 0, box});
+      y += Math.max(h + 6, pitch);
     }
     return at;
   });
-  const height = 10 + Math.max(...place.map((at) => [...at.values()].reduce((end, box) => Math.max(end, box.y + box.h), 0)));
-  const chart = el("svg:svg", {viewBox: `0 0 ${width} ${height}`, role: "img"});
-  const left = label, right = width - label;
-  for (const m of shown) {
-    const a = place[0].get(m.from), b = place[1].get(m.to), h = Math.max(1, m.count * unit);
-    const y1 = a.y + a.used + h / 2, y2 = b.y + b.used + h / 2;
-    a.used += h; b.used += h;
-    const band = el("svg:path", {d: `M${left},${y1} C${(left + right) / 2},${y1} ${(left + right) / 2},${y2} ${right},${y2}`,
-                                 fill: "none", stroke: "#2563eb", "stroke-opacity": 0.35, "stroke-width": h});
-    band.appendChild(el("svg:title", {}, `${m.from} → ${m.to}: ${m.count}` + (m.median_seconds === null ? "" : `, median ${m.median_seconds} s`)));
-    chart.appendChild(band);
+  const height = 10 + Math.max(...place.map((at) => [...at.values()].reduce((end, b) => Math.max(end, b.y + b.h), 40)));
+  const chart = el("svg:svg", {viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": "Journeys, step by step"});
+  for (let step = 0; step <= steps; step++) {
+    chart.appendChild(el("svg:text", {class: "step", x: x(step), y: 14}, step === 0 ? "start" : `step ${step}`));
   }
-  place.forEach((at, side) => {
-    for (const [screen, box] of at) {
-      chart.appendChild(el("svg:rect", {x: side ? right : left - 6, y: box.y, width: 6, height: box.h, fill: "#1f2937"}));
-      const text = el("svg:text", {x: side ? right + 10 : left - 10, y: box.y + box.h / 2 + 4, "font-size": 12,
-                                    "text-anchor": side ? "start" : "end"}, screen.length > 32 ? screen.slice(0, 31) + "…" : screen);
-      text.appendChild(el("svg:title", {}, screen));
-      chart.appendChild(text);
+  const drawn = [];
+  for (const [id, sessions] of [...bands.entries()].sort((a, b) => b[1] - a[1])) {
+    const [step, from, to] = id.split("\u0000");
+    const a = place[step - 1].get(from), b = place[step].get(to);
+    if (!a || !b) continue;
+    const h = Math.max(1, sessions * unit);
+    const y1 = a.y + a.out + h / 2, y2 = b.y + b.in + h / 2;
+    a.out += h; b.in += h;
+    const x1 = x(step - 1) + 8, x2 = x(step);
+    const band = el("svg:path", {class: "band", d: `M${x1},${y1} C${(x1 + x2) / 2},${y1} ${(x1 + x2) / 2},${y2} ${x2},${y2}`,
+                                 stroke: screenColour(to === "(exit)" ? from : to), "stroke-width": h,
+                                 "data-step": step, "data-from": from, "data-to": to, "data-sessions": sessions});
+    band.appendChild(el("svg:title", {}, `step ${step}: ${from} → ${to}: ${plural(sessions, "session", "sessions")}`));
+    chart.appendChild(band);
+    drawn.push(band);
+  }
+  place.forEach((at, step) => {
+    for (const [name, spot] of at) {
+      const group = el("svg:g", {class: "node", tabindex: 0, "data-step": step, "data-name": name});
+      // The node and its two lines of text take the pointer, above the bands that pass under them.
+      group.appendChild(el("svg:rect", {x: x(step), y: spot.y, width: 150, height: Math.max(spot.h, 28), fill: "#000", "fill-opacity": 0}));
+      group.appendChild(el("svg:rect", {x: x(step), y: spot.y, width: 8, height: spot.h, fill: screenColour(name), rx: 2}));
+      const words = el("svg:text", {x: x(step) + 12, y: spot.y + 11},
+                       shorten(name, 24) + (spot.box.others ? ` (${spot.box.others})` : ""));
+      words.appendChild(el("svg:title", {}, `${name}: ${plural(spot.box.sessions, "session", "sessions")}`));
+      group.appendChild(words);
+      group.appendChild(el("svg:text", {class: "count", x: x(step) + 12, y: spot.y + 24}, plural(spot.box.sessions, "session", "sessions")));
+      const focus = () => focusJourney(drawn, step, name, spot.box.sessions);
+      group.addEventListener("mouseenter", focus);
+      group.addEventListener("click", focus);
+      group.addEventListener("focus", focus);
+      chart.appendChild(group);
     }
   });
-  const rest = total - moves;
-  target.replaceChildren(chart, el("p", {class: "note"}, rest ? `${rest} more moves in ${transitions.length - shown.length} smaller bands are not drawn.` : ""));
+  chart.addEventListener("mouseleave", () => focusJourney(drawn, null));
+  $("journeys").replaceChildren(chart);
+  $("journey-focus").textContent = journeys.length ? "" : "No paths in this range.";
+  $("journeys-table").querySelector("tbody").replaceChildren(...journeys.map((j) => {
+    const row = el("tr", {"data-step": j.step});
+    row.append(el("td", {}, `${j.step}: ${j.from} → ${j.to}`), el("td", {}, count(j.sessions)));
+    return row;
+  }));
 }
 
-// An empty range says where the data is.
+function focusJourney(bands, step, name, sessions) {
+  if (step === null) {
+    for (const band of bands) band.classList.remove("lit", "dim");
+    $("journey-focus").textContent = "";
+    return;
+  }
+  const into = [], out = [];
+  for (const band of bands) {
+    const inbound = Number(band.dataset.step) === step && band.dataset.to === name;
+    const outbound = Number(band.dataset.step) === step + 1 && band.dataset.from === name;
+    band.classList.toggle("lit", inbound || outbound);
+    band.classList.toggle("dim", !inbound && !outbound);
+    if (inbound) into.push(`${plural(Number(band.dataset.sessions), "session", "sessions")} from ${band.dataset.from}`);
+    if (outbound) out.push(`${count(Number(band.dataset.sessions))} to ${band.dataset.to}`);
+  }
+  $("journey-focus").textContent = `${name}${step ? ` at step ${step}` : ""}: ${plural(sessions, "session", "sessions")}`
+    + (into.length ? `; came ${into.join(", ")}` : "") + (out.length ? `; went on: ${out.join(", ")}` : "");
+}
+
+// ---- An empty range says where the data is.
 async function showDataRange() {
+  if (EMBEDDED) { $("data-range").textContent = "No sessions in this report's range."; return; }
   try {
     const first = await api("/sessions", {limit: 1, sort: "started_at", fields: "started_utc", consumer: $("consumer").value, site: $("site").value});
     if (!first.count) { $("data-range").textContent = "This Microticks has no sessions yet."; $("show-all").hidden = true; return; }
     const last = await api("/sessions", {limit: 1, "sort.desc": "started_at", fields: "started_utc", consumer: $("consumer").value, site: $("site").value});
     const from = first.sessions[0].started_utc.slice(0, 10), to = last.sessions[0].started_utc.slice(0, 10);
-    $("data-range").textContent = `The ${first.count} sessions there are run from ${from} to ${to}.`;
+    $("data-range").textContent = `The ${plural(first.count, "session", "sessions")} there are run from ${from} to ${to}.`;
     $("show-all").hidden = false;
-    $("show-all").onclick = () => { $("from").value = from; $("to").value = to; loadStats(); };
+    $("show-all").onclick = () => { $("from").value = from; $("to").value = to; remember(); loadStats(); };
   } catch (error) { showError(error); }
 }
 
-// One session: its path as a timeline (a bar per visit, as long as its
-// time; the last, unmeasured, drawn short and hatched) and its touches.
-async function exploreSession() {
-  const id = $("explore-session").value;
-  if (!id) return;
+// ---- The session explorer: the range's sessions, one on a time line, replayed.
+
+const explorer = {session: "", sort: "started_at", descending: true, offset: 0, page: 15, events: [], visits: [], timer: null};
+
+async function loadExplorerList() {
+  if (EMBEDDED) { $("explorer").hidden = true; return; }
+  try {
+    const order = explorer.descending ? {"sort.desc": explorer.sort} : {sort: explorer.sort};
+    const answer = await api("/sessions", Object.assign(filters(), order, {limit: explorer.page, offset: explorer.offset,
+      data_key: $("data_key").value.trim(), fields: "id,started_utc,duration,touches,screens"}));
+    $("explore-count").textContent = answer.count ? `Sessions ${count(explorer.offset + 1)} to ${count(explorer.offset + answer.sessions.length)} of ${count(answer.count)} in this range`
+      : "No sessions in this range";
+    $("explore-prev").disabled = explorer.offset === 0;
+    $("explore-next").disabled = explorer.offset + answer.sessions.length >= answer.count;
+    for (const button of document.querySelectorAll("#explore-list th button.sort")) {
+      if (button.dataset.sort === explorer.sort) button.setAttribute("aria-sort", explorer.descending ? "descending" : "ascending");
+      else button.removeAttribute("aria-sort");
+    }
+    $("explore-list").querySelector("tbody").replaceChildren(...answer.sessions.map((s) => {
+      const row = el("tr", {"data-session": s.id, class: String(s.id) === explorer.session ? "picked" : ""});
+      row.append(el("td", {}, `#${s.id}`), el("td", {}, new Date(s.started_utc).toLocaleString()),
+                 el("td", {}, seconds(s.duration)), el("td", {}, count(s.touches)), el("td", {}, count(s.screens)));
+      row.addEventListener("click", () => openSession(String(s.id)));
+      return row;
+    }));
+  } catch (error) { showError(error); }
+}
+
+for (const button of document.querySelectorAll("#explore-list th button.sort")) {
+  button.addEventListener("click", () => {
+    explorer.descending = button.dataset.sort === explorer.sort ? !explorer.descending : true;
+    explorer.sort = button.dataset.sort;
+    explorer.offset = 0;
+    loadExplorerList();
+  });
+}
+$("explore-prev").addEventListener("click", () => { explorer.offset = Math.max(0, explorer.offset - explorer.page); loadExplorerList(); });
+$("explore-next").addEventListener("click", () => { explorer.offset += explorer.page; loadExplorerList(); });
+$("explore-open").addEventListener("click", () => { const id = $("explore-id").value.trim(); if (/^\d+$/.test(id)) openSession(id); });
+$("explore-id").addEventListener("keydown", (event) => { if (event.key === "Enter") $("explore-open").click(); });
+
+async function openSession(id) {
+  stopReplay();
+  explorer.session = id;
+  remember();
+  for (const row of document.querySelectorAll("#explore-list tbody tr")) row.classList.toggle("picked", row.dataset.session === id);
   try {
     const screenKey = $("data_key").value.trim();
-    const [{session}, figures] = await Promise.all([api(`/sessions/${id}`, {data_key: screenKey}), api("/stats", {session: id, data_key: screenKey})]);
-    $("explore-summary").textContent = `${session.path.length} visits to ${session.screens} screens, ${session.touches} touches, ${seconds(session.duration)}`;
-    const measured = session.path.reduce((sum, v) => sum + (v.seconds || 0), 0) || 1;
-    const width = Math.max(480, $("explore-path").clientWidth || 900), rowHeight = 22;
-    const chart = el("svg:svg", {viewBox: `0 0 ${width} ${session.path.length * rowHeight + 8}`, role: "img"});
-    let x = 0;
-    session.path.forEach((visit, n) => {
-      const w = visit.seconds === null ? 8 : Math.max(2, (width * 0.55) * visit.seconds / measured);
-      const bar = el("svg:rect", {x: width * 0.4 + x, y: n * rowHeight + 4, width: w, height: rowHeight - 6, rx: 2,
-                                  fill: visit.seconds === null ? "#94a3b8" : "#2563eb"});
-      chart.appendChild(bar);
-      chart.appendChild(el("svg:text", {x: width * 0.4 - 8, y: n * rowHeight + 17, "font-size": 12, "text-anchor": "end"},
-                           `${visit.screen}  ${visit.seconds === null ? "(last: not measured)" : visit.seconds + " s"}, ${visit.touches} touches`));
-      x += visit.seconds === null ? 0 : w;
-    });
-    $("explore-path").replaceChildren(chart);
-    paintHeat($("explore-heatmap"), Object.values(figures.heatmaps.screens), figures.heatmaps.bin);
+    const [{session}, events] = await Promise.all([api(`/sessions/${id}`, {data_key: screenKey}),
+                                                   api("/events", {session: id, sort: "seq", fields: "id,time_utc,action,data"})]);
+    explorer.events = events.events;
+    // The visits, as /stats counts them: runs of events with the same screen, events without one aside.
+    const start = Date.parse(session.started_utc);
+    const visits = [];
+    for (const event of explorer.events) {
+      const data = event.data && typeof event.data === "object" ? event.data : {};
+      const screen = data[screenKey];
+      const at = Date.parse(event.time_utc) - start;
+      if (screen !== undefined && screen !== null && (!visits.length || visits[visits.length - 1].screen !== String(screen))) {
+        visits.push({screen: String(screen), at, touches: []});
+      }
+      if (typeof data.clickX === "number" && typeof data.clickY === "number") {
+        // Drawn on the screen the touch was made on: the one it left, for a navigating touch.
+        const prev = data[`prev${screenKey[0].toUpperCase()}${screenKey.slice(1)}`];
+        const on = prev !== undefined && prev !== null ? String(prev) : screen !== undefined && screen !== null ? String(screen) : "";
+        const visit = prev !== undefined && prev !== null && visits.length > 1 ? visits[visits.length - 2] : visits[visits.length - 1];
+        const touch = {x: data.clickX, y: data.clickY, at, on};
+        if (visit && visit.screen === on) visit.touches.push(touch);
+        else if (visits.length) visits[visits.length - 1].touches.push(touch);
+      }
+    }
+    explorer.visits = visits;
+    explorer.duration = Math.max(1, (session.duration || 0) * 1000, ...explorer.events.map((e) => Date.parse(e.time_utc) - start));
+    $("explore-hint").hidden = true;
+    $("explore-summary").textContent = `Session #${id}: ${plural(session.path.length, "visit", "visits")} to ${plural(session.screens, "screen", "screens")}, `
+      + `${plural(session.touches, "touch", "touches")}, ${seconds(session.duration)}; started ${new Date(session.started_utc).toLocaleString()}`;
+    drawTimeline(visits);
+    $("explore-play-row").hidden = !visits.length;
+    if (visits.length) showVisit(0);
   } catch (error) { showError(error); }
 }
-$("explore-session").addEventListener("change", exploreSession);
 
+function drawTimeline(visits) {
+  const width = Math.max(560, $("explore-timeline").clientWidth || 900), left = 10, right = 10, rowHeight = 26;
+  const height = visits.length * rowHeight + 40;
+  const span = explorer.duration, px = (ms) => left + (width - left - right) * ms / span;
+  const chart = el("svg:svg", {viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": "The session's visits on a time line"});
+  // The axis: minutes and seconds from the session's start.
+  const stepMs = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800].map((s) => s * 1000).find((s) => span / s <= 10) || 3600000;
+  for (let ms = 0; ms <= span; ms += stepMs) {
+    chart.appendChild(el("svg:line", {class: "tick", x1: px(ms), x2: px(ms), y1: 14, y2: height - 6}));
+    chart.appendChild(el("svg:text", {x: px(ms) + 2, y: 11}, clock(ms)));
+  }
+  visits.forEach((visit, n) => {
+    const end = n + 1 < visits.length ? visits[n + 1].at : Math.max(visit.at, ...visit.touches.map((t) => t.at)) + 500;
+    const y = 20 + n * rowHeight;
+    const bar = el("svg:rect", {class: "visit", x: px(visit.at), y, width: Math.max(3, px(end) - px(visit.at)), height: rowHeight - 8, rx: 3,
+                                fill: screenColour(visit.screen), "data-visit": n, "fill-opacity": n + 1 < visits.length ? 0.85 : 0.45});
+    bar.appendChild(el("svg:title", {}, `${visit.screen}: from ${clock(visit.at)}` + (n + 1 < visits.length ? ` to ${clock(end)}` : " (the last: not measured)")
+                                        + `, ${plural(visit.touches.length, "touch", "touches")}`));
+    bar.addEventListener("click", () => showVisit(n));
+    chart.appendChild(bar);
+    for (const touch of visit.touches) {
+      chart.appendChild(el("svg:line", {class: "touch", x1: px(touch.at), x2: px(touch.at), y1: y + 2, y2: y + rowHeight - 10}));
+    }
+    const text = el("svg:text", {x: Math.min(px(visit.at) + 4, width - 220), y: y + rowHeight - 12},
+                    `${shorten(visit.screen, 36)} · ${plural(visit.touches.length, "touch", "touches")}`);
+    text.addEventListener("click", () => showVisit(n));
+    chart.appendChild(text);
+  });
+  $("explore-timeline").replaceChildren(chart);
+}
+
+// One visit's touches on its screen's image (up to `upTo` of them, in a replay).
+async function showVisit(n, upTo) {
+  const visit = explorer.visits[n];
+  if (!visit) return;
+  for (const bar of document.querySelectorAll("#explore-timeline .visit")) bar.classList.toggle("chosen", Number(bar.dataset.visit) === n);
+  $("explore-now").textContent = `${visit.screen} (visit ${n + 1} of ${explorer.visits.length})`;
+  $("explore-now").dataset.screen = visit.screen;
+  const found = await screenImage(visit.screen);
+  const picture = found || {image: null, width: Number($("heat-width").value) || 1920, height: Number($("heat-height").value) || 1080};
+  const canvas = $("explore-canvas");
+  canvas.hidden = false;
+  canvas.width = Math.min(4096, picture.width);
+  canvas.height = Math.min(4096, picture.height);
+  const context = canvas.getContext("2d");
+  context.fillStyle = "#e2e8f0";
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  if (picture.image) context.drawImage(picture.image, 0, 0, canvas.width, canvas.height);
+  const scale = canvas.width / picture.width, touches = visit.touches.slice(0, upTo === undefined ? visit.touches.length : upTo);
+  touches.forEach((touch, i) => {
+    context.beginPath();
+    context.arc(touch.x * scale, touch.y * scale, Math.max(10, canvas.width / 80), 0, 2 * Math.PI);
+    context.fillStyle = i === touches.length - 1 ? "rgba(215, 25, 28, 0.85)" : "rgba(215, 25, 28, 0.45)";
+    context.fill();
+    context.lineWidth = Math.max(2, canvas.width / 600);
+    context.strokeStyle = "#fff";
+    context.stroke();
+  });
+  context.font = `${Math.max(16, canvas.width / 60)}px system-ui, sans-serif`;
+  context.fillStyle = "rgba(15, 23, 42, 0.75)";
+  context.fillRect(0, 0, canvas.width, Math.max(28, canvas.width / 40));
+  context.fillStyle = "#fff";
+  context.fillText(`${visit.screen}  ·  ${clock(visit.at)}  ·  ${plural(touches.length, "touch", "touches")}`, 12, Math.max(20, canvas.width / 55));
+}
+
+function stopReplay() {
+  clearTimeout(explorer.timer);
+  explorer.timer = null;
+  $("explore-play").textContent = "▶ Replay";
+}
+
+// Screen by screen, touch by touch, in time (faster than real time, as chosen).
+$("explore-play").addEventListener("click", () => {
+  if (explorer.timer) { stopReplay(); return; }
+  // In the session's order: each visit, then its touches (the one that left a screen last), waits as in time.
+  const moments = [];
+  explorer.visits.forEach((visit, n) => {
+    moments.push({at: visit.at, visit: n, touches: 0});
+    visit.touches.forEach((touch, i) => moments.push({at: touch.at, visit: n, touches: i + 1}));
+  });
+  const speed = Number($("explore-speed").value) || 10;
+  let next = 0;
+  $("explore-play").textContent = "■ Stop";
+  const step = () => {
+    const moment = moments[next];
+    showVisit(moment.visit, moment.touches);
+    next += 1;
+    if (next >= moments.length) { explorer.timer = null; $("explore-play").textContent = "▶ Replay"; return; }
+    explorer.timer = setTimeout(step, Math.min(1500, Math.max(30, (moments[next].at - moment.at) / speed)));  // no wait back in time
+  };
+  step();
+});
+
+// ---- Resizing draws the charts again at the new size.
 let resizeTimer = null;
 window.addEventListener("resize", () => {
   clearTimeout(resizeTimer);
-  resizeTimer = setTimeout(() => { if (stats) render(stats); if (paths) renderPaths(paths); }, 200);
+  resizeTimer = setTimeout(() => {
+    if (stats) render(stats);
+    if (paths) renderPaths(paths);
+    if (comparison && $("compare").checked) renderComparison(comparison, lastLabels);
+    if (explorer.visits.length) drawTimeline(explorer.visits);
+  }, 200);
 });
-
-for (const id of ["heat-width", "heat-height"]) {
-  $(id).addEventListener("input", () => { $(id).dataset.set = "1"; drawHeatmap(); });
-}
-$("heat-screen").addEventListener("change", drawHeatmap);
 
 // A query the service refused leaves the last figures on screen: dimmed,
 // and said so, lest they be read as the answer to the new one.
@@ -7832,14 +8511,18 @@ function markStale(stale) {
   }
 }
 
+let lastLabels = {a: "", b: ""};
 function renderComparison(data, labels) {
+  comparison = data;
+  lastLabels = labels;
   $("comparison").hidden = false;
   $("label-a").textContent = labels.a;
   $("label-b").textContent = labels.b;
-  const number = (value) => (value === null || value === undefined ? "–" : String(Math.round(value * 1000) / 1000));
+  const number = (value) => (value === null || value === undefined ? "–" : NUMBER.format(Math.round(value * 1000) / 1000));
+  const points = (value) => (value === null || value === undefined ? "–" : `${value > 0 ? "+" : ""}${NUMBER.format(Math.round(value * 1000) / 10)} points`);
   const rows = [], d = data.differences;
-  const medians = (label, f) => rows.push([label, number(f.a_median), number(f.b_median), number(f.difference), f.p_value, `${f.a_n} / ${f.b_n}`]);
-  const shares = (label, f) => rows.push([label, number(f.a), number(f.b), number(f.difference), f.p_value, `${f.a_count} / ${f.b_count}`]);
+  const medians = (label, f) => rows.push([label, number(f.a_median), number(f.b_median), number(f.difference), f.p_value, `${count(f.a_n)} / ${count(f.b_n)}`]);
+  const shares = (label, f) => rows.push([label, percent(f.a), percent(f.b), points(f.difference), f.p_value, `${count(f.a_count)} / ${count(f.b_count)}`]);
   medians("Session duration, median (s)", d.duration);
   medians("Touches per session, median", d.touches_per_session);
   medians("Distinct screens per session, median", d.screens_per_session);
@@ -7855,44 +8538,52 @@ function renderComparison(data, labels) {
                el("td", {}, n));
     return row;
   }));
-  $("compare-tests").textContent = `${data.tests} tests were made (the table shows the largest screens): where nothing differs, about one in twenty still comes out under 0.05.`;
+  $("compare-tests").textContent = `${plural(data.tests, "test was", "tests were")} made (the table shows the largest screens): where nothing differs, about one in twenty still comes out under 0.05.`;
   dayChart($("per-day-a"), data.a);
   dayChart($("per-day-b"), data.b);
+  drawHeatmaps();
 }
 
-async function loadComparison(query) {
-  if (!$("compare").checked) { $("comparison").hidden = true; return; }
-  const side = {from: $("from-b").value, to: $("to-b").value, consumer: $("consumer-b").value, site: $("site-b").value};
-  const a = filters(), params = {data_key: query.data_key};
-  for (const [name, value] of Object.entries(a)) params[`a.${name}`] = value;
-  for (const [name, value] of Object.entries(side)) params[`b.${name}`] = value;
-  const label = (f, select) => `${f.from || "…"} to ${f.to || "…"}` + (f.consumer ? `, ${select.selectedOptions[0].textContent}` : "")
+async function loadComparison(params) {
+  if (!$("compare").checked) { $("comparison").hidden = true; comparison = null; return; }
+  const side = sideB(), a = filters(), asked = {data_key: params.data_key, touches: params.touches};
+  for (const [name, value] of Object.entries(a)) asked[`a.${name}`] = value;
+  for (const [name, value] of Object.entries(side)) asked[`b.${name}`] = value;
+  const label = (f, select) => `${f.from || "…"} to ${f.to || "…"}` + (f.consumer ? `, ${select.selectedOptions[0] ? select.selectedOptions[0].textContent : f.consumer}` : "")
     + (f.site ? `, site ${f.site}` : "");
-  renderComparison(await api("/compare", params), {a: label(a, $("consumer")), b: label(side, $("consumer-b"))});
+  renderComparison(await api("/compare", asked), {a: label(a, $("consumer")), b: label(side, $("consumer-b"))});
 }
 
 $("compare").addEventListener("change", () => {
   $("compare-controls").hidden = !$("compare").checked;
-  if (!$("compare").checked) $("comparison").hidden = true;
+  if (!$("compare").checked) { $("comparison").hidden = true; comparison = null; drawHeatmaps(); remember(); }
 });
 
-async function loadStats() {
+function statsQuery() {
+  return Object.assign(filters(), {data_key: $("data_key").value.trim(), touches: $("heat-touches").value === "all" ? "" : "navigating"});
+}
+
+async function loadStats(keepExplorer = true) {
   const range = filters();
   if (range.from && range.to && range.from > range.to) {  // the API answers that with nothing at all
     showStatsError("From is after To: no day lies between them");
     return;
   }
   try {
-    const query = Object.assign(filters(), {data_key: $("data_key").value.trim()});
-    render(await api("/stats", query));
-    await loadComparison(query);
+    const asked = statsQuery();
+    render(await api("/stats", asked));
+    await loadComparison(asked);
     showError(null);
     markStale(false);
-    renderPaths(await api("/stats", Object.assign(query, {paths: 3})));
+    if (!keepExplorer) explorer.offset = 0;
+    loadExplorerList();
+    if (explorer.session && !explorer.visits.length) openSession(explorer.session);
+    renderPaths(await api("/stats", Object.assign(asked, {paths: 4})));
   } catch (error) { showStatsError(error); }
 }
 
 async function loadLive() {
+  if (EMBEDDED) return;
   try {
     const page = await api("/sessions", {limit: 10, "sort.desc": "id", consumer: $("consumer").value, site: $("site").value,
                                          fields: "id,consumer,device,started_utc,stopped_at,stop_reason,events,missing_events"});
@@ -7904,10 +8595,10 @@ async function loadLive() {
       head.append(el("strong", {}, `#${session.id}`),
                   el("span", {}, new Date(session.started_utc).toLocaleString()),
                   el("span", {}, session.consumer || ""), el("span", {}, session.device || ""),
-                  el("span", {}, `${session.events} events`),
+                  el("span", {}, plural(session.events, "event", "events")),
                   el("span", {class: session.stop_reason ? "badge closed" : "badge"},
                      session.stop_reason ? `closed (${session.stop_reason})` : "open"));
-      if (session.missing_events) head.appendChild(el("span", {class: "badge closed"}, `${session.missing_events} missing`));
+      if (session.missing_events) head.appendChild(el("span", {class: "badge closed"}, `${count(session.missing_events)} missing`));
       const lines = el("ol", {class: "events"});
       for (const event of events.events) {
         lines.appendChild(el("li", {}, `${event.time_utc ? event.time_utc.slice(11, 19) : ""} ${event.action} ${JSON.stringify(event.data)}`));
@@ -7916,15 +8607,11 @@ async function loadLive() {
       return item;
     }));
     list.replaceChildren(...items);
-    const choose = $("explore-session"), chosen = choose.value;
-    choose.replaceChildren(el("option", {value: ""}, "Pick one of the latest sessions"),
-                           ...page.sessions.map((session) => el("option", {value: session.id},
-                             `#${session.id}, ${new Date(session.started_utc).toLocaleString()}, ${session.events} events`)));
-    if (page.sessions.some((session) => String(session.id) === chosen)) choose.value = chosen;
   } catch (error) { showError(error); }
 }
 
 async function loadKiosks() {
+  if (EMBEDDED) return;
   const status = await api("/status");
   const body = $("kiosks").querySelector("tbody");
   body.replaceChildren();
@@ -7934,7 +8621,7 @@ async function loadKiosks() {
                         d.queue_depth ?? "", d.silent ? "silent" : "ok"]) row.appendChild(el("td", {}, cell));
     body.appendChild(row);
   }
-  $("kiosks-note").textContent = status.devices.length ? `Silent: no sign of life for over ${status.silent_after_s / 3600} hours.`
+  $("kiosks-note").textContent = status.devices.length ? `Silent: no sign of life for over ${plural(status.silent_after_s / 3600, "hour", "hours")}.`
     : "No kiosk has reported a device name yet (the tracker's device option).";
 }
 
@@ -7956,32 +8643,40 @@ async function loadConsumers() {
   for (const label of document.querySelectorAll("label.sites")) label.hidden = sites.length < 2;
 }
 
+// The same figures as one HTML file: the service writes it (GET /report), with the images in it.
+$("report").addEventListener("click", async () => {
+  try {
+    const asked = Object.assign(statsQuery(), $("compare").checked ? Object.fromEntries(Object.entries(sideB()).map(([k, v]) => [`b.${k}`, v])) : {});
+    const response = await fetch(`${BASE}/report?${query(asked)}`, {headers: key ? {"X-Microticks-Key": key} : {}});
+    if (!response.ok) throw new Error((await response.json()).error || `HTTP ${response.status}`);
+    const link = el("a", {href: URL.createObjectURL(await response.blob()), download: `microticks-report-${$("from").value || "all"}-${$("to").value || "all"}.html`});
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+  } catch (error) { showError(error); }
+});
+
 let liveTimer = null;
 async function start() {
+  if (EMBEDDED) {
+    document.body.classList.add("report");
+    restore(new URLSearchParams(EMBEDDED.state));
+    $("report-note").textContent = EMBEDDED.title;
+    for (const id of ["live", "kiosks"]) $(id).hidden = true;
+    await loadConsumers().catch(() => null);
+    restore(new URLSearchParams(EMBEDDED.state));
+    await loadStats();
+    return;
+  }
   try { await loadConsumers(); } catch (error) { showError(error); return; }
-  const wanted = new URLSearchParams(location.search);
-  if (wanted.get("consumer")) $("consumer").value = wanted.get("consumer");
-  if (wanted.get("b.consumer")) $("consumer-b").value = wanted.get("b.consumer");
-  if (wanted.get("site")) $("site").value = wanted.get("site");
-  if (wanted.get("b.site")) $("site-b").value = wanted.get("b.site");
+  restore(new URLSearchParams(location.search));
   await Promise.all([loadStats(), loadLive(), loadKiosks().catch(showError)]);
   clearInterval(liveTimer);
   liveTimer = setInterval(() => { loadLive(); loadKiosks().catch(showError); }, 3000);
 }
 
-function isoDay(date) { return new Date(date.getTime() - date.getTimezoneOffset() * 60000).toISOString().slice(0, 10); }
-const params = new URLSearchParams(location.search);
-const today = new Date();
-$("to").value = params.get("to") || isoDay(today);
-$("from").value = params.get("from") || isoDay(new Date(today.getTime() - 6 * 86400000));
-$("data_key").value = params.get("data_key") || "subject";
-if (params.get("b.from") || params.get("b.to") || params.get("b.consumer") || params.get("b.site")) {
-  $("compare").checked = true;
-  $("compare-controls").hidden = false;
-  $("from-b").value = params.get("b.from") || "";
-  $("to-b").value = params.get("b.to") || "";
-}
-$("apply").addEventListener("click", () => { loadStats(); loadLive(); });
+restore(new URLSearchParams(location.search));
+$("apply").addEventListener("click", () => { remember(); loadStats(false); loadLive(); });
 start();
 </script>
 </body>

@@ -890,6 +890,16 @@ def test_sorting_uses_whitelisted_columns(sample_client, sample_events):
     assert longest["duration"] == max(s["duration"] for s in sample_client.get("/sessions").json["sessions"])
 
 
+def test_sessions_sort_by_their_touches_and_screens_with_any_data_key(sample_client, sample_events):
+    paths = independent_paths(sample_events)
+    for column, figure in (("touches", lambda p: sum(v["touches"] for v in p["path"])),
+                           ("screens", lambda p: len({v["screen"] for v in p["path"]}))):
+        listed = sample_client.get("/sessions", **{"sort.desc": column, "fields": f"id,{column}"}).json["sessions"]
+        assert [row[column] for row in listed] == sorted((figure(p) for p in paths.values()), reverse=True)
+    other = sample_client.get("/sessions", **{"sort": "screens", "data_key": "target", "fields": "id,screens"})
+    assert other.status == 200 and {row["screens"] for row in other.json["sessions"]} == {0}
+
+
 def test_sessions_report_counts_durations_and_endings(sample_client, sample_events):
     sessions = sample_client.get("/sessions").json
     assert sessions["count"] == 83
@@ -3100,7 +3110,7 @@ def test_dashboard_figures_equal_the_stats_and_an_independent_computation(sample
     stats = sample_client.get("/stats", **{"from": "2017-05-22", "to": "2017-05-29"}).json
     expected = independent_stats(sample_events)
     busiest = max(expected["per_day"].items(), key=lambda d: d[1])
-    assert dash_figure(page, "events") == str(stats["events"]) == "1628"
+    assert dash_figure(page, "events") == f"{stats['events']:,}" == "1,628"  # thousands separated
     assert dash_figure(page, "busiest-day") == busiest[0] == "2017-05-23"
     assert dash_figure(page, "busiest-day-sessions") == str(busiest[1]) == "30"
     assert dash_figure(page, "top-screen") == stats["values"][0]["value"] == "year:2017"
@@ -3123,30 +3133,49 @@ def test_dashboard_figures_equal_the_stats_and_an_independent_computation(sample
         page.screenshot(path=str(Path(shots) if shots else tmp_path) + f"/dash-{name}.png", full_page=True)
 
 
-def test_dashboard_shows_paths_flows_and_one_session_as_the_stats_give_them(sample_client, dash_page):
+def test_dashboard_shows_paths_journeys_and_one_session_as_the_stats_give_them(sample_client, dash_page):
     page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-29")
     page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "83"')
-    stats = sample_client.get("/stats", **{"from": "2017-05-22", "to": "2017-05-29", "paths": "3"}).json
-    page.wait_for_function("document.querySelectorAll('#flow svg path').length > 0")  # the second answer
+    stats = sample_client.get("/stats", **{"from": "2017-05-22", "to": "2017-05-29", "paths": "4"}).json
+    page.wait_for_function("document.querySelectorAll('#journeys svg path.band').length > 0")  # the second answer
     touches = page.eval_on_selector_all("#touches-per-hour svg rect title", "ts => ts.map(t => t.textContent)")
     assert touches == [f"{h['hour']:02d}: {h['touches']}" for h in stats["touches_per_hour"]]
     assert len(page.query_selector_all("#screens tbody tr")) == len(stats["values"]) > 25  # every screen
-    top = stats["transitions"][0]
-    bands = page.eval_on_selector_all("#flow svg path title", "ts => ts.map(t => t.textContent)")
-    assert len(bands) == min(40, len(stats["transitions"]))
-    assert bands[0] == f"{top['from']} → {top['to']}: {top['count']}"
+    # The journeys: the table lists /stats' moves step by step; the bands add up to them, step by step.
+    rows = page.eval_on_selector_all("#journeys-table tbody tr", "rs => rs.map(r => [...r.cells].map(c => c.textContent))")
+    assert rows == [[f"{j['step']}: {j['from']} → {j['to']}", f"{j['sessions']:,}"] for j in stats["journeys"]]
+    bands = page.eval_on_selector_all("#journeys svg path.band", "bs => bs.map(b => [Number(b.dataset.step), b.dataset.from,"
+                                                                  " b.dataset.to, Number(b.dataset.sessions)])")
+    for step in range(1, 5):
+        assert sum(b[3] for b in bands if b[0] == step) == sum(j["sessions"] for j in stats["journeys"] if j["step"] == step)
+    exact = {(j["step"], j["from"], j["to"]): j["sessions"] for j in stats["journeys"]}
+    shown = [b for b in bands if "other screens" not in b[1:3]]
+    assert shown and all(exact[tuple(b[:3])] == b[3] for b in shown)
+    page.hover("#journeys g.node[data-step='1'][data-name='year:2017']")
+    assert page.text_content("#journey-focus").startswith("year:2017 at step 1: 40 sessions; came 40 sessions from (entry)")
     assert page.inner_text("#screen-types").split()[:2] == [stats["screen_types"][0]["type"],
                                                               str(stats["screen_types"][0]["visits"])]
-    paths = page.inner_text("#common-paths")
-    assert " → ".join(stats["common_paths"][1]["path"]) in paths
-    page.wait_for_function("document.querySelectorAll('#explore-session option').length > 1")
-    chosen = page.eval_on_selector_all("#explore-session option", "os => os.map(o => o.value)")[1]
-    page.select_option("#explore-session", chosen)
-    session = sample_client.get(f"/sessions/{chosen}").json["session"]
+    common = page.inner_text("#common-paths")
+    assert " → ".join(stats["common_paths"][1]["path"]) in common
+    # The session explorer: the range's sessions, sortable; one opened shows its path on a time line.
+    assert "Pick a session in the list" in page.text_content("#explore-hint")
+    page.wait_for_function("document.querySelectorAll('#explore-list tbody tr').length === 15")
+    page.click("#explore-list th button[data-sort='touches']")
+    page.wait_for_function("document.querySelector('#explore-list tbody tr').dataset.session === '1331'")
+    most = sample_client.get("/sessions", **{"from": "2017-05-22", "to": "2017-05-29", "sort.desc": "touches",
+                                             "limit": "15", "fields": "id,touches"}).json["sessions"]
+    listed = page.eval_on_selector_all("#explore-list tbody tr", "rs => rs.map(r => Number(r.dataset.session))")
+    assert listed == [s["id"] for s in most]
+    page.click("#explore-list tbody tr[data-session='1331']")
+    session = sample_client.get("/sessions/1331").json["session"]
     page.wait_for_function("document.querySelector('#explore-summary').textContent !== ''")
     assert page.text_content("#explore-summary").startswith(
-        f"{len(session['path'])} visits to {session['screens']} screens, {session['touches']} touches")
-    assert len(page.query_selector_all("#explore-path svg rect")) == len(session["path"])
+        f"Session #1331: {len(session['path'])} visits to {session['screens']} screens, {session['touches']} touches")
+    assert len(page.query_selector_all("#explore-timeline svg rect.visit")) == len(session["path"])
+    assert "1:00" in page.inner_text("#explore-timeline")  # a time axis, in minutes and seconds
+    page.fill("#explore-id", "1330")
+    page.click("#explore-open")
+    page.wait_for_function("document.querySelector('#explore-summary').textContent.startsWith('Session #1330')")
     assert not page.errors
 
 
@@ -3166,11 +3195,14 @@ def test_dashboard_compares_two_ranges_and_marks_annotations_as_the_api_gives_th
         return str(int(value)) if value == int(value) else str(value)
     assert rows[1] == ["Touches per session, median", shown(touches["a_median"]), shown(touches["b_median"]),
                        shown(touches["difference"]), f"{touches['p_value']:.3f}", f"{touches['a_n']} / {touches['b_n']}"]
+    meaningful = answer["differences"]["meaningful_share"]
+    assert rows[3][:4] == [rows[3][0], f"{round(meaningful['a'] * 100, 1):g}%", f"{round(meaningful['b'] * 100, 1):g}%",
+                           f"{'+' if meaningful['difference'] > 0 else ''}{round(meaningful['difference'] * 100, 1):g} points"]
     small = [row for row in rows if row[4] not in ("–", "< 0.001") and float(row[4]) < 0.05]
     assert len(page.query_selector_all("#compare-table td.small-p")) == len(small) > 0  # marked
     assert f"{answer['tests']} tests were made" in page.inner_text("#comparison")
     assert dash_figure(page, "meaningful-share") == f"{round(answer['a']['meaningful_share'] * 100, 1)}%"
-    assert dash_figure(page, "bounces") == str(answer["a"]["bounces"])
+    assert dash_figure(page, "bounces") == f"{answer['a']['bounces']} sessions"
     # The annotation: on A's day chart, the main one, and listed; not on B's.
     for chart, marked in (("#per-day", True), ("#per-day-a", True), ("#per-day-b", False)):
         titles = page.eval_on_selector_all(f"{chart} line.marker title", "ts => ts.map(t => t.textContent)")
@@ -3254,6 +3286,180 @@ def test_dashboard_live_list_shows_a_new_session_within_seconds(sample_client, d
     assert page.url.endswith("/dash")  # refreshed in place, not reloaded
 
 
+def console_errors(page):
+    return [line for line in page.console if line.startswith("error:")] + page.errors
+
+
+def touches_on(client, consumer_key, screen, points, sessions=1):
+    """Sessions of touches on `screen` at `points` [(x, y, n)]."""
+    for _ in range(sessions):
+        token = client.start(consumer_key, ts=microticks.utc_now())
+        events = [{"token": token, "action": "click", "ts": microticks.utc_now(),
+                   "data": {"subject": screen, "clickX": x, "clickY": y}} for x, y, n in points for _ in range(n)]
+        assert client.post_json("/events", {"events": events}).status == 200
+
+
+def canvas_pixel(page, selector, x, y):
+    return page.evaluate(f"(() => {{ const c = document.querySelector({json.dumps(selector)});"
+                         f" return [...c.getContext('2d').getImageData({x}, {y}, 1, 1).data]; }})()")
+
+
+def test_a_heatmap_is_drawn_over_the_screens_image_and_downloads_at_its_size(client, consumer_key, dash_page, tmp_path):
+    """Where touches are dense, the scale's hot end; where there are none,
+    the image's own pixel. The image is uploaded from the card; the PNG
+    downloaded has the image's size."""
+    touches_on(client, consumer_key, "lobby", [(600, 300, 40), (100, 500, 3)])
+    page = dash_page(f"http://127.0.0.1:{client.port}/dash?screen=lobby", width=1920, height=1080)
+    page.wait_for_function('document.querySelector(\'[data-figure="heatmap-points"]\').textContent === "43"')
+    green = tmp_path / "lobby.png"
+    green.write_bytes(image_bytes("PNG", 1200, 600, (40, 160, 60)))
+    page.set_input_files("#heat-upload", str(green))
+    page.wait_for_function("document.getElementById('heatmap').width === 1200")
+    page.wait_for_function("document.getElementById('heat-image-note').textContent.includes('1,200 × 600')")
+    # The densest spot (the middle of the 50-pixel bin of 600, 300) is the hot end; far from any touch, the image.
+    hot = canvas_pixel(page, "#heatmap", 625, 325)
+    assert all(abs(a - b) <= 12 for a, b in zip(hot, (215, 25, 28, 255))), hot
+    assert canvas_pixel(page, "#heatmap", 1150, 60) == [40, 160, 60, 255]
+    assert "40" in page.text_content("#heat-legend-max") and "touches within about 60 px" in page.text_content("#heat-legend-max")
+    with page.expect_download() as download:
+        page.click("#heat-download")
+    saved = tmp_path / "downloaded.png"
+    download.value.save_as(saved)
+    from PIL import Image
+    assert Image.open(saved).size == (1200, 600) and download.value.suggested_filename == "heatmap-lobby.png"
+    # A wider kernel spreads the same touches: the hot end moves nowhere, its neighbourhood warms.
+    before = canvas_pixel(page, "#heatmap", 625 + 90, 325)
+    page.fill("#heat-radius", "180")
+    page.dispatch_event("#heat-radius", "input")
+    page.wait_for_timeout(300)
+    assert canvas_pixel(page, "#heatmap", 625 + 90, 325) != before
+    # The image fades, the touches stay.
+    page.fill("#heat-opacity", "0")
+    page.dispatch_event("#heat-opacity", "input")
+    page.wait_for_timeout(300)
+    assert canvas_pixel(page, "#heatmap", 1150, 60) == [255, 255, 255, 255]
+    assert client.get("/screens/lobby/image").status == 200
+    assert not console_errors(page)
+
+
+def test_navigating_touches_only_and_both_sides_of_a_comparison_on_one_scale(sample_client, dash_page, tmp_path):
+    page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-24&screen=main"
+                     "&b.from=2017-05-25&b.to=2017-05-29", width=1920, height=1080)
+    page.wait_for_function("document.querySelectorAll('#compare-table tbody tr').length > 0")
+    page.wait_for_function("!document.getElementById('heat-compare').hidden")
+    assert page.is_hidden("#heat-single") and "sessions" in page.text_content("#heat-sessions-a")
+    painted = page.evaluate("document.getElementById('heatmap-diff').width")
+    assert painted == 1920 and "touches per session" in page.text_content("#heat-legend-diff-max")
+    page.select_option("#heat-touches", "navigating")
+    page.wait_for_function("document.getElementById('heat-what').textContent.startsWith('navigating')")
+    answer = sample_client.get("/stats", **{"from": "2017-05-22", "to": "2017-05-24", "touches": "navigating"}).json
+    assert dash_figure(page, "heatmap-points") == str(answer["heatmaps"]["screens"]["main"]["points"])
+    assert "touches=navigating" in page.url
+    assert not console_errors(page)
+    shots = os.environ.get("MICROTICKS_SCREENSHOTS")
+    page.screenshot(path=str(Path(shots) if shots else tmp_path) + "/dash-heatmaps-compared.png", full_page=True)
+
+
+def test_the_address_bar_follows_the_page_and_a_link_shows_the_same(sample_client, dash_page):
+    page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-29")
+    page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "83"')
+    page.fill("#from", "2017-05-23")
+    page.click("#apply")
+    page.check("#compare")
+    page.fill("#from-b", "2017-05-25")
+    page.fill("#to-b", "2017-05-29")
+    page.click("#apply")
+    page.wait_for_function("document.querySelectorAll('#compare-table tbody tr').length > 0")
+    page.select_option("#heat-screen", "main")
+    page.wait_for_function("document.querySelectorAll('#explore-list tbody tr').length > 0")
+    page.click("#explore-list tbody tr[data-session='1420']")
+    page.wait_for_function("document.querySelector('#explore-summary').textContent.startsWith('Session #1420')")
+    link = page.url
+    for part in ("from=2017-05-23", "b.from=2017-05-25", "b.to=2017-05-29", "screen=main", "session=1420"):
+        assert part in link, link
+    shared = dash_page(link)  # a colleague opens the link
+    shared.wait_for_function("document.querySelector('#explore-summary').textContent.startsWith('Session #1420')")
+    assert shared.input_value("#from") == "2017-05-23" and shared.is_checked("#compare")
+    assert shared.input_value("#to-b") == "2017-05-29" and shared.input_value("#heat-screen") == "main"
+    shared.wait_for_function("document.querySelectorAll('#compare-table tbody tr').length > 0")
+    assert dash_figure(shared, "sessions") == dash_figure(page, "sessions")
+    # Back and forward step through what was chosen.
+    page.go_back()
+    page.wait_for_function("!location.search.includes('session=1420')")
+    page.go_back()
+    page.go_back()
+    page.go_back()
+    page.wait_for_function("document.getElementById('from').value === '2017-05-22' && !document.getElementById('compare').checked")
+    page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "83"')
+    page.go_forward()
+    page.wait_for_function("document.getElementById('from').value === '2017-05-23'")
+    assert not console_errors(page) and not console_errors(shared)
+
+
+def test_a_session_is_replayed_screen_by_screen_in_its_paths_order(sample_client, dash_page):
+    page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-29&session=1331")
+    page.wait_for_function("!document.getElementById('explore-play-row').hidden")
+    page.evaluate("""window.seen = [];
+        new MutationObserver(() => { const s = document.getElementById('explore-now').dataset.screen;
+                                     if (window.seen[window.seen.length - 1] !== s) window.seen.push(s); })
+            .observe(document.getElementById('explore-now'), {childList: true, characterData: true, subtree: true,
+                                                              attributes: true});""")
+    page.select_option("#explore-speed", "30")
+    page.click("#explore-play")
+    page.wait_for_function("document.getElementById('explore-play').textContent.includes('Replay')", timeout=60000)
+    path = [visit["screen"] for visit in sample_client.get("/sessions/1331").json["session"]["path"]]
+    folded = [screen for n, screen in enumerate(path) if n == 0 or path[n - 1] != screen]
+    assert page.evaluate("window.seen") == folded
+    assert page.is_visible("#explore-canvas") and not console_errors(page)
+
+
+def test_a_report_is_one_file_that_shows_every_chart_offline(sample_client, db_path, browser, tmp_path):
+    """The report of a range, written by the command and offered by the
+    dashboard: opened from a disk with the network off, every chart is
+    drawn; hostile screen names and annotations stay text; it prints on A4."""
+    sample_client.post_json("/annotations", {"time": "2017-05-24T10:00:00Z", "text": "<img src=x onerror=window.pwned=3>"})
+    run_cli("screenshot", "main", str(HERE / "examples" / "demo-main.png"), "--db", db_path)
+    report = tmp_path / "report.html"
+    run_cli("report", "--from", "2017-05-22", "--to", "2017-05-29", "--b-from", "2017-05-25", "--b-to", "2017-05-29",
+            "-o", str(report), "--db", db_path)
+    assert report.stat().st_size < 2_000_000
+    context = browser.new_context(viewport={"width": 1920, "height": 1080})
+    context.set_offline(True)
+    page = context.new_page()
+    errors, requests = [], []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(report.as_uri())
+    page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "83"')
+    page.wait_for_function("document.querySelectorAll('#journeys svg path.band').length > 0")
+    page.wait_for_function("document.querySelectorAll('#compare-table tbody tr').length > 0")
+    page.select_option("#heat-screen", "main")
+    page.wait_for_function("document.getElementById('heat-image-note').textContent.includes('1,920 × 1,080')")
+    for chart in ("#per-day", "#per-hour", "#touches-per-hour", "#per-weekday", "#durations", "#per-session",
+                  "#per-day-a", "#per-day-b"):
+        assert page.query_selector_all(f"{chart} svg rect"), chart
+    assert page.query_selector_all("#screens tbody tr") and page.inner_text("#common-paths")
+    assert "<img src=x onerror=window.pwned=3>" in page.inner_text("#annotations")
+    assert page.evaluate("window.pwned") is None
+    assert page.is_hidden("#live") and page.is_hidden("#explorer") and page.is_hidden("#apply")
+    assert "Report of 2017-05-22 to 2017-05-29 against 2017-05-25 to 2017-05-29" in page.inner_text("header")
+    assert not errors and all(url.startswith(("file:", "data:", "blob:")) for url in requests), (errors, requests)
+    page.emulate_media(media="print")
+    assert page.is_hidden("#heat-download") and page.is_visible("#per-day")
+    page.pdf(path=str(tmp_path / "report.pdf"), format="A4")
+    assert (tmp_path / "report.pdf").read_bytes().startswith(b"%PDF")
+    context.close()
+    # The dashboard's Report button downloads the same.
+    page = browser.new_context().new_page()
+    page.goto(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-29")
+    page.wait_for_function('document.querySelector(\'[data-figure="sessions"]\').textContent === "83"')
+    with page.expect_download() as download:
+        page.click("#report")
+    assert download.value.suggested_filename == "microticks-report-2017-05-22-2017-05-29.html"
+    assert "Report of 2017-05-22 to 2017-05-29" in Path(download.value.path()).read_text(encoding="utf-8")
+
+
 HOSTILE = {"subject": "<script>window.pwned = 1</script>", "note": '"><img src=x onerror="window.pwned = 2">'}
 
 
@@ -3276,7 +3482,8 @@ def test_dashboard_of_an_empty_database_draws_a_full_hd_screen(client, dash_page
     page.wait_for_function('document.getElementById("updated").textContent !== ""')
     assert page.inner_text('[data-figure="sessions"]') == "0"
     assert (page.input_value("#heat-width"), page.input_value("#heat-height")) == ("1920", "1080")
-    assert page.evaluate('[document.getElementById("heatmap").width, document.getElementById("heatmap").height]') == [960, 540]
+    # Drawn at the screen's size (a PNG downloaded from it has it), shown at the card's.
+    assert page.evaluate('[document.getElementById("heatmap").width, document.getElementById("heatmap").height]') == [1920, 1080]
 
 
 def test_dashboard_asks_for_the_key_once_and_keeps_it_out_of_urls(sample_client, start_server, db_path, dash_page):
@@ -5605,6 +5812,9 @@ def test_schemathesis_finds_no_server_error_and_no_spec_mismatch(tmp_path, consu
                       "expected-statuses = [400, 401, 403, 404, 405, 409, 411, 413, 415, 422, 429]\n"
                       "[[operations]]\n"
                       'include-path = "/compare"\n'
+                      "checks.positive_data_acceptance.expected-statuses = [200, 400, 401, 429]\n"
+                      "[[operations]]\n"
+                      'include-path = "/report"\n'
                       "checks.positive_data_acceptance.expected-statuses = [200, 400, 401, 429]\n"
                       "[[operations]]\n"
                       'include-path = "/screens/{screen}/image"\n'
