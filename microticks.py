@@ -6268,6 +6268,20 @@ def print_answer(args, answer, as_tables):
         as_tables(answer)
 
 
+def as_count(value):
+    """A number as the commands and the dashboard show it: thousands separated."""
+    return "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:,.4g}"
+
+
+def as_percent(share):
+    """A share (the JSON's fraction) as a percentage."""
+    return "-" if share is None else f"{share * 100:.1f}%"
+
+
+def plural(n, one, many):
+    return f"{as_count(n)} {one if n == 1 else many}"
+
+
 def _print_table(title, rows, header):
     """A titled table: the first column left-aligned, the others right."""
     print(f"\n{title}")
@@ -6280,14 +6294,16 @@ def _print_table(title, rows, header):
 def print_stats(stats):
     table = _print_table
     duration, per_session = stats["duration"], stats["events_per_session"]
-    print(f"{stats['sessions']} sessions, {stats['events']} events (times in {stats['timezone']})")
+    print(f"{plural(stats['sessions'], 'session', 'sessions')}, {plural(stats['events'], 'event', 'events')}"
+          f" (times in {stats['timezone']})")
     print(f"Session duration: median {duration['median']} s, mean {duration['mean']} s, "
           f"max {duration['max']} s")
     print(f"Events per session: median {per_session['median']}, mean {per_session['mean']}, "
           f"max {per_session['max']}")
     touches, screens, first = stats["touches_per_session"], stats["screens_per_session"], stats["time_to_first_touch"]
-    print(f"Meaningful sessions (>= {stats['meaningful_touches']} touches): {stats['meaningful_sessions']}"
-          f" ({stats['meaningful_share']}); bounces (one touch or none): {stats['bounces']} ({stats['bounce_share']})")
+    print(f"Meaningful sessions (>= {stats['meaningful_touches']} touches): {as_count(stats['meaningful_sessions'])}"
+          f" ({as_percent(stats['meaningful_share'])}); bounces (one touch or none): {as_count(stats['bounces'])}"
+          f" ({as_percent(stats['bounce_share'])})")
     print(f"Touches per session: median {touches['median']}, mean {touches['mean']}; distinct screens: median"
           f" {screens['median']}, mean {screens['mean']}; first touch after the start: median {first['median']} s")
     table("Sessions per day", [(d["day"], d["sessions"]) for d in stats["sessions_per_day"]], ("day", "sessions"))
@@ -6343,18 +6359,21 @@ def cmd_compare(args, settings):
 def print_comparison(comparison):
     a, b, differences = comparison["a"], comparison["b"], comparison["differences"]
 
-    def number(value):
-        return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+    def p_value(value):
+        return "-" if value is None else "< 0.001" if value < 0.001 else f"{value:.3f}"
 
     def medians(label, figure):
-        return (label, number(figure["a_median"]), number(figure["b_median"]), number(figure["difference"]),
-                number(figure["p_value"]), f"{figure['a_n']}/{figure['b_n']}")
+        return (label, as_count(figure["a_median"]), as_count(figure["b_median"]), as_count(figure["difference"]),
+                p_value(figure["p_value"]), f"{as_count(figure['a_n'])}/{as_count(figure['b_n'])}")
 
-    def shares(label, figure):
-        return (label, number(figure["a"]), number(figure["b"]), number(figure["difference"]),
-                number(figure["p_value"]), f"{figure['a_count']}/{figure['b_count']}")
+    def shares(label, figure):  # shares as percentages, their difference in percentage points
+        difference = figure["difference"]
+        return (label, as_percent(figure["a"]), as_percent(figure["b"]),
+                "-" if difference is None else f"{difference * 100:+.1f} points", p_value(figure["p_value"]),
+                f"{as_count(figure['a_count'])}/{as_count(figure['b_count'])}")
 
-    print(f"A: {a['sessions']} sessions, {a['events']} events; B: {b['sessions']} sessions, {b['events']} events"
+    print(f"A: {plural(a['sessions'], 'session', 'sessions')}, {plural(a['events'], 'event', 'events')};"
+          f" B: {plural(b['sessions'], 'session', 'sessions')}, {plural(b['events'], 'event', 'events')}"
           f" (times in {a['timezone']})")
     _print_table("Sessions (medians; p: Mann-Whitney U)", [
         medians("duration (s)", differences["duration"]),
@@ -6372,8 +6391,8 @@ def print_comparison(comparison):
                  [shares(str(row["screen"]), row) for row in differences["visit_shares"]],
                  ("screen", "A", "B", "B - A", "p", "visits A/B"))
     tests = comparison["tests"]
-    print(f"\n{tests} tests made: even with no real difference, about {tests * 0.05:.1f} of them would come out"
-          " below p = 0.05 by chance (see the README, Comparing two periods)")
+    print(f"\n{plural(tests, 'test', 'tests')} made: even with no real difference, about {tests * 0.05:.1f} of them would"
+          " come out below p = 0.05 by chance (see the README, Comparing two periods)")
 
 
 def cmd_report(args, settings):

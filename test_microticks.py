@@ -1841,7 +1841,8 @@ def test_stats_on_an_empty_database(client):
 
 def test_cli_stats_prints_readable_tables(sample_client, db_path):
     out = run_cli("stats", "--tz", "UTC", "--db", db_path).stdout
-    assert "83 sessions, 1628 events" in out
+    assert "83 sessions, 1,628 events" in out  # numbers as the dashboard shows them
+    assert "(89.2%); bounces (one touch or none): 9 (10.8%)" in out
     assert re.search(r"2017-05-23\s+30", out)
     assert "year:2017" in out
     as_json = json.loads(run_cli("stats", "--tz", "UTC", "--json", "--db", db_path).stdout)
