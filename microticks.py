@@ -2335,6 +2335,36 @@ def compute_stats(conn, stats_query, samples=None):
     return stats
 
 
+def screen_heatmap(conn, stats_query, screen):
+    """One screen's heatmap of the sessions a StatsQuery selects, in its bins
+    and touches (all, or navigating), added up from the kept heatmap rows
+    of that screen alone: what a researcher draws their own from, without
+    the rest of /stats. Sessions without valid kept figures are computed
+    afresh, as compute_stats computes them (and kept by /stats)."""
+    conn.execute("BEGIN")  # one snapshot
+    try:
+        selection = _selected_sessions(conn, stats_query.query)
+        _find_stale_sessions(conn, selection.sql, selection.params, stats_query.data_key, stats_query.bin)
+        if conn.execute("SELECT 1 FROM temp.stale LIMIT 1").fetchone():
+            _compute_session_stats(conn, stats_query.data_key, stats_query.bin)
+        points = "k.navigating" if stats_query.touches == "navigating" else "k.points"
+        bins, width, height = [], 0, 0
+        for x, y, n, max_x, max_y in _kept_and_fresh(
+                conn, stats_query, selection, "stats_heat", f"k.x, k.y, sum({points}), max(k.max_x), max(k.max_y)",
+                tail="GROUP BY k.x, k.y", where=("k.screen = ?", (screen,))):
+            width, height = max(width, max_x or 0), max(height, max_y or 0)
+            if n:
+                bins.append([x, y, n])
+    finally:
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+    merged = {}  # a bin in both the kept rows and the fresh ones
+    for x, y, n in bins:
+        merged[x, y] = merged.get((x, y), 0) + n
+    return {"screen": screen, "bin": stats_query.bin, "touches": stats_query.touches, "width": width, "height": height,
+            "points": sum(merged.values()), "bins": [[x, y, n] for (x, y), n in sorted(merged.items())]}
+
+
 def stats_figures(conn, stats_query, samples=None):
     """The /stats answer for a clean StatsQuery: compute_stats' figures,
     and the annotations of its range and consumer."""
@@ -2343,25 +2373,30 @@ def stats_figures(conn, stats_query, samples=None):
     return figures
 
 
-def _kept_and_fresh(conn, stats_query, selection, kept, columns, tail="", join=""):
+def _kept_and_fresh(conn, stats_query, selection, kept, columns, tail="", join="", where=("", ())):
     """`columns` of a kept stats table's rows (named k) for the selected
     sessions whose kept figures are valid, then of its fresh table (the
     stale sessions'), each followed by `tail` (a GROUP BY, an ORDER BY):
     inside compute_stats' snapshot. `join` joins other tables to k. A few
     sessions lead, their rows found by index; many are met in one pass
-    over the kept table, in its order (_few)."""
+    over the kept table, in its order (_few). `where`: a condition on k's
+    rows, and its parameters, for both."""
     kind = [stats_query.data_key, stats_query.bin]
-    where = f"WHERE k.data_key = ? AND k.bin = ? AND k.session_id NOT IN (SELECT session_id FROM temp.stale) {tail}"
+    condition, condition_params = where
+    also = f" AND {condition}" if condition else ""
+    kept_where = f"WHERE k.data_key = ? AND k.bin = ? AND k.session_id NOT IN (SELECT session_id FROM temp.stale){also}"
     if selection.everything:
-        rows = conn.execute(f"SELECT {columns} FROM main.{kept} k {join} {where}", kind)
+        rows = conn.execute(f"SELECT {columns} FROM main.{kept} k {join} {kept_where} {tail}", [*kind, *condition_params])
     else:
         source = (f"sel CROSS JOIN main.{kept} k ON k.session_id = sel.id" if selection.few
                   else f"main.{kept} k JOIN sel ON sel.id = k.session_id")
-        rows = conn.execute(f"WITH {selection.sql} SELECT {columns} FROM {source} {join} {where}",
-                            [*selection.params, *kind])
+        rows = conn.execute(f"WITH {selection.sql} SELECT {columns} FROM {source} {join} {kept_where} {tail}",
+                            [*selection.params, *kind, *condition_params])
     # Both cursors read as one in C: a generator's step per row cost a third
     # of the path figures over a million events.
-    return itertools.chain(rows, conn.execute(f"SELECT {columns} FROM temp.{KEPT_STATS[kept]} k {join} {tail}"))
+    fresh_where = f"WHERE {condition}" if condition else ""
+    return itertools.chain(rows, conn.execute(f"SELECT {columns} FROM temp.{KEPT_STATS[kept]} k {join} {fresh_where}"
+                                              f" {tail}", condition_params))
 
 
 def _share(part, whole):
@@ -4831,6 +4866,14 @@ def remove_image(screen):
     return {"deleted": screen, "status": 200}
 
 
+def get_screen_touches(screen):
+    own, screen = service(), screen_named(screen)
+    stats_query = clean_stats_query(query_params(bottle.request), own.settings.tz)
+    own.prepare_read()
+    return dict(own.expensive_read(lambda conn: screen_heatmap(conn, stats_query, screen),
+                                   [(stats_query.data_key, stats_query.bin)]), status=200)
+
+
 def get_report():
     own = service()
     own.prepare_read()
@@ -4874,6 +4917,7 @@ ROUTES = [
     ("GET", "/screens", get_screens),
     ("PUT", "/screens/<screen:path>/image", put_image),
     ("GET", "/screens/<screen:path>/image", get_image),
+    ("GET", "/screens/<screen:path>/touches", get_screen_touches),
     ("DELETE", "/screens/<screen:path>/image", remove_image),
 ]
 
@@ -7249,6 +7293,18 @@ def openapi_spec():
                                                     " null)", {"type": "object", "properties": {
                             "screens": {"type": "array"}, "status": {"type": "integer"}}}),
                             **errors(400, 401, 429, 503)}},
+            },
+            "/screens/{screen}/touches": {
+                "get": {"summary": "One screen's heatmap: its touch points in bins (bin=1: every point), for the"
+                                   " selected sessions", "operationId": "screenTouches",
+                        "parameters": [screen_name, *filters, *(p for p in stats_params
+                                                                if p["name"] in ("data_key", "bin", "touches"))],
+                        "responses": {"200": answer("The screen's bins, [x, y, touches], and its size from the"
+                                                    " touches", {"type": "object", "properties": {
+                            "screen": {"type": "string"}, "bin": {"type": "integer"}, "touches": {"type": "string"},
+                            "width": {"type": "number"}, "height": {"type": "number"},
+                            "points": {"type": "integer"}, "bins": {"type": "array"},
+                            "status": {"type": "integer"}}}), **errors(400, 401, 429, 503)}},
             },
             "/screens/{screen}/image": {
                 "put": {"summary": "Give a screen an image, which the heatmaps are drawn over",

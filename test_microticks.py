@@ -1634,6 +1634,20 @@ def test_journeys_and_navigating_heatmaps_equal_an_independent_computation_over_
     assert every["touches"] == "all" and sum(h["points"] for h in every["screens"].values()) > sum(drawn.values())
     assert (every["width"], every["height"]) == (stats["heatmaps"]["width"], stats["heatmaps"]["height"])
     assert sample_client.get("/stats", touches="some").status == 400
+    # One screen's heatmap alone (what anyone draws their own from) is /stats' heatmap of it.
+    for touches, expected_points in (("all", independent_stats(sample_events)["heat_main"]),
+                                     ("navigating", navigating["main"])):
+        alone = sample_client.get("/screens/main/touches", touches=touches).json
+        of_stats = sample_client.get("/stats", touches=touches).json["heatmaps"]
+        assert alone["points"] == expected_points == of_stats["screens"]["main"]["points"]
+        assert alone["bins"] == sorted(of_stats["screens"]["main"]["bins"]) and alone["touches"] == touches
+    exact = {}
+    for e in sample_events:
+        data = e["data"] if isinstance(e["data"], dict) else {}
+        if "clickX" in data and (data.get("prevSubject") or data.get("subject")) == "main":
+            exact[data["clickX"], data["clickY"]] = exact.get((data["clickX"], data["clickY"]), 0) + 1
+    every_point = sample_client.get("/screens/main/touches", bin="1").json  # bin=1: every point as it was
+    assert {(x, y): n for x, y, n in every_point["bins"]} == exact
 
 
 @pytest.mark.parametrize("params, name", [
