@@ -365,6 +365,20 @@ def site_setting(name, warnings):
         return DEFAULT_SITE
 
 
+@lru_cache(maxsize=65536)
+def local_slot(utc_minute, tz_name):
+    """SQL function mt_local_slot(): the local weekday (0: Monday) times 24
+    plus the local hour, in zone `tz_name`, of a stored UTC time (its first
+    16 characters, to the minute, are enough: zones differ by whole
+    minutes); None for what is not one."""
+    try:
+        moment = datetime(int(utc_minute[:4]), int(utc_minute[5:7]), int(utc_minute[8:10]), int(utc_minute[11:13]),
+                          int(utc_minute[14:16]), tzinfo=timezone.utc).astimezone(load_timezone(tz_name))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return moment.weekday() * 24 + moment.hour
+
+
 @lru_cache(maxsize=32)
 def load_timezone(name):
     """The zone called `name` (an IANA name like Europe/Berlin), or the
@@ -1047,6 +1061,8 @@ def connect(path, site=None):
     conn.row_factory = sqlite3.Row
     try:
         conn.create_function("mt_utc", 1, _utc_or_none, deterministic=True)
+        conn.create_function("mt_local_slot", 2, lambda text, zone: local_slot(text[:16], zone)
+                             if isinstance(text, str) else None, deterministic=True)
         conn.create_function("mt_key_hash", 1, key_hash, deterministic=True)
         local_site = site or DEFAULT_SITE
         # A session's site: its own, or this installation's for those collected here.
@@ -1664,6 +1680,10 @@ class ReadQuery:
     data_keys: tuple = ()
     #: The data key naming the screen in sessions' path fields.
     data_key: str = DEFAULT_DATA_KEY
+    #: Times in these local weekday-hours only (weekday * 24 + hour, in
+    #: `tz`; empty: any): weekday= and hours=, of events' times and sessions' starts.
+    slots: tuple = ()
+    tz: str = ""
 
 
 EVENT_SORTS = {
@@ -1804,6 +1824,9 @@ def _filters(query):
         where("mt_site(s.site) = ?", query.site)
     if query.end_id is not None:
         where("e.id <= ?" if events else "s.id <= ?", query.end_id)
+    if query.slots:  # weekday= and hours=: local time, in the query's zone
+        where(f"mt_local_slot({time_column}, ?) IN (SELECT value FROM json_each(?))", query.tz,
+              json.dumps(query.slots))
     return clauses, params
 
 
@@ -3597,7 +3620,10 @@ def clean_session_stop(fields, received):
 
 
 #: Filters every read takes; `key` is the API key, not a filter.
-READ_FILTERS = ("from", "to", "date", "ip", "consumer", "consumer_name", "action", "session", "site", "key")
+READ_FILTERS = ("from", "to", "date", "ip", "consumer", "consumer_name", "action", "session", "site", "weekday", "hours",
+                "key")
+#: weekday='s values: a day's first three letters (or its whole name).
+WEEKDAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 PAGE_PARAMETERS = ("after_id", "sort", "sort.desc", "limit", "offset", "format", "fields", "data_keys", "data_key")
 STATS_PARAMETERS = ("data_key", "bin", "tz", "type_separator", "paths", "funnel", "meaningful", "touches")
 #: The values of /stats' touches= (the heatmaps'), the default first.
@@ -3772,20 +3798,47 @@ def clean_read_query(params, kind, tz_name="", export=False):
             raise ValueError('"data_key" names the screen in sessions\' path fields; events take data_keys')
         return _data_key_parameter(p, name)
 
+    def weekday(p, name):
+        if not p.get(name):
+            return ()
+        days = [day.strip().lower() for day in p[name].split(",")]
+        wrong = [day for day in days if day[:3] not in WEEKDAY_NAMES or not "monday tuesday wednesday thursday"
+                 " friday saturday sunday".split()[WEEKDAY_NAMES.index(day[:3])].startswith(day)]
+        if wrong or len(p[name]) > 100:
+            raise ValueError(f'"weekday" is days, comma-separated, like sat,sun (mon, tue, wed, thu, fri, sat, sun),'
+                             f' not {wrong[0][:20] if wrong else p[name][:20]!r}')
+        return tuple(sorted({WEEKDAY_NAMES.index(day[:3]) for day in days}))
+
+    def hours(p, name):
+        if not p.get(name):
+            return ()
+        chosen = set()
+        for part in p[name].split(","):
+            first, dash, last = part.strip().partition("-")
+            start, end = _whole(first.strip(), 23), _whole(last.strip(), 24)
+            if not dash or start is None or end is None or len(p[name]) > 100:
+                raise ValueError('"hours" is local hours from-to, like 10-12 (10:00 to 12:00), comma-separated'
+                                 ' (10-12,14-16); 22-2 runs past midnight, 10-10 is the whole day')
+            chosen.update(hour % 24 for hour in range(start, end if end > start else end + 24))
+        return tuple(sorted(chosen))
+
     clean = _check(params, {
         "from": bound(False), "to": bound(True), "date": date, "ip": text(64),
         "consumer": _id_parameter, "consumer_name": text(200),
         "action": text(MAX_ACTION_CHARS), "session": _id_parameter, "site": text(MAX_CONSUMER_NAME_CHARS),
         "after_id": _id_parameter, "sort": sort, "limit": limit,
         "offset": _id_parameter, "format": output_format, "fields": fields,
-        "data_keys": data_keys, "data_key": data_key,
+        "data_keys": data_keys, "data_key": data_key, "weekday": weekday, "hours": hours,
     })
+    slots = ()
+    if clean["weekday"] or clean["hours"]:
+        slots = tuple(day * 24 + hour for day in clean["weekday"] or range(7) for hour in clean["hours"] or range(24))
     return ReadQuery(
         kind=kind, start_utc=clean["from"], end_utc=clean["to"], date=clean["date"], ip=clean["ip"],
         consumer_id=clean["consumer"], consumer_name=clean["consumer_name"], action=clean["action"],
         session_id=clean["session"], site=clean["site"], after_id=clean["after_id"], sort=clean["sort"],
         limit=clean["limit"], offset=clean["offset"] or 0, format=clean["format"],
-        fields=clean["fields"], data_keys=clean["data_keys"], data_key=clean["data_key"])
+        fields=clean["fields"], data_keys=clean["data_keys"], data_key=clean["data_key"], slots=slots, tz=tz_name)
 
 
 def clean_stats_query(params, settings_tz):
@@ -5862,6 +5915,7 @@ def read_params(args):
     the HTTP API takes, so both are validated by the same function."""
     names = {"from_": "from", "to": "to", "date": "date", "ip": "ip",
              "consumer_name": "consumer_name", "action": "action", "session": "session", "site": "site",
+             "weekday": "weekday", "hours": "hours",
              "after_id": "after_id", "limit": "limit", "offset": "offset", "format": "format",
              "fields": "fields", "data_keys": "data_keys", "data_key": "data_key"}
     params = {param: str(getattr(args, attr)) for attr, param in names.items()
@@ -6748,6 +6802,9 @@ def build_parser():
         group.add_argument("--session", type=int, help="session id")
         group.add_argument("--site", help="a site's sessions (this installation's: $MICROTICKS_SITE, else the host"
                                           " name; others: import --site)")
+        group.add_argument("--weekday", metavar="DAYS", help="local weekdays only, comma-separated: sat,sun")
+        group.add_argument("--hours", metavar="FROM-TO", help="local hours only, e.g. 10-12 (10:00 to 12:00),"
+                                                              " comma-separated")
         if formats:
             group.add_argument("--sort", help="column to sort by (default: id)")
             group.add_argument("--desc", action="store_true", help="sort descending")
@@ -6812,6 +6869,9 @@ def build_parser():
         group.add_argument(f"--{side}-consumer-name", dest=f"{side}.consumer_name", help=argparse.SUPPRESS)
         group.add_argument(f"--{side}-ip", dest=f"{side}.ip", metavar="ADDRESS", help="client address")
         group.add_argument(f"--{side}-site", dest=f"{side}.site", metavar="NAME", help="site")
+        group.add_argument(f"--{side}-weekday", dest=f"{side}.weekday", metavar="DAYS",
+                           help="local weekdays, comma-separated: sat,sun")
+        group.add_argument(f"--{side}-hours", dest=f"{side}.hours", metavar="FROM-TO", help="local hours: 10-12")
     sub.add_argument("--data-key", help=f"the data key naming screens (default: {DEFAULT_DATA_KEY})")
     sub.add_argument("--tz", help="time zone of days and times (default: $MICROTICKS_TZ, else the server's)")
     sub.add_argument("--meaningful", type=int, metavar="N", help="sessions with N touches or more are"
@@ -7031,6 +7091,12 @@ def openapi_spec():
         param("session", "One session's id", whole),
         param("site", "One site's sessions (this installation's: MICROTICKS_SITE; others: import --site)",
               {"type": "string", "maxLength": MAX_CONSUMER_NAME_CHARS}),
+        param("weekday", "Local weekdays only (events: their time; sessions: their start, in tz), comma-separated",
+              {"type": "string", "pattern": "^(mon|tue|wed|thu|fri|sat|sun)(,(mon|tue|wed|thu|fri|sat|sun))*$",
+               "examples": ["sat,sun"]}),
+        param("hours", "Local hours only, from-to (to excluded), comma-separated; 22-2 runs past midnight",
+              {"type": "string", "pattern": "^([01]?[0-9]|2[0-3])-([01]?[0-9]|2[0-4])(,([01]?[0-9]|2[0-3])-([01]?[0-9]|2[0-4]))*$",
+               "examples": ["10-12", "10-12,14-16"]}),
     ]
     screen_name = {"name": "screen", "in": "path", "required": True,
                    "description": f"A value of the data key: 1 to {MAX_SCREEN_CHARS} characters, no /",
@@ -7389,8 +7455,9 @@ def openapi_spec():
 
 
 #: What a report takes: /stats' filters and parameters, and those of a side B.
-REPORT_PARAMETERS = ("from", "to", "date", "consumer", "consumer_name", "site", "data_key", "touches", "tz",
-                     "b.from", "b.to", "b.consumer", "b.consumer_name", "b.site", "key")
+REPORT_PARAMETERS = ("from", "to", "date", "consumer", "consumer_name", "site", "weekday", "hours", "data_key",
+                     "touches", "tz", "b.from", "b.to", "b.consumer", "b.consumer_name", "b.site", "b.weekday",
+                     "b.hours", "key")
 
 
 def report_document(conn, params, settings_tz, tz_name=None):

@@ -855,6 +855,66 @@ def test_event_filters_match_an_independent_selection(sample_client, sample_even
     assert answer["events"] == expected
 
 
+@pytest.mark.parametrize("tz", ["Europe/Oslo", "America/New_York"])
+@pytest.mark.parametrize("weekday, hours", [("sat,sun", ""), ("", "10-12"), ("mon,tue,wed,thu,fri", "14-16,18-19"),
+                                            ("fri", "22-2"), ("wed", "")])
+def test_weekday_and_hour_filters_equal_an_independent_selection(sample_client, sample_events, db_path, tz, weekday,
+                                                                 hours):
+    """Local weekdays and hours, in the zone asked for: events by their time,
+    sessions (and /stats, each side of /compare) by their start."""
+    import zoneinfo
+    from datetime import datetime
+    zone = zoneinfo.ZoneInfo(tz)
+    days = [("mon", "tue", "wed", "thu", "fri", "sat", "sun").index(d) for d in weekday.split(",")] if weekday else range(7)
+    chosen = set()
+    for part in filter(None, hours.split(",")):
+        a, b = map(int, part.split("-"))
+        chosen.update(h % 24 for h in range(a, b if b > a else b + 24))
+
+    def local(text):
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(zone)
+        return moment.weekday() in days and (not chosen or moment.hour in chosen)
+    params = {k: v for k, v in (("weekday", weekday), ("hours", hours)) if v}
+    starts = {}
+    for e in sample_events:
+        starts[e["session_id"]] = min(starts.get(e["session_id"], e["time"]), e["time"])
+    expected_sessions = {sid for sid, start in starts.items() if local(start)}
+    stats = sample_client.get("/stats", tz=tz, **params).json
+    assert stats["sessions"] == len(expected_sessions)
+    assert stats["events"] == sum(1 for e in sample_events if e["session_id"] in expected_sessions)
+    compared = sample_client.get("/compare", tz=tz, **{f"a.{k}": v for k, v in params.items()},
+                                 **{"b.from": "2017-05-22"}).json
+    assert compared["a"]["sessions"] == len(expected_sessions)
+    # Reads in that zone (the service's MICROTICKS_TZ): events by their own time, sessions by their start.
+    conn = microticks.connect(db_path)
+    events = microticks.read_page(conn, microticks.clean_read_query(params, "events", tz))["events"]
+    assert events == [e for e in sample_events if local(e["time"])]
+    sessions = microticks.read_page(conn, microticks.clean_read_query(params, "sessions", tz))["sessions"]
+    assert {s["id"] for s in sessions} == expected_sessions
+
+
+def test_a_session_just_before_midnight_on_friday_in_oslo_is_a_friday_session(client, consumer_key):
+    token = client.start(consumer_key, ts="2017-05-26T21:59:00Z")  # Friday 23:59 in Oslo (CEST), Friday in UTC too
+    client.event(token, ts="2017-05-26T21:59:30Z")
+    late = client.start(consumer_key, ts="2017-05-26T22:30:00Z")  # Saturday 00:30 in Oslo, still Friday in UTC
+    client.event(late, ts="2017-05-26T22:30:30Z")
+    assert client.get("/stats", tz="Europe/Oslo", weekday="fri").json["sessions"] == 1
+    assert client.get("/stats", tz="Europe/Oslo", weekday="sat", hours="0-1").json["sessions"] == 1
+    assert client.get("/stats", tz="UTC", weekday="fri").json["sessions"] == 2
+    assert [s["id"] for s in client.get("/sessions", weekday="sat").json["sessions"]] == []  # the server's zone: UTC
+
+
+@pytest.mark.parametrize("params, name", [({"weekday": "funday"}, "weekday"), ({"hours": "25-3"}, "hours"),
+                                          ({"hours": "10-"}, "hours"), ({"hours": "ten-twelve"}, "hours"),
+                                          ({"weekday": "sat,"}, "weekday")])
+def test_bad_weekdays_and_hours_are_400_naming_them(sample_client, params, name):
+    for path in ("/events", "/sessions", "/stats"):
+        reply = sample_client.get(path, **params)
+        assert reply.status == 400 and name in reply.json["errors"], (path, reply)
+    side = sample_client.get("/compare", **{f"a.{k}": v for k, v in params.items()}, **{"b.from": "2017-05-22"})
+    assert side.status == 400 and f"a.{name}" in side.json["errors"], side
+
+
 def test_filters_combine_and_consumer_filters_work(sample_client, sample_events):
     answer = all_events(sample_client, action="click", to="2017-05-22", consumer_name="touchtable")
     assert answer["events"] == [e for e in sample_events if e["action"] == "click" and e["time"] < "2017-05-23"]
