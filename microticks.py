@@ -892,6 +892,17 @@ MIGRATIONS = [
         "ALTER TABLE stats_heat ADD COLUMN navigating INTEGER",
         "DELETE FROM stats_sessions",
     ]),
+    ("heartbeats kept as history, and how long a session's last visit was seen", [
+        # Each device's heartbeats, a row an hour (hours since 1970, UTC): a
+        # bit for each minute of it in which one came (bit 0: minute 0).
+        "CREATE TABLE heartbeat_hours (device_id INTEGER NOT NULL, hour INTEGER NOT NULL, minutes INTEGER NOT NULL,"
+        " PRIMARY KEY (device_id, hour)) WITHOUT ROWID",
+        # A visit's milliseconds from arriving on its screen to its last touch:
+        # the last visit of a session, not measured to a next one, is seen that long
+        # (holding power counts it so, censored). The kept figures are computed again.
+        "ALTER TABLE stats_visits ADD COLUMN seen_ms INTEGER",
+        "DELETE FROM stats_sessions",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1734,16 +1745,19 @@ def _visits_sql(events, screen):
     without one aside (VALUES_DEFINITION); `visit` numbers them from 1; `ms`
     is the whole milliseconds to the next visit's arrival (the times' own
     precision: julianday() is a float of days, a few hundredths of a
-    millisecond off, which rounding removes), NULL for the last."""
+    millisecond off, which rounding removes), NULL for the last; `seen_ms`
+    to its last touch (0 without one)."""
     return (f"valued AS (SELECT e.session_id, e.id, e.seq, e.time_utc, e.action, {screen} AS screen FROM {events}),"
             " marked AS (SELECT *, screen IS NOT lag(screen) OVER (PARTITION BY session_id ORDER BY seq, id)"
             " AS new_visit FROM valued WHERE screen IS NOT NULL),"
             " numbered AS (SELECT *, sum(new_visit) OVER (PARTITION BY session_id ORDER BY seq, id) AS visit"
             " FROM marked),"
-            f" grouped AS (SELECT session_id, visit, screen, min(time_utc) AS arrived, sum({_IS_TOUCH}) AS touches"
-            " FROM numbered GROUP BY session_id, visit),"
+            f" grouped AS (SELECT session_id, visit, screen, min(time_utc) AS arrived, sum({_IS_TOUCH}) AS touches,"
+            f" max(CASE WHEN {_IS_TOUCH} THEN time_utc END) AS last_touch FROM numbered GROUP BY session_id, visit),"
             " visits AS (SELECT *, CAST(round((julianday(lead(arrived) OVER (PARTITION BY session_id ORDER BY visit))"
-            " - julianday(arrived)) * 86400000) AS INTEGER) AS ms FROM grouped)")
+            " - julianday(arrived)) * 86400000) AS INTEGER) AS ms,"
+            " CAST(round((julianday(coalesce(last_touch, arrived)) - julianday(arrived)) * 86400000) AS INTEGER)"
+            " AS seen_ms FROM grouped)")
 
 
 # The path fields' SQL names the screen's data key (ReadQuery.data_key) by
@@ -2052,6 +2066,8 @@ class StatsQuery(NamedTuple):
     meaningful: int = DEFAULT_MEANINGFUL_TOUCHES
     #: The heatmaps' touches: all, or navigating (those that carry prevSubject).
     touches: str = "all"
+    #: Holding power: survival curves of sessions and of time on each screen.
+    holding: bool = False
 
 
 DURATION_BUCKETS = [(0, "0-10s"), (10, "10-30s"), (30, "30-60s"), (60, "1-2min"), (120, "2-5min"),
@@ -2125,7 +2141,7 @@ def _compute_session_stats(conn, data_key, bin_size):
     # The visits (VALUES_DEFINITION) in order, for the path figures
     # (path_statistics) and the per-value ones below; touches per minute.
     conn.execute(f"INSERT INTO temp.fresh_visits WITH {_visits_sql(events, 'json_extract(e.data, ?)')}"
-                 " SELECT session_id, ?, ?, visit, screen, arrived, ms, touches FROM visits",
+                 " SELECT session_id, ?, ?, visit, screen, arrived, ms, touches, seen_ms FROM visits",
                  (key_path, data_key, bin_size))
     conn.execute(
         f"INSERT INTO temp.fresh_touches SELECT e.session_id, ?, ?, substr(e.time_utc, 1, 16), count(*) FROM {events}"
@@ -2326,10 +2342,15 @@ def compute_stats(conn, stats_query, samples=None):
     connection's temporary tables, and kept once closed (or once they hold
     KEEP_OPEN_SESSIONS_FROM events).
 
+    With `holding`, the holding power (HOLDING_DEFINITION).
+
     `samples`, a dict if given, receives what /compare tests: per session
-    its duration, touches and distinct screens, and per screen the measured
-    times of its visits (seconds)."""
+    its duration (and whether it ended), touches and distinct screens, and
+    per screen the measured times of its visits (seconds), and those with
+    the last visits' seen times (censored)."""
     data_key, bin_size = stats_query.data_key, stats_query.bin
+    if samples is None and stats_query.holding:
+        samples = {}
     conn.execute("BEGIN")  # one snapshot for every figure
     try:
         selection = _selected_sessions(conn, stats_query.query)
@@ -2355,6 +2376,8 @@ def compute_stats(conn, stats_query, samples=None):
             conn.execute("COMMIT")
     _keep_session_stats(conn, data_key, bin_size)
     stats["screen_types"] = screen_types(stats["values"], stats_query.type_separator)
+    if stats_query.holding:
+        stats["holding"] = holding_power(samples)
     return stats
 
 
@@ -2422,6 +2445,93 @@ def _kept_and_fresh(conn, stats_query, selection, kept, columns, tail="", join="
                                               f" {tail}", condition_params))
 
 
+#: Seconds at which /stats' holding power says how many are still engaged.
+HOLDING_CHECKPOINTS = (10, 30, 60, 120, 300)
+#: Points of a survival curve /stats gives (the steps beyond are thinned out).
+MAX_CURVE_POINTS = 400
+#: The standard normal's 97.5th percentile: the 95% intervals' half width in standard errors.
+Z_95 = 1.959963984540054
+
+
+def kaplan_meier(times, observed):
+    """The Kaplan-Meier estimate of the chance to last beyond t, from times
+    that ended (observed) or were still going when last seen (censored):
+    at each time where one ended, (t, S(t), lower, upper), the 95% bounds
+    by Greenwood's variance, linear and clipped to [0, 1] (None where it is
+    not defined: at a time that leaves no one at risk)."""
+    ended, counted = {}, {}
+    for t, seen in zip(times, observed):
+        counted[t] = counted.get(t, 0) + 1
+        if seen:
+            ended[t] = ended.get(t, 0) + 1
+    at_risk, survival, greenwood, steps = len(times), 1.0, 0.0, []
+    for t in sorted(counted):
+        d = ended.get(t, 0)
+        if d:
+            survival *= 1 - d / at_risk
+            greenwood = greenwood + d / (at_risk * (at_risk - d)) if at_risk > d else None
+            if greenwood is None:
+                steps.append((t, survival, None, None))
+            else:
+                half = Z_95 * survival * math.sqrt(greenwood)
+                steps.append((t, survival, max(0.0, survival - half), min(1.0, survival + half)))
+        at_risk -= counted[t]
+    return steps
+
+
+def holding(times, observed):
+    """A survival curve's figures (HOLDING_DEFINITION): its median and the
+    median's 95% interval, the shares still engaged at the checkpoints, and
+    the curve itself, as [seconds, share, lower, upper] from [0, 1, 1, 1]
+    (at most MAX_CURVE_POINTS of its steps)."""
+    steps = kaplan_meier(times, observed)
+
+    def first(test):
+        return next((round(t, 3) for t, *bounds in steps if bounds[0] is not None and test(*bounds)), None)
+
+    def at(seconds):
+        last = (1.0, 1.0, 1.0)
+        for t, survival, lower, upper in steps:
+            if t > seconds:
+                break
+            last = (survival, lower, upper)
+        return last
+
+    thin = max(1, math.ceil(len(steps) / MAX_CURVE_POINTS))
+    curve = [[0, 1.0, 1.0, 1.0]] + [
+        [round(t, 3), round(s, 4), None if lo is None else round(lo, 4), None if up is None else round(up, 4)]
+        for n, (t, s, lo, up) in enumerate(steps) if n % thin == 0 or n == len(steps) - 1]
+    return {"n": len(times), "ended": sum(map(bool, observed)), "censored": len(times) - sum(map(bool, observed)),
+            "median": first(lambda s, lower, upper: s <= 0.5),
+            # Brookmeyer and Crowley: the times whose band holds 0.5
+            "median_ci": [first(lambda s, lower, upper: lower is not None and lower <= 0.5),
+                          first(lambda s, lower, upper: upper is not None and upper <= 0.5)],
+            "still_engaged": [{"seconds": seconds, **dict(zip(("share", "lower", "upper"),
+                                                              (None if v is None else round(v, 4) for v in at(seconds))))}
+                              for seconds in HOLDING_CHECKPOINTS],
+            "curve": curve}
+
+
+#: Screens whose holding power /stats draws as a curve (the most visited);
+#: the others get its figures alone.
+HOLDING_CURVES = 10
+
+
+def holding_power(samples):
+    """The holding power (HOLDING_DEFINITION) of compute_stats' samples:
+    of the sessions' durations, and of the time on each screen (the most
+    visited first; curves for HOLDING_CURVES of them)."""
+    screens = sorted(samples["time_on_screen_seen"].items(), key=lambda item: (-len(item[1][0]), str(item[0])))
+    per_screen = []
+    for rank, (screen, (times, ended)) in enumerate(screens):
+        figures = holding(times, ended)
+        if rank >= HOLDING_CURVES:
+            del figures["curve"]
+        per_screen.append({"screen": screen, **figures})
+    return {"checkpoints": list(HOLDING_CHECKPOINTS),
+            "sessions": holding(samples["duration"], samples["duration_ended"]), "screens": per_screen}
+
+
 def _share(part, whole):
     return round(part / whole, 4) if whole else None
 
@@ -2438,10 +2548,17 @@ def _engagement(conn, stats_query, selection, samples=None):
     meaningful = sum(n >= stats_query.meaningful for n in touches)
     bounces = sum(n <= 1 for n in touches)
     if samples is not None:
-        samples.update(touches=touches, screens=screens, time_on_screen={})
-        for screen, ms in _kept_and_fresh(conn, stats_query, selection, "stats_visits", "k.screen, k.ms"):
-            if ms is not None:  # a session's last visit is not measured
+        samples.update(touches=touches, screens=screens, time_on_screen={}, time_on_screen_seen={})
+        for screen, ms, seen_ms in _kept_and_fresh(conn, stats_query, selection, "stats_visits",
+                                                   "k.screen, k.ms, k.seen_ms"):
+            times, ended = samples["time_on_screen_seen"].setdefault(screen, ([], []))
+            if ms is not None:
                 samples["time_on_screen"].setdefault(screen, []).append(ms / 1000)
+                times.append(ms / 1000)
+                ended.append(True)
+            elif seen_ms is not None:  # a session's last visit: seen to its last touch, and maybe beyond
+                times.append(seen_ms / 1000)
+                ended.append(False)
     return {
         "meaningful_touches": stats_query.meaningful,
         "meaningful_sessions": meaningful, "meaningful_share": _share(meaningful, len(rows)),
@@ -2636,11 +2753,13 @@ def _add_up_stats(conn, stats_query, selection, samples=None):
     # (an open one's duration ends at its latest event): not its events read again.
     sessions = list(_kept_and_fresh(
         conn, stats_query, selection, "stats_engagement", "k.events, round((julianday(coalesce(s.stopped_utc, k.last_time,"
-        " s.started_utc)) - julianday(s.started_utc)) * 86400, 3)", join="JOIN sessions s ON s.id = k.session_id"))
-    event_counts = [n for n, _ in sessions]
-    durations = [d for _, d in sessions if d is not None]
-    if samples is not None:
+        " s.started_utc)) - julianday(s.started_utc)) * 86400, 3), s.stopped_utc IS NOT NULL",
+        join="JOIN sessions s ON s.id = k.session_id"))
+    event_counts = [row[0] for row in sessions]
+    durations = [row[1] for row in sessions if row[1] is not None]
+    if samples is not None:  # an open session's duration (to its last event) is censored: it goes on
         samples["duration"] = durations
+        samples["duration_ended"] = [bool(row[2]) for row in sessions if row[1] is not None]
 
     actions = sorted(({"action": action, "events": n} for (action,), (n, _) in
                       add_up("stats_actions", ["action"], {"events": "sum"}).items()),
@@ -2749,6 +2868,8 @@ def compare_figures(conn, comparison):
     times_a, times_b = samples_a["time_on_screen"], samples_b["time_on_screen"]
     differences = {
         "duration": medians(samples_a["duration"], samples_b["duration"]),
+        "duration_survival": logrank(samples_a["duration"], samples_a["duration_ended"],
+                                     samples_b["duration"], samples_b["duration_ended"]) or {"p_value": None},
         "touches_per_session": medians(samples_a["touches"], samples_b["touches"]),
         "screens_per_session": medians(samples_a["screens"], samples_b["screens"]),
         "time_on_screen": [{"screen": screen, **medians(times_a.get(screen, []), times_b.get(screen, []))}
@@ -2786,6 +2907,37 @@ def mann_whitney_u(sample_a, sample_b):
         return u_a, 1.0
     z = (max(u_a, n_a * n_b - u_a) - n_a * n_b / 2 - 0.5) / spread
     return u_a, min(1.0, math.erfc(z / math.sqrt(2)))
+
+
+def logrank(times_a, ended_a, times_b, ended_b):
+    """The log-rank test of two survival curves (censored times, as
+    kaplan_meier takes them): the observed and expected endings of side a
+    and b, the chi-square of one degree of freedom and its two-sided p
+    value (scipy.stats.logrank's statistic, squared); None where a side is
+    empty or nothing ended."""
+    pooled = sorted(itertools.chain(((t, bool(e), True) for t, e in zip(times_a, ended_a)),
+                                    ((t, bool(e), False) for t, e in zip(times_b, ended_b))), key=lambda row: row[0])
+    at_risk, at_risk_a = len(pooled), len(times_a)
+    if not times_a or not times_b or not any(row[1] for row in pooled):
+        return None
+    observed_a = expected_a = variance = 0.0
+    for _, group in itertools.groupby(pooled, key=lambda row: row[0]):
+        group = list(group)
+        ended = sum(e for _, e, _ in group)
+        ended_in_a = sum(e and in_a for _, e, in_a in group)
+        if ended:
+            share_a = at_risk_a / at_risk
+            observed_a += ended_in_a
+            expected_a += ended * share_a
+            if at_risk > 1:
+                variance += ended * share_a * (1 - share_a) * (at_risk - ended) / (at_risk - 1)
+        at_risk -= len(group)
+        at_risk_a -= sum(in_a for _, _, in_a in group)
+    ended_total = sum(row[1] for row in pooled)
+    chi2 = (observed_a - expected_a) ** 2 / variance if variance else 0.0
+    return {"a_observed": int(observed_a), "a_expected": round(expected_a, 3),
+            "b_observed": ended_total - int(observed_a), "b_expected": round(ended_total - expected_a, 3),
+            "chi2": round(chi2, 4), "p_value": math.erfc(math.sqrt(chi2 / 2)) if variance else 1.0, "test": "log-rank"}
 
 
 def proportion_test(hits_a, total_a, hits_b, total_b):
@@ -3625,7 +3777,7 @@ READ_FILTERS = ("from", "to", "date", "ip", "consumer", "consumer_name", "action
 #: weekday='s values: a day's first three letters (or its whole name).
 WEEKDAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 PAGE_PARAMETERS = ("after_id", "sort", "sort.desc", "limit", "offset", "format", "fields", "data_keys", "data_key")
-STATS_PARAMETERS = ("data_key", "bin", "tz", "type_separator", "paths", "funnel", "meaningful", "touches")
+STATS_PARAMETERS = ("data_key", "bin", "tz", "type_separator", "paths", "funnel", "meaningful", "touches", "holding")
 #: The values of /stats' touches= (the heatmaps'), the default first.
 TOUCHES_CHOICES = ("all", "navigating")
 #: The longest common path (paths=) and funnel (funnel=) /stats takes.
@@ -3899,11 +4051,17 @@ def clean_stats_query(params, settings_tz):
                              ' another screen: they carry prevSubject)')
         return value
 
+    def holding_power(p, name):
+        if p.get(name, "") not in ("", "0", "1"):
+            raise ValueError('"holding" is 1 (add the holding power: survival curves) or 0')
+        return p.get(name) == "1"
+
     extra = _check(stats_params, {"tz": tz, "data_key": _data_key_parameter, "bin": bin_size, "type_separator": type_separator,
-                                  "paths": path_length, "funnel": funnel, "meaningful": meaningful, "touches": touches})
+                                  "paths": path_length, "funnel": funnel, "meaningful": meaningful, "touches": touches,
+                                  "holding": holding_power})
     query = clean_read_query(filters, "sessions", extra["tz"], export=True)
     return StatsQuery(query, extra["tz"], extra["data_key"], extra["bin"], extra["type_separator"], extra["paths"],
-                      extra["funnel"], extra["meaningful"], extra["touches"])
+                      extra["funnel"], extra["meaningful"], extra["touches"], extra["holding"])
 
 
 #: The filters one side of /compare takes, each prefixed with its side (a.from, b.consumer).
@@ -6354,6 +6512,8 @@ def cmd_stats(args, settings):
                                           ("paths", args.paths), ("funnel", args.funnel),
                                           ("type_separator", args.type_separator),
                                           ("meaningful", args.meaningful)) if v is not None})
+    if args.holding:
+        params["holding"] = "1"
     print_answer(args, stats_figures(open_for_reading(settings), clean_stats_query(params, settings.tz)), print_stats)
 
 
@@ -6432,6 +6592,22 @@ def print_stats(stats):
     if "funnel" in stats:
         table("Funnel", [(f["screen"], f["sessions"], "-" if f["median_seconds"] is None else f["median_seconds"])
                          for f in stats["funnel"]], ("step", "sessions", "median s from the first step"))
+    if "holding" in stats:
+        holding_figures = stats["holding"]
+
+        def engaged(figures):
+            def median():
+                low, high = figures["median_ci"]
+                return "-" if figures["median"] is None else (
+                    f"{as_count(figures['median'])} s ({'-' if low is None else as_count(low)}"
+                    f" to {'-' if high is None else as_count(high)})")
+            return (as_count(figures["n"]), as_count(figures["censored"]), median(),
+                    *(as_percent(point["share"]) for point in figures["still_engaged"]))
+
+        header = ("n", "censored", "median (95% CI)", *(f"at {s} s" for s in holding_figures["checkpoints"]))
+        table("Holding power (Kaplan-Meier: the share still engaged; censored: still going when last seen)",
+              [("sessions", *engaged(holding_figures["sessions"]))]
+              + [(str(row["screen"]), *engaged(row)) for row in holding_figures["screens"]], ("", *header))
     if stats["annotations"]:
         table("Annotations", [(a["time"], a["consumer"] or "(all)", a["text"]) for a in stats["annotations"]],
               ("time", "consumer", "text"))
@@ -6479,6 +6655,12 @@ def print_comparison(comparison):
         medians("screens per session", differences["screens_per_session"]),
         shares(f"meaningful share (>= {a['meaningful_touches']} touches)", differences["meaningful_share"])],
         ("figure", "A", "B", "B - A", "p", "n A/B"))
+    survival = differences["duration_survival"]
+    if survival["p_value"] is not None:
+        print(f"Session durations as survival curves (log-rank): chi-square {survival['chi2']}, p"
+              f" {p_value(survival['p_value'])}; ended A {as_count(survival['a_observed'])} (expected"
+              f" {as_count(survival['a_expected'])}), B {as_count(survival['b_observed'])} (expected"
+              f" {as_count(survival['b_expected'])})")
     _print_table("Time on screen (median s; p: Mann-Whitney U)",
                  [medians(str(row["screen"]), row) for row in differences["time_on_screen"]],
                  ("screen", "A", "B", "B - A", "p", "visits A/B"))
@@ -6856,6 +7038,8 @@ def build_parser():
     sub.add_argument("--funnel", metavar="SCREENS", help="add the funnel of these screens, in order, comma-separated")
     sub.add_argument("--meaningful", type=int, metavar="N", help="sessions with N touches or more are"
                      f" meaningful (default: {DEFAULT_MEANINGFUL_TOUCHES})")
+    sub.add_argument("--holding", action="store_true", help="add the holding power: how many are still engaged"
+                     " after 10 s, 30 s, ... (Kaplan-Meier), of sessions and per screen")
     sub.add_argument("--json", action="store_true", help="print the JSON that GET /stats answers")
     sub = command("compare", cmd_compare, "compare two sets of sessions (two periods, consumers, ...): both"
                   " sides' medians and shares, their differences and p values, as GET /compare answers")
@@ -6979,6 +7163,25 @@ ENGAGEMENT_DEFINITION = (
     " duration are duration's (from the start to the stop, else to the last event).")
 
 
+#: What /stats' holding power means (the API description and the docs page).
+HOLDING_DEFINITION = (
+    "With holding=1, holding: how long the exhibit holds people, as Kaplan-Meier survival curves. sessions:"
+    " of the session durations (start to stop); a session not yet stopped counts as lasting at least to its"
+    " last event (censored). screens: per screen, most visited first, of the time on it: a visit is measured"
+    " to the next visit's arrival, and a session's last visit, which has no next, counts as lasting at least"
+    " to its last touch on that screen (censored). Censoring matters because dropping those visits, or counting"
+    " them as ended, would make the visitors who stayed longest look as if they left early. Each has n (all"
+    " times), ended and censored; median: the first time at which the share still engaged is 0.5 or less"
+    " (null if it never falls that far); median_ci: its 95% confidence interval (the times whose 95% band holds"
+    " 0.5, Brookmeyer and Crowley; null where the band does not reach 0.5); still_engaged: at each of"
+    f" {', '.join(map(str, HOLDING_CHECKPOINTS))} seconds, the share still engaged (the curve's value then)"
+    " with its 95% bounds (Greenwood's variance, linear, clipped to 0..1); curve: [seconds, share, lower, upper]"
+    f" at each time someone left, from [0, 1, 1, 1] (at most {MAX_CURVE_POINTS} points, evenly thinned;"
+    f" screens: for the {HOLDING_CURVES} most visited). In /compare, differences.duration_survival: the"
+    " log-rank test of the two sides' session curves (observed and expected endings per side, chi2 of one"
+    " degree of freedom, p_value).")
+
+
 #: What /compare answers (the API description and the docs page).
 COMPARE_DEFINITION = (
     "a and b: the /stats answer for each side's filters (a.from, b.consumer_name, ...; the other /stats"
@@ -6992,7 +7195,9 @@ COMPARE_DEFINITION = (
     " fisher) where an expected count is under 5. p_value is null where a side has nothing to test (an"
     " empty side). tests: how many p values were computed: where nothing differs, about one in twenty"
     " still comes out under 0.05 by chance. A session's visits are not independent of each other, so the"
-    " visit-level tests (time_on_screen, visit_shares) overstate their certainty.")
+    " visit-level tests (time_on_screen, visit_shares) overstate their certainty. duration_survival: the"
+    " log-rank test of the two sides' session durations as survival curves (open sessions censored at their"
+    " last event; see holding): observed and expected endings per side, chi2 and p_value.")
 
 
 #: What /stats' per-screen figures mean (the API description and the docs page).
@@ -7124,6 +7329,8 @@ def openapi_spec():
               {"type": "integer", "minimum": 1, "maximum": MAX_MEANINGFUL_TOUCHES}),
         param("touches", "The heatmaps' touch points: all (default), or navigating: those that moved to another"
                          " screen (they carry prevSubject)", {"type": "string", "enum": list(TOUCHES_CHOICES)}),
+        param("holding", "1: add the holding power (Kaplan-Meier survival curves of sessions and of time on each"
+                         " screen); 0 or absent: not", {"type": "string", "enum": ["0", "1"]}),
     ]
     paging = [
         param("after_id", "Rows with a larger id (with sort.desc=id: smaller): cursor paging", whole),
@@ -7229,6 +7436,7 @@ def openapi_spec():
                     "bounces": {"type": "integer"}, "bounce_share": {"type": ["number", "null"]},
                     "touches_per_session": {"type": "object"}, "screens_per_session": {"type": "object"},
                     "time_to_first_touch": {"type": "object"},
+                    "holding": {"type": "object", "description": HOLDING_DEFINITION},
                     "annotations": {"type": "array", "items": ref("Annotation"),
                                     "description": "The annotations in the range, for every consumer or the"
                                                    " one filtered for"},

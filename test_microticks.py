@@ -2056,6 +2056,138 @@ def test_compare_equals_each_sides_stats_and_scipy_on_the_sample_week(sample_cli
     assert answer["tests"] == sum(p is not None for p in p_values) > tested > 5
 
 
+def censored_times_on_screen(events):
+    """Per screen, as a researcher takes them from the export: each visit's
+    seconds to the next screen change (ended), and a session's last visit's
+    seconds from arriving to its last touch there (0 without one: censored)."""
+    from datetime import datetime
+    sessions, times = {}, {}
+    for e in sorted(events, key=lambda e: (e["time"], e["id"])):
+        sessions.setdefault(e["session_id"], []).append(e)
+    for evs in sessions.values():
+        visits = []  # [screen, arrived, last touch]
+        for e in evs:
+            screen = e["data"].get("subject") if isinstance(e["data"], dict) else None
+            if screen is None:
+                continue
+            at = datetime.fromisoformat(e["time"].replace("Z", "+00:00"))
+            if not visits or visits[-1][0] != screen:
+                visits.append([screen, at, at])
+            if e["action"] in ("click", "swipe"):
+                visits[-1][2] = at
+        for n, (screen, arrived, last_touch) in enumerate(visits):
+            ended = n + 1 < len(visits)
+            until = visits[n + 1][1] if ended else last_touch
+            times.setdefault(screen, []).append(((until - arrived).total_seconds(), ended))
+    return times
+
+
+def assert_kaplan_meier_is_scipys(figures, times, ended):
+    """One holding power figure against scipy.stats.ecdf of the censored data."""
+    scipy_stats, numpy = require_module("scipy.stats"), require_module("numpy")
+    times, ended = numpy.array(times, dtype=float), numpy.array(ended, dtype=bool)
+    fit = scipy_stats.ecdf(scipy_stats.CensoredData(uncensored=times[ended], right=times[~ended]))
+    band = fit.sf.confidence_interval(0.95, method="linear")
+    assert (figures["n"], figures["ended"], figures["censored"]) == (len(times), ended.sum(), (~ended).sum())
+    for point in figures["still_engaged"]:
+        expected = fit.sf.evaluate(point["seconds"])
+        assert point["share"] == pytest.approx(expected, abs=1e-4), point
+        low, high = band.low.evaluate(point["seconds"]), band.high.evaluate(point["seconds"])
+        if numpy.isfinite(low) and 0 < expected < 1:
+            assert (point["lower"], point["upper"]) == (pytest.approx(low, abs=1e-4), pytest.approx(high, abs=1e-4))
+    for seconds, share, lower, upper in figures.get("curve", [])[1:]:
+        assert share == pytest.approx(fit.sf.evaluate(seconds), abs=1e-4)
+        assert fit.sf.evaluate(seconds - 0.0005) > share  # a step: someone left then
+    # The median: the first time the curve is at 0.5 or under; its interval where the band reaches 0.5.
+    steps, values = fit.sf.quantiles, fit.sf.probabilities
+
+    def first_at_or_under_half(curve):
+        under = numpy.flatnonzero(numpy.nan_to_num(curve, nan=1.0) <= 0.5)
+        return None if not len(under) else pytest.approx(steps[under[0]], abs=1e-3)
+    assert figures["median"] == first_at_or_under_half(values)
+    assert figures["median_ci"] == [first_at_or_under_half(band.low.probabilities),
+                                    first_at_or_under_half(band.high.probabilities)]
+
+
+@pytest.mark.filterwarnings("ignore:The confidence interval is undefined")  # where none is at risk: we say null
+def test_holding_power_is_scipys_kaplan_meier_on_the_sample_week_with_open_sessions(sample_client, sample_events,
+                                                                                    db_path, start_server):
+    """Sessions' durations (three left open: censored at their last event)
+    and the time on each screen (a session's last visit censored at its
+    last touch), against scipy's Kaplan-Meier estimate of data taken in
+    plain Python from the export and from what the test posted."""
+    from datetime import datetime, timedelta, timezone
+    kiosk = start_server(tz="UTC", session_timeout=10 ** 8)
+    key = microticks.create_consumer(microticks.connect(db_path), "open kiosk")
+    begun = datetime(2017, 5, 25, 10, 0, 0, tzinfo=timezone.utc)
+    open_seconds = [4.5, 95.25, 400.0]
+    for n, seconds in enumerate(open_seconds):
+        start = begun + timedelta(hours=n)
+        token = kiosk.start(key, ts=start.isoformat().replace("+00:00", "Z"))
+        for offset in (1.0, seconds):
+            kiosk.event(token, data='{"subject":"open:screen","clickX":1,"clickY":2}',
+                        ts=(start + timedelta(seconds=offset)).isoformat().replace("+00:00", "Z"))
+    answer = sample_client.get("/stats", tz="UTC", holding="1").json
+    holding = answer["holding"]
+    assert holding["checkpoints"] == [10, 30, 60, 120, 300]
+
+    def at(text):
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    per_session = {}
+    for e in sample_events:
+        per_session.setdefault(e["session_id"], []).append(e)
+    durations = [(at(next((e["time"] for e in evs if e["action"] == "stopSession"), max(e["time"] for e in evs)))
+                  - at(min(e["time"] for e in evs))).total_seconds() for evs in per_session.values()]
+    ended = [True] * len(durations)  # the export's sessions ended: stopped, or closed by the import
+    assert_kaplan_meier_is_scipys(holding["sessions"], durations + open_seconds, ended + [False] * 3)
+    assert holding["sessions"]["censored"] == 3 and holding["sessions"]["median"] is not None
+
+    by_screen = censored_times_on_screen(sample_events)
+    by_screen["open:screen"] = [(seconds - 1.0, False) for seconds in open_seconds]  # arrived at 1 s
+    assert {row["screen"] for row in holding["screens"]} == set(by_screen)
+    assert [row["n"] for row in holding["screens"]] == sorted((len(v) for v in by_screen.values()), reverse=True)
+    assert sum("curve" in row for row in holding["screens"]) == microticks.HOLDING_CURVES
+    checked = 0
+    for row in holding["screens"]:
+        times, ends = zip(*by_screen[row["screen"]])
+        if sum(ends) >= 3:
+            assert_kaplan_meier_is_scipys(row, times, ends)
+            checked += 1
+    assert checked >= 10 and sum(row["censored"] for row in holding["screens"]) > 50
+    main = next(row for row in holding["screens"] if row["screen"] == "main")
+    assert main["censored"] == 20  # 70 visits, 50 measured (test_stats_equal_...): the rest kept, censored
+    # Without holding=1, none of it; anything but 0 or 1 is refused.
+    assert "holding" not in sample_client.get("/stats").json
+    refused = sample_client.get("/stats", holding="yes")
+    assert refused.status == 400 and '"holding" is 1' in refused.json["error"]
+    printed = run_cli("stats", "--holding", "--db", db_path, "--tz", "UTC").stdout
+    assert "Holding power" in printed and f"{holding['sessions']['still_engaged'][3]['share'] * 100:.1f}%" in printed
+
+
+def test_the_log_rank_test_is_scipys(sample_client, db_path):
+    scipy_stats, numpy = require_module("scipy.stats"), require_module("numpy")
+    random = numpy.random.default_rng(35)
+    a, b = random.exponential(10, 40).round(1), random.exponential(15, 50).round(1)
+    ended_a, ended_b = random.random(40) < 0.8, random.random(50) < 0.7
+    expected = scipy_stats.logrank(scipy_stats.CensoredData(uncensored=a[ended_a], right=a[~ended_a]),
+                                   scipy_stats.CensoredData(uncensored=b[ended_b], right=b[~ended_b]))
+    figures = microticks.logrank(list(a), list(ended_a), list(b), list(ended_b))
+    assert figures["chi2"] == pytest.approx(expected.statistic ** 2, abs=1e-4)
+    assert figures["p_value"] == pytest.approx(expected.pvalue, rel=1e-9)
+    assert figures["a_observed"] + figures["b_observed"] == ended_a.sum() + ended_b.sum()
+    assert microticks.logrank([], [], [1.0], [True]) is None
+    # /compare: the two halves of the real week (every session ended), as scipy tests their durations.
+    answer = sample_client.get("/compare", **{"a.to": "2017-05-23", "b.from": "2017-05-24"}, tz="UTC").json
+    sessions = sample_client.get("/sessions", limit="1000", fields="id,started_at,duration").json["sessions"]
+    sides = [numpy.array([s["duration"] for s in sessions if (s["started_at"] < "2017-05-24") == first])
+             for first in (True, False)]
+    expected = scipy_stats.logrank(*sides)
+    survival = answer["differences"]["duration_survival"]
+    assert survival["p_value"] == pytest.approx(expected.pvalue, rel=1e-6) and survival["test"] == "log-rank"
+    printed = run_cli("compare", "--a-to", "2017-05-23", "--b-from", "2017-05-24", "--tz", "UTC", "--db", db_path).stdout
+    assert f"(log-rank): chi-square {survival['chi2']}" in printed
+
+
 @pytest.mark.parametrize("a, b", [
     ([1.0], [2.0]), ([3.0], [3.0]), ([1, 1, 1], [1, 1]), ([1, 2, 2, 3, 3, 3], [2, 3, 3, 4]),
     ([0, 0, 1], [5, 6, 7, 8, 9, 10, 11]), (list(range(40)), [x + 0.5 for x in range(0, 80, 2)]),
@@ -2533,8 +2665,8 @@ def test_every_earlier_schema_version_upgrades_losing_nothing(tmp_path, start_se
     assert stored(db, "PRAGMA user_version") == [(microticks.SCHEMA_VERSION,)]
     assert stored(db, "PRAGMA integrity_check") == [("ok",)]
     assert stored(db, "SELECT * FROM stats_kinds") == ([("target", 20)] if version >= 6 else [])
-    # Kept figures are computed again where their definition changed (versions 8, 10 and 13); not since.
-    assert stored(db, "SELECT count(*) FROM stats_sessions") == ([(0,)] if version < 13 else [(1,)])
+    # Kept figures are computed again where their definition changed (versions 8, 10, 13 and 14); not since.
+    assert stored(db, "SELECT count(*) FROM stats_sessions") == ([(0,)] if version < 14 else [(1,)])
 
 
 ###############################################################################
