@@ -903,6 +903,11 @@ MIGRATIONS = [
         "ALTER TABLE stats_visits ADD COLUMN seen_ms INTEGER",
         "DELETE FROM stats_sessions",
     ]),
+    ("each kiosk's heartbeat interval; heartbeats found by age", [
+        # Seconds between a device's heartbeats, as its tracker last said (NULL: the default).
+        "ALTER TABLE devices ADD COLUMN heartbeat_interval INTEGER",
+        "CREATE INDEX heartbeat_hours_hour ON heartbeat_hours (hour)",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1404,12 +1409,28 @@ def start_sessions(conn, starts, ip, store_ip="truncated"):
     return tokens
 
 
-def record_heartbeat(conn, consumer_key, device, app_version, queue_depth, ip, store_ip="truncated"):
-    """A kiosk's sign of life: its device's last heartbeat and queue depth."""
+#: Seconds between a device's heartbeats when its tracker does not say (the tracker's default).
+DEFAULT_HEARTBEAT_INTERVAL = 300
+
+
+def record_heartbeat(conn, consumer_key, device, app_version, queue_depth, ip, store_ip="truncated", minutes=(),
+                     interval=None):
+    """A kiosk's sign of life: its device's last heartbeat, queue depth and
+    heartbeat interval (seconds), and the heartbeats' minutes (minutes since
+    1970, UTC) kept as history (heartbeat_hours). Returns the device's id."""
+    hours = {}
+    for minute in minutes:
+        hours[minute // 60] = hours.get(minute // 60, 0) | 1 << minute % 60
     with write_transaction(conn):
         consumer_id = _consumer_for_key(conn, consumer_key, ip)
-        return _record_device(conn, consumer_id, device, app_version, kept_address(ip, store_ip), utc_now(),
-                              queue_depth, heartbeat=True)
+        device_id = _record_device(conn, consumer_id, device, app_version, kept_address(ip, store_ip), utc_now(),
+                                   queue_depth, heartbeat=True)
+        if interval is not None:
+            conn.execute("UPDATE devices SET heartbeat_interval = ? WHERE id = ?", (interval, device_id))
+        conn.executemany("INSERT INTO heartbeat_hours (device_id, hour, minutes) VALUES (?, ?, ?)"
+                         " ON CONFLICT (device_id, hour) DO UPDATE SET minutes = minutes | excluded.minutes",
+                         [(device_id, hour, bits) for hour, bits in hours.items()])
+    return device_id
 
 
 def _session_for_token(conn, token):
@@ -2068,6 +2089,8 @@ class StatsQuery(NamedTuple):
     touches: str = "all"
     #: Holding power: survival curves of sessions and of time on each screen.
     holding: bool = False
+    #: Coverage: whether the kiosks were on, and how much they were used.
+    coverage: bool = False
 
 
 DURATION_BUCKETS = [(0, "0-10s"), (10, "10-30s"), (30, "30-60s"), (60, "1-2min"), (120, "2-5min"),
@@ -2342,7 +2365,8 @@ def compute_stats(conn, stats_query, samples=None):
     connection's temporary tables, and kept once closed (or once they hold
     KEEP_OPEN_SESSIONS_FROM events).
 
-    With `holding`, the holding power (HOLDING_DEFINITION).
+    With `holding`, the holding power (HOLDING_DEFINITION); with
+    `coverage`, the kiosks' coverage (COVERAGE_DEFINITION).
 
     `samples`, a dict if given, receives what /compare tests: per session
     its duration (and whether it ended), touches and distinct screens, and
@@ -2371,6 +2395,8 @@ def compute_stats(conn, stats_query, samples=None):
         stats.update(_engagement(conn, stats_query, selection, samples))
         if stats_query.path_length or stats_query.funnel:
             stats.update(path_statistics(conn, stats_query, selection))
+        if stats_query.coverage:
+            stats["coverage"] = coverage_figures(conn, stats_query, selection)
     finally:
         if conn.in_transaction:  # else an error ended it (SQLite rolls back after some): that one is told
             conn.execute("COMMIT")
@@ -2409,6 +2435,31 @@ def screen_heatmap(conn, stats_query, screen):
         merged[x, y] = merged.get((x, y), 0) + n
     return {"screen": screen, "bin": stats_query.bin, "touches": stats_query.touches, "width": width, "height": height,
             "points": sum(merged.values()), "bins": [[x, y, n] for (x, y), n in sorted(merged.items())]}
+
+
+def device_uptime(conn, stats_query):
+    """GET /devices: each kiosk's coverage (COVERAGE_DEFINITION) over a
+    StatsQuery's range and consumers, with its last sign of life; inside
+    one snapshot, its sessions' figures computed where none are kept."""
+    conn.execute("BEGIN")
+    try:
+        selection = _selected_sessions(conn, stats_query.query)
+        _find_stale_sessions(conn, selection.sql, selection.params, stats_query.data_key, stats_query.bin)
+        if conn.execute("SELECT 1 FROM temp.stale LIMIT 1").fetchone():
+            _compute_session_stats(conn, stats_query.data_key, stats_query.bin)
+        coverage = coverage_figures(conn, stats_query, selection)
+        seen = {(row[0], row[1]): dict(zip(("app_version", "last_seen_at", "last_heartbeat_at", "queue_depth"),
+                                           row[2:])) for row in conn.execute(
+            "SELECT c.name, d.name, d.app_version, d.last_seen_at, d.last_heartbeat_at, d.queue_depth"
+            " FROM devices d JOIN consumers c ON c.id = d.consumer_id")}
+    finally:
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+    for row in coverage["devices"]:
+        row.update(seen.get((row["consumer"], row["device"]), {}))
+        row["uptime"] = _share(row["minutes_on"], row["known_minutes"]) if row["heartbeats"] else None
+    return {"from": coverage["from"], "to": coverage["to"], "timezone": stats_query.tz or "server",
+            "gap_intervals": coverage["gap_intervals"], "devices": coverage["devices"]}
 
 
 def stats_figures(conn, stats_query, samples=None):
@@ -2530,6 +2581,346 @@ def holding_power(samples):
         per_screen.append({"screen": screen, **figures})
     return {"checkpoints": list(HOLDING_CHECKPOINTS),
             "sessions": holding(samples["duration"], samples["duration_ended"]), "screens": per_screen}
+
+
+#: A gap: a stretch without heartbeats longer than this many of the device's
+#: heartbeat intervals (COVERAGE_DEFINITION).
+GAP_INTERVALS = 3
+#: A session counts as in use for at most this long (one a client never
+#: stopped, and kept posting to, must not fill months).
+MAX_IN_USE = timedelta(hours=24)
+#: The usual hours of a device are found over the range, and at least this
+#: long before its end (minutes).
+USUAL_HOURS_FROM = 28 * 1440
+#: Gaps listed per device (the most recent); all are counted.
+LISTED_GAPS = 20
+_HOUR_MASK = (1 << 60) - 1
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+
+
+def _smear(bits, width):
+    """The OR of bits << 0..width: each heartbeat's minute and the minutes
+    after it that it vouches for."""
+    result, shift, block, block_width, remaining = 0, 0, bits, 1, width + 1
+    while remaining:
+        if remaining & 1:
+            result |= block << shift
+            shift += block_width
+        block |= block << block_width
+        block_width *= 2
+        remaining >>= 1
+    return result
+
+
+def _ones(bits):
+    return bin(bits).count("1")
+
+
+class _LocalHours:
+    """The local day and hour of each UTC hour's minutes in a zone, in the
+    query's weekday-hour slots: one part, or two where the zone's offset is
+    not whole hours (India: a UTC hour's first 30 minutes belong to one
+    local hour, the rest to the next). The offset is the zone's at the UTC
+    hour's start (zones change on whole UTC hours). Cached per UTC hour."""
+
+    def __init__(self, tz_name, slots):
+        self.zone_name, self.zone, self.slots, self.cache = tz_name, load_timezone(tz_name), frozenset(slots), {}
+
+    def parts(self, hour):
+        """[(mask of the hour's minutes, first minute, end minute, local day ordinal, local hour)]."""
+        parts = self.cache.get(hour)
+        if parts is None:
+            moment = datetime.fromtimestamp(hour * 3600, timezone.utc)
+            local = hour * 60 + int(moment.astimezone(self.zone).utcoffset().total_seconds()) // 60
+            split = (60 - local % 60) % 60
+            parts = []
+            for low, high in ([(0, 60)] if not split else [(0, split), (split, 60)]):
+                day, of_day = divmod(local + low, 1440)
+                ordinal = _EPOCH_ORDINAL + day
+                if not self.slots or ((ordinal - 1) % 7) * 24 + of_day // 60 in self.slots:
+                    parts.append((((1 << high) - 1) ^ ((1 << low) - 1), low, high, ordinal, of_day // 60))
+            self.cache[hour] = parts
+        return parts
+
+
+def _epoch_seconds(text):
+    return datetime.fromisoformat(text[:23]).replace(tzinfo=timezone.utc).timestamp()
+
+
+def _minute_text(minute):
+    return format_utc(datetime.fromtimestamp(minute * 60, timezone.utc))
+
+
+def coverage_figures(conn, stats_query, selection, now=None):
+    """Whether the kiosks were on, and how much they were used
+    (COVERAGE_DEFINITION): for the devices of the selected consumers (and
+    site) over the query's range, with the selected sessions; per device,
+    per consumer, per local day and hour of the day. Inside compute_stats'
+    snapshot."""
+    query, now = stats_query.query, now or datetime.now(timezone.utc)
+    local = _LocalHours(stats_query.tz, query.slots)
+    conditions, params = [], []
+    for condition, value in (("d.consumer_id = ?", query.consumer_id), ("c.name = ?", query.consumer_name),
+                             ("d.id IN (SELECT device_id FROM sessions WHERE mt_site(site) = ?)", query.site)):
+        if value is not None and value != "":
+            conditions.append(condition)
+            params.append(value)
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    devices = {}
+    for device_id, name, consumer, interval in conn.execute(
+            f"SELECT d.id, d.name, c.name, d.heartbeat_interval FROM devices d JOIN consumers c ON c.id = d.consumer_id"
+            f"{where}", params):
+        first = conn.execute("SELECT hour, minutes FROM heartbeat_hours WHERE device_id = ? ORDER BY hour LIMIT 1",
+                             (device_id,)).fetchone()
+        devices[device_id] = {"consumer": consumer, "device": name,
+                              "interval_s": interval or DEFAULT_HEARTBEAT_INTERVAL, "spans": [],
+                              "first_beat": first and first[0] * 60 + ((first[1] & -first[1]).bit_length() - 1)}
+    loose = {}  # consumer -> spans of its sessions without a device
+    for device_id, consumer, started, ended in _kept_and_fresh(
+            conn, stats_query, selection, "stats_engagement",
+            "s.device_id, (SELECT name FROM consumers WHERE id = s.consumer_id), s.started_utc,"
+            " coalesce(s.stopped_utc, k.last_time, s.started_utc)", join="JOIN sessions s ON s.id = k.session_id"):
+        try:
+            start = _epoch_seconds(started)
+            end = min(max(_epoch_seconds(ended), start), start + MAX_IN_USE.total_seconds())
+        except (TypeError, ValueError):
+            continue
+        owner = devices.get(device_id)
+        (owner["spans"] if owner else loose.setdefault(consumer, [])).append((start, end))
+
+    # The range: the query's, else from the first heartbeat or session to now; never beyond now.
+    beating = [d for d in devices.values() if d["first_beat"] is not None]
+    every_span = [span for d in devices.values() for span in d["spans"]] + [s for v in loose.values() for s in v]
+    start_utc = query.start_utc or (query.date[0] if query.date else None)
+    end_utc = query.end_utc or (query.date[1] if query.date else None)
+    begin = int(_epoch_seconds(start_utc) // 60) if start_utc else min(
+        [d["first_beat"] for d in beating] + [int(start // 60) for start, _ in every_span], default=0)
+    # Without heartbeats, nothing is known of the time after the last session.
+    finish = int(now.timestamp() // 60) + 1 if beating else max(
+        [math.ceil(end / 60) for _, end in every_span], default=begin)
+    if end_utc:
+        finish = min(finish, math.ceil(_epoch_seconds(end_utc) / 60))
+    finish = max(finish, begin)
+
+    def in_range(hour):
+        """The mask of an hour's minutes inside [begin, finish)."""
+        low, high = max(begin - hour * 60, 0), min(finish - hour * 60, 60)
+        return 0 if low >= high else ((1 << high) - 1) ^ ((1 << low) - 1)
+
+    per_day, per_hour = {}, [dict.fromkeys(("known", "on", "in_use", "sessions"), 0) for _ in range(24)]
+
+    def day_row(ordinal):
+        return per_day.setdefault(ordinal, dict.fromkeys(("known", "on", "in_use", "sessions"), 0))
+
+    # Known: from each device's first heartbeat on; swept once over the hours, a count of devices known.
+    starts = sorted(d["first_beat"] for d in beating)
+    known_before = {}  # hour -> minutes known in range and slots before it (one device), for each device's share
+    if starts:
+        running, position, hour = 0, 0, max(starts[0], begin) // 60
+        while hour * 60 < finish:
+            mask = in_range(hour)
+            known_before[hour] = running
+            while position < len(starts) and starts[position] < hour * 60:
+                position += 1
+            full, partial, at = position, [], position
+            while at < len(starts) and starts[at] < hour * 60 + 60:
+                partial.append(_HOUR_MASK ^ ((1 << (starts[at] - hour * 60)) - 1))
+                at += 1
+            for part_mask, _, _, ordinal, of_day in local.parts(hour):
+                minutes = _ones(mask & part_mask)
+                known = minutes * full + sum(_ones(mask & part_mask & p) for p in partial)
+                if known:
+                    day_row(ordinal)["known"] += known
+                    per_hour[of_day]["known"] += known
+                running += minutes
+            hour += 1
+        known_before[hour] = running
+
+    def known_minutes(first_beat):
+        hour = max(first_beat, begin) // 60
+        if hour not in known_before:
+            return 0
+        skipped = sum(_ones(in_range(hour) & p[0] & ((1 << (first_beat - hour * 60)) - 1))
+                      for p in local.parts(hour)) if first_beat > hour * 60 else 0
+        return known_before[max(known_before)] - known_before[hour] - skipped
+
+    rows = []
+    for device_id, device in devices.items():
+        row = {"consumer": device["consumer"], "device": device["device"], "interval_s": device["interval_s"],
+               "heartbeats": device["first_beat"] is not None}
+        if row["heartbeats"]:
+            row.update(_device_on(conn, device_id, device, begin, finish, local, in_range, day_row, per_hour))
+            row["known_minutes"] = known_minutes(device["first_beat"])
+        else:
+            row.update(known_minutes=None, minutes_on=None, usual_hours=None, gaps=None, gap_minutes=None,
+                       recent_gaps=[])
+        row.update(_device_use(device["spans"], begin, finish, local, day_row, per_hour, row["minutes_on"]))
+        rows.append(row)
+    for consumer, spans in loose.items():
+        row = {"consumer": consumer, "device": None, "interval_s": None, "heartbeats": False, "known_minutes": None,
+               "minutes_on": None, "usual_hours": None, "gaps": None, "gap_minutes": None, "recent_gaps": []}
+        row.update(_device_use(spans, begin, finish, local, day_row, per_hour, None))
+        rows.append(row)
+    rows.sort(key=lambda r: (str(r["consumer"]), r["device"] is None, str(r["device"])))
+    rows = [r for r in rows if r["heartbeats"] or r["sessions"]]
+
+    consumers = {}
+    for row in rows:
+        total = consumers.setdefault(row["consumer"], {"consumer": row["consumer"], "devices": 0,
+                                                       "devices_unknown": 0, "known_minutes": 0, "minutes_on": 0,
+                                                       "minutes_in_use": 0.0, "in_use_while_known": 0.0,
+                                                       "sessions": 0, "sessions_while_known": 0})
+        total["devices"] += row["device"] is not None
+        total["devices_unknown"] += row["device"] is not None and not row["heartbeats"]
+        total["minutes_in_use"] += row["minutes_in_use"]
+        total["sessions"] += row["sessions"]
+        if row["heartbeats"]:
+            total["known_minutes"] += row["known_minutes"]
+            total["minutes_on"] += row["minutes_on"]
+            total["in_use_while_known"] += row["minutes_in_use"]
+            total["sessions_while_known"] += row["sessions"]
+    for total in consumers.values():
+        in_use, sessions = total.pop("in_use_while_known"), total.pop("sessions_while_known")
+        if total["devices"] == total["devices_unknown"]:  # no heartbeats: whether it was on is not known
+            total["known_minutes"] = total["minutes_on"] = None
+        total["minutes_in_use"] = round(total["minutes_in_use"], 2)
+        total["sessions_per_hour_on"] = round(sessions / (total["minutes_on"] / 60), 3) if total["minutes_on"] else None
+        total["utilisation"] = _share(in_use, total["minutes_on"])
+    return {
+        "from": _minute_text(begin), "to": _minute_text(finish), "gap_intervals": GAP_INTERVALS,
+        "devices": rows, "consumers": sorted(consumers.values(), key=lambda c: str(c["consumer"])),
+        "per_day": [{"day": date.fromordinal(ordinal).isoformat(), "known_minutes": r["known"],
+                     "minutes_on": r["on"], "minutes_in_use": round(r["in_use"] / 60, 2), "sessions": r["sessions"],
+                     "state": "unknown" if not r["known"] else "off" if not r["on"] else "on"}
+                    for ordinal, r in sorted(per_day.items())],
+        "per_hour": [{"hour": hour, "known_minutes": r["known"], "minutes_on": r["on"],
+                      "minutes_in_use": round(r["in_use"] / 60, 2), "sessions": r["sessions"]}
+                     for hour, r in enumerate(per_hour)],
+    }
+
+
+def _device_on(conn, device_id, device, begin, finish, local, in_range, day_row, per_hour):
+    """A device's minutes on (COVERAGE_DEFINITION) in the range, added into
+    the days and hours, its usual hours and its gaps."""
+    width = math.ceil(device["interval_s"] / 60)
+    on, smeared = {}, {}
+    habit = min(begin, finish - USUAL_HOURS_FROM)  # the usual hours are found over at least 4 weeks
+    for hour, bits in conn.execute(
+            "SELECT hour, minutes FROM heartbeat_hours WHERE device_id = ? AND hour >= ? AND hour < ? ORDER BY hour",
+            (device_id, (habit - width) // 60 - 1, finish // 60 + 1)):
+        spread = smeared.get(bits)
+        if spread is None:
+            spread = smeared[bits] = _smear(bits, width)
+        step = 0
+        while spread:
+            on[hour + step] = on.get(hour + step, 0) | (spread & _HOUR_MASK)
+            spread >>= 60
+            step += 1
+    total, by_hour, any_slot = 0, [0] * 24, _LocalHours(local.zone_name, ())
+    for hour, bits in on.items():
+        if hour * 60 + 60 <= habit or hour * 60 >= finish:
+            continue
+        for part_mask, _, _, _, of_day in any_slot.parts(hour):
+            by_hour[of_day] += _ones(bits & part_mask)
+        bits &= in_range(hour)
+        if not bits:
+            continue
+        for part_mask, _, _, ordinal, of_day in local.parts(hour):
+            minutes = _ones(bits & part_mask)
+            if minutes:
+                day_row(ordinal)["on"] += minutes
+                per_hour[of_day]["on"] += minutes
+                total += minutes
+    most = max(by_hour)
+    usual = {hour for hour in range(24) if most and by_hour[hour] * 2 >= most}
+
+    # Gaps: the stretches of minutes off, from the first heartbeat (or the range's start) to its end.
+    gaps, threshold = [], GAP_INTERVALS * width
+    off_from = max(begin, device["first_beat"])
+    for hour in sorted(h for h in on if h * 60 + 60 > off_from and h * 60 < finish):
+        bits = on[hour] & in_range(hour)
+        if bits == _HOUR_MASK:  # on all through
+            if hour * 60 > off_from:
+                gaps.append((off_from, hour * 60))
+            off_from = max(off_from, hour * 60 + 60)
+            continue
+        for minute in range(60):
+            at = hour * 60 + minute
+            if at < off_from or at >= finish:
+                continue
+            if bits >> minute & 1:
+                if at > off_from:
+                    gaps.append((off_from, at))
+                off_from = at + 1
+    if off_from < finish:
+        gaps.append((off_from, finish))
+    found = []
+    for low, high in gaps:
+        if high - low <= threshold:
+            continue
+        usual_minutes = _usual_minutes(low, high, usual, local)
+        if usual_minutes > threshold:
+            found.append({"from": _minute_text(low), "to": _minute_text(high), "minutes": high - low,
+                          "usual_minutes": usual_minutes, "ongoing": high == finish})
+    return {"minutes_on": total, "usual_hours": sorted(usual), "gaps": len(found),
+            "gap_minutes": sum(g["minutes"] for g in found), "recent_gaps": found[-LISTED_GAPS:][::-1]}
+
+
+def _usual_minutes(low, high, usual, local):
+    """Minutes of [low, high) in the given local hours of the day (and the query's slots)."""
+    count, hour = 0, low // 60
+    while hour * 60 < high:
+        span = ((1 << min(high - hour * 60, 60)) - 1) ^ ((1 << max(low - hour * 60, 0)) - 1)
+        for part_mask, _, _, _, of_day in local.parts(hour):
+            if of_day in usual:
+                count += _ones(span & part_mask)
+        hour += 1
+    return count
+
+
+def _device_use(spans, begin, finish, local, day_row, per_hour, minutes_on):
+    """A device's (or a consumer's sessions without one) use in the range:
+    the union of its sessions' spans, added into the days and hours, and
+    how often more than one session ran at once."""
+    low, high = begin * 60, finish * 60
+    clipped = sorted((max(a, low), min(b, high)) for a, b in spans if a < high and b >= low)
+    started = [a for a, _ in spans if low <= a < high]
+    for start in started:
+        for _, first, end, ordinal, of_day in local.parts(int(start // 3600)):
+            if first <= (start % 3600) // 60 < end:
+                day_row(ordinal)["sessions"] += 1
+                per_hour[of_day]["sessions"] += 1
+    merged = []
+    for a, b in clipped:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    in_use = 0.0
+    for a, b in merged:
+        hour = int(a // 3600)
+        while hour * 3600 < b:
+            for _, first, end, ordinal, of_day in local.parts(hour):
+                seconds = min(b, hour * 3600 + end * 60) - max(a, hour * 3600 + first * 60)
+                if seconds > 0:
+                    day_row(ordinal)["in_use"] += seconds
+                    per_hour[of_day]["in_use"] += seconds
+                    in_use += seconds
+            hour += 1
+    # More than one at once: a sweep over the starts and ends.
+    changes = sorted([(a, 1) for a, b in clipped] + [(b, -1) for a, b in clipped])
+    at_once, most, together, previous = 0, 0, 0.0, None
+    for moment, change in changes:
+        if at_once >= 2 and previous is not None:
+            together += moment - previous
+        at_once += change
+        most = max(most, at_once)
+        previous = moment
+    minutes_in_use = in_use / 60
+    return {"minutes_in_use": round(minutes_in_use, 2), "sessions": len(started),
+            "utilisation": _share(minutes_in_use, minutes_on) if minutes_on else None,
+            "sessions_per_hour_on": round(len(started) / (minutes_on / 60), 3) if minutes_on else None,
+            "multi_user_share": _share(together, sum(b - a for a, b in merged)), "most_at_once": most}
 
 
 def _share(part, whole):
@@ -3226,7 +3617,8 @@ def restore_database(conn, backup_path):
 
 def purge_older_than(conn, cutoff_utc, chunk=2000, max_chunks=None):
     """Delete sessions started before `cutoff_utc`, and their events, a chunk
-    of sessions per transaction so that ingest waits a moment at most.
+    of sessions per transaction so that ingest waits a moment at most, and
+    the heartbeats of the hours before it.
     Returns the numbers of sessions and events removed."""
     sessions = events = chunks = 0
     while max_chunks is None or chunks < max_chunks:
@@ -3239,6 +3631,10 @@ def purge_older_than(conn, cutoff_utc, chunk=2000, max_chunks=None):
             events += conn.execute(f"DELETE FROM events WHERE session_id IN ({marks})", ids).rowcount
             sessions += conn.execute(f"DELETE FROM sessions WHERE id IN ({marks})", ids).rowcount
         chunks += 1
+    hour = int(datetime.fromisoformat(cutoff_utc[:19]).replace(tzinfo=timezone.utc).timestamp() // 3600)
+    if conn.execute("SELECT 1 FROM heartbeat_hours WHERE hour < ? LIMIT 1", (hour,)).fetchone():
+        with write_transaction(conn):  # all at once: a row an hour and device
+            conn.execute("DELETE FROM heartbeat_hours WHERE hour < ?", (hour,))
     return sessions, events
 
 
@@ -3757,11 +4153,62 @@ def parse_age(text):
     return age
 
 
-def clean_heartbeat(fields):
-    return _check(fields, {"consumer_key": lambda f, n: _text(f, n, MAX_TOKEN_CHARS * 2),
-                           "device": lambda f, n: _text(f, n, MAX_DEVICE_CHARS),
-                           "app_version": lambda f, n: _text(f, n, MAX_DEVICE_CHARS, required=False),
-                           "queue": _sequence_number})
+#: Heartbeats a request may carry in beats= (a tracker's queue from offline
+#: time): a week of 5-minute ones.
+MAX_QUEUED_BEATS = 2016
+#: How old a heartbeat may be to be kept (older ones are counted, not kept),
+#: and how far ahead of the server's clock it may be, after sent_at's correction.
+HEARTBEAT_MAX_AGE = timedelta(days=31)
+HEARTBEAT_MAX_LEAD = timedelta(minutes=10)
+#: Seconds between heartbeats a tracker may say it sends (interval=).
+HEARTBEAT_INTERVALS = (10, 86400)
+
+
+def _queued_beats(fields, name):
+    value = fields.get(name)
+    if value is None or value == "":
+        return []
+    if not isinstance(value, list) or len(value) > MAX_QUEUED_BEATS:
+        raise ValueError(f'"{name}" is a list of up to {MAX_QUEUED_BEATS:,} times (ISO 8601 with a zone) of'
+                         ' heartbeats queued while offline')
+    return [_timestamp({name: beat}, name) for beat in value]
+
+
+def _heartbeat_interval(fields, name):
+    value = _sequence_number(fields, name)
+    low, high = HEARTBEAT_INTERVALS
+    if value is not None and not low <= value <= high:
+        raise ValueError(f'"{name}" is the seconds between heartbeats, {low} to {high:,}')
+    return value
+
+
+def clean_heartbeat(fields, received):
+    """A heartbeat: its device, and the minutes (since 1970, UTC) of its
+    heartbeats: `ts` (default: when it arrived) and those queued in
+    `beats`, corrected by `sent_at` as events are."""
+    clean = _check(fields, {"consumer_key": lambda f, n: _text(f, n, MAX_TOKEN_CHARS * 2),
+                            "device": lambda f, n: _text(f, n, MAX_DEVICE_CHARS),
+                            "app_version": lambda f, n: _text(f, n, MAX_DEVICE_CHARS, required=False),
+                            "queue": _sequence_number, "ts": _optional_timestamp, "sent_at": _optional_timestamp,
+                            "beats": _queued_beats, "interval": _heartbeat_interval})
+    offset, ts = clock_offset(clean.pop("sent_at"), received), clean.pop("ts")
+    beats = ([ts] if ts else []) + clean.pop("beats")
+    minutes, clean["too_old"] = set(), 0
+    for beat in beats:
+        moment = datetime.fromisoformat(beat.shifted(offset).utc[:-1]).replace(tzinfo=timezone.utc)
+        if moment > received + HEARTBEAT_MAX_LEAD:
+            name = "ts" if beat is ts else "beats"
+            message = (f'"{name}": {beat.text!r} is more than {HEARTBEAT_MAX_LEAD.seconds // 60} minutes ahead of'
+                       " the server's clock: send the kiosk's time, and sent_at if its clock may be wrong")
+            raise MicroticksError(400, message, errors={name: [message]})
+        if moment < received - HEARTBEAT_MAX_AGE:  # a clock far behind, or a queue kept too long: counted, not kept
+            clean["too_old"] += 1
+        else:
+            minutes.add(int(moment.timestamp() // 60))
+    if not beats:
+        minutes.add(int(received.timestamp() // 60))
+    clean["minutes"] = sorted(minutes)
+    return clean
 
 
 def clean_session_stop(fields, received):
@@ -3777,7 +4224,8 @@ READ_FILTERS = ("from", "to", "date", "ip", "consumer", "consumer_name", "action
 #: weekday='s values: a day's first three letters (or its whole name).
 WEEKDAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 PAGE_PARAMETERS = ("after_id", "sort", "sort.desc", "limit", "offset", "format", "fields", "data_keys", "data_key")
-STATS_PARAMETERS = ("data_key", "bin", "tz", "type_separator", "paths", "funnel", "meaningful", "touches", "holding")
+STATS_PARAMETERS = ("data_key", "bin", "tz", "type_separator", "paths", "funnel", "meaningful", "touches", "holding",
+                    "coverage")
 #: The values of /stats' touches= (the heatmaps'), the default first.
 TOUCHES_CHOICES = ("all", "navigating")
 #: The longest common path (paths=) and funnel (funnel=) /stats takes.
@@ -3993,6 +4441,16 @@ def clean_read_query(params, kind, tz_name="", export=False):
         fields=clean["fields"], data_keys=clean["data_keys"], data_key=clean["data_key"], slots=slots, tz=tz_name)
 
 
+#: What GET /devices takes.
+DEVICES_PARAMETERS = ("from", "to", "date", "consumer", "consumer_name", "site", "weekday", "hours", "tz")
+
+
+def clean_devices_query(params, settings_tz):
+    """GET /devices' range, consumers, local times and zone: a StatsQuery."""
+    refuse_unknown_parameters(params, DEVICES_PARAMETERS)
+    return clean_stats_query(params, settings_tz)
+
+
 def clean_stats_query(params, settings_tz):
     """The filters of a statistics request, the data key, the heatmap bin
     size in pixels, the time zone and what the path figures are asked for:
@@ -4051,17 +4509,20 @@ def clean_stats_query(params, settings_tz):
                              ' another screen: they carry prevSubject)')
         return value
 
-    def holding_power(p, name):
-        if p.get(name, "") not in ("", "0", "1"):
-            raise ValueError('"holding" is 1 (add the holding power: survival curves) or 0')
-        return p.get(name) == "1"
+    def switch(meaning):
+        def check(p, name):
+            if p.get(name, "") not in ("", "0", "1"):
+                raise ValueError(f'"{name}" is 1 (add {meaning}) or 0')
+            return p.get(name) == "1"
+        return check
 
     extra = _check(stats_params, {"tz": tz, "data_key": _data_key_parameter, "bin": bin_size, "type_separator": type_separator,
                                   "paths": path_length, "funnel": funnel, "meaningful": meaningful, "touches": touches,
-                                  "holding": holding_power})
+                                  "holding": switch("the holding power: survival curves"),
+                                  "coverage": switch("the coverage: whether the kiosks were on, and their use")})
     query = clean_read_query(filters, "sessions", extra["tz"], export=True)
     return StatsQuery(query, extra["tz"], extra["data_key"], extra["bin"], extra["type_separator"], extra["paths"],
-                      extra["funnel"], extra["meaningful"], extra["touches"], extra["holding"])
+                      extra["funnel"], extra["meaningful"], extra["touches"], extra["holding"], extra["coverage"])
 
 
 #: The filters one side of /compare takes, each prefixed with its side (a.from, b.consumer).
@@ -4953,11 +5414,12 @@ def post_session_stop():
 def post_heartbeat():
     own = service()
     fields, _ = request_fields(bottle.request)
-    clean = clean_heartbeat(fields)
+    clean = clean_heartbeat(fields, datetime.now(timezone.utc))
     with own.counting_wrong_keys():
         device_id = record_heartbeat(own.connection(), clean["consumer_key"], clean["device"],
-                                     clean["app_version"], clean["queue"], own.client_ip(), own.settings.store_ip)
-    return {"device_id": device_id, "status": 200}
+                                     clean["app_version"], clean["queue"], own.client_ip(), own.settings.store_ip,
+                                     clean["minutes"], clean["interval"])
+    return {"device_id": device_id, "minutes": len(clean["minutes"]), "too_old": clean["too_old"], "status": 200}
 
 
 def read_answer(kind):
@@ -5085,6 +5547,13 @@ def get_screen_touches(screen):
                                    [(stats_query.data_key, stats_query.bin)]), status=200)
 
 
+def get_devices():
+    own = service()
+    stats_query = clean_devices_query(query_params(bottle.request), own.settings.tz)
+    own.prepare_read()
+    return dict(own.expensive_read(lambda conn: device_uptime(conn, stats_query)), status=200)
+
+
 def get_report():
     own = service()
     own.prepare_read()
@@ -5129,6 +5598,7 @@ ROUTES = [
     ("PUT", "/screens/<screen:path>/image", put_image),
     ("GET", "/screens/<screen:path>/image", get_image),
     ("GET", "/screens/<screen:path>/touches", get_screen_touches),
+    ("GET", "/devices", get_devices),
     ("DELETE", "/screens/<screen:path>/image", remove_image),
 ]
 
@@ -6512,8 +6982,9 @@ def cmd_stats(args, settings):
                                           ("paths", args.paths), ("funnel", args.funnel),
                                           ("type_separator", args.type_separator),
                                           ("meaningful", args.meaningful)) if v is not None})
-    if args.holding:
-        params["holding"] = "1"
+    for switch in ("holding", "coverage"):
+        if getattr(args, switch):
+            params[switch] = "1"
     print_answer(args, stats_figures(open_for_reading(settings), clean_stats_query(params, settings.tz)), print_stats)
 
 
@@ -6608,6 +7079,19 @@ def print_stats(stats):
         table("Holding power (Kaplan-Meier: the share still engaged; censored: still going when last seen)",
               [("sessions", *engaged(holding_figures["sessions"]))]
               + [(str(row["screen"]), *engaged(row)) for row in holding_figures["screens"]], ("", *header))
+    if "coverage" in stats:
+        coverage = stats["coverage"]
+        table(f"Coverage from {coverage['from'][:16]} to {coverage['to'][:16]} UTC (from heartbeats; unknown: the"
+              " kiosk sent none)", [
+                  (f"{row['consumer']}/{row['device'] or '(no device)'}", *coverage_columns(row),
+                   "-" if row["most_at_once"] is None else as_count(row["most_at_once"]),
+                   "-" if row["gaps"] is None else as_count(row["gaps"])) for row in coverage["devices"]],
+              ("device", "on (h)", "uptime", "in use (h)", "utilisation", "sessions", "per hour on", "most at once",
+               "gaps"))
+        table("Coverage per day (off: no kiosk on; unknown: none sending heartbeats)", [
+            (day["day"], day["state"], f"{day['minutes_on'] / 60:,.1f}", f"{day['minutes_in_use'] / 60:,.1f}",
+             as_count(day["sessions"])) for day in coverage["per_day"]], ("day", "state", "on (h)", "in use (h)",
+                                                                           "sessions"))
     if stats["annotations"]:
         table("Annotations", [(a["time"], a["consumer"] or "(all)", a["text"]) for a in stats["annotations"]],
               ("time", "consumer", "text"))
@@ -6686,6 +7170,35 @@ def cmd_report(args, settings):
     write_export_text([html], args.output or name)
     print(f"Wrote {args.output or name}: the dashboard of that range, its charts and screens' images inside;"
           " it opens in any browser, with no network", file=sys.stderr)
+
+
+def cmd_devices(args, settings):
+    params = {name: value for name, value in (("from", args.from_), ("to", args.to), ("tz", args.tz))
+              if value is not None}
+    if args.consumer is not None:
+        params.update(consumer_filter(args.consumer))
+    print_answer(args, device_uptime(open_for_reading(settings), clean_devices_query(params, settings.tz)),
+                 print_devices)
+
+
+def print_devices(answer):
+    print(f"From {answer['from'][:16]} to {answer['to'][:16]} UTC; a gap: over {answer['gap_intervals']}"
+          " heartbeat intervals without one, in the kiosk's usual hours")
+    _print_table("Devices", [
+        (f"{row['consumer']}/{row['device'] or '(no device)'}", *coverage_columns(row),
+         "-" if row["gaps"] is None else as_count(row["gaps"]),
+         (row.get("last_heartbeat_at") or "-")[:16]) for row in answer["devices"]],
+        ("device", "on (h)", "uptime", "in use (h)", "utilisation", "sessions", "per hour on", "gaps",
+         "last heartbeat"))
+
+
+def coverage_columns(row):
+    """A coverage row's hours on, uptime, hours in use, utilisation, sessions and sessions per hour on."""
+    def hours(minutes):
+        return "unknown" if minutes is None else f"{minutes / 60:,.1f}"
+    uptime = _share(row["minutes_on"], row["known_minutes"]) if row.get("known_minutes") else None
+    return (hours(row["minutes_on"]), as_percent(uptime), hours(row["minutes_in_use"]), as_percent(row["utilisation"]),
+            as_count(row["sessions"]), as_count(row["sessions_per_hour_on"]))
 
 
 def cmd_screenshot(args, settings):
@@ -7040,6 +7553,8 @@ def build_parser():
                      f" meaningful (default: {DEFAULT_MEANINGFUL_TOUCHES})")
     sub.add_argument("--holding", action="store_true", help="add the holding power: how many are still engaged"
                      " after 10 s, 30 s, ... (Kaplan-Meier), of sessions and per screen")
+    sub.add_argument("--coverage", action="store_true", help="add the coverage: whether the kiosks were on (from"
+                     " their heartbeats), their use, per device, day and hour")
     sub.add_argument("--json", action="store_true", help="print the JSON that GET /stats answers")
     sub = command("compare", cmd_compare, "compare two sets of sessions (two periods, consumers, ...): both"
                   " sides' medians and shares, their differences and p values, as GET /compare answers")
@@ -7083,6 +7598,14 @@ def build_parser():
                          ("TIME" if side in ("from", "to") else None), help=f"compare with side B: its {side}")
     sub.add_argument("--output", "-o", metavar="FILE", help="where to write it (default:"
                                                             " microticks-report-FROM-TO.html)")
+    sub = command("devices", cmd_devices, "each kiosk's uptime (from its heartbeats), use and gaps, as GET /devices"
+                  " answers")
+    sub.add_argument("--from", dest="from_", metavar="TIME", help="from this day or time on (default: its first"
+                                                                  " heartbeat)")
+    sub.add_argument("--to", metavar="TIME", help="up to this day (included) or time (excluded); default: now")
+    sub.add_argument("--consumer", metavar="NAME|ID", help="that consumer's devices: its name, or its id")
+    sub.add_argument("--tz", help="time zone of the usual hours (default: $MICROTICKS_TZ, else the server's)")
+    sub.add_argument("--json", action="store_true", help="print the JSON that GET /devices answers")
     sub = command("screenshot", cmd_screenshot, "give a screen (a value of the data key) an image, which the"
                   " heatmaps are drawn over (or --delete it)")
     sub.add_argument("screen", metavar="SCREEN", help="the screen, e.g. main or year:2017")
@@ -7180,6 +7703,30 @@ HOLDING_DEFINITION = (
     f" screens: for the {HOLDING_CURVES} most visited). In /compare, differences.duration_survival: the"
     " log-rank test of the two sides' session curves (observed and expected endings per side, chi2 of one"
     " degree of freedom, p_value).")
+
+
+#: What /stats' coverage and GET /devices mean (the API description and the docs page).
+COVERAGE_DEFINITION = (
+    "With coverage=1, coverage: whether the kiosks were on, and how much they were used, from their heartbeats"
+    " (kept per device to the minute) and the selected sessions, over the range (from= and to=, else from the"
+    " first heartbeat or session to now) in the selected local weekdays and hours. A heartbeat vouches that"
+    " its device was on in its minute and in the minutes of one heartbeat interval after it (interval=, as"
+    f" the tracker says; default {DEFAULT_HEARTBEAT_INTERVAL} s; one minute's slack for the timer). Per device:"
+    " known_minutes, from its first heartbeat on (before it, and for a device that never sent one, whether it"
+    " was on is unknown: null, not off); minutes_on; minutes_in_use, the union of its sessions' spans (start"
+    " to stop, else to the last event; at most a day each), overlaps merged; utilisation, in use / on;"
+    " sessions (started in the range) and sessions_per_hour_on; multi_user_share, the share of the in-use"
+    " time with two or more sessions at once, and most_at_once; usual_hours, the local hours of the day in"
+    " which it was on at least half as long as in its most-on hour, over the range and at least the 4"
+    " weeks before its end; gaps, the stretches without heartbeats longer than gap_intervals"
+    f" ({GAP_INTERVALS}) intervals of which more than that lies in its usual hours (a kiosk switched off"
+    " every night has none), with gap_minutes and the most recent recent_gaps (from, to, minutes,"
+    " usual_minutes, ongoing: it lasts to the range's end). Sessions without a device are listed per"
+    " consumer (device null). consumers: the same added up per consumer (utilisation over its devices"
+    " with heartbeats). per_day and per_hour (local, in tz): known_minutes and minutes_on (summed over the"
+    " devices), minutes_in_use, sessions; per_day's state: unknown (no device known), off (none on) or on."
+    " GET /devices answers the devices' rows, with uptime (minutes_on / known_minutes) and each one's last"
+    " sign of life.")
 
 
 #: What /compare answers (the API description and the docs page).
@@ -7298,10 +7845,10 @@ def openapi_spec():
               {"type": "string", "maxLength": MAX_CONSUMER_NAME_CHARS}),
         param("weekday", "Local weekdays only (events: their time; sessions: their start, in tz), comma-separated",
               {"type": "string", "pattern": "^(mon|tue|wed|thu|fri|sat|sun)(,(mon|tue|wed|thu|fri|sat|sun))*$",
-               "examples": ["sat,sun"]}),
+               "maxLength": 100, "examples": ["sat,sun"]}),
         param("hours", "Local hours only, from-to (to excluded), comma-separated; 22-2 runs past midnight",
               {"type": "string", "pattern": "^([01]?[0-9]|2[0-3])-([01]?[0-9]|2[0-4])(,([01]?[0-9]|2[0-3])-([01]?[0-9]|2[0-4]))*$",
-               "examples": ["10-12", "10-12,14-16"]}),
+               "maxLength": 100, "examples": ["10-12", "10-12,14-16"]}),
     ]
     screen_name = {"name": "screen", "in": "path", "required": True,
                    "description": f"A value of the data key: 1 to {MAX_SCREEN_CHARS} characters, no /",
@@ -7331,6 +7878,8 @@ def openapi_spec():
                          " screen (they carry prevSubject)", {"type": "string", "enum": list(TOUCHES_CHOICES)}),
         param("holding", "1: add the holding power (Kaplan-Meier survival curves of sessions and of time on each"
                          " screen); 0 or absent: not", {"type": "string", "enum": ["0", "1"]}),
+        param("coverage", "1: add the coverage (whether the kiosks were on, from their heartbeats, and how much"
+                          " they were used); 0 or absent: not", {"type": "string", "enum": ["0", "1"]}),
     ]
     paging = [
         param("after_id", "Rows with a larger id (with sort.desc=id: smaller): cursor paging", whole),
@@ -7407,7 +7956,15 @@ def openapi_spec():
                     "consumer_key": text(MAX_TOKEN_CHARS * 2),
                     "device": text(MAX_DEVICE_CHARS),
                     "app_version": optional(text(MAX_DEVICE_CHARS, 0)),
-                    "queue": optional({"type": "integer", "minimum": 0, "maximum": 2**53 - 1})}},
+                    "queue": optional({"type": "integer", "minimum": 0, "maximum": 2**53 - 1}),
+                    "ts": optional({**timestamp, "description": "When it beat, by the kiosk's clock (default: when"
+                                                                " it arrives)"}),
+                    "sent_at": event_fields["sent_at"],
+                    "beats": optional({"type": "array", "maxItems": MAX_QUEUED_BEATS, "items": timestamp,
+                                       "description": "Heartbeats queued while offline, by the kiosk's clock"}),
+                    "interval": optional({"type": "integer", "minimum": HEARTBEAT_INTERVALS[0],
+                                          "maximum": HEARTBEAT_INTERVALS[1],
+                                          "description": "Seconds between its heartbeats"})}},
                 "EventsPage": {"type": "object", "required": ["events", "count"], "properties": {
                     "events": {"type": "array", "items": {"type": "object", "properties": {
                         "id": {"type": "integer"}, "session_id": {"type": "integer"}, "time": {"type": "string"},
@@ -7437,6 +7994,7 @@ def openapi_spec():
                     "touches_per_session": {"type": "object"}, "screens_per_session": {"type": "object"},
                     "time_to_first_touch": {"type": "object"},
                     "holding": {"type": "object", "description": HOLDING_DEFINITION},
+                    "coverage": {"type": "object", "description": COVERAGE_DEFINITION},
                     "annotations": {"type": "array", "items": ref("Annotation"),
                                     "description": "The annotations in the range, for every consumer or the"
                                                    " one filtered for"},
@@ -7507,10 +8065,27 @@ def openapi_spec():
             },
             "/heartbeat": {
                 "post": {"summary": "Report that a kiosk is alive", "operationId": "heartbeat",
+                         "description": "Kept as history, to the minute, per device: the coverage of /stats and"
+                                        " GET /devices. beats (JSON only): heartbeats the tracker queued while"
+                                        f" offline. Heartbeats over {HEARTBEAT_MAX_AGE.days} days old are counted"
+                                        " (too_old) but not kept; one more than"
+                                        f" {HEARTBEAT_MAX_LEAD.seconds // 60} minutes ahead of the server's clock"
+                                        " (after sent_at's correction) is refused.",
                          "requestBody": body(ref("Heartbeat"), "Heartbeat"),
                          "responses": {"200": answer("Recorded", {"type": "object", "properties": {
-                             "device_id": {"type": "integer"}, "status": {"type": "integer"}}}),
+                             "device_id": {"type": "integer"}, "minutes": {"type": "integer"},
+                             "too_old": {"type": "integer"}, "status": {"type": "integer"}}}),
                              **errors(400, 401, 403, 411, 413, 415, 429, 503)}},
+            },
+            "/devices": {
+                "get": {"summary": "Each kiosk's uptime: its coverage from its heartbeats, and its last sign of"
+                                   " life", "operationId": "devices", "description": COVERAGE_DEFINITION,
+                        "parameters": [p for p in filters if p["name"] in DEVICES_PARAMETERS]
+                        + [p for p in stats_params if p["name"] == "tz"],
+                        "responses": {"200": answer("The devices", {"type": "object", "properties": {
+                            "from": {"type": "string"}, "to": {"type": "string"}, "timezone": {"type": "string"},
+                            "gap_intervals": {"type": "integer"}, "devices": {"type": "array"},
+                            "status": {"type": "integer"}}}), **errors(400, 401, 429, 503)}},
             },
             "/stats": {
                 "get": {"summary": "Statistics of the selected sessions", "operationId": "stats",
@@ -7658,6 +8233,7 @@ def openapi_spec():
             if "anyOf" in field_schema:
                 field_schema = dict(field_schema, anyOf=[o for o in field_schema["anyOf"] if o != {"type": "null"}])
             properties[field_name] = field_schema
+        properties.pop("beats", None)  # a list: JSON only
         schemas[name + "Form"] = dict(schemas[name], properties=properties)
     return spec
 

@@ -6014,7 +6014,8 @@ def test_schemathesis_finds_no_server_error_and_no_spec_mismatch(tmp_path, consu
     # A refusal may be any 4xx the description lists, not only 400/422.
     # /compare refuses a side without a filter, which an OpenAPI description
     # cannot say (at least one of several parameters): that 400 is allowed there;
-    # nor can it say which bytes make an image (a PUT of a screen's image).
+    # nor can it say which bytes make an image (a PUT of a screen's image), nor
+    # that a heartbeat's time may not be ahead of the server's clock.
     config.write_text("[checks.negative_data_rejection]\n"
                       "expected-statuses = [400, 401, 403, 404, 405, 409, 411, 413, 415, 422, 429]\n"
                       "[[operations]]\n"
@@ -6025,7 +6026,10 @@ def test_schemathesis_finds_no_server_error_and_no_spec_mismatch(tmp_path, consu
                       "checks.positive_data_acceptance.expected-statuses = [200, 400, 401, 429]\n"
                       "[[operations]]\n"
                       'include-path = "/screens/{screen}/image"\n'
-                      "checks.positive_data_acceptance.expected-statuses = [200, 400, 401, 404, 429]\n")
+                      "checks.positive_data_acceptance.expected-statuses = [200, 400, 401, 404, 429]\n"
+                      "[[operations]]\n"
+                      'include-path = "/heartbeat"\n'
+                      "checks.positive_data_acceptance.expected-statuses = [200, 400, 401, 403, 429]\n")
     summaries = []
     for key in (None, SECRET):
         server = RestartableServer(db_path, api_key=key or "")
@@ -6042,3 +6046,249 @@ def test_schemathesis_finds_no_server_error_and_no_spec_mismatch(tmp_path, consu
         summaries.append(re.search(r"(\d+) generated", result.stdout).group(1))
     reliability_report(f"Schemathesis: {summaries[0]} requests without the key and {summaries[1]} with it, "
                        "no server error, every answer as the description says")
+
+
+# Coverage: heartbeats kept as history ########################################
+
+COVERAGE_ZONE = "Europe/Oslo"
+
+
+def scripted_kiosk_week(client, consumer_key):
+    """A week of three kiosks, posted as trackers post them, ending at the
+    last local midnight (Oslo) before now: kiosk-a beats every 5 minutes
+    09:00-17:00 but is off on the third day and crashes 13:10-14:40 on the
+    fifth; kiosk-b beats every minute 10:00-12:00 on odd days, where two
+    visitors at once use it; kiosk-c never beats (an old tracker). Sessions
+    start, post events and stop with the kiosk's times. Returns the plan:
+    each device's heartbeat minutes and interval, and its sessions' spans
+    (seconds since 1970), and the week's start and end."""
+    from datetime import datetime, timedelta, timezone
+    from zoneinfo import ZoneInfo
+    zone = ZoneInfo(COVERAGE_ZONE)
+    today = datetime.now(zone).replace(hour=0, minute=0, second=0, microsecond=0)
+    start = today - timedelta(days=7)
+    plan = {"kiosk-a": {"interval": 300, "beats": set(), "spans": []},
+            "kiosk-b": {"interval": 60, "beats": set(), "spans": []},
+            "kiosk-c": {"interval": None, "beats": set(), "spans": []}}
+    for day in range(7):
+        midnight = (start + timedelta(days=day)).replace(tzinfo=None)
+        for minute in range(9 * 60, 17 * 60, 5):
+            at = datetime.combine(midnight.date(), datetime.min.time()).replace(tzinfo=zone) + timedelta(minutes=minute)
+            if day == 2 or (day == 4 and 13 * 60 + 10 <= minute < 14 * 60 + 40):
+                continue
+            plan["kiosk-a"]["beats"].add(int(at.timestamp() // 60))
+        if day % 2:
+            for minute in range(10 * 60, 12 * 60):
+                at = datetime.combine(midnight.date(), datetime.min.time()).replace(tzinfo=zone) + timedelta(minutes=minute)
+                plan["kiosk-b"]["beats"].add(int(at.timestamp() // 60))
+    def iso(moment):
+        return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    sent = datetime.now(timezone.utc)
+    for device, facts in plan.items():
+        beats = sorted(facts["beats"])
+        for first in range(0, len(beats), 2000):  # a tracker's offline queue, sent when back online
+            chunk = [iso(datetime.fromtimestamp(m * 60 + 7, timezone.utc)) for m in beats[first:first + 2000]]
+            answer = client.post_json("/heartbeat", {"consumer_key": consumer_key, "device": device,
+                                                     "beats": chunk, "interval": facts["interval"],
+                                                     "sent_at": iso(sent)})
+            assert answer.status == 200 and answer.json["minutes"] == len(chunk), answer
+    # Sessions: (device, day, local start minute, seconds long), some at once on kiosk-b.
+    sessions = [("kiosk-a", 0, 9 * 60 + 30, 95.5), ("kiosk-a", 0, 9 * 60 + 31, 40), ("kiosk-a", 1, 16 * 60 + 58, 300),
+                ("kiosk-a", 2, 11 * 60, 60), ("kiosk-a", 4, 13 * 60 + 20, 30), ("kiosk-a", 6, 10 * 60, 3600),
+                ("kiosk-b", 1, 10 * 60 + 5, 600), ("kiosk-b", 1, 10 * 60 + 10, 600), ("kiosk-b", 1, 10 * 60 + 12, 120),
+                ("kiosk-b", 3, 11 * 60 + 59, 180), ("kiosk-c", 5, 14 * 60, 45.25), ("kiosk-c", 5, 14 * 60, 20)]
+    for device, day, minute, seconds in sessions:
+        began = datetime.combine((start + timedelta(days=day)).date(), datetime.min.time()).replace(
+            tzinfo=zone) + timedelta(minutes=minute)
+        ended = began + timedelta(seconds=seconds)
+        reply = client.form("/sessions", {"consumer_key": consumer_key, "ts": iso(began), "token": "",
+                                          "device": device})
+        token = reply.json["token"]
+        client.event(token, data='{"subject":"main","clickX":5,"clickY":5}', ts=iso(began + timedelta(seconds=1)))
+        assert client.form("/sessions/stop", {"token": token, "ts": iso(ended)}).status == 200
+        plan[device]["spans"].append((began.timestamp(), ended.timestamp()))
+    return plan, start, today
+
+
+def independent_coverage(plan, begin, end, weekday=None):
+    """COVERAGE_DEFINITION in plain Python, minute by minute: a heartbeat
+    vouches for its minute and the interval's minutes after it; known from
+    a device's first heartbeat; in use: the union of sessions' spans
+    (second by second); days and hours local in Oslo."""
+    from datetime import datetime, timedelta, timezone
+    from zoneinfo import ZoneInfo
+    zone = ZoneInfo(COVERAGE_ZONE)
+    low, high = int(begin.timestamp() // 60), int(end.timestamp() // 60)
+
+    def local(minute):
+        moment = datetime.fromtimestamp(minute * 60, timezone.utc).astimezone(zone)
+        return moment.date().isoformat(), moment.hour
+
+    def counted(minute):  # weekday=: that local weekday's minutes only (0: the week's first day)
+        return weekday is None or datetime.fromtimestamp(minute * 60, timezone.utc).astimezone(zone).date() == (
+            begin + timedelta(days=weekday)).date()
+    days, hours, devices = {}, {}, {}
+    for device, facts in plan.items():
+        figures = devices[device] = {}
+        beats = facts["beats"]
+        on = set()
+        if beats:
+            width = -(-facts["interval"] // 60)
+            for beat in beats:
+                on.update(range(beat, beat + width + 1))
+            on, by_hour_seen = {m for m in on if low <= m < high and counted(m)}, set()
+            known = [m for m in range(low, high) if m >= min(beats) and counted(m)]
+            figures.update(minutes_on=len(on), known_minutes=len(known))
+            for m in known:
+                day, hour = local(m)
+                days.setdefault(day, [0, 0, 0, 0])[0] += 1
+                hours.setdefault(hour, [0, 0, 0, 0])[0] += 1
+            for m in on:
+                day, hour = local(m)
+                days[day][1] += 1
+                hours[hour][1] += 1
+            by_hour = [0] * 24  # usual hours: over 4 weeks at least, every weekday
+            for beat in beats:
+                for m in range(beat, beat + width + 1):
+                    if min(low, high - 28 * 1440) <= m < high and m not in by_hour_seen:
+                        by_hour_seen.add(m)
+                        by_hour[local(m)[1]] += 1
+            usual = {h for h in range(24) if by_hour[h] * 2 >= max(by_hour)}
+            gaps, run = [], []
+            for m in range(max(low, min(beats)), high):
+                if m in on or not counted(m):
+                    if run:
+                        gaps.append(run)
+                    run = []
+                else:
+                    run.append(m)
+            if run:
+                gaps.append(run)
+            threshold = 3 * width
+            figures["gaps"] = sum(1 for g in gaps if len(g) > threshold and
+                                  sum(local(m)[1] in usual for m in g) > threshold)
+            figures["usual_hours"] = sorted(usual)
+        spans = [(a, b) for a, b in facts["spans"] if counted(int(a // 60))]  # weekday= selects sessions by their start
+        quarters = set()  # quarter seconds: the spans' precision
+        for a, b in spans:
+            quarters.update(q for q in range(int(a * 4), int(b * 4)) if counted(q // 240))
+        in_use = len(quarters) / 4 / 60
+        figures["minutes_in_use"] = round(in_use, 2)
+        figures["sessions"] = len(spans)
+        for a, _ in spans:
+            day, hour = local(int(a // 60))
+            days.setdefault(day, [0, 0, 0, 0])[3] += 1
+            hours.setdefault(hour, [0, 0, 0, 0])[3] += 1
+        for quarter in quarters:
+            day, hour = local(quarter // 240)
+            days.setdefault(day, [0, 0, 0, 0])[2] += 0.25
+            hours.setdefault(hour, [0, 0, 0, 0])[2] += 0.25
+        if beats:
+            on_hours = figures["minutes_on"] / 60
+            figures["utilisation"] = round(in_use / figures["minutes_on"], 4) if on_hours else None
+            figures["sessions_per_hour_on"] = round(len(spans) / on_hours, 3) if on_hours else None
+        counts = {}
+        for a, b in spans:
+            for q in range(int(a * 4), int(b * 4)):
+                counts[q] = counts.get(q, 0) + 1
+        figures["most_at_once"] = max(counts.values(), default=0)
+        figures["multi_user_share"] = round(sum(c >= 2 for c in counts.values()) / len(counts), 4) if counts else None
+    return devices, days, hours
+
+
+def test_coverage_equals_an_independent_computation_over_a_scripted_kiosk_week(start_server, consumer_key, db_path):
+    from datetime import timedelta
+    kiosk = start_server(tz=COVERAGE_ZONE)
+    plan, begin, end = scripted_kiosk_week(kiosk, consumer_key)
+    last_day = (end - timedelta(days=1)).date().isoformat()  # to= takes the whole of its day
+    answer = kiosk.get("/stats", coverage="1", tz=COVERAGE_ZONE, **{"from": begin.date().isoformat(),
+                                                                  "to": last_day}).json
+    coverage = answer["coverage"]
+    assert_coverage_is(coverage, *independent_coverage(plan, begin, end))
+    devices = {row["device"]: row for row in coverage["devices"]}
+    # What the week was scripted to hold.
+    assert (devices["kiosk-a"]["gaps"], devices["kiosk-b"]["gaps"]) == (2, 3)
+    assert devices["kiosk-a"]["usual_hours"] == list(range(9, 17)) and devices["kiosk-b"]["usual_hours"] == [10, 11]
+    crash = devices["kiosk-a"]["recent_gaps"][0]
+    assert (crash["minutes"], crash["ongoing"]) == (89, False) and devices["kiosk-b"]["recent_gaps"][0]["ongoing"]
+    assert devices["kiosk-b"]["most_at_once"] == 3 and devices["kiosk-a"]["most_at_once"] == 2
+    assert (devices["kiosk-c"]["heartbeats"], devices["kiosk-c"]["minutes_on"], devices["kiosk-c"]["sessions"]) == (
+        False, None, 2)
+    assert [day["state"] for day in coverage["per_day"]] == ["on", "on", "off", "on", "on", "on", "on"]
+    consumer = coverage["consumers"][0]
+    assert (consumer["devices"], consumer["devices_unknown"]) == (3, 1)
+    assert consumer["minutes_on"] == devices["kiosk-a"]["minutes_on"] + devices["kiosk-b"]["minutes_on"]
+    # One weekday only: the figures of its minutes and sessions alone.
+    weekday = (begin + timedelta(days=4)).strftime("%a").lower()
+    one_day = kiosk.get("/stats", coverage="1", tz=COVERAGE_ZONE, weekday=weekday,
+                        **{"from": begin.date().isoformat(), "to": last_day}).json["coverage"]
+    assert_coverage_is(one_day, *independent_coverage(plan, begin, end, weekday=4))
+    assert [day["day"] for day in one_day["per_day"]] == [(begin + timedelta(days=4)).date().isoformat()]
+    # GET /devices: each kiosk's rows, its uptime and last sign of life; the command prints the same.
+    window = {"from": begin.date().isoformat(), "to": last_day, "tz": COVERAGE_ZONE}
+    uptime = kiosk.get("/devices", **window).json
+    rows = {row["device"]: row for row in uptime["devices"]}
+    assert rows["kiosk-a"]["uptime"] == round(devices["kiosk-a"]["minutes_on"] / devices["kiosk-a"]["known_minutes"], 4)
+    assert rows["kiosk-c"]["uptime"] is None and rows["kiosk-a"]["last_heartbeat_at"] is not None
+    assert {name: {k: row[k] for k in devices[name]} for name, row in rows.items()} == {
+        name: {k: row[k] for k in devices[name]} for name, row in devices.items()}
+    command = ["devices", "--from", window["from"], "--to", last_day, "--tz", COVERAGE_ZONE, "--db", db_path]
+    assert json.loads(run_cli(*command, "--json").stdout) == {k: v for k, v in uptime.items() if k != "status"}
+    printed = run_cli(*command).stdout
+    assert re.search(r"kiosk1/kiosk-a .* 2\s+\S+\s*$", printed, re.M), printed
+    assert kiosk.get("/devices", weekday="funday").status == 400
+    assert "'paths'" in kiosk.get("/devices", paths="3").json["error"]
+
+
+def test_heartbeats_are_checked_kept_to_the_minute_and_a_flood_changes_nothing_else(client, consumer_key, db_path):
+    from datetime import datetime, timedelta, timezone
+
+    def iso(moment):
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    now = datetime.now(timezone.utc)
+    beat = {"consumer_key": consumer_key, "device": "table-1"}
+    for fields, name in [({"ts": iso(now + timedelta(hours=1))}, "ts"), ({"beats": "2024-01-01T00:00:00Z"}, "beats"),
+                         ({"beats": [iso(now)] * 2017}, "beats"), ({"beats": ["yesterday"]}, "beats"),
+                         ({"interval": 5}, "interval"), ({"interval": "often"}, "interval"),
+                         ({"beats": [iso(now + timedelta(days=1))]}, "beats")]:
+        refused = client.post_json("/heartbeat", {**beat, **fields})
+        assert refused.status == 400 and f'"{name}"' in refused.json["error"], (fields, refused.json)
+        assert name in refused.json["errors"]
+    assert stored(db_path, "SELECT count(*) FROM heartbeat_hours") == [(0,)]  # nothing of a refused one
+    # A month-old queue is counted, not kept; a skewed clock is corrected by sent_at.
+    old = client.post_json("/heartbeat", {**beat, "beats": [iso(now - timedelta(days=40)), iso(now)]}).json
+    assert (old["minutes"], old["too_old"]) == (1, 1)
+    skewed = client.post_json("/heartbeat", {**beat, "ts": iso(now + timedelta(hours=2)),
+                                             "sent_at": iso(now + timedelta(hours=2))})
+    assert skewed.status == 200 and skewed.json["minutes"] == 1
+    # A flood: one a second for ten minutes from one device, each its own request.
+    flood_start = (now - timedelta(minutes=30)).replace(second=0, microsecond=0)
+    for second in range(600):
+        answer = client.post_json("/heartbeat", {**beat, "ts": iso(flood_start + timedelta(seconds=second))})
+        assert answer.status == 200
+    minutes = stored(db_path, "SELECT hour, minutes FROM heartbeat_hours ORDER BY hour")
+    assert len(minutes) <= 3  # one row an hour, whatever the rate
+    kept = {hour * 60 + bit for hour, bits in minutes for bit in range(60) if bits >> bit & 1}
+    flood = int(flood_start.timestamp() // 60)
+    assert set(range(flood, flood + 10)) <= kept and len(kept) <= 10 + 2
+    assert stored(db_path, "SELECT count(*) FROM events") == [(0,)]
+    # Another device's history is its own.
+    client.post_json("/heartbeat", {"consumer_key": consumer_key, "device": "table-2", "ts": iso(now)})
+    assert stored(db_path, "SELECT count(DISTINCT device_id) FROM heartbeat_hours") == [(2,)]
+
+
+def assert_coverage_is(coverage, devices, days, hours):
+    by_device = {row["device"]: row for row in coverage["devices"]}
+    devices = {device: figures for device, figures in devices.items() if "minutes_on" in figures or figures["sessions"]}
+    assert set(by_device) == set(devices)  # a device without heartbeats is listed where it has sessions
+    for device, figures in devices.items():
+        for name, value in figures.items():
+            assert by_device[device][name] == (
+                pytest.approx(value, abs=0.02) if isinstance(value, float) else value), (device, name)
+    assert {day["day"]: [day["known_minutes"], day["minutes_on"], pytest.approx(day["minutes_in_use"], abs=0.02),
+                         day["sessions"]] for day in coverage["per_day"]} == {
+        day: [known, on, in_use / 60, sessions] for day, (known, on, in_use, sessions) in days.items()}
+    assert {hour["hour"]: [hour["known_minutes"], hour["minutes_on"], pytest.approx(hour["minutes_in_use"], abs=0.02),
+                           hour["sessions"]] for hour in coverage["per_hour"] if any(
+        (hour["known_minutes"], hour["minutes_in_use"], hour["sessions"]))} == {
+        hour: [known, on, in_use / 60, sessions] for hour, (known, on, in_use, sessions) in hours.items()}
