@@ -5530,6 +5530,35 @@ def test_clicks_while_the_server_is_down_arrive_once_it_is_back(demo, api, db_pa
     assert [e["seq"] for e in events] == list(range(1, 11))
 
 
+def test_heartbeats_while_the_server_is_down_are_queued_and_sent_with_the_next(demo, api, db_path):
+    """The tracker beats at start and then every interval; those it could not
+    send wait in its queue (localStorage) and go with the next one, with
+    their own times: the kiosk was on, the network (or the server) was not."""
+    page = demo()
+    api.stop()
+    page.evaluate(f"""() => {{
+        window.sent = [];
+        window.beating = Microticks.start({{...window.tracker.options, storageKey: 'beats', autoTrack: false,
+            device: 'beat-kiosk', heartbeatInterval: 250, flushInterval: 100000,
+            onSend: (path, payload) => {{ if (path === '/heartbeat') window.sent.push(payload.beats.length); }}}});
+    }}""")
+    page.wait_for_function("window.beating.state.beats.length >= 4")
+    queued = page.evaluate("JSON.parse(localStorage.getItem('beats')).beats")
+    assert len(queued) >= 4 and queued == sorted(queued)
+    beat_rows = ("SELECT h.hour, h.minutes FROM heartbeat_hours h JOIN devices d ON d.id = h.device_id"
+                 " WHERE d.name = 'beat-kiosk'")
+    assert stored(db_path, beat_rows) == []
+    api.start()
+    page.wait_for_function("window.sent.length > 0 && window.beating.state.beats.length <= 1")
+    assert page.evaluate("window.sent[0]") >= 4  # the queued ones, in one request
+    page.evaluate("window.beating.destroy()")
+    assert stored(db_path, "SELECT heartbeat_interval FROM devices WHERE name = 'beat-kiosk'") == [(10,)]
+    minutes = {int(microticks.datetime.fromisoformat(beat[:19]).replace(
+        tzinfo=microticks.timezone.utc).timestamp() // 60) for beat in queued}
+    kept = {hour * 60 + bit for hour, bits in stored(db_path, beat_rows) for bit in range(60) if bits >> bit & 1}
+    assert minutes <= kept  # each queued beat's own minute
+
+
 @pytest.mark.parametrize("wrong, right", [
     ('apiKey: "the-old-key-0123456789"', 'apiKey: "the-new-key-0123456789"'),  # MICROTICKS_KEY changed: 401
     ('apiKey: "the-new-key-0123456789", host: HOST + "/microticks"', 'apiKey: "the-new-key-0123456789"'),  # a path not served: 404

@@ -34,7 +34,10 @@
  *   screen           a function returning the current screen's name, added
  *                    to every event's data as `subject`
  *   device, appVersion  reported with sessions and heartbeats
- *   heartbeatInterval   ms between heartbeats (300000; 0: none)
+ *   heartbeatInterval   ms between heartbeats (300000; 0: none); the first
+ *                    goes at start, and those that could not be sent (the
+ *                    network down) are queued and sent with the next one, so
+ *                    that the server can tell "off" from "offline"
  *   batchSize        events per request (100)
  *   batchBytes       bytes per request at most (500000; the server takes 1 MiB)
  *   flushInterval    ms between sends (1000)
@@ -208,9 +211,9 @@
     load: function () {
       try {
         var saved = JSON.parse(root.localStorage.getItem(this.options.storageKey) || "null");
-        if (saved && Array.isArray(saved.queue)) return Object.assign({tokens: {}}, saved);
+        if (saved && Array.isArray(saved.queue)) return Object.assign({tokens: {}, beats: []}, saved);
       } catch (e) { /* unreadable: start afresh */ }
-      return {queue: [], tokens: {}, session: null};
+      return {queue: [], tokens: {}, session: null, beats: []};
     },
 
     save: function () {
@@ -431,11 +434,23 @@
       this.log("beacon with " + events.length + " events");
     },
 
+    /** Say the kiosk is on: this heartbeat, and those queued while the server
+     * could not be reached (a week's worth at most: the server takes 2,016). */
     heartbeat: function () {
-      if (this.options.legacy) return;
-      this.post("/heartbeat", {consumer_key: this.options.consumerKey, device: this.state.device,
-                               app_version: this.options.appVersion, queue: this.state.queue.length})
-        .catch(function () { /* the next one will do */ });
+      if (this.options.legacy) return Promise.resolve();
+      var self = this, beats = (this.state.beats || []).concat(isoNow()).slice(-2016);
+      this.state.beats = beats;
+      this.save();
+      var interval = Math.min(86400, Math.max(10, Math.round(this.options.heartbeatInterval / 1000)));
+      return this.post("/heartbeat", {consumer_key: this.options.consumerKey, device: this.state.device,
+                                      app_version: this.options.appVersion, queue: this.state.queue.length,
+                                      beats: beats, interval: interval, sent_at: isoNow()})
+        .then(function () {  // stored, or refused (retrying would not help): not sent again
+          var sent = new Set(beats);
+          self.state.beats = self.state.beats.filter(function (beat) { return !sent.has(beat); });
+          self.save();
+        })
+        .catch(function () { /* kept: they go with the next one */ });
     },
 
     // -- Listeners ----------------------------------------------------------
@@ -463,6 +478,7 @@
       this.flushTimer = setInterval(function () { self.sendQueue(); }, this.options.flushInterval);
       if (this.options.heartbeatInterval) {
         this.heartbeatTimer = setInterval(function () { self.heartbeat(); }, this.options.heartbeatInterval);
+        self.heartbeat();
       }
     },
 
