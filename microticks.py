@@ -8258,7 +8258,7 @@ def report_document(conn, params, settings_tz, tz_name=None):
     stats = stats_figures(conn, clean_stats_query(asked, settings_tz))
     answers = {("/consumers", ()): {"consumers": list_consumers(conn), "status": 200},
                ("/stats", tuple(sorted(asked.items()))): dict(stats, status=200)}
-    with_paths = {**asked, "paths": "4"}
+    with_paths = {**asked, "paths": "4", "holding": "1", "coverage": "1"}
     answers["/stats", tuple(sorted(with_paths.items()))] = dict(
         stats_figures(conn, clean_stats_query(with_paths, settings_tz)), status=200)
     screens = set(stats["heatmaps"]["screens"])
@@ -8481,6 +8481,17 @@ DASHBOARD_HTML = r"""<!doctype html>
   #report-note { display: none; }
   .stale { opacity: .35; }
   svg .marker { stroke: var(--warm); stroke-dasharray: 3 3; }
+  svg .shade.off { fill: #64748b; }
+  svg .shade.unknown { fill: #e2e8f0; }
+  .swatch { display: inline-block; width: 12px; height: 12px; border-radius: 2px; vertical-align: -2px; margin: 0 2px 0 8px; }
+  .swatch.off { background: #64748b; opacity: .45; }
+  .swatch.unknown { background: #e2e8f0; }
+  #holding-curve svg .band { fill: var(--accent-soft); }
+  #holding-curve svg .curve { fill: none; stroke: var(--accent); stroke-width: 2; }
+  #holding-curve svg .grid { stroke: var(--line); }
+  #holding-curve svg .median { stroke: var(--warm); stroke-dasharray: 4 3; }
+  #holding-curve svg text { font-size: 11px; fill: var(--muted); }
+  #holding-curve svg text.median-label { fill: var(--warm); font-weight: 600; }
   svg .marker-label { font-size: 11px; fill: var(--warm); }
   #compare-controls { display: contents; }
   #compare-controls[hidden], label[hidden], [hidden] { display: none !important; }
@@ -8515,6 +8526,8 @@ DASHBOARD_HTML = r"""<!doctype html>
   <label>To <input type="date" id="to"></label>
   <label>Consumer <select id="consumer"><option value="">All consumers</option></select></label>
   <label class="sites" hidden>Site <select id="site"><option value="">All sites</option></select></label>
+  <label>Days <select id="weekday"><option value="">Every day</option><option value="mon,tue,wed,thu,fri">Weekdays</option><option value="sat,sun">Weekends</option><option value="mon">Mondays</option><option value="tue">Tuesdays</option><option value="wed">Wednesdays</option><option value="thu">Thursdays</option><option value="fri">Fridays</option><option value="sat">Saturdays</option><option value="sun">Sundays</option></select></label>
+  <label>Hours <input id="hours" size="8" placeholder="10-12" title="Local hours, from-to, comma-separated: 10-12,14-16 (22-2 runs past midnight)"></label>
   <label>Screens are named by <input id="data_key" value="subject" size="10"></label>
   <label><span><input type="checkbox" id="compare"> Compare with</span></label>
   <span id="compare-controls" hidden>
@@ -8522,6 +8535,8 @@ DASHBOARD_HTML = r"""<!doctype html>
     <label>B to <input type="date" id="to-b"></label>
     <label>B consumer <select id="consumer-b"><option value="">All consumers</option></select></label>
     <label class="sites" hidden>B site <select id="site-b"><option value="">All sites</option></select></label>
+    <label>B days <select id="weekday-b"><option value="">Every day</option><option value="mon,tue,wed,thu,fri">Weekdays</option><option value="sat,sun">Weekends</option><option value="mon">Mondays</option><option value="tue">Tuesdays</option><option value="wed">Wednesdays</option><option value="thu">Thursdays</option><option value="fri">Fridays</option><option value="sat">Saturdays</option><option value="sun">Sundays</option></select></label>
+    <label>B hours <input id="hours-b" size="8" placeholder="14-16"></label>
   </span>
   <button id="apply">Show</button>
   <button id="report" class="quiet" title="One HTML file of this page's figures: for a director, an archive, or print">Report</button>
@@ -8548,8 +8563,8 @@ DASHBOARD_HTML = r"""<!doctype html>
       <p class="note">Medians are compared by the Mann-Whitney U test, shares by the chi-square test (Fisher's exact test for small counts). A p value is the chance of a difference at least this large if A and B did not differ at all; under 0.05 is marked. <span id="compare-tests"></span></p>
       <div class="scroll"><table id="compare-table"><thead><tr><th>Figure</th><th>A</th><th>B</th><th>B − A</th><th>p</th><th>n (A / B)</th></tr></thead><tbody></tbody></table></div>
       <div class="pair"><div><h2>A: sessions per day</h2><div id="per-day-a"></div></div><div><h2>B: sessions per day</h2><div id="per-day-b"></div></div></div></section>
-    <section class="wide"><h2>Sessions per day</h2><div id="per-day"></div><ul class="note" id="annotations"></ul></section>
-    <section><h2>Sessions by hour of day (<span id="tz"></span>)</h2><div id="per-hour"></div></section>
+    <section class="wide"><h2>Sessions per day</h2><div id="per-day"></div><p class="note coverage-legend" hidden><span class="swatch off"></span> kiosks off (no heartbeats) <span class="swatch unknown"></span> not known (no kiosk sending heartbeats yet)</p><ul class="note" id="annotations"></ul></section>
+    <section><h2>Sessions by hour of day (<span id="tz"></span>)</h2><div id="per-hour"></div><p class="note coverage-legend" hidden><span class="swatch off"></span> the darker, the longer the kiosks were off in that hour</p></section>
     <section><h2>Touches by hour of day (clicks and swipes)</h2><div id="touches-per-hour"></div></section>
     <section><h2>Sessions by weekday</h2><div id="per-weekday"></div></section>
     <section><h2>Session duration</h2><div id="durations"></div></section>
@@ -8558,6 +8573,15 @@ DASHBOARD_HTML = r"""<!doctype html>
     <section><h2>Screen types</h2><div id="screen-types" class="bars"></div></section>
     <section class="wide"><h2>Screens</h2><p class="note">Visits count repeated touches on the same screen once; 1st, 2nd and 3rd: how often people picked it first, second, third in a session; time: seconds from arriving on it to the next screen change (a session's last screen is not measured: only idle time came after it).</p>
       <div class="scroll"><table id="screens"><thead><tr><th>Screen</th><th>Events</th><th>Visits</th><th>Sessions</th><th>1st</th><th>2nd</th><th>3rd</th><th>Measured</th><th>Min (s)</th><th>Mean (s)</th><th>Max (s)</th><th>Page turns</th></tr></thead><tbody></tbody></table></div></section>
+    <section class="wide" id="holding"><h2>Holding power: how long people stay</h2>
+      <div class="controls"><label>Curve of <select id="holding-of"></select></label></div>
+      <div id="holding-curve"></div>
+      <p class="note" id="holding-note"></p>
+      <div class="scroll"><table id="holding-table"><thead><tr><th>Of</th><th>n</th><th>Censored</th><th>Median (95% CI)</th><th>10 s</th><th>30 s</th><th>1 min</th><th>2 min</th><th>5 min</th></tr></thead><tbody></tbody></table></div>
+      <p class="note">Kaplan-Meier: the share of sessions (or of visits to a screen) still going after a time, with its 95% band. A session still open, and a session's last screen, count as lasting at least until last seen (censored), instead of being dropped or ended early: otherwise those who stayed longest would look as if they left first.</p></section>
+    <section class="wide" id="coverage"><h2>Kiosks: on, and in use</h2>
+      <p class="note" id="coverage-note"></p>
+      <div class="scroll"><table id="coverage-table"><thead><tr><th>Kiosk</th><th>On</th><th>Uptime</th><th>In use</th><th>Utilisation</th><th>Sessions</th><th>Per hour on</th><th>Most at once</th><th>Gaps</th><th>Latest gap</th></tr></thead><tbody></tbody></table></div></section>
     <section class="wide" id="heat"><h2>Touches on a screen</h2>
       <div class="controls">
         <label>Screen <select id="heat-screen"></select></label>
@@ -8706,16 +8730,18 @@ function showError(error) {
 }
 
 function filters() {
-  return {from: $("from").value, to: $("to").value, consumer: $("consumer").value, site: $("site").value};
+  return {from: $("from").value, to: $("to").value, consumer: $("consumer").value, site: $("site").value,
+          weekday: $("weekday").value, hours: $("hours").value.trim()};
 }
 
 function sideB() {
-  return {from: $("from-b").value, to: $("to-b").value, consumer: $("consumer-b").value, site: $("site-b").value};
+  return {from: $("from-b").value, to: $("to-b").value, consumer: $("consumer-b").value, site: $("site-b").value,
+          weekday: $("weekday-b").value, hours: $("hours-b").value.trim()};
 }
 
 // ---- The address bar follows the page: a reload, a bookmark or a link shows the same.
-const STATE_KEYS = ["from", "to", "consumer", "site", "data_key", "b.from", "b.to", "b.consumer", "b.site",
-                    "screen", "touches", "session"];
+const STATE_KEYS = ["from", "to", "consumer", "site", "weekday", "hours", "data_key", "b.from", "b.to", "b.consumer",
+                    "b.site", "b.weekday", "b.hours", "screen", "touches", "session"];
 
 function pageState() {
   const state = Object.assign(filters(), {data_key: $("data_key").value.trim() === "subject" ? "" : $("data_key").value.trim(),
@@ -8741,15 +8767,19 @@ function restore(params) {
   $("data_key").value = params.get("data_key") || "subject";
   $("consumer").value = params.get("consumer") || "";
   $("site").value = params.get("site") || "";
+  $("weekday").value = params.get("weekday") || "";
+  $("hours").value = params.get("hours") || "";
   $("heat-touches").value = params.get("touches") === "navigating" ? "navigating" : "all";
   wantedScreen = params.get("screen") || "";
-  const compared = ["b.from", "b.to", "b.consumer", "b.site"].some((name) => params.get(name));
+  const compared = ["b.from", "b.to", "b.consumer", "b.site", "b.weekday", "b.hours"].some((name) => params.get(name));
   $("compare").checked = compared;
   $("compare-controls").hidden = !compared;
   $("from-b").value = params.get("b.from") || "";
   $("to-b").value = params.get("b.to") || "";
   $("consumer-b").value = params.get("b.consumer") || "";
   $("site-b").value = params.get("b.site") || "";
+  $("weekday-b").value = params.get("b.weekday") || "";
+  $("hours-b").value = params.get("b.hours") || "";
   explorer.session = params.get("session") || "";
 }
 
@@ -8771,6 +8801,12 @@ function columnChart(target, items, options) {
   const slot = width / Math.max(1, items.length), bar = Math.max(4, slot * 0.7);
   const chart = el("svg:svg", {viewBox: `0 0 ${width} ${height}`, role: "img"});
   items.forEach((item, n) => {
+    if (item.shade) {  // the kiosks off (or not known) in that slot: behind the bar
+      const shade = el("svg:rect", {class: `shade ${item.shade.kind}`, x: n * slot, y: 2, width: slot, height: height - bottom - 2,
+                                    "fill-opacity": item.shade.amount});
+      shade.appendChild(el("svg:title", {}, item.shade.title));
+      chart.appendChild(shade);
+    }
     const h = (height - top - bottom) * item.value / max, x = n * slot + (slot - bar) / 2;
     const rect = el("svg:rect", {class: "bar", x, y: height - bottom - h, width: bar, height: Math.max(h, item.value ? 1 : 0), rx: 2});
     rect.appendChild(el("svg:title", {}, `${item.label}: ${item.value}`));
@@ -8799,10 +8835,37 @@ function localDay(utc, zone) {
   catch (error) { return utc.slice(0, 10); }
 }
 
-function dayChart(target, data) {
-  const days = data.sessions_per_day.map((d) => ({key: d.day, label: d.day.slice(5), sub: new Date(d.day + "T12:00:00Z").toLocaleDateString("en", {weekday: "short", timeZone: "UTC"}), value: d.sessions}));
+// Whether any kiosk sent heartbeats in the range: else "on" or "off" is not known, and nothing is shaded.
+function coverageKnown(coverage) {
+  return Boolean(coverage && coverage.per_day.some((d) => d.known_minutes > 0));
+}
+
+function dayChart(target, data, coverage) {
+  const sessions = new Map(data.sessions_per_day.map((d) => [d.day, d.sessions]));
+  const states = new Map(coverageKnown(coverage) ? coverage.per_day.map((d) => [d.day, d]) : []);
+  // With coverage, the days the kiosks were on without a visitor show too (an empty slot), and the off ones shaded.
+  const keys = [...new Set([...sessions.keys(), ...states.keys()])].sort();
+  const days = keys.map((day) => {
+    const state = states.get(day);
+    const shade = !state || state.state === "on" ? null : state.state === "off"
+      ? {kind: "off", amount: 0.45, title: `${day}: no kiosk was on (no heartbeats)`}
+      : {kind: "unknown", amount: 1, title: `${day}: not known whether the kiosks were on (none sent heartbeats yet)`};
+    return {key: day, label: day.slice(5), sub: new Date(day + "T12:00:00Z").toLocaleDateString("en", {weekday: "short", timeZone: "UTC"}),
+            value: sessions.get(day) || 0, shade};
+  });
   const markers = (data.annotations || []).map((a) => ({key: localDay(a.time_utc, data.timezone), text: a.text}));
   columnChart(target, days, {markers});
+}
+
+function hourChart(data, coverage) {
+  const known = coverageKnown(coverage);
+  columnChart($("per-hour"), data.sessions_per_hour.map((h) => {
+    const hour = known ? coverage.per_hour[h.hour] : null;
+    const off = hour && hour.known_minutes ? 1 - hour.minutes_on / hour.known_minutes : 0;
+    return {label: String(h.hour).padStart(2, "0"), value: h.sessions,
+            shade: off > 0.005 ? {kind: "off", amount: 0.6 * off, title: `${String(h.hour).padStart(2, "0")}:00: kiosks off ${percent(off)} of the time`} : null};
+  }));
+  for (const note of document.querySelectorAll(".coverage-legend")) note.hidden = !known;
 }
 
 function barList(target, items) {
@@ -8833,10 +8896,10 @@ function render(data) {
   figure("median-touches", count(data.touches_per_session.median));
   figure("median-screens", count(data.screens_per_session.median));
   $("tz").textContent = data.timezone;
-  dayChart($("per-day"), data);
+  dayChart($("per-day"), data, paths && paths.coverage);
   $("annotations").replaceChildren(...data.annotations.map((a) => el("li", {"data-annotation": a.id},
     `${localDay(a.time_utc, data.timezone)}: ${a.text}` + (a.consumer ? ` (${a.consumer})` : ""))));
-  columnChart($("per-hour"), data.sessions_per_hour.map((h) => ({label: String(h.hour).padStart(2, "0"), value: h.sessions})));
+  hourChart(data, paths && paths.coverage);
   columnChart($("per-weekday"), data.sessions_per_weekday.map((d) => ({label: d.weekday.slice(0, 3), value: d.sessions})));
   columnChart($("durations"), data.duration.distribution.map((b) => ({label: b.bucket, value: b.sessions})));
   columnChart($("per-session"), data.events_per_session.distribution.map((b) => ({label: b.bucket, value: b.sessions})));
@@ -8873,6 +8936,96 @@ function renderPaths(data) {
   columnChart($("touches-per-hour"), data.touches_per_hour.map((h) => ({label: String(h.hour).padStart(2, "0"), value: h.touches})));
   drawJourneys(data.journeys || []);
   barList($("common-paths"), data.common_paths.map((p) => ({label: p.path.join(" → "), value: p.sessions})));
+  if (data.coverage) {
+    dayChart($("per-day"), stats, data.coverage);
+    hourChart(stats, data.coverage);
+    renderCoverage(data.coverage);
+  }
+  if (data.holding) renderHolding(data.holding);
+}
+
+// ---- Coverage: were the kiosks on, and how much were they used?
+
+function renderCoverage(coverage) {
+  const hours = (minutes) => (minutes === null ? "unknown" : minutes < 60 ? `${NUMBER.format(Math.round(minutes))} min`
+                              : `${NUMBER.format(Math.round(minutes / 6) / 10)} h`);
+  const body = $("coverage-table").querySelector("tbody");
+  body.replaceChildren(...coverage.devices.map((d) => {
+    const row = el("tr", {"data-device": d.device || ""});
+    const latest = d.recent_gaps[0];
+    const gap = latest ? `${new Date(latest.from).toLocaleString()}, ${hours(latest.minutes)}${latest.ongoing ? " (still)" : ""}` : "–";
+    for (const cell of [`${d.device || "(no device)"} · ${d.consumer}`, hours(d.minutes_on),
+                        percent(d.heartbeats && d.known_minutes ? d.minutes_on / d.known_minutes : null),
+                        hours(d.minutes_in_use), percent(d.utilisation), count(d.sessions), count(d.sessions_per_hour_on),
+                        count(d.most_at_once), d.gaps === null ? "–" : count(d.gaps), gap]) row.appendChild(el("td", {}, cell));
+    return row;
+  }));
+  const beating = coverage.devices.filter((d) => d.heartbeats).length;
+  $("coverage-note").textContent = (beating
+    ? `${plural(beating, "kiosk sends", "kiosks send")} heartbeats: uptime is the share of the time since its first one that it was on; in use, its sessions' time; a gap, over ${coverage.gap_intervals} heartbeat intervals without one in the hours it is usually on.`
+    : "No kiosk sent heartbeats in this range (the tracker sends them when it has a device name): whether the kiosks were on is not known.")
+    + ` From ${new Date(coverage.from).toLocaleString()} to ${new Date(coverage.to).toLocaleString()}.`;
+}
+
+// ---- Holding power: Kaplan-Meier curves, sessions' or a screen's.
+
+function renderHolding(holding) {
+  const select = $("holding-of"), previous = select.value;
+  const curves = [["", "Sessions", holding.sessions],
+                  ...holding.screens.filter((s) => s.curve).map((s) => [s.screen, `Time on ${shorten(s.screen, 40)}`, s])];
+  select.replaceChildren(...curves.map(([value, label]) => el("option", {value}, label)));
+  if (curves.some(([value]) => value === previous)) select.value = previous;
+  select.onchange = () => drawHoldingCurve(curves.find(([value]) => value === select.value));
+  drawHoldingCurve(curves.find(([value]) => value === select.value));
+  const median = (f) => f.median === null ? "–" : `${seconds(f.median)} (${f.median_ci[0] === null ? "–" : seconds(f.median_ci[0])} to ${f.median_ci[1] === null ? "–" : seconds(f.median_ci[1])})`;
+  const rows = [["Sessions", holding.sessions], ...holding.screens.slice(0, 15).map((s) => [s.screen, s])];
+  $("holding-table").querySelector("tbody").replaceChildren(...rows.map(([label, f]) => {
+    const row = el("tr");
+    row.append(el("td", {}, label), el("td", {}, count(f.n)), el("td", {}, count(f.censored)), el("td", {}, median(f)),
+               ...f.still_engaged.map((point) => el("td", {title: point.lower === null ? "" : `95%: ${percent(point.lower)} to ${percent(point.upper)}`}, percent(point.share))));
+    return row;
+  }));
+}
+
+function drawHoldingCurve(choice) {
+  const [, label, figures] = choice, curve = figures.curve || [];
+  const target = $("holding-curve"), width = Math.max(320, target.clientWidth || 640), height = 240;
+  const left = 44, right = 26, top = 12, bottom = 30;
+  // Up to the first round time by which nearly everyone has left (or the last one seen).
+  const gone = curve.find((point) => point[1] <= 0.05), last = curve.length ? curve[curve.length - 1][0] : 60;
+  const span = [30, 60, 120, 300, 600, 1200, 1800, 3600, 7200].find((t) => t >= (gone ? gone[0] : last)) || Math.ceil(last);
+  const x = (t) => left + (width - left - right) * Math.min(t, span) / span, y = (share) => top + (height - top - bottom) * (1 - share);
+  const chart = el("svg:svg", {viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": `${label}: share still engaged over time`});
+  for (const share of [0, 0.25, 0.5, 0.75, 1]) {
+    chart.append(el("svg:line", {class: "grid", x1: left, x2: width - right, y1: y(share), y2: y(share)}),
+                 el("svg:text", {x: left - 6, y: y(share) + 4, "text-anchor": "end"}, `${share * 100}%`));
+  }
+  const ticks = [];  // at least 48 pixels apart
+  for (const t of [0, 10, 30, 60, 120, 300, 600, 900, 1200, 1800, 2700, 3600, 5400, 7200]) {
+    if (t <= span && (!ticks.length || x(t) - x(ticks[ticks.length - 1]) >= 48)) ticks.push(t);
+  }
+  for (const t of ticks) {
+    chart.append(el("svg:line", {class: "grid", x1: x(t), x2: x(t), y1: top, y2: height - bottom}),
+                 el("svg:text", {x: x(t), y: height - bottom + 16, "text-anchor": "middle"}, t < 60 ? `${t} s` : `${t / 60} min`));
+  }
+  // The 95% band and the curve, as steps: the share holds until the next time someone leaves.
+  const steps = curve.filter((point) => point[0] <= span);
+  const upper = [], lower = [], line = [];
+  steps.forEach(([t, share, low, high], n) => {
+    const next = n + 1 < steps.length ? steps[n + 1][0] : span;
+    line.push(`${x(t)},${y(share)}`, `${x(next)},${y(share)}`);
+    if (low !== null) { upper.push(`${x(t)},${y(high)}`, `${x(next)},${y(high)}`); lower.unshift(`${x(next)},${y(low)}`, `${x(t)},${y(low)}`); }
+  });
+  if (upper.length) chart.appendChild(el("svg:polygon", {class: "band", points: [...upper, ...lower].join(" ")}));
+  chart.appendChild(el("svg:polyline", {class: "curve", points: line.join(" ")}));
+  if (figures.median !== null && figures.median <= span) {
+    chart.append(el("svg:line", {class: "median", x1: left, x2: x(figures.median), y1: y(0.5), y2: y(0.5)}),
+                 el("svg:line", {class: "median", x1: x(figures.median), x2: x(figures.median), y1: y(0.5), y2: height - bottom}),
+                 el("svg:text", {class: "median-label", x: x(figures.median) + 6, y: y(0.5) - 6}, `half gone after ${seconds(figures.median)}`));
+  }
+  target.replaceChildren(chart);
+  $("holding-note").textContent = `${label}: ${choice[0] === "" ? plural(figures.n, "session", "sessions") : plural(figures.n, "visit", "visits")}, ${count(figures.censored)} censored (still going when last seen).`
+    + (figures.median === null ? " More than half were still going at the end." : "");
 }
 
 // ---- Heatmaps: a smooth density of the touches over the screen's own image.
@@ -9453,6 +9606,11 @@ function renderComparison(data, labels) {
   medians("Touches per session, median", d.touches_per_session);
   medians("Distinct screens per session, median", d.screens_per_session);
   shares(`Meaningful sessions (${data.a.meaningful_touches}+ touches), share`, d.meaningful_share);
+  if (d.duration_survival.p_value !== null) {
+    const s = d.duration_survival;
+    rows.push(["Sessions still going over time (log-rank test)", `${count(s.a_observed)} ended`, `${count(s.b_observed)} ended`,
+               `χ² ${NUMBER.format(s.chi2)}`, s.p_value, ""]);
+  }
   for (const f of d.time_on_screen.slice(0, 15)) medians(`Time on ${f.screen}, median (s)`, f);
   for (const f of d.first_picks.slice(0, 10)) shares(`Picked ${f.screen} first, share of sessions`, f);
   for (const f of d.visit_shares.slice(0, 10)) shares(`Visits to ${f.screen}, share`, f);
@@ -9476,7 +9634,7 @@ async function loadComparison(params) {
   for (const [name, value] of Object.entries(a)) asked[`a.${name}`] = value;
   for (const [name, value] of Object.entries(side)) asked[`b.${name}`] = value;
   const label = (f, select) => `${f.from || "…"} to ${f.to || "…"}` + (f.consumer ? `, ${select.selectedOptions[0] ? select.selectedOptions[0].textContent : f.consumer}` : "")
-    + (f.site ? `, site ${f.site}` : "");
+    + (f.site ? `, site ${f.site}` : "") + (f.weekday ? `, ${f.weekday}` : "") + (f.hours ? `, ${f.hours} h` : "");
   renderComparison(await api("/compare", asked), {a: label(a, $("consumer")), b: label(side, $("consumer-b"))});
 }
 
@@ -9497,6 +9655,7 @@ async function loadStats(keepExplorer = true) {
   }
   try {
     const asked = statsQuery();
+    paths = null;  // a new range: its coverage comes with the second answer
     render(await api("/stats", asked));
     await loadComparison(asked);
     showError(null);
@@ -9504,7 +9663,7 @@ async function loadStats(keepExplorer = true) {
     if (!keepExplorer) explorer.offset = 0;
     loadExplorerList();
     if (explorer.session && !explorer.visits.length) openSession(explorer.session);
-    renderPaths(await api("/stats", Object.assign(asked, {paths: 4})));
+    renderPaths(await api("/stats", Object.assign(asked, {paths: 4, holding: 1, coverage: 1})));
   } catch (error) { showStatsError(error); }
 }
 

@@ -3603,6 +3603,60 @@ def test_the_address_bar_follows_the_page_and_a_link_shows_the_same(sample_clien
     assert not console_errors(page) and not console_errors(shared)
 
 
+def test_the_dashboard_shades_the_time_kiosks_were_off_and_lists_their_coverage(start_server, consumer_key, dash_page):
+    """Over the scripted kiosk week: the day both kiosks were off is shaded
+    (and says so), the night hours are shaded darker than the opening
+    hours, and the coverage table shows each kiosk as /stats counts it."""
+    from datetime import timedelta
+    kiosk = start_server(tz=COVERAGE_ZONE)
+    plan, begin, end = scripted_kiosk_week(kiosk, consumer_key)
+    week = {"from": begin.date().isoformat(), "to": (end - timedelta(days=1)).date().isoformat()}
+    page = dash_page(f"http://127.0.0.1:{kiosk.port}/dash?{urllib.parse.urlencode(week)}", width=1400)
+    page.wait_for_function("document.querySelectorAll('#coverage-table tbody tr').length === 3")
+    off_day = (begin + timedelta(days=2)).date().isoformat()
+    shaded = page.eval_on_selector_all("#per-day rect.shade.off title", "titles => titles.map((t) => t.textContent)")
+    assert shaded == [f"{off_day}: no kiosk was on (no heartbeats)"]
+    assert len(page.query_selector_all("#per-day rect.bar")) == 7  # every day of the week, visitors or not
+    shades = dict(page.eval_on_selector_all("#per-hour svg rect.shade", "rects => rects.map((r) => "
+                                             "[r.querySelector('title').textContent.slice(0, 5), Number(r.getAttribute('fill-opacity'))])"))
+    assert shades["03:00"] == 0.6 and shades.get("10:00", 0) < 0.3  # off all night; on most of the opening hours
+    coverage = kiosk.get("/stats", coverage="1", tz=COVERAGE_ZONE, **week).json["coverage"]
+    rows = page.eval_on_selector_all("#coverage-table tbody tr", "rows => rows.map((r) => [...r.cells].map((c) => c.textContent))")
+    by_device = {row["device"]: row for row in coverage["devices"]}
+    for cells in rows:
+        device = by_device[cells[0].split(" · ")[0]]
+        assert cells[5] == str(device["sessions"]) and cells[8] == ("–" if device["gaps"] is None else str(device["gaps"]))
+        uptime = device["minutes_on"] / device["known_minutes"] if device["heartbeats"] else None
+        assert cells[2] == ("–" if uptime is None else f"{round(uptime * 1000) / 10:g}%")
+    assert page.is_visible(".coverage-legend") and "2 kiosks send heartbeats" in page.inner_text("#coverage-note")
+    assert not console_errors(page)
+
+
+def test_the_dashboard_draws_holding_power_and_compares_weekends_with_weekdays(sample_client, dash_page):
+    page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-28&weekday=mon,tue,wed,thu,fri"
+                     "&b.from=2017-05-22&b.to=2017-05-28&b.weekday=sat,sun", width=1400)
+    page.wait_for_function("document.querySelector('#holding-curve svg polyline.curve') !== null")
+    holding = sample_client.get("/stats", **{"from": "2017-05-22", "to": "2017-05-28", "weekday": "mon,tue,wed,thu,fri",
+                                             "holding": "1", "tz": "UTC"}).json["holding"]
+    first = page.eval_on_selector("#holding-table tbody tr", "row => [...row.cells].map((c) => c.textContent)")
+    assert first[:3] == ["Sessions", str(holding["sessions"]["n"]), str(holding["sessions"]["censored"])]
+    assert first[4:] == [f"{point['share'] * 100:.1f}".rstrip("0").rstrip(".") + "%"
+                         for point in holding["sessions"]["still_engaged"]]
+    assert "half gone after" in page.inner_text("#holding-curve")
+    page.select_option("#holding-of", holding["screens"][0]["screen"])
+    page.wait_for_function("document.getElementById('holding-note').textContent.startsWith('Time on')")
+    assert f"{holding['screens'][0]['n']} visits, {holding['screens'][0]['censored']} censored" in page.inner_text("#holding-note")
+    # The comparison: weekdays (A, the page's) against the weekend (B), with the log-rank row.
+    page.wait_for_function("!document.getElementById('comparison').hidden")
+    assert page.input_value("#weekday") == "mon,tue,wed,thu,fri" and page.input_value("#weekday-b") == "sat,sun"
+    assert "sat,sun" in page.inner_text("#label-b")
+    assert "log-rank" in page.inner_text("#compare-table")
+    answer = sample_client.get("/compare", **{"a.from": "2017-05-22", "a.to": "2017-05-28", "a.weekday": "mon,tue,wed,thu,fri",
+                                              "b.from": "2017-05-22", "b.to": "2017-05-28", "b.weekday": "sat,sun"}).json
+    assert answer["b"]["sessions"] > 0 and f"{answer['b']['sessions']}" in page.inner_text("#comparison")
+    assert not console_errors(page)
+
+
 def test_a_session_is_replayed_screen_by_screen_in_its_paths_order(sample_client, dash_page):
     page = dash_page(f"http://127.0.0.1:{sample_client.port}/dash?from=2017-05-22&to=2017-05-29&session=1331")
     page.wait_for_function("!document.getElementById('explore-play-row').hidden")
@@ -3647,6 +3701,7 @@ def test_a_report_is_one_file_that_shows_every_chart_offline(sample_client, db_p
                   "#per-day-a", "#per-day-b"):
         assert page.query_selector_all(f"{chart} svg rect"), chart
     assert page.query_selector_all("#screens tbody tr") and page.inner_text("#common-paths")
+    assert page.query_selector("#holding-curve svg polyline.curve") and page.query_selector_all("#holding-table tbody tr")
     assert "<img src=x onerror=window.pwned=3>" in page.inner_text("#annotations")
     assert page.evaluate("window.pwned") is None
     assert page.is_hidden("#live") and page.is_hidden("#explorer") and page.is_hidden("#apply")
