@@ -35,6 +35,11 @@ so that runs on different machines can be compared:
   comparison), their connections closed at once.
 - dashboard: the real week's dashboard in Chromium, from asking for the page
   to every card and chart drawn.
+- heartbeats: single heartbeats over HTTP beside single events (one
+  server, in turns); a year of 5-minute heartbeats from 50 kiosks (about 5
+  million) stored into the big database: bytes per heartbeat; /stats with
+  coverage and holding power over everything and over one day, beside
+  /stats without them.
 - import: `import` of a JSON export (one document) and an NDJSON export of
   200,000 events, and of files it refuses (a 100 MB line, 100,000-deep
   nesting): rate and peak memory, beside Python with Bottle.
@@ -672,6 +677,80 @@ def bench_big(workdir, results, seconds):
     bench_reads(workdir, results, db=db)
 
 
+def add_heartbeat_year(db, devices=50, start="2017-05-22T00:00:00Z"):
+    """A year of 5-minute heartbeats from `devices` kiosks of the big
+    database's consumer (about 5 million), each day's stored as the API
+    stores a tracker's queued ones (record_heartbeat), and the sessions
+    spread over the kiosks. Returns (heartbeats, seconds, bytes the file grew)."""
+    conn = microticks.connect(str(db))
+    key = microticks.rotate_consumer_key(conn, "bench-import")  # the imported sessions' consumer: its kiosks
+    pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+    first = int(microticks.parse_timestamp(start).timestamp() // 60)
+    beats, started = 0, time.perf_counter()
+    for device in range(devices):
+        for day in range(365):
+            minutes = range(first + day * 1440 + device % 5, first + (day + 1) * 1440, 5)
+            microticks.record_heartbeat(conn, key, f"kiosk-{device:02d}", None, 0, "127.0.0.1", minutes=minutes,
+                                        interval=300)
+            beats += len(minutes)
+    seconds = time.perf_counter() - started
+    with conn:
+        conn.execute("UPDATE sessions SET device_id = (SELECT min(id) FROM devices) + id % ?", (devices,))
+    grown = (conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+             - pages) * conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    return beats, seconds, grown
+
+
+def bench_heartbeats(workdir, results, seconds):
+    """Heartbeats: their ingest over HTTP beside single events' (the same
+    server, in turns), what a year of them from 50 kiosks costs on disk, and
+    /stats with coverage and holding power on a million events and them,
+    beside /stats without."""
+    db = workdir / "beats.db"
+    token = microticks_db(db)
+    key = microticks.create_consumer(microticks.connect(str(db)), "beating")
+    beat = json.dumps({"consumer_key": key, "device": "kiosk-1", "interval": 300})
+    command, env, cwd = servers(workdir, "serve", "microticks", db)
+    rows = []
+    with Process(command, env, cwd) as server:
+        runs = {"events": [], "heartbeats": []}
+        for _ in range(REPEAT):
+            runs["events"].append(wrk(server.url + "/events", 8, seconds, form_body(token)))
+            runs["heartbeats"].append(wrk(server.url + "/heartbeat", 8, seconds, beat, "application/json"))
+        event, heartbeat = (sorted(r, key=lambda x: x["rps"])[len(r) // 2] for r in runs.values())
+    rows.append({"ingest": "single requests, 8 clients", "events_rps": event["rps"], "heartbeats_rps": heartbeat["rps"],
+                 "ratio": round(heartbeat["rps"] / event["rps"], 3), "target_ratio": 1.0,
+                 "errors": event["errors"] + heartbeat["errors"]})
+    big = workdir / "big-beats.db"
+    events, sessions, _, _ = build_big_database(big)
+    beats, fill_seconds, grown = add_heartbeat_year(big)
+    rows.append({"stored": f"a year of 5-minute heartbeats from 50 kiosks ({beats:,})", "seconds": round(fill_seconds, 1),
+                 "heartbeats_per_s": round(beats / fill_seconds), "bytes": grown,
+                 "bytes_per_heartbeat": round(grown / beats, 2), "target_bytes_per_heartbeat": 40})
+    serve = [sys.executable, str(HERE / "microticks.py"), "serve", "--db", str(big), "--port", "{port}"]
+    with Process(serve, env={**MICROTICKS_ENV, "MICROTICKS_TZ": "Europe/Berlin"}) as server:
+        timed_get(server.url + "/stats")  # the kept figures in the page cache, as on a running service
+        def best(path, repeat=3):
+            return min(timed_get(server.url + path)[1] for _ in range(repeat))
+        plain = best("/stats")
+        for name, path, target in [
+                ("stats with coverage and holding power, everything", "/stats?coverage=1&holding=1", 1.5),
+                ("stats with coverage, everything", "/stats?coverage=1", None),
+                ("stats with holding power, everything", "/stats?holding=1", None),
+                ("stats with coverage and holding power, the heartbeats' year",
+                 "/stats?coverage=1&holding=1&from=2017-05-22&to=2018-05-21", None),
+                ("stats with coverage and holding power, one day", "/stats?coverage=1&holding=1&date=2017-08-23", 0.1),
+                ("GET /devices, everything", "/devices", None)]:
+            took = best(path)
+            rows.append({"read": name, "seconds": round(took, 3), "target_s": target,
+                         "ratio_to_stats_alone": round(took / plain, 2)})
+        rows.append({"read": "stats alone, everything (the baseline)", "seconds": round(plain, 3)})
+    results["heartbeats"] = {"events": events, "sessions": sessions, "heartbeats": beats, "rows": rows}
+    for row in rows:
+        print_row(row)
+
+
 def flood_with_bodies(port, connections, body_bytes, key=None, seconds=20):
     """`connections` clients each sending a POST of `body_bytes` at once, as
     fast as the server reads them; returns when all is sent, or after `seconds`."""
@@ -1030,7 +1109,7 @@ def print_row(row):
 
 
 PARTS = {"ingest": bench_ingest, "batches": bench_batches, "big": bench_big, "hostile": bench_hostile,
-         "import": bench_import, "dashboard": bench_dashboard}
+         "import": bench_import, "dashboard": bench_dashboard, "heartbeats": bench_heartbeats}
 
 
 def main():

@@ -1356,19 +1356,20 @@ def _consumer_for_key(conn, consumer_key, ip):
     return consumer["id"]
 
 
-def _record_device(conn, consumer_id, device, app_version, ip, now, queue_depth=None, heartbeat=False):
+def _record_device(conn, consumer_id, device, app_version, ip, now, queue_depth=None, heartbeat=False, interval=None):
     """Note that a kiosk was seen; returns the device's id (None without a name)."""
     if not device:
         return None
     conn.execute(
         "INSERT INTO devices (consumer_id, name, app_version, ip, first_seen_at, last_seen_at,"
-        " last_heartbeat_at, queue_depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        " last_heartbeat_at, queue_depth, heartbeat_interval) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (consumer_id, name) DO UPDATE SET"
         " app_version = coalesce(excluded.app_version, app_version), ip = excluded.ip,"
         " last_seen_at = excluded.last_seen_at,"
         " last_heartbeat_at = coalesce(excluded.last_heartbeat_at, last_heartbeat_at),"
-        " queue_depth = coalesce(excluded.queue_depth, queue_depth)",
-        (consumer_id, device, app_version, ip, now, now, now if heartbeat else None, queue_depth))
+        " queue_depth = coalesce(excluded.queue_depth, queue_depth),"
+        " heartbeat_interval = coalesce(excluded.heartbeat_interval, heartbeat_interval)",
+        (consumer_id, device, app_version, ip, now, now, now if heartbeat else None, queue_depth, interval))
     return conn.execute("SELECT id FROM devices WHERE consumer_id = ? AND name = ?",
                         (consumer_id, device)).fetchone()[0]
 
@@ -1424,9 +1425,7 @@ def record_heartbeat(conn, consumer_key, device, app_version, queue_depth, ip, s
     with write_transaction(conn):
         consumer_id = _consumer_for_key(conn, consumer_key, ip)
         device_id = _record_device(conn, consumer_id, device, app_version, kept_address(ip, store_ip), utc_now(),
-                                   queue_depth, heartbeat=True)
-        if interval is not None:
-            conn.execute("UPDATE devices SET heartbeat_interval = ? WHERE id = ?", (interval, device_id))
+                                   queue_depth, heartbeat=True, interval=interval)
         conn.executemany("INSERT INTO heartbeat_hours (device_id, hour, minutes) VALUES (?, ?, ?)"
                          " ON CONFLICT (device_id, hour) DO UPDATE SET minutes = minutes | excluded.minutes",
                          [(device_id, hour, bits) for hour, bits in hours.items()])
@@ -2616,6 +2615,10 @@ def _ones(bits):
     return bin(bits).count("1")
 
 
+if hasattr(int, "bit_count"):  # Python 3.10 on: the same, in C
+    _ones = int.bit_count  # noqa: F811
+
+
 class _LocalHours:
     """The local day and hour of each UTC hour's minutes in a zone, in the
     query's weekday-hour slots: one part, or two where the zone's offset is
@@ -2624,10 +2627,10 @@ class _LocalHours:
     hour's start (zones change on whole UTC hours). Cached per UTC hour."""
 
     def __init__(self, tz_name, slots):
-        self.zone_name, self.zone, self.slots, self.cache = tz_name, load_timezone(tz_name), frozenset(slots), {}
+        self.zone, self.slots, self.cache, self.counted = load_timezone(tz_name), frozenset(slots), {}, {}
 
-    def parts(self, hour):
-        """[(mask of the hour's minutes, first minute, end minute, local day ordinal, local hour)]."""
+    def every_part(self, hour):
+        """[(mask of the hour's minutes, first minute, end minute, local day ordinal, local hour, in the slots)]."""
         parts = self.cache.get(hour)
         if parts is None:
             moment = datetime.fromtimestamp(hour * 3600, timezone.utc)
@@ -2637,9 +2640,16 @@ class _LocalHours:
             for low, high in ([(0, 60)] if not split else [(0, split), (split, 60)]):
                 day, of_day = divmod(local + low, 1440)
                 ordinal = _EPOCH_ORDINAL + day
-                if not self.slots or ((ordinal - 1) % 7) * 24 + of_day // 60 in self.slots:
-                    parts.append((((1 << high) - 1) ^ ((1 << low) - 1), low, high, ordinal, of_day // 60))
-            self.cache[hour] = parts
+                parts.append((((1 << high) - 1) ^ ((1 << low) - 1), low, high, ordinal, of_day // 60,
+                              not self.slots or ((ordinal - 1) % 7) * 24 + of_day // 60 in self.slots))
+            self.cache[hour] = parts = tuple(parts)
+        return parts
+
+    def parts(self, hour):
+        """every_part's parts in the query's slots, without the flag."""
+        parts = self.counted.get(hour)
+        if parts is None:
+            parts = self.counted[hour] = tuple(part[:5] for part in self.every_part(hour) if part[5])
         return parts
 
 
@@ -2726,11 +2736,12 @@ def coverage_figures(conn, stats_query, selection, now=None):
             while at < len(starts) and starts[at] < hour * 60 + 60:
                 partial.append(_HOUR_MASK ^ ((1 << (starts[at] - hour * 60)) - 1))
                 at += 1
-            for part_mask, _, _, ordinal, of_day in local.parts(hour):
-                minutes = _ones(mask & part_mask)
-                known = minutes * full + sum(_ones(mask & part_mask & p) for p in partial)
+            for part_mask, low, high, ordinal, of_day in local.parts(hour):
+                minutes = high - low if mask == _HOUR_MASK else _ones(mask & part_mask)
+                known = minutes * full + (sum(_ones(mask & part_mask & p) for p in partial) if partial else 0)
                 if known:
-                    day_row(ordinal)["known"] += known
+                    row = per_day.get(ordinal) or day_row(ordinal)
+                    row["known"] += known
                     per_hour[of_day]["known"] += known
                 running += minutes
             hour += 1
@@ -2744,12 +2755,12 @@ def coverage_figures(conn, stats_query, selection, now=None):
                       for p in local.parts(hour)) if first_beat > hour * 60 else 0
         return known_before[max(known_before)] - known_before[hour] - skipped
 
-    rows = []
+    rows, hour_on, usual_minutes = [], {}, _UsualMinutes(local, begin, finish)
     for device_id, device in devices.items():
         row = {"consumer": device["consumer"], "device": device["device"], "interval_s": device["interval_s"],
                "heartbeats": device["first_beat"] is not None}
         if row["heartbeats"]:
-            row.update(_device_on(conn, device_id, device, begin, finish, local, in_range, day_row, per_hour))
+            row.update(_device_on(conn, device_id, device, begin, finish, local, hour_on, usual_minutes))
             row["known_minutes"] = known_minutes(device["first_beat"])
         else:
             row.update(known_minutes=None, minutes_on=None, usual_hours=None, gaps=None, gap_minutes=None,
@@ -2761,6 +2772,10 @@ def coverage_figures(conn, stats_query, selection, now=None):
                "minutes_on": None, "usual_hours": None, "gaps": None, "gap_minutes": None, "recent_gaps": []}
         row.update(_device_use(spans, begin, finish, local, day_row, per_hour, None))
         rows.append(row)
+    for key, minutes in hour_on.items():  # the devices' minutes on, into the local days and hours
+        _, _, _, ordinal, of_day, _ = local.every_part(key // 2)[key % 2]
+        day_row(ordinal)["on"] += minutes
+        per_hour[of_day]["on"] += minutes
     rows.sort(key=lambda r: (str(r["consumer"]), r["device"] is None, str(r["device"])))
     rows = [r for r in rows if r["heartbeats"] or r["sessions"]]
 
@@ -2799,83 +2814,129 @@ def coverage_figures(conn, stats_query, selection, now=None):
     }
 
 
-def _device_on(conn, device_id, device, begin, finish, local, in_range, day_row, per_hour):
-    """A device's minutes on (COVERAGE_DEFINITION) in the range, added into
-    the days and hours, its usual hours and its gaps."""
-    width = math.ceil(device["interval_s"] / 60)
-    on, smeared = {}, {}
-    habit = min(begin, finish - USUAL_HOURS_FROM)  # the usual hours are found over at least 4 weeks
-    for hour, bits in conn.execute(
-            "SELECT hour, minutes FROM heartbeat_hours WHERE device_id = ? AND hour >= ? AND hour < ? ORDER BY hour",
-            (device_id, (habit - width) // 60 - 1, finish // 60 + 1)):
+def _on_hours(rows, width):
+    """(hour, bits of the minutes on) in order, from a device's rows of
+    heartbeat bits (in order): each heartbeat's minute and the `width`
+    minutes after it, which may reach into the hours that follow."""
+    carried, smeared = {}, {}  # bits reaching into later hours; each bitmap's smear, once
+    if width < 60:  # the usual case: into the next hour at most
+        carry_hour, carry = None, 0
+        for hour, bits in rows:
+            if carry_hour is not None and carry_hour != hour:
+                yield carry_hour, carry
+            spread = smeared.get(bits)
+            if spread is None:
+                spread = smeared[bits] = _smear(bits, width)
+            yield hour, (spread & _HOUR_MASK) | (carry if carry_hour == hour else 0)
+            carry = spread >> 60
+            carry_hour = hour + 1 if carry else None
+        if carry_hour is not None:
+            yield carry_hour, carry
+        return
+    for hour, bits in rows:
+        if carried and hour not in carried or len(carried) > 1:
+            for earlier in sorted(h for h in carried if h < hour):
+                yield earlier, carried.pop(earlier)
         spread = smeared.get(bits)
         if spread is None:
             spread = smeared[bits] = _smear(bits, width)
-        step = 0
+        yield hour, (spread & _HOUR_MASK) | carried.pop(hour, 0)
+        step = 1
+        spread >>= 60
         while spread:
-            on[hour + step] = on.get(hour + step, 0) | (spread & _HOUR_MASK)
+            carried[hour + step] = carried.get(hour + step, 0) | (spread & _HOUR_MASK)
             spread >>= 60
             step += 1
-    total, by_hour, any_slot = 0, [0] * 24, _LocalHours(local.zone_name, ())
-    for hour, bits in on.items():
-        if hour * 60 + 60 <= habit or hour * 60 >= finish:
-            continue
-        for part_mask, _, _, _, of_day in any_slot.parts(hour):
-            by_hour[of_day] += _ones(bits & part_mask)
-        bits &= in_range(hour)
-        if not bits:
-            continue
-        for part_mask, _, _, ordinal, of_day in local.parts(hour):
-            minutes = _ones(bits & part_mask)
-            if minutes:
-                day_row(ordinal)["on"] += minutes
-                per_hour[of_day]["on"] += minutes
-                total += minutes
-    most = max(by_hour)
-    usual = {hour for hour in range(24) if most and by_hour[hour] * 2 >= most}
+    for later in sorted(carried):
+        yield later, carried[later]
 
-    # Gaps: the stretches of minutes off, from the first heartbeat (or the range's start) to its end.
-    gaps, threshold = [], GAP_INTERVALS * width
-    off_from = max(begin, device["first_beat"])
-    for hour in sorted(h for h in on if h * 60 + 60 > off_from and h * 60 < finish):
-        bits = on[hour] & in_range(hour)
-        if bits == _HOUR_MASK:  # on all through
-            if hour * 60 > off_from:
-                gaps.append((off_from, hour * 60))
-            off_from = max(off_from, hour * 60 + 60)
+
+def _device_on(conn, device_id, device, begin, finish, local, hour_on, usual_minutes):
+    """A device's minutes on (COVERAGE_DEFINITION) in the range, added into
+    hour_on ({UTC hour * 2 + part: minutes}), its usual hours and its gaps."""
+    width = math.ceil(device["interval_s"] / 60)
+    habit = min(begin, finish - USUAL_HOURS_FROM)  # the usual hours are found over at least 4 weeks
+    total, by_hour, stretches, threshold = 0, [0] * 24, [], GAP_INTERVALS * width
+    off_from = max(begin, device["first_beat"])  # where the minutes off since the last minute on began
+    rows = conn.execute("SELECT hour, minutes FROM heartbeat_hours WHERE device_id = ? AND hour >= ? AND hour < ?"
+                        " ORDER BY hour", (device_id, (habit - width) // 60 - 1, finish // 60 + 1))
+    cache, every_part, full = local.cache, local.every_part, _HOUR_MASK
+    for hour, bits in _on_hours(rows, width):
+        start = hour * 60
+        if start + 60 <= habit:
+            continue
+        if start >= finish:
+            break
+        parts = cache.get(hour) or every_part(hour)
+        if bits == full and begin <= start and start + 60 <= finish and len(parts) == 1:  # most hours
+            _, _, _, _, of_day, counted = parts[0]
+            by_hour[of_day] += 60
+            if counted:
+                total += 60
+                hour_on[hour * 2] = hour_on.get(hour * 2, 0) + 60
+            if start >= off_from:
+                if start - off_from > threshold:
+                    stretches.append((off_from, start))
+                off_from = start + 60
+            continue
+        ranged = bits & (((1 << min(finish - start, 60)) - 1) ^ ((1 << max(begin - start, 0)) - 1)) \
+            if start + 60 > begin else 0
+        for index, (mask, _, _, _, of_day, counted) in enumerate(parts):
+            by_hour[of_day] += _ones(bits & mask)
+            if counted and ranged & mask:
+                minutes = _ones(ranged & mask)
+                total += minutes
+                hour_on[hour * 2 + index] = hour_on.get(hour * 2 + index, 0) + minutes
+        if start + 60 <= off_from or not ranged:
             continue
         for minute in range(60):
-            at = hour * 60 + minute
-            if at < off_from or at >= finish:
-                continue
-            if bits >> minute & 1:
-                if at > off_from:
-                    gaps.append((off_from, at))
-                off_from = at + 1
-    if off_from < finish:
-        gaps.append((off_from, finish))
+            if ranged >> minute & 1 and start + minute >= off_from:
+                if start + minute - off_from > threshold:
+                    stretches.append((off_from, start + minute))
+                off_from = start + minute + 1
+    if finish - off_from > threshold:
+        stretches.append((off_from, finish))
+    most = max(by_hour)
+    usual = frozenset(hour for hour in range(24) if most and by_hour[hour] * 2 >= most)
     found = []
-    for low, high in gaps:
-        if high - low <= threshold:
-            continue
-        usual_minutes = _usual_minutes(low, high, usual, local)
-        if usual_minutes > threshold:
+    for low, high in stretches:  # a gap: more than the threshold of it in the usual hours
+        missed = usual_minutes(low, high, usual)
+        if missed > threshold:
             found.append({"from": _minute_text(low), "to": _minute_text(high), "minutes": high - low,
-                          "usual_minutes": usual_minutes, "ongoing": high == finish})
+                          "usual_minutes": missed, "ongoing": high == finish})
     return {"minutes_on": total, "usual_hours": sorted(usual), "gaps": len(found),
             "gap_minutes": sum(g["minutes"] for g in found), "recent_gaps": found[-LISTED_GAPS:][::-1]}
 
 
-def _usual_minutes(low, high, usual, local):
-    """Minutes of [low, high) in the given local hours of the day (and the query's slots)."""
-    count, hour = 0, low // 60
-    while hour * 60 < high:
-        span = ((1 << min(high - hour * 60, 60)) - 1) ^ ((1 << max(low - hour * 60, 0)) - 1)
-        for part_mask, _, _, _, of_day in local.parts(hour):
-            if of_day in usual:
-                count += _ones(span & part_mask)
-        hour += 1
-    return count
+class _UsualMinutes:
+    """Minutes of a stretch of the range in a device's usual (local) hours
+    and the query's slots: whole hours from a running count per set of
+    usual hours, made once for the range, the two ends minute by minute."""
+
+    def __init__(self, local, begin, finish):
+        self.local, self.first, self.last, self.counts = local, begin // 60, -(-finish // 60), {}
+
+    def __call__(self, low, high, usual):
+        counts = self.counts.get(usual)
+        if counts is None:
+            counts, running = [0], 0
+            for hour in range(self.first, self.last + 1):
+                running += sum(high_ - low_ for _, low_, high_, _, of_day in self.local.parts(hour) if of_day in usual)
+                counts.append(running)
+            self.counts[usual] = counts
+        inner_from, inner_to = -(-low // 60), high // 60  # the whole hours inside [low, high)
+        if inner_from > inner_to:  # within one hour
+            return self.edge(low, high, usual)
+        return (counts[inner_to - self.first] - counts[inner_from - self.first]
+                + self.edge(low, inner_from * 60, usual) + self.edge(inner_to * 60, high, usual))
+
+    def edge(self, low, high, usual):
+        """Minutes of [low, high), within one UTC hour, in the usual hours."""
+        if low >= high:
+            return 0
+        hour = low // 60
+        span = ((1 << (high - hour * 60)) - 1) ^ ((1 << (low - hour * 60)) - 1)
+        return sum(_ones(span & mask) for mask, _, _, _, of_day in self.local.parts(hour) if of_day in usual)
 
 
 def _device_use(spans, begin, finish, local, day_row, per_hour, minutes_on):
