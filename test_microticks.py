@@ -2594,6 +2594,17 @@ def test_retention_is_applied_by_the_service(start_server, sample_client, db_pat
     assert stored(db_path, "SELECT count(*) FROM events")[0][0] == 0
 
 
+def test_retention_deletes_heartbeats_older_than_it_and_keeps_the_rest(client, consumer_key, db_path):
+    from datetime import datetime, timedelta, timezone
+    now = datetime.now(timezone.utc)
+    beats = [(now - timedelta(days=days)).isoformat(timespec="milliseconds").replace("+00:00", "Z") for days in (20, 10, 0)]
+    assert client.post_json("/heartbeat", {"consumer_key": consumer_key, "device": "d", "beats": beats}).json["minutes"] == 3
+    assert "Deleted 0 sessions" in run_cli("purge", "--older-than", "15d", "--db", db_path).stdout
+    kept = stored(db_path, "SELECT hour FROM heartbeat_hours ORDER BY hour")
+    cutoff = (now - timedelta(days=15)).timestamp() // 3600
+    assert len(kept) == 2 and all(hour >= cutoff for hour, in kept)  # the 20-day-old one went
+
+
 def test_status_and_metrics_tell_an_operator_what_is_going_on(start_server, consumer_key, db_path):
     client = start_server(silent_hours=1)
     token = client.start(consumer_key)
