@@ -1414,22 +1414,34 @@ def start_sessions(conn, starts, ip, store_ip="truncated"):
 DEFAULT_HEARTBEAT_INTERVAL = 300
 
 
-def record_heartbeat(conn, consumer_key, device, app_version, queue_depth, ip, store_ip="truncated", minutes=(),
-                     interval=None):
-    """A kiosk's sign of life: its device's last heartbeat, queue depth and
+def heartbeat_write(conn, consumer_key, device, app_version, queue_depth, ip, store_ip="truncated", minutes=(),
+                    interval=None):
+    """A kiosk's sign of life, its consumer key checked now (WrongKey...):
+    the write that records its device's last heartbeat, queue depth and
     heartbeat interval (seconds), and the heartbeats' minutes (minutes since
-    1970, UTC) kept as history (heartbeat_hours). Returns the device's id."""
-    hours = {}
+    1970, UTC) as history (heartbeat_hours). The write, a function of the
+    connection in a write transaction, returns the device's id; the HTTP
+    API commits it with the events of other requests (CommitGroup)."""
+    consumer_id, ip, hours = _consumer_for_key(conn, consumer_key, ip), kept_address(ip, store_ip), {}
     for minute in minutes:
         hours[minute // 60] = hours.get(minute // 60, 0) | 1 << minute % 60
+
+    def write(writer):
+        device_id = _record_device(writer, consumer_id, device, app_version, ip, utc_now(), queue_depth,
+                                   heartbeat=True, interval=interval)
+        writer.executemany("INSERT INTO heartbeat_hours (device_id, hour, minutes) VALUES (?, ?, ?)"
+                           " ON CONFLICT (device_id, hour) DO UPDATE SET minutes = minutes | excluded.minutes",
+                           [(device_id, hour, bits) for hour, bits in hours.items()])
+        return device_id
+    return write
+
+
+def record_heartbeat(conn, consumer_key, device, app_version, queue_depth, ip, store_ip="truncated", minutes=(),
+                     interval=None):
+    """heartbeat_write, written at once; the device's id."""
     with write_transaction(conn):
-        consumer_id = _consumer_for_key(conn, consumer_key, ip)
-        device_id = _record_device(conn, consumer_id, device, app_version, kept_address(ip, store_ip), utc_now(),
-                                   queue_depth, heartbeat=True, interval=interval)
-        conn.executemany("INSERT INTO heartbeat_hours (device_id, hour, minutes) VALUES (?, ?, ?)"
-                         " ON CONFLICT (device_id, hour) DO UPDATE SET minutes = minutes | excluded.minutes",
-                         [(device_id, hour, bits) for hour, bits in hours.items()])
-    return device_id
+        return heartbeat_write(conn, consumer_key, device, app_version, queue_depth, ip, store_ip, minutes,
+                               interval)(conn)
 
 
 def _session_for_token(conn, token):
@@ -1474,9 +1486,10 @@ def _events_with_uuids(conn, uuids):
                              (json.dumps(uuids),)).fetchall())
 
 
-def store_events(conn, events, deadline=None):
+def store_events(conn, events, deadline=None, also=()):
     """Store events in one transaction (its turn waited for until
-    `deadline`, as write_transaction); one result per event, in order:
+    `deadline`, as write_transaction), with the writes `also` (functions
+    of the connection: heartbeats); one result per event, in order:
     {"event_id": N} (plus "duplicate": true when its uuid was stored before)
     or the MicroticksError that refuses it (from validation, or from here):
     the app answers it, alone or as one of a batch's results. A late event
@@ -1534,6 +1547,8 @@ def store_events(conn, events, deadline=None):
                     results[n] = {"event_id": first_id + result}
                 elif type(result) is dict and "duplicate_of" in result:
                     results[n] = {"event_id": first_id + result["duplicate_of"], "duplicate": True}
+        for write in also:
+            write(conn)
     return results
 
 
@@ -1588,10 +1603,12 @@ class CommitGroup:
         self.pending = []
         self.writing = False
 
-    def store(self, connection, events):
+    def store(self, connection, events, also=None):
         """store_events for this request's events, committed with others',
-        on the connection that connection() returns (called by one writer at a time)."""
-        mine = {"events": events, "done": False, "results": None, "error": None,
+        on the connection that connection() returns (called by one writer at
+        a time); `also`, another write of the request (a heartbeat's), runs
+        in the same transaction."""
+        mine = {"events": events, "also": also, "done": False, "results": None, "error": None,
                 "deadline": time.monotonic() + BUSY_TIMEOUT}
         with self.condition:
             self.pending.append(mine)
@@ -1608,7 +1625,8 @@ class CommitGroup:
             # gathered behind a writer that waited for its turn waits one
             # busy timeout in all, not one more for its own group's turn.
             results = store_events(connection(), [event for request in group for event in request["events"]],
-                                   min(request["deadline"] for request in group))
+                                   min(request["deadline"] for request in group),
+                                   [request["also"] for request in group if request["also"]])
             for request in group:
                 request["results"], results = results[:len(request["events"])], results[len(request["events"]):]
         except Exception as error:  # a database error: every request of the group hears of it
@@ -1638,8 +1656,8 @@ class Database:
         self.commits = CommitGroup()
         self._writer = None  # (pid, connection): never used across a fork
 
-    def store_events(self, events):
-        return self.commits.store(self.writer_connection, events)
+    def store_events(self, events, also=None):
+        return self.commits.store(self.writer_connection, events, also)
 
     def writer_connection(self):
         """The connection the commit group writes events with (one writer at
@@ -5477,10 +5495,12 @@ def post_heartbeat():
     fields, _ = request_fields(bottle.request)
     clean = clean_heartbeat(fields, datetime.now(timezone.utc))
     with own.counting_wrong_keys():
-        device_id = record_heartbeat(own.connection(), clean["consumer_key"], clean["device"],
-                                     clean["app_version"], clean["queue"], own.client_ip(), own.settings.store_ip,
-                                     clean["minutes"], clean["interval"])
-    return {"device_id": device_id, "minutes": len(clean["minutes"]), "too_old": clean["too_old"], "status": 200}
+        write = heartbeat_write(own.connection(), clean["consumer_key"], clean["device"], clean["app_version"],
+                                clean["queue"], own.client_ip(), own.settings.store_ip, clean["minutes"],
+                                clean["interval"])
+    device = []  # committed with the events of concurrent requests, as theirs are
+    own.db.store_events([], also=lambda conn: device.append(write(conn)))
+    return {"device_id": device[0], "minutes": len(clean["minutes"]), "too_old": clean["too_old"], "status": 200}
 
 
 def read_answer(kind):

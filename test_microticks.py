@@ -3880,6 +3880,32 @@ def test_concurrent_clients_lose_nothing_in_the_threaded_server(client, consumer
     assert sorted(r[0] for r in stored(db_path, "SELECT id FROM events")) == sorted(acked)
 
 
+def test_heartbeats_committed_with_concurrent_events_lose_nothing(client, consumer_key, db_path):
+    """Heartbeats ride the events' commit group: under concurrent events,
+    every acknowledged heartbeat's minute is kept, and every event."""
+    from datetime import datetime, timedelta, timezone
+    start = datetime.now(timezone.utc).replace(second=0, microsecond=0) - timedelta(days=1)
+
+    def beat(n):
+        minutes = []
+        for i in range(20):
+            at = start + timedelta(minutes=n * 20 + i)
+            answer = client.post_json("/heartbeat", {"consumer_key": consumer_key, "device": f"table-{n % 4}",
+                                                     "ts": at.isoformat().replace("+00:00", "Z")})
+            assert answer.status == 200 and answer.json["minutes"] == 1
+            minutes.append((f"table-{n % 4}", int(at.timestamp() // 60)))
+        return minutes
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        events = pool.submit(post_events_concurrently, client, consumer_key, 4, 25)
+        beats = [m for ms in pool.map(beat, range(8)) for m in ms]
+        acked = events.result()
+    assert sorted(r[0] for r in stored(db_path, "SELECT id FROM events")) == sorted(acked) and len(acked) == 100
+    kept = {(name, hour * 60 + bit) for name, hour, bits in stored(
+        db_path, "SELECT d.name, h.hour, h.minutes FROM heartbeat_hours h JOIN devices d ON d.id = h.device_id")
+        for bit in range(60) if bits >> bit & 1}
+    assert kept == set(beats) and len(beats) == 160
+
+
 def test_a_slow_client_does_not_block_others(client, consumer_key):
     slow = socket.create_connection(("127.0.0.1", client.port))
     slow.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")  # and then nothing
