@@ -2502,8 +2502,11 @@ def _kept_and_fresh(conn, stats_query, selection, kept, columns, tail="", join="
     if selection.everything:
         rows = conn.execute(f"SELECT {columns} FROM main.{kept} k {join} {kept_where} {tail}", [*kind, *condition_params])
     else:
-        source = (f"sel CROSS JOIN main.{kept} k ON k.session_id = sel.id" if selection.few
-                  else f"main.{kept} k JOIN sel ON sel.id = k.session_id")
+        # Many: a pass over the kept table, each row's session looked up in
+        # the selection's ids (SQLite indexes them once for IN: three times
+        # faster than a join with them over half a million sessions).
+        source, kept_where = ((f"sel CROSS JOIN main.{kept} k ON k.session_id = sel.id", kept_where) if selection.few
+                              else (f"main.{kept} k", f"{kept_where} AND k.session_id IN (SELECT id FROM sel)"))
         rows = conn.execute(f"WITH {selection.sql} SELECT {columns} FROM {source} {join} {kept_where} {tail}",
                             [*selection.params, *kind, *condition_params])
     # Both cursors read as one in C: a generator's step per row cost a third
@@ -3019,16 +3022,18 @@ def _engagement(conn, stats_query, selection, samples=None):
     bounces = sum(n <= 1 for n in touches)
     if samples is not None:
         samples.update(touches=touches, screens=screens, time_on_screen={}, time_on_screen_seen={})
-        for screen, ms, seen_ms in _kept_and_fresh(conn, stats_query, selection, "stats_visits",
-                                                   "k.screen, k.ms, k.seen_ms"):
-            times, ended = samples["time_on_screen_seen"].setdefault(screen, ([], []))
-            if ms is not None:
-                samples["time_on_screen"].setdefault(screen, []).append(ms / 1000)
-                times.append(ms / 1000)
-                ended.append(True)
-            elif seen_ms is not None:  # a session's last visit: seen to its last touch, and maybe beyond
-                times.append(seen_ms / 1000)
-                ended.append(False)
+        # Each screen's visits as two JSON arrays, parsed in C: a row of Python per visit cost half of /compare.
+        for screen, measured, seen in _kept_and_fresh(
+                conn, stats_query, selection, "stats_visits",
+                "k.screen, json_group_array(k.ms), json_group_array(k.seen_ms)", tail="GROUP BY k.screen"):
+            measured, seen = json.loads(measured), json.loads(seen)
+            samples["time_on_screen"].setdefault(screen, []).extend(ms / 1000 for ms in measured if ms is not None)
+            if stats_query.holding:  # a session's last visit: seen to its last touch, and maybe beyond (censored)
+                times, ended = samples["time_on_screen_seen"].setdefault(screen, ([], []))
+                for ms, seen_ms in zip(measured, seen):
+                    if ms is not None or seen_ms is not None:
+                        times.append((seen_ms if ms is None else ms) / 1000)
+                        ended.append(ms is not None)
     return {
         "meaningful_touches": stats_query.meaningful,
         "meaningful_sessions": meaningful, "meaningful_share": _share(meaningful, len(rows)),
