@@ -911,19 +911,13 @@ def bench_ambiguous_framing(workdir, results):
     results.setdefault("hostile", {})["ambiguous framing"] = row
 
 
-def bench_expensive_bursts(workdir, results, sessions=20_000, events_per_session=25):
-    """Bursts of eight expensive requests at once (a new data key, a new
-    bin, a comparison of everything with a new data key; their connections
-    closed at once), as one keyed client can send them, on a database of
-    half a million events, beside a kiosk posting an event and asking
-    /health every 50 ms: the kiosk's latency, against its latency alone."""
-    import socket
-    import threading
-    db = workdir / "bursts.db"
-    token = microticks_db(db)
-    conn = microticks.connect(str(db))
-    with conn:  # as the test suite's fill_database, larger
-        consumer = conn.execute("SELECT min(id) FROM consumers").fetchone()[0]
+def fill_database(path, sessions, events_per_session):
+    """Closed sessions of touches on screens, written by SQL at once (a
+    database of a size whose figures take seconds to compute), for the
+    first consumer. The tests fill their databases with it too."""
+    conn = microticks.connect(path)
+    consumer = conn.execute("SELECT min(id) FROM consumers").fetchone()[0]
+    with conn:
         conn.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
                      " INSERT INTO sessions (token, ip, started_at, stopped_at, consumer_id, started_utc, stopped_utc,"
                      " stop_reason) SELECT lower(hex(randomblob(16))), '', t, t, ?, t, t, 'client' FROM"
@@ -935,6 +929,19 @@ def bench_expensive_bursts(workdir, results, sessions=20_000, events_per_session
                      " 'clickX', (n.i * 37) % 1000, 'clickY', (n.i * 53) % 700, 'other', 'o' || (n.i % 5))"
                      " FROM sessions s CROSS JOIN n WHERE s.stopped_at IS NOT NULL", (events_per_session,))
     conn.close()
+
+
+def bench_expensive_bursts(workdir, results, sessions=20_000, events_per_session=25):
+    """Bursts of eight expensive requests at once (a new data key, a new
+    bin, a comparison of everything with a new data key; their connections
+    closed at once), as one keyed client can send them, on a database of
+    half a million events, beside a kiosk posting an event and asking
+    /health every 50 ms: the kiosk's latency, against its latency alone."""
+    import socket
+    import threading
+    db = workdir / "bursts.db"
+    token = microticks_db(db)
+    fill_database(str(db), sessions, events_per_session)
     command, server_env, cwd = servers(workdir, "serve", "microticks", db)
     with Process(command, server_env, cwd) as server:
         timed_get(server.url + "/stats")  # the default figures kept, as a running service has them

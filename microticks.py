@@ -2424,18 +2424,29 @@ def compute_stats(conn, stats_query, samples=None):
     return stats
 
 
-def screen_heatmap(conn, stats_query, screen):
-    """One screen's heatmap of the sessions a StatsQuery selects, in its bins
-    and touches (all, or navigating), added up from the kept heatmap rows
-    of that screen alone: what a researcher draws their own from, without
-    the rest of /stats. Sessions without valid kept figures are computed
-    afresh, as compute_stats computes them (and kept by /stats)."""
-    conn.execute("BEGIN")  # one snapshot
+@contextlib.contextmanager
+def _snapshot_with_fresh_figures(conn, stats_query):
+    """One snapshot of the sessions a StatsQuery selects (their Selection),
+    the figures of those without valid kept ones computed afresh into the
+    fresh_* tables, as compute_stats computes them (and kept by /stats)."""
+    conn.execute("BEGIN")
     try:
         selection = _selected_sessions(conn, stats_query.query)
         _find_stale_sessions(conn, selection.sql, selection.params, stats_query.data_key, stats_query.bin)
         if conn.execute("SELECT 1 FROM temp.stale LIMIT 1").fetchone():
             _compute_session_stats(conn, stats_query.data_key, stats_query.bin)
+        yield selection
+    finally:
+        if conn.in_transaction:  # else an error ended it (SQLite rolls back after some): that one is told
+            conn.execute("COMMIT")
+
+
+def screen_heatmap(conn, stats_query, screen):
+    """One screen's heatmap of the sessions a StatsQuery selects, in its bins
+    and touches (all, or navigating), added up from the kept heatmap rows
+    of that screen alone (_snapshot_with_fresh_figures): what a researcher
+    draws their own from, without the rest of /stats."""
+    with _snapshot_with_fresh_figures(conn, stats_query) as selection:
         points = "k.navigating" if stats_query.touches == "navigating" else "k.points"
         bins, width, height = [], 0, 0
         for x, y, n, max_x, max_y in _kept_and_fresh(
@@ -2444,9 +2455,6 @@ def screen_heatmap(conn, stats_query, screen):
             width, height = max(width, max_x or 0), max(height, max_y or 0)
             if n:
                 bins.append([x, y, n])
-    finally:
-        if conn.in_transaction:
-            conn.execute("COMMIT")
     merged = {}  # a bin in both the kept rows and the fresh ones
     for x, y, n in bins:
         merged[x, y] = merged.get((x, y), 0) + n
@@ -2456,22 +2464,14 @@ def screen_heatmap(conn, stats_query, screen):
 
 def device_uptime(conn, stats_query):
     """GET /devices: each kiosk's coverage (COVERAGE_DEFINITION) over a
-    StatsQuery's range and consumers, with its last sign of life; inside
-    one snapshot, its sessions' figures computed where none are kept."""
-    conn.execute("BEGIN")
-    try:
-        selection = _selected_sessions(conn, stats_query.query)
-        _find_stale_sessions(conn, selection.sql, selection.params, stats_query.data_key, stats_query.bin)
-        if conn.execute("SELECT 1 FROM temp.stale LIMIT 1").fetchone():
-            _compute_session_stats(conn, stats_query.data_key, stats_query.bin)
+    StatsQuery's range and consumers, with its last sign of life, in one
+    snapshot (_snapshot_with_fresh_figures)."""
+    with _snapshot_with_fresh_figures(conn, stats_query) as selection:
         coverage = coverage_figures(conn, stats_query, selection)
         seen = {(row[0], row[1]): dict(zip(("app_version", "last_seen_at", "last_heartbeat_at", "queue_depth"),
                                            row[2:])) for row in conn.execute(
             "SELECT c.name, d.name, d.app_version, d.last_seen_at, d.last_heartbeat_at, d.queue_depth"
             " FROM devices d JOIN consumers c ON c.id = d.consumer_id")}
-    finally:
-        if conn.in_transaction:
-            conn.execute("COMMIT")
     for row in coverage["devices"]:
         row.update(seen.get((row["consumer"], row["device"]), {}))
         row["uptime"] = _share(row["minutes_on"], row["known_minutes"]) if row["heartbeats"] else None
@@ -2558,7 +2558,7 @@ def holding(times, observed):
     steps = kaplan_meier(times, observed)
 
     def first(test):
-        return next((round(t, 3) for t, *bounds in steps if bounds[0] is not None and test(*bounds)), None)
+        return next((round(t, 3) for t, *bounds in steps if test(*bounds)), None)
 
     def at(seconds):
         last = (1.0, 1.0, 1.0)
@@ -8982,10 +8982,10 @@ function render(data) {
   figure("median-touches", count(data.touches_per_session.median));
   figure("median-screens", count(data.screens_per_session.median));
   $("tz").textContent = data.timezone;
-  dayChart($("per-day"), data, paths && paths.coverage);
+  dayChart($("per-day"), data);  // renderPaths shades it with the coverage
   $("annotations").replaceChildren(...data.annotations.map((a) => el("li", {"data-annotation": a.id},
     `${localDay(a.time_utc, data.timezone)}: ${a.text}` + (a.consumer ? ` (${a.consumer})` : ""))));
-  hourChart(data, paths && paths.coverage);
+  hourChart(data, null);
   columnChart($("per-weekday"), data.sessions_per_weekday.map((d) => ({label: d.weekday.slice(0, 3), value: d.sessions})));
   columnChart($("durations"), data.duration.distribution.map((b) => ({label: b.bucket, value: b.sessions})));
   columnChart($("per-session"), data.events_per_session.distribution.map((b) => ({label: b.bucket, value: b.sessions})));

@@ -47,6 +47,7 @@ from pathlib import Path
 import pytest
 
 import microticks
+from bench_microticks import fill_database  # one filler for the tests and the benchmark
 
 HERE = Path(__file__).resolve().parent
 README = (HERE / "README.md").read_text(encoding="utf-8")
@@ -4070,25 +4071,6 @@ def test_heads_whose_body_would_never_come_are_answered_from_the_head_and_hold_n
     finally:
         for _, sock in stalled:
             sock.close()
-
-
-def fill_database(path, sessions, events_per_session):
-    """Closed sessions of touches on screens, written by SQL at once (a
-    database of a size whose figures take seconds to compute)."""
-    conn = microticks.connect(path)
-    consumer = conn.execute("SELECT min(id) FROM consumers").fetchone()[0]
-    with conn:
-        conn.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
-                     " INSERT INTO sessions (token, ip, started_at, stopped_at, consumer_id, started_utc, stopped_utc,"
-                     " stop_reason) SELECT lower(hex(randomblob(16))), '', t, t, ?, t, t, 'client' FROM"
-                     " (SELECT i, strftime('%Y-%m-%dT%H:%M:%S.000Z', '2017-05-22', '+' || i || ' minutes') AS t FROM n)",
-                     (sessions, consumer))
-        conn.execute("WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ? - 1)"
-                     " INSERT INTO events (session_id, time, time_utc, action, data)"
-                     " SELECT s.id, s.started_utc, s.started_utc, 'click', json_object('subject', 's' || (n.i % 7),"
-                     " 'clickX', (n.i * 37) % 1000, 'clickY', (n.i * 53) % 700, 'other', 'o' || (n.i % 5))"
-                     " FROM sessions s CROSS JOIN n WHERE s.stopped_at IS NOT NULL", (events_per_session,))
-    conn.close()
 
 
 def test_expensive_reads_cannot_starve_a_kiosk_nor_run_on_for_clients_gone(start_server, db_path, consumer_key,
