@@ -1034,6 +1034,7 @@ def address_allowed(ip, networks):
     return any(address in ipaddress.ip_network(n) for n in networks.split(",") if n)
 
 
+@lru_cache(maxsize=4096)  # a building's kiosks come from a few addresses; parsing one cost 4% of a heartbeat
 def kept_address(ip, mode):
     """What is stored of a client address: all of it, its network (/24 for
     IPv4, /48 for IPv6: still tells sites apart, no longer a person), or nothing."""
@@ -1360,7 +1361,7 @@ def _record_device(conn, consumer_id, device, app_version, ip, now, queue_depth=
     """Note that a kiosk was seen; returns the device's id (None without a name)."""
     if not device:
         return None
-    conn.execute(
+    return conn.execute(
         "INSERT INTO devices (consumer_id, name, app_version, ip, first_seen_at, last_seen_at,"
         " last_heartbeat_at, queue_depth, heartbeat_interval) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (consumer_id, name) DO UPDATE SET"
@@ -1368,10 +1369,9 @@ def _record_device(conn, consumer_id, device, app_version, ip, now, queue_depth=
         " last_seen_at = excluded.last_seen_at,"
         " last_heartbeat_at = coalesce(excluded.last_heartbeat_at, last_heartbeat_at),"
         " queue_depth = coalesce(excluded.queue_depth, queue_depth),"
-        " heartbeat_interval = coalesce(excluded.heartbeat_interval, heartbeat_interval)",
-        (consumer_id, device, app_version, ip, now, now, now if heartbeat else None, queue_depth, interval))
-    return conn.execute("SELECT id FROM devices WHERE consumer_id = ? AND name = ?",
-                        (consumer_id, device)).fetchone()[0]
+        " heartbeat_interval = coalesce(excluded.heartbeat_interval, heartbeat_interval) RETURNING id",
+        (consumer_id, device, app_version, ip, now, now, now if heartbeat else None, queue_depth, interval)
+    ).fetchone()[0]
 
 
 def start_session(conn, consumer_key, ts, ip, uuid=None, device=None, app_version=None, store_ip="truncated"):
@@ -1414,19 +1414,28 @@ def start_sessions(conn, starts, ip, store_ip="truncated"):
 DEFAULT_HEARTBEAT_INTERVAL = 300
 
 
-def heartbeat_write(conn, consumer_key, device, app_version, queue_depth, ip, store_ip="truncated", minutes=(),
+def heartbeat_write(consumer_key, device, app_version, queue_depth, ip, store_ip="truncated", minutes=(),
                     interval=None):
-    """A kiosk's sign of life, its consumer key checked now (WrongKey...):
-    the write that records its device's last heartbeat, queue depth and
-    heartbeat interval (seconds), and the heartbeats' minutes (minutes since
-    1970, UTC) as history (heartbeat_hours). The write, a function of the
-    connection in a write transaction, returns the device's id; the HTTP
-    API commits it with the events of other requests (CommitGroup)."""
-    consumer_id, ip, hours = _consumer_for_key(conn, consumer_key, ip), kept_address(ip, store_ip), {}
+    """A kiosk's sign of life as a write (a function of a connection in a
+    write transaction): its consumer key checked, then its device's last
+    heartbeat, queue depth and heartbeat interval (seconds) recorded and
+    the heartbeats' minutes (minutes since 1970, UTC) kept as history
+    (heartbeat_hours). The write returns the device's id, or the
+    MicroticksError (a WrongKey...) that refuses the heartbeat, so that a
+    refusal never undoes what it is committed with: the HTTP API commits it
+    with the events of other requests (CommitGroup), and the key is looked
+    up on that group's connection, whose cache is warm (on the request's own
+    connection, the lookup reread pages after every commit: a tenth of a
+    heartbeat's cost)."""
+    ip, hours = kept_address(ip, store_ip), {}
     for minute in minutes:
         hours[minute // 60] = hours.get(minute // 60, 0) | 1 << minute % 60
 
     def write(writer):
+        try:
+            consumer_id = _consumer_for_key(writer, consumer_key, ip)
+        except MicroticksError as refusal:
+            return refusal
         device_id = _record_device(writer, consumer_id, device, app_version, ip, utc_now(), queue_depth,
                                    heartbeat=True, interval=interval)
         writer.executemany("INSERT INTO heartbeat_hours (device_id, hour, minutes) VALUES (?, ?, ?)"
@@ -1440,8 +1449,11 @@ def record_heartbeat(conn, consumer_key, device, app_version, queue_depth, ip, s
                      interval=None):
     """heartbeat_write, written at once; the device's id."""
     with write_transaction(conn):
-        return heartbeat_write(conn, consumer_key, device, app_version, queue_depth, ip, store_ip, minutes,
-                               interval)(conn)
+        device_id = heartbeat_write(consumer_key, device, app_version, queue_depth, ip, store_ip, minutes,
+                                    interval)(conn)
+    if isinstance(device_id, MicroticksError):
+        raise device_id
+    return device_id
 
 
 def _session_for_token(conn, token):
@@ -5499,12 +5511,13 @@ def post_heartbeat():
     own = service()
     fields, _ = request_fields(bottle.request)
     clean = clean_heartbeat(fields, datetime.now(timezone.utc))
-    with own.counting_wrong_keys():
-        write = heartbeat_write(own.connection(), clean["consumer_key"], clean["device"], clean["app_version"],
-                                clean["queue"], own.client_ip(), own.settings.store_ip, clean["minutes"],
-                                clean["interval"])
+    write = heartbeat_write(clean["consumer_key"], clean["device"], clean["app_version"], clean["queue"],
+                            own.client_ip(), own.settings.store_ip, clean["minutes"], clean["interval"])
     device = []  # committed with the events of concurrent requests, as theirs are
     own.db.store_events([], also=lambda conn: device.append(write(conn)))
+    if isinstance(device[0], MicroticksError):
+        with own.counting_wrong_keys():
+            raise device[0]
     return {"device_id": device[0], "minutes": len(clean["minutes"]), "too_old": clean["too_old"], "status": 200}
 
 

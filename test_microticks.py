@@ -3883,7 +3883,8 @@ def test_concurrent_clients_lose_nothing_in_the_threaded_server(client, consumer
 
 def test_heartbeats_committed_with_concurrent_events_lose_nothing(client, consumer_key, db_path):
     """Heartbeats ride the events' commit group: under concurrent events,
-    every acknowledged heartbeat's minute is kept, and every event."""
+    every acknowledged heartbeat's minute is kept, and every event; those
+    with a wrong key, refused in the group, undo nothing of the rest."""
     from datetime import datetime, timedelta, timezone
     start = datetime.now(timezone.utc).replace(second=0, microsecond=0) - timedelta(days=1)
 
@@ -3898,8 +3899,11 @@ def test_heartbeats_committed_with_concurrent_events_lose_nothing(client, consum
         return minutes
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         events = pool.submit(post_events_concurrently, client, consumer_key, 4, 25)
+        wrong = pool.submit(lambda: [client.post_json("/heartbeat", {"consumer_key": "wrong", "device": "table-0"}).status
+                                     for _ in range(30)])
         beats = [m for ms in pool.map(beat, range(8)) for m in ms]
         acked = events.result()
+    assert set(wrong.result()) <= {403, 429} and wrong.result()[0] == 403
     assert sorted(r[0] for r in stored(db_path, "SELECT id FROM events")) == sorted(acked) and len(acked) == 100
     kept = {(name, hour * 60 + bit) for name, hour, bits in stored(
         db_path, "SELECT d.name, h.hour, h.minutes FROM heartbeat_hours h JOIN devices d ON d.id = h.device_id")
