@@ -2661,13 +2661,27 @@ class _LocalHours:
 
     def __init__(self, tz_name, slots):
         self.zone, self.slots, self.cache, self.counted = load_timezone(tz_name), frozenset(slots), {}, {}
+        self.day_offsets, self.kind = {}, {}
+
+    def offset(self, hour):
+        """The zone's offset (minutes) at a UTC hour's start: read once for a
+        UTC day whose first and last hours agree (no zone changes its offset
+        twice in a day), else hour by hour."""
+        offsets = self.day_offsets.get(hour // 24)
+        if offsets is None:
+            first, last = (int(datetime.fromtimestamp(at * 3600, timezone.utc).astimezone(self.zone).utcoffset()
+                               .total_seconds()) // 60 for at in (hour // 24 * 24, hour // 24 * 24 + 23))
+            offsets = self.day_offsets[hour // 24] = first if first == last else ()
+        if offsets == ():
+            moment = datetime.fromtimestamp(hour * 3600, timezone.utc)
+            return int(moment.astimezone(self.zone).utcoffset().total_seconds()) // 60
+        return offsets
 
     def every_part(self, hour):
         """[(mask of the hour's minutes, first minute, end minute, local day ordinal, local hour, in the slots)]."""
         parts = self.cache.get(hour)
         if parts is None:
-            moment = datetime.fromtimestamp(hour * 3600, timezone.utc)
-            local = hour * 60 + int(moment.astimezone(self.zone).utcoffset().total_seconds()) // 60
+            local = hour * 60 + self.offset(hour)
             split = (60 - local % 60) % 60
             parts = []
             for low, high in ([(0, 60)] if not split else [(0, split), (split, 60)]):
@@ -2685,9 +2699,25 @@ class _LocalHours:
             parts = self.counted[hour] = tuple(part[:5] for part in self.every_part(hour) if part[5])
         return parts
 
+    def kinds(self, hours):
+        """How many of `hours` (whole UTC hours) there are of each kind: a
+        kind is the hour's parts as (local hour, minutes, in the slots). A
+        few hundred kinds stand for a year of hours, counted in C."""
+        kind = self.kind
+        for hour in set(hours).difference(kind):
+            kind[hour] = tuple((of_day, high - low, counted) for _, low, high, _, of_day, counted
+                               in self.every_part(hour))
+        return collections.Counter(map(kind.__getitem__, hours))
+
 
 def _epoch_seconds(text):
     return datetime.fromisoformat(text[:23]).replace(tzinfo=timezone.utc).timestamp()
+
+
+#: _epoch_seconds in SQL, of a stored UTC time: whole milliseconds from
+#: julianday() (exact: its double is within 50 microseconds), NULL if not a
+#: time. Parsing each session's times in Python cost a tenth of coverage.
+_SQL_EPOCH_SECONDS = "round((julianday(%s) - 2440587.5) * 86400000) / 1000.0"
 
 
 def _minute_text(minute):
@@ -2719,17 +2749,17 @@ def coverage_figures(conn, stats_query, selection, now=None):
                               "interval_s": interval or DEFAULT_HEARTBEAT_INTERVAL, "spans": [],
                               "first_beat": first and first[0] * 60 + ((first[1] & -first[1]).bit_length() - 1)}
     loose = {}  # consumer -> spans of its sessions without a device
-    for device_id, consumer, started, ended in _kept_and_fresh(
+    longest, consumer_names = MAX_IN_USE.total_seconds(), dict(conn.execute("SELECT id, name FROM consumers"))
+    for device_id, consumer_id, start, end in _kept_and_fresh(
             conn, stats_query, selection, "stats_engagement",
-            "s.device_id, (SELECT name FROM consumers WHERE id = s.consumer_id), s.started_utc,"
-            " coalesce(s.stopped_utc, k.last_time, s.started_utc)", join="JOIN sessions s ON s.id = k.session_id"):
-        try:
-            start = _epoch_seconds(started)
-            end = min(max(_epoch_seconds(ended), start), start + MAX_IN_USE.total_seconds())
-        except (TypeError, ValueError):
+            f"s.device_id, s.consumer_id, {_SQL_EPOCH_SECONDS % 's.started_utc'},"
+            f" {_SQL_EPOCH_SECONDS % 'coalesce(s.stopped_utc, k.last_time, s.started_utc)'}",
+            join="JOIN sessions s ON s.id = k.session_id"):
+        if start is None or end is None:  # not a time
             continue
+        end = min(max(end, start), start + longest)
         owner = devices.get(device_id)
-        (owner["spans"] if owner else loose.setdefault(consumer, [])).append((start, end))
+        (owner["spans"] if owner else loose.setdefault(consumer_names.get(consumer_id), [])).append((start, end))
 
     # The range: the query's, else from the first heartbeat or session to now; never beyond now.
     beating = [d for d in devices.values() if d["first_beat"] is not None]
@@ -2779,6 +2809,7 @@ def coverage_figures(conn, stats_query, selection, now=None):
                 running += minutes
             hour += 1
         known_before[hour] = running
+    last_hour = max(known_before, default=None)
 
     def known_minutes(first_beat):
         hour = max(first_beat, begin) // 60
@@ -2786,14 +2817,14 @@ def coverage_figures(conn, stats_query, selection, now=None):
             return 0
         skipped = sum(_ones(in_range(hour) & p[0] & ((1 << (first_beat - hour * 60)) - 1))
                       for p in local.parts(hour)) if first_beat > hour * 60 else 0
-        return known_before[max(known_before)] - known_before[hour] - skipped
+        return known_before[last_hour] - known_before[hour] - skipped
 
-    rows, hour_on, usual_minutes = [], {}, _UsualMinutes(local, begin, finish)
+    rows, hour_on, full_on, usual_minutes = [], {}, collections.Counter(), _UsualMinutes(local, begin, finish)
     for device_id, device in devices.items():
         row = {"consumer": device["consumer"], "device": device["device"], "interval_s": device["interval_s"],
                "heartbeats": device["first_beat"] is not None}
         if row["heartbeats"]:
-            row.update(_device_on(conn, device_id, device, begin, finish, local, hour_on, usual_minutes))
+            row.update(_device_on(conn, device_id, device, begin, finish, local, hour_on, full_on, usual_minutes))
             row["known_minutes"] = known_minutes(device["first_beat"])
         else:
             row.update(known_minutes=None, minutes_on=None, usual_hours=None, gaps=None, gap_minutes=None,
@@ -2809,6 +2840,11 @@ def coverage_figures(conn, stats_query, selection, now=None):
         _, _, _, ordinal, of_day, _ = local.every_part(key // 2)[key % 2]
         day_row(ordinal)["on"] += minutes
         per_hour[of_day]["on"] += minutes
+    for hour, devices_on in full_on.items():  # and their whole hours on
+        for _, low, high, ordinal, of_day, counted in local.every_part(hour):
+            if counted:
+                day_row(ordinal)["on"] += (high - low) * devices_on
+                per_hour[of_day]["on"] += (high - low) * devices_on
     rows.sort(key=lambda r: (str(r["consumer"]), r["device"] is None, str(r["device"])))
     rows = [r for r in rows if r["heartbeats"] or r["sessions"]]
 
@@ -2884,34 +2920,31 @@ def _on_hours(rows, width):
         yield later, carried[later]
 
 
-def _device_on(conn, device_id, device, begin, finish, local, hour_on, usual_minutes):
+def _device_on(conn, device_id, device, begin, finish, local, hour_on, full_on, usual_minutes):
     """A device's minutes on (COVERAGE_DEFINITION) in the range, added into
-    hour_on ({UTC hour * 2 + part: minutes}), its usual hours and its gaps."""
+    hour_on ({UTC hour * 2 + part: minutes}) and, its whole hours on in the
+    range, full_on ({UTC hour: devices}); its usual hours and its gaps."""
     width = math.ceil(device["interval_s"] / 60)
     habit = min(begin, finish - USUAL_HOURS_FROM)  # the usual hours are found over at least 4 weeks
     total, by_hour, stretches, threshold = 0, [0] * 24, [], GAP_INTERVALS * width
     off_from = max(begin, device["first_beat"])  # where the minutes off since the last minute on began
     rows = conn.execute("SELECT hour, minutes FROM heartbeat_hours WHERE device_id = ? AND hour >= ? AND hour < ?"
                         " ORDER BY hour", (device_id, (habit - width) // 60 - 1, finish // 60 + 1))
-    cache, every_part, full = local.cache, local.every_part, _HOUR_MASK
+    cache, every_part, full, whole_hours = local.cache, local.every_part, _HOUR_MASK, []
+    keep_whole_hour = whole_hours.append
     for hour, bits in _on_hours(rows, width):
         start = hour * 60
+        if bits == full and begin <= start and start + 60 <= finish:  # most hours: added up by kind below
+            keep_whole_hour(hour)
+            if start - off_from > threshold:
+                stretches.append((off_from, start))
+            off_from = start + 60
+            continue
         if start + 60 <= habit:
             continue
         if start >= finish:
             break
         parts = cache.get(hour) or every_part(hour)
-        if bits == full and begin <= start and start + 60 <= finish and len(parts) == 1:  # most hours
-            _, _, _, _, of_day, counted = parts[0]
-            by_hour[of_day] += 60
-            if counted:
-                total += 60
-                hour_on[hour * 2] = hour_on.get(hour * 2, 0) + 60
-            if start >= off_from:
-                if start - off_from > threshold:
-                    stretches.append((off_from, start))
-                off_from = start + 60
-            continue
         ranged = bits & (((1 << min(finish - start, 60)) - 1) ^ ((1 << max(begin - start, 0)) - 1)) \
             if start + 60 > begin else 0
         for index, (mask, _, _, _, of_day, counted) in enumerate(parts):
@@ -2929,6 +2962,11 @@ def _device_on(conn, device_id, device, begin, finish, local, hour_on, usual_min
                 off_from = start + minute + 1
     if finish - off_from > threshold:
         stretches.append((off_from, finish))
+    for kind, hours in local.kinds(whole_hours).items():
+        for of_day, minutes, counted in kind:
+            by_hour[of_day] += minutes * hours
+            total += minutes * hours if counted else 0
+    full_on.update(whole_hours)
     most = max(by_hour)
     usual = frozenset(hour for hour in range(24) if most and by_hour[hour] * 2 >= most)
     found = []
@@ -8747,6 +8785,7 @@ const $ = (id) => document.getElementById(id);
 const EMBEDDED = JSON.parse(document.getElementById("embedded").textContent);
 let key = sessionStorage.getItem("microticks-key") || "";
 let stats = null, paths = null, comparison = null;
+let statsAsked = 0;  // the latest loadStats: an older one's late answers are dropped (back, back, back)
 
 function el(tag, attrs, text) {
   const node = tag.startsWith("svg:") ? document.createElementNS(NS, tag.slice(4)) : document.createElement(tag);
@@ -9727,14 +9766,15 @@ function renderComparison(data, labels) {
   drawHeatmaps();
 }
 
-async function loadComparison(params) {
+async function loadComparison(params, mine = statsAsked) {
   if (!$("compare").checked) { $("comparison").hidden = true; comparison = null; return; }
   const side = sideB(), a = filters(), asked = {data_key: params.data_key, touches: params.touches};
   for (const [name, value] of Object.entries(a)) asked[`a.${name}`] = value;
   for (const [name, value] of Object.entries(side)) asked[`b.${name}`] = value;
   const label = (f, select) => `${f.from || "…"} to ${f.to || "…"}` + (f.consumer ? `, ${select.selectedOptions[0] ? select.selectedOptions[0].textContent : f.consumer}` : "")
     + (f.site ? `, site ${f.site}` : "") + (f.weekday ? `, ${f.weekday}` : "") + (f.hours ? `, ${f.hours} h` : "");
-  renderComparison(await api("/compare", asked), {a: label(a, $("consumer")), b: label(side, $("consumer-b"))});
+  const answer = await api("/compare", asked);
+  if (mine === statsAsked) renderComparison(answer, {a: label(a, $("consumer")), b: label(side, $("consumer-b"))});
 }
 
 $("compare").addEventListener("change", () => {
@@ -9752,18 +9792,23 @@ async function loadStats(keepExplorer = true) {
     showStatsError("From is after To: no day lies between them");
     return;
   }
+  const mine = ++statsAsked;
   try {
     const asked = statsQuery();
+    const answer = await api("/stats", asked);
+    if (mine !== statsAsked) return;
     paths = null;  // a new range: its coverage comes with the second answer
-    render(await api("/stats", asked));
-    await loadComparison(asked);
+    render(answer);
+    await loadComparison(asked, mine);
+    if (mine !== statsAsked) return;
     showError(null);
     markStale(false);
     if (!keepExplorer) explorer.offset = 0;
     loadExplorerList();
     if (explorer.session && !explorer.visits.length) openSession(explorer.session);
-    renderPaths(await api("/stats", Object.assign(asked, {paths: 4, holding: 1, coverage: 1})));
-  } catch (error) { showStatsError(error); }
+    const figures = await api("/stats", Object.assign(asked, {paths: 4, holding: 1, coverage: 1}));
+    if (mine === statsAsked) renderPaths(figures);
+  } catch (error) { if (mine === statsAsked) showStatsError(error); }
 }
 
 async function loadLive() {

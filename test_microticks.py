@@ -6217,14 +6217,14 @@ def scripted_kiosk_week(client, consumer_key):
     return plan, start, today
 
 
-def independent_coverage(plan, begin, end, weekday=None):
+def independent_coverage(plan, begin, end, weekday=None, zone=COVERAGE_ZONE):
     """COVERAGE_DEFINITION in plain Python, minute by minute: a heartbeat
     vouches for its minute and the interval's minutes after it; known from
     a device's first heartbeat; in use: the union of sessions' spans
-    (second by second); days and hours local in Oslo."""
+    (second by second); days and hours local in `zone`."""
     from datetime import datetime, timedelta, timezone
     from zoneinfo import ZoneInfo
-    zone = ZoneInfo(COVERAGE_ZONE)
+    zone = ZoneInfo(zone)
     low, high = int(begin.timestamp() // 60), int(end.timestamp() // 60)
 
     def local(minute):
@@ -6331,6 +6331,14 @@ def test_coverage_equals_an_independent_computation_over_a_scripted_kiosk_week(s
                         **{"from": begin.date().isoformat(), "to": last_day}).json["coverage"]
     assert_coverage_is(one_day, *independent_coverage(plan, begin, end, weekday=4))
     assert [day["day"] for day in one_day["per_day"]] == [(begin + timedelta(days=4)).date().isoformat()]
+    # A zone half an hour off whole hours: each UTC hour falls in two local hours.
+    india = kiosk.get("/stats", coverage="1", tz="Asia/Kolkata", **{"from": begin.date().isoformat(),
+                                                                   "to": last_day}).json["coverage"]
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+    india_begin, india_end = (datetime.combine(day.date(), datetime.min.time(), ZoneInfo("Asia/Kolkata"))
+                              for day in (begin, end))
+    assert_coverage_is(india, *independent_coverage(plan, india_begin, india_end, zone="Asia/Kolkata"))
     # GET /devices: each kiosk's rows, its uptime and last sign of life; the command prints the same.
     window = {"from": begin.date().isoformat(), "to": last_day, "tz": COVERAGE_ZONE}
     uptime = kiosk.get("/devices", **window).json
