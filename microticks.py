@@ -2572,12 +2572,16 @@ def holding(times, observed):
     def first(test):
         return next((round(t, 3) for t, *bounds in steps if test(*bounds)), None)
 
+    longest = max(times, default=0)
+
     def at(seconds):
         last = (1.0, 1.0, 1.0)
         for t, survival, lower, upper in steps:
             if t > seconds:
                 break
             last = (survival, lower, upper)
+        if seconds > longest and last[0] > 0:  # nobody was followed that long: not known
+            return (None, None, None)
         return last
 
     thin = max(1, math.ceil(len(steps) / MAX_CURVE_POINTS))
@@ -7835,7 +7839,8 @@ HOLDING_DEFINITION = (
     " (null if it never falls that far); median_ci: its 95% confidence interval (the times whose 95% band holds"
     " 0.5, Brookmeyer and Crowley; null where the band does not reach 0.5); still_engaged: at each of"
     f" {', '.join(map(str, HOLDING_CHECKPOINTS))} seconds, the share still engaged (the curve's value then)"
-    " with its 95% bounds (Greenwood's variance, linear, clipped to 0..1); curve: [seconds, share, lower, upper]"
+    " with its 95% bounds (Greenwood's variance, linear, clipped to 0..1), null beyond the longest time"
+    " observed unless everyone had left by then (nobody was followed that long); curve: [seconds, share, lower, upper]"
     f" at each time someone left, from [0, 1, 1, 1] (at most {MAX_CURVE_POINTS} points, evenly thinned;"
     f" screens: for the {HOLDING_CURVES} most visited). In /compare, differences.duration_survival: the"
     " log-rank test of the two sides' session curves (observed and expected endings per side, chi2 of one"
