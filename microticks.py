@@ -56,7 +56,10 @@ Needs Python 3.9 or newer and Bottle 0.13 (`pip install bottle`, or Bottle's
 single file bottle.py copied beside this one).
 """
 
-import argparse
+# Modules that only some commands, pages or the built-in server need
+# (argparse, zoneinfo, html, mmap, queue, concurrent.futures) are imported
+# where they are used: under CGI every request starts Python and imports
+# this file, and their imports were a third of its cost beyond Bottle's.
 import base64
 import codecs
 import collections
@@ -64,18 +67,14 @@ import contextlib
 import gc
 import hashlib
 import hmac
-import html
-import http.client
 import io
 import ipaddress
 import itertools
 import json
 import logging
 import math
-import mmap
 import os
 import pathlib
-import queue
 import re
 import secrets
 import select
@@ -89,16 +88,12 @@ import sys
 import tempfile
 import threading
 import time
-import zoneinfo
 from bisect import bisect_right
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from datetime import date, datetime, timedelta, timezone
 from http import HTTPStatus
 from typing import NamedTuple
 from urllib.parse import parse_qsl, unquote, urlencode
-from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 try:
     import fcntl
@@ -128,6 +123,21 @@ log = logging.getLogger("microticks")
 ###############################################################################
 # Configuration ###############################################################
 ###############################################################################
+
+class LazyPattern:
+    """re.compile(*args), compiled on first use: a CGI process imports this
+    file for one request, which needs few of its patterns (compiling them
+    all was 2 ms of it). A method once used is kept on the instance, so
+    later calls cost what the compiled pattern's do."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __getattr__(self, name):  # only for what is not kept yet
+        value = getattr(re.compile(*self.args), name)
+        setattr(self, name, value)
+        return value
+
 
 #: The largest request body accepted, in bytes (answered 413 beyond it).
 MAX_BODY_BYTES = 1024 * 1024
@@ -196,8 +206,7 @@ STORE_IP_CHOICES = ("truncated", "full", "none")
 PROXY_HEADER_CHOICES = ("x-forwarded-for", "forwarded")
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     """Everything configurable, read once from the environment."""
 
     #: The SQLite file; relative paths are taken from the working directory.
@@ -241,7 +250,7 @@ class Settings:
     #: those imported from other sites (site=, exports).
     site: str = DEFAULT_SITE
     #: Problems found while reading the environment, reported at start-up.
-    warnings: tuple = field(default=(), compare=False)
+    warnings: tuple = ()
 
 
 #: Every setting's default, stated once (above): the environment, the
@@ -310,7 +319,7 @@ def load_settings(wsgi_environ=None, **overrides):
         site=site_setting(env.get("MICROTICKS_SITE", ""), warnings),
         warnings=tuple(warnings),
     )
-    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    return settings._replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def api_key_problem(key):
@@ -383,6 +392,7 @@ def local_slot(utc_minute, tz_name):
 def load_timezone(name):
     """The zone called `name` (an IANA name like Europe/Berlin), or the
     server's own zone for ''. ValueError for an unknown name."""
+    import zoneinfo  # here: a CGI request that reads no local time does not pay for it (see the imports)
     if name:
         try:
             return zoneinfo.ZoneInfo(name)
@@ -397,6 +407,8 @@ def load_timezone(name):
 
 
 def timezone_setting(name, warnings):
+    if not name.strip():  # the server's own: nothing to check
+        return ""
     try:
         load_timezone(name.strip())
         return name.strip()
@@ -966,7 +978,7 @@ def _utc_or_none(text):
         return None
 
 
-_ISO_TIME = re.compile(
+_ISO_TIME = LazyPattern(
     r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d)(?::(\d\d)(?:[.,](\d{1,9}))?)?"
     r"(Z|[+-]\d\d(?::?\d\d)?)", re.IGNORECASE | re.ASCII)
 
@@ -987,7 +999,7 @@ class Timestamp(NamedTuple):
 
 
 # What Date.toISOString() sends, which is already the stored UTC form.
-_CANONICAL_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", re.ASCII)
+_CANONICAL_UTC = LazyPattern(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", re.ASCII)
 
 
 def utc_text(text):
@@ -1714,8 +1726,7 @@ EVENT_COLUMNS = {
 EVENT_DEFAULT_FIELDS = ("id", "session_id", "time", "action", "data")
 
 
-@dataclass(frozen=True)
-class ReadQuery:
+class ReadQuery(NamedTuple):
     """A validated read of events or sessions: filters, order and page."""
     kind: str = "events"
     start_utc: str = None
@@ -1824,7 +1835,7 @@ _KEPT_VISITS_VALID = (
     f" AND k.data_key = {_SCREEN_KEY} AND k.bin = {DEFAULT_HEATMAP_BIN}"
     " AND k.last_event_id IS (SELECT max(x.id) FROM events x WHERE x.session_id = s.id))")
 _PATH_OF_VISITS = "json_group_array(json_object('screen', screen, 'seconds', ms / 1000.0, 'touches', touches))"
-_SCREEN_MARKS = re.compile("|".join(re.escape(mark) for mark in (_SCREEN_KEY, _SCREEN_PATH)))
+_SCREEN_MARKS = LazyPattern("|".join(re.escape(mark) for mark in (_SCREEN_KEY, _SCREEN_PATH)))
 #: What a session's path holds, computed when asked for (fields=...): not
 #: among the default fields, and JSON (the path, the actions) where marked.
 SESSION_PATH_COLUMNS = {
@@ -2368,7 +2379,7 @@ class Selection(NamedTuple):
 
 def _selected_sessions(conn, query):
     """The Selection of a ReadQuery's sessions."""
-    clauses, params = _filters(replace(query, kind="sessions"))
+    clauses, params = _filters(query._replace(kind="sessions"))
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
     sql = f"sel AS (SELECT s.id FROM sessions s{where})"
     if not clauses:
@@ -4039,7 +4050,7 @@ def clean_session_start(fields, received):
     return clean
 
 
-_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}", re.ASCII)
+_CLIENT_ID = LazyPattern(r"[A-Za-z0-9._:-]{1,64}", re.ASCII)
 
 
 def _client_id(fields, name):
@@ -4369,9 +4380,9 @@ TOUCHES_CHOICES = ("all", "navigating")
 #: The longest common path (paths=) and funnel (funnel=) /stats takes.
 MAX_PATH_STEPS = 10
 EXPORT_FORMATS = ("json", "csv", "ndjson")
-_DATA_KEY = re.compile(r"[A-Za-z0-9_:-]{1,64}", re.ASCII)
-_DAY = re.compile(r"(\d{4})-(\d\d)-(\d\d)", re.ASCII)
-_LOCAL_TIME = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d([.,]\d{1,9})?)?", re.ASCII)
+_DATA_KEY = LazyPattern(r"[A-Za-z0-9_:-]{1,64}", re.ASCII)
+_DAY = LazyPattern(r"(\d{4})-(\d\d)-(\d\d)", re.ASCII)
+_LOCAL_TIME = LazyPattern(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d([.,]\d{1,9})?)?", re.ASCII)
 
 
 def time_bound(text, tz_name, end=False):
@@ -4708,7 +4719,7 @@ def clean_screen_name(text):
     return text
 
 
-_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL_CHARACTERS = LazyPattern("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 _PNG_SIGNATURE, _PNG_END = b"\x89PNG\r\n\x1a\n", b"\x00\x00\x00\x00IEND\xaeB`\x82"
@@ -4840,7 +4851,7 @@ def content_length(text):
     return int(text) if text.isascii() and text.isdigit() else None
 
 
-_IMAGE_PATH = re.compile(r"/screens/.+/image")
+_IMAGE_PATH = LazyPattern(r"/screens/.+/image")
 
 
 def body_length(environ):
@@ -5051,8 +5062,12 @@ class KeyFailures:
     probes = 4
 
     def __init__(self, database_path=None):
-        size = self.slots * self.slot.size
-        self.lock, self.file = threading.Lock(), None
+        self.database_path, self.lock, self.file, self.counts = database_path, threading.Lock(), None, None
+
+    def _open(self):
+        """The counts, made on the first wrong key (most CGI processes, a
+        request each, never see one)."""
+        size, database_path = self.slots * self.slot.size, self.database_path
         if database_path and database_path != ":memory:" and fcntl:
             try:
                 self.file = open_beside_database(database_path, "-keyfailures", os.O_RDWR)
@@ -5062,6 +5077,7 @@ class KeyFailures:
                     os.posix_fallocate(self.file, 0, size)
                 elif os.fstat(self.file).st_size < size:
                     os.ftruncate(self.file, size)
+                import mmap  # lazily: see the imports
                 self.counts = mmap.mmap(self.file, size)
                 return
             except (OSError, ValueError) as error:
@@ -5094,6 +5110,8 @@ class KeyFailures:
         now = time.time()
         minute = int(now // 60)
         with self.lock:
+            if self.counts is None:
+                self._open()
             if self.file is not None:
                 fcntl.lockf(self.file, fcntl.LOCK_EX)  # a lock per process (an flock is shared across a fork)
             try:
@@ -5744,9 +5762,11 @@ ROUTES = [
 ]
 
 
-def make_app(settings):
+def make_app(settings, only_path=None):
     """The WSGI application for `settings`; MicroticksError for settings it
-    cannot serve with (a weak API key)."""
+    cannot serve with (a weak API key). With `only_path` (a CGI process,
+    which answers one request), only the routes that could match that path
+    are made: Bottle compiles each route's pattern, 3 ms of a CGI request."""
     configure_logging(settings)
     problem = api_key_problem(settings.api_key)
     if problem:
@@ -5762,7 +5782,8 @@ def make_app(settings):
     app.add_hook("before_request", preflight_and_authenticate)
     app.add_hook("after_request", finish)
     for method, path, handler in ROUTES:
-        app.route(path, method, handler)
+        if only_path is None or only_path.startswith(path.split("<")[0]):
+            app.route(path, method, handler)
     app.config[ServerContract.ANSWERS_HEADS] = True  # see preflight_and_authenticate
     app.config[ServerContract.COMMON_HEADERS] = own.common_headers
     return app
@@ -5773,8 +5794,10 @@ def make_app(settings):
 ###############################################################################
 
 # Our own server (`serve`'s default), on the standard library's wsgiref and
-# http.server. It subclasses them and relies on these of their parts, which
-# are not all public: the tests check them on every Python from 3.9 to 3.13.
+# http.server. Its classes hold our parts, joined to the classes they build
+# on when a server is made (on_stdlib), and rely on these of their parts,
+# which are not all public: the tests check them on every Python from 3.9 to
+# 3.13.
 STDLIB_PARTS = {
     "wsgiref.handlers.BaseHandler": ("run", "cleanup_headers", "send_headers", "finish_content", "log_exception",
                                      "close", "headers_sent", "os_environ", "http_version"),
@@ -5789,7 +5812,7 @@ STDLIB_PARTS = {
 
 # -- Reading requests ahead ---------------------------------------------------
 
-_HTTP_VERSION = re.compile(r"HTTP/\d{1,10}\.\d{1,10}", re.ASCII)
+_HTTP_VERSION = LazyPattern(r"HTTP/\d{1,10}\.\d{1,10}", re.ASCII)
 
 
 def request_line_words(line):
@@ -6012,13 +6035,26 @@ class _BodyReader:
 
 # -- Connections --------------------------------------------------------------
 
-class _ResponseWriter(ServerHandler):
+@lru_cache(maxsize=None)
+def on_stdlib(ours):
+    """One of our server's classes (_ResponseWriter, ConnectionHandler,
+    PooledWSGIServer) joined to the standard library's class it builds on
+    (its stdlib_base, of wsgiref.simple_server), made on first use: a CGI
+    request never makes a server, and importing wsgiref.simple_server
+    (http.server, socketserver, platform, html) was a twentieth of its cost."""
+    from wsgiref import simple_server
+    return type(ours.__name__, (ours, getattr(simple_server, ours.stdlib_base)),
+                {"__module__": __name__, "__doc__": ours.__doc__})
+
+
+class _ResponseWriter:
     """wsgiref's response writer, noting whether the response said where it
     ends (then the connection can carry another request). A streamed answer
     of unknown length (an export) goes to an HTTP/1.1 client in chunks, so
     that one cut short by an error lacks its last chunk and the client can
     tell: a connection closed after a partial body reads as a whole one."""
 
+    stdlib_base = "ServerHandler"
     http_version = "1.1"
     length_known = False
     chunked = False
@@ -6066,11 +6102,12 @@ def _closing_answer(status, headers, body):
             + b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
 
-class ConnectionHandler(WSGIRequestHandler):
+class ConnectionHandler:
     """One client connection, answering requests one at a time (HTTP/1.1
     keep-alive). The server hands it to a worker thread whenever the client
     has sent something, so an idle connection holds no thread."""
 
+    stdlib_base = "WSGIRequestHandler"
     protocol_version = "HTTP/1.1"
     #: Seconds a client may take to send a request it has started.
     timeout = 15
@@ -6257,7 +6294,7 @@ class ConnectionHandler(WSGIRequestHandler):
         environ = self.get_environ()
         environ["wsgi.input"] = body
         environ[ServerContract.CLIENT_GONE] = self.client_gone
-        handler = _ResponseWriter(body, self.wfile, self.get_stderr(), environ, multithread=True)
+        handler = on_stdlib(_ResponseWriter)(body, self.wfile, self.get_stderr(), environ, multithread=True)
         handler.request_handler = self
         handler.run(self.server.get_app())
         chunked = "chunked" in self.header("transfer-encoding").lower()
@@ -6421,7 +6458,7 @@ def serve_as_imported_module():
 
 # -- The pool -----------------------------------------------------------------
 
-class PooledWSGIServer(WSGIServer):
+class PooledWSGIServer:
     """The standard library's WSGI server, made fit for a building of kiosks:
     HTTP/1.1 keep-alive, a fixed pool of worker threads (a pool, not a thread
     per request, whose threads fight over the GIL), and one selector thread
@@ -6429,6 +6466,7 @@ class PooledWSGIServer(WSGIServer):
     takes it (_ReadAhead), so that neither idle nor slow clients stall the
     others."""
 
+    stdlib_base = "WSGIServer"
     #: The listen backlog; the stdlib's 5 drops connections under 8 clients.
     request_queue_size = 128
     threads = 8
@@ -6447,6 +6485,8 @@ class PooledWSGIServer(WSGIServer):
 
     def server_activate(self):
         super().server_activate()
+        import queue
+        from concurrent.futures import ThreadPoolExecutor  # lazily: see the imports
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="microticks")
         self.waiting = 0  # connections handed to the pool and not yet picked up (roughly)
         self.selector = selectors.DefaultSelector()
@@ -6558,7 +6598,7 @@ class PooledWSGIServer(WSGIServer):
         except OSError:
             return None
         try:
-            return ConnectionHandler(sock, address, self)
+            return self.RequestHandlerClass(sock, address, self)
         except OSError:
             sock.close()
             return None
@@ -6610,10 +6650,10 @@ class PooledWSGIServer(WSGIServer):
 
 def make_http_server(app, host, port, threads=8, one_cpu=True):
     """Our default server, bound and ready for serve_forever()."""
-    server_class = type("Server", (PooledWSGIServer,), {"threads": threads, "one_cpu": one_cpu})
+    server_class = type("Server", (on_stdlib(PooledWSGIServer),), {"threads": threads, "one_cpu": one_cpu})
     if ":" in host:
         server_class.address_family = socket.AF_INET6
-    server = server_class((host, port), ConnectionHandler)
+    server = server_class((host, port), on_stdlib(ConnectionHandler))
     server.set_app(app)
     return server
 
@@ -6771,7 +6811,7 @@ def export_since_position(conn, params, args, settings):
             print(f"No events after id {after}: nothing written", file=sys.stderr)
             return
         query = clean_read_query({**params, "after_id": str(after)}, "events", settings.tz, export=True)
-        query = replace(query, end_id=newest)
+        query = query._replace(end_id=newest)
         write_export_text(export_chunks(conn, query), args.output)
     finally:
         conn.execute("COMMIT")
@@ -6896,7 +6936,7 @@ MAX_IMPORT_RECORD_BYTES = 2 * MAX_BODY_BYTES
 #: a level deeper than its data, whose own check (MAX_DATA_DEPTH) then names
 #: the field; beyond this, the parser would recurse as deep as the text goes.
 MAX_IMPORT_RECORD_DEPTH = 2 * MAX_DATA_DEPTH
-_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_SPACE = LazyPattern(r"[ \t\n\r]*")
 
 
 def open_import_file(path):
@@ -7412,6 +7452,7 @@ def whole_argument(low, high, of=""):
     def whole(text):
         number = _whole(text.strip(), high)
         if number is None or number < low:
+            import argparse  # lazily: see the imports
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number{of} from {low} to {high}")
         return number
     return whole
@@ -7424,6 +7465,7 @@ def argument(clean):
         try:
             return clean(text)
         except ValueError as error:
+            import argparse  # lazily: see the imports
             raise argparse.ArgumentTypeError(str(error)) from None
     argument_type.__name__ = clean.__name__.replace("clean_", "")  # argparse names the type in its messages
     return argument_type
@@ -7552,6 +7594,7 @@ def cmd_serve(args, settings):
 
 
 def build_parser():
+    import argparse  # lazily: see the imports
     common = argparse.ArgumentParser(add_help=False)
     # Given before or after the command: `microticks --db x.db status` and
     # `microticks status --db x.db`. SUPPRESS keeps the command's unset
@@ -8432,6 +8475,7 @@ def report_document(conn, params, settings_tz, tz_name=None):
 def render_docs(spec, base):
     """The API documentation page (GET /), rendered from the OpenAPI
     description so that the two never disagree. Everything is escaped."""
+    import html  # lazily: see the imports
     e = html.escape
     out = [fill(DOCS_HEAD, BASE=e(base), VERSION=e(__version__), COMMAND=e(operator_command()))]
     out.append('<h2 id="endpoints">Endpoints</h2>')
@@ -10054,7 +10098,8 @@ class DeferredApplication:
             with self._lock:
                 if self._app is None:
                     try:
-                        self._app = make_app(load_settings(environ))
+                        self._app = make_app(load_settings(environ),
+                                             environ.get("PATH_INFO", "") if running_as_cgi() else None)
                     except MicroticksError as refusal:  # every request is told what the operator must mend
                         log.error("cannot serve: %s", refusal.message)
                         self._app = self.refusing(refusal)

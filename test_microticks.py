@@ -4221,7 +4221,7 @@ def test_the_server_builds_the_environ_wsgiref_would(head, one_worker_server):
     through the email parser's message as wsgiref's does: the same environ."""
     ours, client = socket.socketpair()
     with ours, client:
-        handler = microticks.ConnectionHandler(ours, ("127.0.0.1", 5), one_worker_server)
+        handler = microticks.on_stdlib(microticks.ConnectionHandler)(ours, ("127.0.0.1", 5), one_worker_server)
         client.sendall(head)
         handler.raw_requestline = handler.rfile.readline(65537)
         assert handler.parse_request()
