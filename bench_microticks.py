@@ -41,6 +41,11 @@ so that runs on different machines can be compared:
   heartbeats (about 5 million): bytes per heartbeat; /stats with coverage
   and holding power over everything and over one day, beside /stats
   without them.
+- cgi: a CGI request's CPU as whole processes, beside `python -c "import
+  bottle"`: GET /health and an event's POST through microticks.cgi, with a
+  writable __pycache__ and with the compiled form made beforehand
+  (compileall) where nothing can be written; without any compiled form;
+  and microticks.py run as the CGI script itself.
 - import: `import` of a JSON export (one document) and an NDJSON export of
   200,000 events, and of files it refuses (a 100 MB line, 100,000-deep
   nesting): rate and peak memory, beside Python with Bottle.
@@ -1037,6 +1042,72 @@ def peak_of(command):
     return float(seconds), int(kilobytes) / 1024, int(code)
 
 
+def process_cpu(command, env, body=b"", cwd=None):
+    """CPU seconds (user + system) a whole process took, and its output."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(command, env=env, input=body, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=cwd)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, out.stdout
+
+
+def bench_cgi(workdir, results, seconds, runs=21):
+    """A CGI request's CPU as whole processes (as Apache starts them), beside
+    `python -c "import bottle"`, the floor of any Bottle app run as CGI:
+    GET /health and a single event's POST through microticks.cgi (the
+    README's way) with a writable __pycache__, and with the compiled form
+    made beforehand where the script cannot write (compileall, then no
+    bytecode written); then without any compiled form, and microticks.py
+    run as the script itself. The median of `runs`, the cases in turns."""
+    import statistics
+    folder = workdir / "cgi"
+    folder.mkdir()
+    for name in ("microticks.py", "microticks.cgi"):
+        shutil.copy2(HERE / name, folder / name)
+    token = microticks_db(folder / "cgi.db")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")
+           and not k.startswith("MICROTICKS_")}
+    cgi = {**env, "GATEWAY_INTERFACE": "CGI/1.1", "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80",
+           "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1", "SCRIPT_NAME": "/microticks/cgi",
+           "MICROTICKS_DB": str(folder / "cgi.db"), "MICROTICKS_KEY": MICROTICKS_ENV["MICROTICKS_KEY"],
+           "MICROTICKS_LOG_LEVEL": "WARNING"}
+    health = {**cgi, "REQUEST_METHOD": "GET", "PATH_INFO": "/health", "QUERY_STRING": ""}
+    body = form_body(token).encode()
+    event = {**cgi, "REQUEST_METHOD": "POST", "PATH_INFO": "/events", "QUERY_STRING": "", "CONTENT_LENGTH": str(len(body)),
+             "CONTENT_TYPE": "application/x-www-form-urlencoded", "HTTP_X_MICROTICKS_KEY": cgi["MICROTICKS_KEY"]}
+    read_only = {"PYTHONDONTWRITEBYTECODE": "1"}  # as Apache's user, who cannot write the folder
+    script, module = [sys.executable, str(folder / "microticks.cgi")], [sys.executable, str(folder / "microticks.py")]
+    cases = {
+        "python -c 'import bottle' (the baseline)": ([sys.executable, "-c", "import bottle"], env, b""),
+        "GET /health, microticks.cgi, writable __pycache__": (script, health, b""),
+        "POST /events (one event), the same": (script, event, body),
+        "GET /health, microticks.cgi, compileall beforehand, nothing written": (script, {**health, **read_only}, b""),
+        "POST /events, the same": (script, {**event, **read_only}, body),
+    }
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(folder)], check=True)
+    times = {name: [] for name in cases}
+    for _ in range(runs):
+        for name, (command, case_env, case_body) in cases.items():
+            took, out = process_cpu(command, case_env, case_body, cwd=folder)
+            if b"Status: 200" not in out and "bottle" not in name:
+                sys.exit(f"bench: the CGI request failed: {out[:300]!r}")
+            times[name].append(took)
+    shutil.rmtree(folder / "__pycache__")  # no compiled form at all, and none written: compiled every time
+    slow = {"GET /health, microticks.cgi, no compiled form (not the README's way)": (script, {**health, **read_only}),
+            "GET /health, microticks.py as the CGI script itself": (module, health)}
+    for name, (command, case_env) in slow.items():
+        times[name] = [process_cpu(command, case_env, cwd=folder)[0] for _ in range(max(5, runs // 3))]
+    floor = statistics.median(times["python -c 'import bottle' (the baseline)"])
+    rows = []
+    for name, taken in times.items():
+        median = statistics.median(taken)
+        rows.append({"cgi": name, "cpu_s": round(median, 4), "ratio_to_import_bottle": round(median / floor, 2),
+                     "target_ratio": 1.15 if name in cases and "bottle" not in name else None})
+    for row in rows:
+        print_row(row)
+    results["cgi"] = rows
+
+
 def bench_import(workdir, results, seconds, events=200_000):
     """`import` of a first Microticks' JSON export (one document) and of an
     NDJSON export of `events` events: its rate and peak memory; and of
@@ -1125,7 +1196,7 @@ def print_row(row):
 
 
 PARTS = {"ingest": bench_ingest, "batches": bench_batches, "big": bench_big, "hostile": bench_hostile,
-         "import": bench_import, "dashboard": bench_dashboard, "heartbeats": bench_heartbeats}
+         "import": bench_import, "dashboard": bench_dashboard, "heartbeats": bench_heartbeats, "cgi": bench_cgi}
 
 
 def main():

@@ -10122,10 +10122,24 @@ class DeferredApplication:
 application = DeferredApplication()
 
 
+def discard_unread_body(stream, length):
+    """Read to its end what a CGI request's body (`length` bytes) has left
+    unread: Apache gives up on a script that stopped reading before it sent
+    all of the body, and the answer already written (a 413 for a body too
+    large) would reach nobody."""
+    left = content_length(length) or 0
+    while left > 0:
+        chunk = stream.read(min(left, 65536))
+        if not chunk:  # the app read the rest
+            return
+        left -= len(chunk)
+
+
 def main(argv=None):
     if argv is None and running_as_cgi():
         # Under CGI, stdout is the response: nothing may print on this path.
         bottle.CGIServer().run(application)
+        discard_unread_body(sys.stdin.buffer, os.environ.get("CONTENT_LENGTH"))
         return 0
     parser = build_parser()
     args = parser.parse_args(argv)

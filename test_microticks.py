@@ -5365,9 +5365,14 @@ def apache():
     for d in (app_dir, data_dir, htdocs):
         d.mkdir()
     shutil.copy(HERE / "microticks.py", app_dir)
+    shutil.copy(HERE / "microticks.cgi", app_dir)
     shutil.copy(bottle.__file__, app_dir / "bottle.py")
     os.chmod(root, 0o755)
-    os.chmod(app_dir / "microticks.py", 0o755)
+    # A PATH without pyenv: Apache's children (www-data) find Debian's python3.
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    setup = readme_block("apache-cgi-setup").replace("/srv/microticks", str(app_dir))
+    subprocess.run(["sh", "-e", "-c", setup], env=env, check=True, timeout=120)
+    assert list((app_dir / "__pycache__").glob("microticks.*.pyc"))  # what Apache's user cannot write itself
     db = data_dir / "microticks.db"
     key = microticks.create_consumer(microticks.connect(str(db)), "apache kiosk")
     run_as = ""
@@ -5403,8 +5408,6 @@ DocumentRoot {htdocs}
 </Directory>
 {snippets}
 """)
-    # A PATH without pyenv: Apache's children (www-data) find Debian's python3.
-    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
     proc = subprocess.Popen(["/usr/sbin/apache2", "-f", str(conf), "-DFOREGROUND"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -5456,6 +5459,29 @@ def test_apache_serves_the_write_api_under_a_sub_path(apache, mount):
     assert stored_ids == ids
     missing = client.request("GET", "/nowhere", headers=headers)
     assert missing.status == 404 and missing.json["status"] == 404
+
+
+HOSTILE_BODIES = [  # (content type, body): each refused with a 4xx JSON error
+    ("application/x-www-form-urlencoded", b"token=" + b"t" * (2 * 1024 * 1024)),  # over the 1 MiB limit
+    ("application/json", b'{"token": "abc", "action": '),  # cut short
+    ("application/x-www-form-urlencoded", b"token=\xff\xfe&action=click"),  # not UTF-8
+    ("application/json", b'{"token": "t", "action": "click", "ts": "2017-08-25T17:09:20Z", "data": '
+                         + b"[" * 100_000 + b"]" * 100_000 + b"}"),  # nested beyond any frontend's data
+    ("application/json", b'{"events": [' + b",".join([b'{"token": "t"}'] * 1001) + b"]}"),  # a batch too long
+]
+
+
+@pytest.mark.parametrize("mount", ["/microticks/api", "/microticks/cgi"])
+def test_apache_refuses_hostile_bodies_exactly_as_serve_does(apache, mount, client):
+    """Under mod_wsgi and CGI, what a hostile or broken client sends is
+    answered as `serve` answers it: the same status and message."""
+    behind_apache = Client(f"http://127.0.0.1:{apache['port']}{mount}", key=apache_key())
+    client.key = apache_key()
+    for content_type, body in HOSTILE_BODIES:
+        answers = [c.request("POST", "/events", body, {"Content-Type": content_type})
+                   for c in (behind_apache, client)]
+        assert 400 <= answers[1].status < 500, (content_type, body[:40], answers[1])
+        assert [(a.status, a.json["error"]) for a in answers] == [(answers[1].status, answers[1].json["error"])] * 2
 
 
 ###############################################################################
