@@ -3,7 +3,8 @@
 
     apt-get install wrk                         # the load generator (once)
     python bench_microticks.py                  # everything (about 6 minutes; 13 with --repeat 3)
-    python bench_microticks.py --only ingest    # one part: ingest, batches, big (with the reads), hostile or import
+    python bench_microticks.py --only ingest    # one part: ingest, batches, big (with the reads), hostile, import...
+    python bench_microticks.py --only scale     # 1, 5 and 20 million events (--scale-sizes 1,5,20)
 
 Every figure stands beside a baseline measured in the same run, as a ratio,
 so that runs on different machines can be compared:
@@ -41,6 +42,15 @@ so that runs on different machines can be compared:
   heartbeats (about 5 million): bytes per heartbeat; /stats with coverage
   and holding power over everything and over one day, beside /stats
   without them.
+- scale (only with --only scale; about 20 minutes): databases of 1, 5 and
+  20 million events (--scale-sizes), a year of the sample week at many
+  museums' sites, and at each size the disk per event, a site's import,
+  /stats over everything and a day, with the path figures and a funnel,
+  /compare of two halves, sessions with their paths, the NDJSON export,
+  the dashboard's first request, a research bundle, serve's peak memory,
+  and DuckDB's time for the same figure over the export; each time's
+  growth from the size before, beside the sessions'. Its files are
+  removed at the end, Ctrl+C included.
 - cgi: a CGI request's CPU as whole processes, beside `python -c "import
   bottle"`: GET /health and an event's POST through microticks.cgi, with a
   writable __pycache__ and with the compiled form made beforehand
@@ -1042,6 +1052,141 @@ def peak_of(command):
     return float(seconds), int(kilobytes) / 1024, int(code)
 
 
+def grow_database(db, events_wanted, first_copy):
+    """Copy the database's first site (the sessions and events of the big
+    database's import) as more sites (museum-NN, each a few minutes later),
+    by SQL, until it holds `events_wanted` events: a consortium's many
+    sites and kiosks over the same year. Returns the next copy's number."""
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA synchronous = OFF")  # a benchmark's scratch file
+    session_columns = [row[1] for row in conn.execute("PRAGMA table_info(sessions)")]
+    event_columns = [row[1] for row in conn.execute("PRAGMA table_info(events)") if row[1] != "id"]
+    base_last = conn.execute("SELECT max(id) FROM sessions WHERE site IS NULL").fetchone()[0]
+    copy = first_copy
+    shift = "strftime('%Y-%m-%dT%H:%M:%fZ', {0}, '+' || ? || ' minutes')"
+    new_values = {"id": "id + ?", "token": "lower(hex(randomblob(16)))", "uuid": "NULL", "site": "?",
+                  **{c: shift.format(c) for c in ("started_at", "stopped_at", "received_at", "started_utc",
+                                                  "stopped_utc", "stop_received_at")}}
+    event_values = {"session_id": "session_id + ?", "uuid": "NULL",
+                    **{c: shift.format(c) for c in ("time", "received_at", "time_utc")}}
+    while conn.execute("SELECT max(id) FROM events").fetchone()[0] < events_wanted:
+        offset, minutes = conn.execute("SELECT max(id) FROM sessions").fetchone()[0], 7 * copy % 240
+        params = {"id": offset, "site": f"museum-{copy:02d}"}
+        with conn:
+            values = [new_values.get(c, c) for c in session_columns]
+            conn.execute(f"INSERT INTO sessions ({', '.join(session_columns)}) SELECT {', '.join(values)}"
+                         f" FROM sessions WHERE id <= ? ORDER BY id",
+                         [params.get(c, minutes) for c in session_columns if "?" in new_values.get(c, "")]
+                         + [base_last])
+            values = [event_values.get(c, c) for c in event_columns]
+            conn.execute(f"INSERT INTO events ({', '.join(event_columns)}) SELECT {', '.join(values)}"
+                         f" FROM events WHERE session_id <= ? ORDER BY id",
+                         [offset if c == "session_id" else minutes for c in event_columns
+                          if "?" in event_values.get(c, "")]
+                         + [base_last])
+        copy += 1
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return copy
+
+
+def scale_sizes(text):
+    """--scale-sizes: millions of events, comma-separated, growing."""
+    sizes = sorted(int(float(part) * 1_000_000) for part in text.split(","))
+    if not sizes or sizes[0] <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: millions of events, like 1,5,20")
+    return sizes
+
+
+#: The database sizes --only scale grows through (events); --scale-sizes sets them.
+SCALE_SIZES = [1_000_000, 5_000_000, 20_000_000]
+
+
+def bench_scale(workdir, results, seconds):
+    """The cost of each figure as the database grows (SCALE_SIZES): the big
+    database's year of the sample week (its import measured), grown by
+    copies as more museums' sites; at each size, the disk per event, the
+    import of a site's export, /stats over everything (first, then kept)
+    and over one day, with the path figures and a funnel, /compare of two
+    halves, a page of sessions with their paths, the NDJSON export, the
+    dashboard's first request, a research bundle, serve's peak memory, and
+    the same figure (events per day and action) by DuckDB over the export.
+    Each figure's growth from the size before stands beside the sessions'.
+    Everything is written in the benchmark's temporary folder, removed at
+    the end, Ctrl+C included."""
+    today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    db = workdir / "scale.db"
+    first_size, *_ = SCALE_SIZES
+    base_sessions = max(1, round(50_000 * min(first_size, 1_000_000) / 1_000_000))
+    _, _, _, import_seconds = build_big_database(db, sessions=base_sessions, year_to=today)
+    site_export = workdir / "site.ndjson"  # one site's export, as a museum sends it to the consortium
+    subprocess.run([sys.executable, str(HERE / "microticks.py"), "export", "events", "--format", "ndjson",
+                    "--fields", "all", "--limit", "100000", "-o", str(site_export), "--db", str(db)], check=True)
+    site_events = sum(1 for _ in site_export.open(encoding="utf-8"))
+    screens = [row[0] for row in sqlite3.connect(db).execute(
+        "SELECT json_extract(data, '$.subject') AS screen FROM events WHERE screen IS NOT NULL"
+        " GROUP BY screen ORDER BY count(*) DESC LIMIT 3")]
+    week_ago, day = (today - timedelta(days=6)).date().isoformat(), (today - timedelta(days=100)).date().isoformat()
+    rows, copy = [], 1
+    for size in SCALE_SIZES:
+        copy = grow_database(db, size, copy)
+        conn = sqlite3.connect(db)
+        events, sessions = (conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("events", "sessions"))
+        first_day, last_day = conn.execute("SELECT min(started_utc), max(started_utc) FROM sessions").fetchone()
+        conn.close()
+        middle = (datetime.fromisoformat(first_day[:10]) + (datetime.fromisoformat(last_day[:10])
+                                                            - datetime.fromisoformat(first_day[:10])) / 2).date()
+        row = {"events": events, "sessions": sessions, "bytes_per_event": round(db.stat().st_size / events, 1)}
+        started = time.perf_counter()
+        subprocess.run([sys.executable, str(HERE / "microticks.py"), "import", str(site_export), "--db", str(db),
+                        "--site", f"export-{size}"], check=True, stdout=subprocess.DEVNULL)
+        row["import_events_per_s"] = round(site_events / (time.perf_counter() - started))
+        if size == first_size:
+            row["import_events_per_s_empty"] = round(events / import_seconds)  # the first import, into nothing
+        serve = [sys.executable, str(HERE / "microticks.py"), "serve", "--db", str(db), "--port", "{port}"]
+        with Process(serve, env={**MICROTICKS_ENV, "MICROTICKS_TZ": "UTC"}) as server:
+            def took(path, repeat=1):
+                return round(min(timed_get(server.url + path)[1] for _ in range(repeat)), 3)
+            row["stats_first_s"] = took("/stats")  # each session's figures computed and kept
+            row["stats_s"] = took("/stats", 2)
+            row["stats_one_day_s"] = took(f"/stats?date={day}", 3)
+            row["stats_paths_funnel_s"] = took(f"/stats?paths=3&funnel={','.join(screens)}")
+            row["compare_halves_s"] = took(f"/compare?a.to={middle}T00:00Z&b.from={middle}T00:00Z")
+            row["sessions_page_with_paths_s"] = took("/sessions?limit=1000&sort.desc=id&fields=id,started_utc,path", 3)
+            row["dashboard_first_request_s"] = took(f"/stats?from={week_ago}&to={today.date()}&data_key=&touches=navigating")
+            export = workdir / "scale.ndjson"
+            started = time.perf_counter()
+            request = urllib.request.Request(server.url + "/events?format=ndjson&fields=all",
+                                             headers={"X-Microticks-Key": MICROTICKS_ENV["MICROTICKS_KEY"]})
+            with urllib.request.urlopen(request, timeout=3600) as reply, export.open("wb") as out:
+                shutil.copyfileobj(reply, out, 1 << 20)
+            row["ndjson_export_rows_per_s"] = round(events / (time.perf_counter() - started))
+            row["serve_peak_mb"] = round(peak_rss_mb(server.proc.pid), 1)
+        bundle = workdir / "scale-bundle"
+        started = time.perf_counter()
+        subprocess.run([sys.executable, str(HERE / "microticks.py"), "export", "--bundle", str(bundle), "--db", str(db)],
+                       check=True, stdout=subprocess.DEVNULL, env={**os.environ, **MICROTICKS_ENV})
+        row["bundle_rows_per_s"] = round(2 * (events + sessions) / (time.perf_counter() - started))
+        shutil.rmtree(bundle)
+        try:  # the same figure where the README's recipe takes it: DuckDB over the export
+            import duckdb
+            started = time.perf_counter()
+            duckdb.sql(f"SELECT CAST(time_utc AS DATE) AS day, action, count(*) FROM read_json('{export}',"
+                       " format = 'newline_delimited') GROUP BY ALL").fetchall()
+            row["duckdb_events_per_day_s"] = round(time.perf_counter() - started, 3)
+        except ImportError:
+            row["duckdb_events_per_day_s"] = None
+        export.unlink()
+        if rows:
+            before = rows[-1]
+            row["growth"] = {"sessions": round(sessions / before["sessions"], 2), **{
+                name: round(row[name] / before[name], 2) for name in row  # of the times taken
+                if name.endswith("_s") and not name.endswith("_per_s") and row.get(name) and before.get(name)}}
+        rows.append(row)
+        print_row(row)
+    results["scale"] = rows
+
+
 def process_cpu(command, env, body=b"", cwd=None):
     """CPU seconds (user + system) a whole process took, and its output."""
     import resource
@@ -1196,7 +1341,10 @@ def print_row(row):
 
 
 PARTS = {"ingest": bench_ingest, "batches": bench_batches, "big": bench_big, "hostile": bench_hostile,
-         "import": bench_import, "dashboard": bench_dashboard, "heartbeats": bench_heartbeats, "cgi": bench_cgi}
+         "import": bench_import, "dashboard": bench_dashboard, "heartbeats": bench_heartbeats, "cgi": bench_cgi,
+         "scale": bench_scale}
+#: Parts the whole run leaves out (they take long): --only runs them.
+ON_REQUEST = ("scale",)
 
 
 def main():
@@ -1205,14 +1353,17 @@ def main():
     parser.add_argument("--seconds", type=int, default=4, help="length of each load run (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=1, help="load runs per figure; the median counts (default: %(default)s)")
     parser.add_argument("--json", default="bench_results.json", help="where to write the figures (default: %(default)s)")
+    parser.add_argument("--scale-sizes", type=scale_sizes, default=SCALE_SIZES, metavar="MILLIONS",
+                        help="the database sizes of --only scale, in millions of events (default: 1,5,20)")
     args = parser.parse_args()
     global REPEAT
     REPEAT = max(1, args.repeat)
+    SCALE_SIZES[:] = args.scale_sizes
     results = {"machine": {"python": platform.python_version(), "platform": platform.platform(),
                            "cpus": os.cpu_count(), "sqlite": sqlite3.sqlite_version},
                "microticks": microticks.__version__, "when": microticks.utc_now()}
     with tempfile.TemporaryDirectory(prefix="microticks-bench-") as workdir:
-        for name in args.only or PARTS:
+        for name in args.only or [part for part in PARTS if part not in ON_REQUEST]:
             print(f"\n== {name}")
             before = cpu_times()
             PARTS[name](Path(workdir), results, args.seconds)

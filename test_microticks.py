@@ -5135,6 +5135,26 @@ def test_the_tests_bench_and_examples_need_nothing_outside_the_repository(tmp_pa
         assert (clone / "examples" / link).is_file(), link
 
 
+def test_the_scale_benchmark_leaves_no_database_behind_when_interrupted(tmp_path):
+    """`bench_microticks.py --only scale` builds its databases in a temporary
+    folder: Ctrl+C while it builds one leaves nothing on disk."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    bench = subprocess.Popen([sys.executable, str(HERE / "bench_microticks.py"), "--only", "scale", "--scale-sizes",
+                              "0.05", "--json", str(tmp_path / "results.json")], cwd=HERE, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("microticks-bench-*/scale.db")):
+            assert bench.poll() is None and time.monotonic() < deadline, "the benchmark never began a database"
+            time.sleep(0.05)
+        bench.send_signal(signal.SIGINT)  # what Ctrl+C sends
+        stderr = bench.communicate(timeout=60)[1]
+    finally:
+        bench.kill()
+    assert "KeyboardInterrupt" in stderr and bench.returncode != 0
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
+
+
 def test_pip_install_gives_a_working_service_run_from_anywhere(tmp_path):
     """The README's `pip install .`: the wheel installed (not editable) in a
     fresh virtual environment, `microticks serve` run from another folder:
