@@ -2,7 +2,7 @@
 """Benchmark Microticks on this machine; prints tables and writes JSON.
 
     apt-get install wrk                         # the load generator (once)
-    python bench_microticks.py                  # everything (about 6 minutes; 13 with --repeat 3)
+    python bench_microticks.py                  # everything but scale (about 7 minutes; 14 with --repeat 3)
     python bench_microticks.py --only ingest    # one part: ingest, batches, big (with the reads), hostile, import...
     python bench_microticks.py --only scale     # 1, 5 and 20 million events (--scale-sizes 1,5,20)
 
