@@ -8764,7 +8764,7 @@ DASHBOARD_HTML = r"""<!doctype html>
       <div id="holding-curve"></div>
       <p class="note" id="holding-note"></p>
       <div class="scroll"><table id="holding-table"><thead><tr><th>Of</th><th>n</th><th>Censored</th><th>Median (95% CI)</th><th>10 s</th><th>30 s</th><th>1 min</th><th>2 min</th><th>5 min</th></tr></thead><tbody></tbody></table></div>
-      <p class="note">Kaplan-Meier: the share of sessions (or of visits to a screen) still going after a time, with its 95% band. A session still open, and a session's last screen, count as lasting at least until last seen (censored), instead of being dropped or ended early: otherwise those who stayed longest would look as if they left first.</p></section>
+      <p class="note">Kaplan-Meier: the share of sessions (or of visits to a screen) still going after a time, with its 95% band. A session still open, and a session's last screen, count as lasting at least until last seen (censored), instead of being dropped or ended early: otherwise those who stayed longest would look as if they left first. A dash: nobody was followed that long.</p></section>
     <section class="wide" id="coverage"><h2>Kiosks: on, and in use</h2>
       <p class="note" id="coverage-note"></p>
       <div class="scroll"><table id="coverage-table"><thead><tr><th>Kiosk</th><th>On</th><th>Uptime</th><th>In use</th><th>Utilisation</th><th>Sessions</th><th>Per hour on</th><th>Most at once</th><th>Gaps</th><th>Latest gap</th></tr></thead><tbody></tbody></table></div></section>
