@@ -88,7 +88,7 @@ import sys
 import tempfile
 import threading
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from functools import lru_cache
 from datetime import date, datetime, timedelta, timezone
 from http import HTTPStatus
@@ -3432,15 +3432,13 @@ def mann_whitney_u(sample_a, sample_b):
     n_a, n_b = len(sample_a), len(sample_b)
     if not n_a or not n_b:
         return None, None
-    pooled = sorted(itertools.chain(((value, True) for value in sample_a), ((value, False) for value in sample_b)),
-                    key=lambda pair: pair[0])
-    n, rank_sum_a, ties, start = n_a + n_b, 0.0, 0, 0
-    for _, group in itertools.groupby(pooled, key=lambda pair: pair[0]):
-        members = [in_a for _, in_a in group]
-        tied = len(members)
-        rank_sum_a += (start + 1 + start + tied) / 2 * sum(members)  # each tied value: their mean rank
-        ties += tied ** 3 - tied
-        start += tied
+    # Plain numbers sorted and counted in C: pairs, a sort key and a group
+    # per value cost /compare a tenth of its time.
+    pooled, n = sorted(itertools.chain(sample_a, sample_b)), n_a + n_b
+    # A value's rank, tied values sharing their mean rank: positions
+    # bisect_left .. bisect_right - 1 hold it, ranks one more.
+    rank_sum_a = sum(bisect_left(pooled, value) + bisect_right(pooled, value) + 1 for value in sample_a) / 2
+    ties = sum(tied ** 3 - tied for tied in collections.Counter(pooled).values() if tied > 1)
     u_a = rank_sum_a - n_a * (n_a + 1) / 2
     spread = math.sqrt(n_a * n_b / 12 * ((n + 1) - ties / (n * (n - 1))))
     if spread == 0:  # every value the same: no evidence of a difference
