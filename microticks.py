@@ -1439,16 +1439,16 @@ def heartbeat_write(consumer_key, device, app_version, queue_depth, ip, store_ip
     up on that group's connection, whose cache is warm (on the request's own
     connection, the lookup reread pages after every commit: a tenth of a
     heartbeat's cost)."""
-    ip, hours = kept_address(ip, store_ip), {}
+    kept_ip, hours = kept_address(ip, store_ip), {}
     for minute in minutes:
         hours[minute // 60] = hours.get(minute // 60, 0) | 1 << minute % 60
 
     def write(writer):
-        try:
+        try:  # the consumer's networks hold the client's address, not what is kept of it
             consumer_id = _consumer_for_key(writer, consumer_key, ip)
         except MicroticksError as refusal:
             return refusal
-        device_id = _record_device(writer, consumer_id, device, app_version, ip, utc_now(), queue_depth,
+        device_id = _record_device(writer, consumer_id, device, app_version, kept_ip, utc_now(), queue_depth,
                                    heartbeat=True, interval=interval)
         writer.executemany("INSERT INTO heartbeat_hours (device_id, hour, minutes) VALUES (?, ?, ?)"
                            " ON CONFLICT (device_id, hour) DO UPDATE SET minutes = minutes | excluded.minutes",

@@ -550,6 +550,13 @@ def test_heartbeats_record_devices_without_sessions(client, consumer_key, db_pat
     assert stored(db_path, "SELECT count(*) FROM sessions")[0][0] == 0
     assert client.post_json("/heartbeat", {"consumer_key": "wrong", "device": "x"}).status == 403
     assert client.post_json("/heartbeat", {"consumer_key": consumer_key}).status == 400
+    # A consumer kept to networks: checked against the client's address, not the network stored of it.
+    here = microticks.create_consumer(microticks.connect(db_path), "here only", "127.0.0.1/32")
+    elsewhere = microticks.create_consumer(microticks.connect(db_path), "elsewhere", "10.9.0.0/16")
+    assert client.post_json("/heartbeat", {"consumer_key": here, "device": "lobby-2"}).status == 200
+    refused = client.post_json("/heartbeat", {"consumer_key": elsewhere, "device": "lobby-3"})
+    assert refused.status == 403 and "not allowed from 127.0.0.1" in refused.json["error"]
+    assert stored(db_path, "SELECT ip FROM devices WHERE name = 'lobby-2'") == [("127.0.0.0/24",)]
 
 
 def test_a_runaway_client_gets_429(start_server, consumer_key):
