@@ -2678,19 +2678,19 @@ class _LocalHours:
         self.zone, self.slots, self.cache, self.counted = load_timezone(tz_name), frozenset(slots), {}, {}
         self.day_offsets, self.kind = {}, {}
 
+    def _offset_at(self, hour):
+        moment = datetime.fromtimestamp(hour * 3600, timezone.utc)
+        return int(moment.astimezone(self.zone).utcoffset().total_seconds()) // 60
+
     def offset(self, hour):
         """The zone's offset (minutes) at a UTC hour's start: read once for a
         UTC day whose first and last hours agree (no zone changes its offset
         twice in a day), else hour by hour."""
-        offsets = self.day_offsets.get(hour // 24)
-        if offsets is None:
-            first, last = (int(datetime.fromtimestamp(at * 3600, timezone.utc).astimezone(self.zone).utcoffset()
-                               .total_seconds()) // 60 for at in (hour // 24 * 24, hour // 24 * 24 + 23))
-            offsets = self.day_offsets[hour // 24] = first if first == last else ()
-        if offsets == ():
-            moment = datetime.fromtimestamp(hour * 3600, timezone.utc)
-            return int(moment.astimezone(self.zone).utcoffset().total_seconds()) // 60
-        return offsets
+        offset = self.day_offsets.get(hour // 24)
+        if offset is None:
+            first, last = self._offset_at(hour // 24 * 24), self._offset_at(hour // 24 * 24 + 23)
+            offset = self.day_offsets[hour // 24] = first if first == last else ()
+        return self._offset_at(hour) if offset == () else offset
 
     def every_part(self, hour):
         """[(mask of the hour's minutes, first minute, end minute, local day ordinal, local hour, in the slots)]."""
@@ -7249,8 +7249,7 @@ def print_stats(stats):
             def median():
                 low, high = figures["median_ci"]
                 return "-" if figures["median"] is None else (
-                    f"{as_count(figures['median'])} s ({'-' if low is None else as_count(low)}"
-                    f" to {'-' if high is None else as_count(high)})")
+                    f"{as_count(figures['median'])} s ({as_count(low)} to {as_count(high)})")
             return (as_count(figures["n"]), as_count(figures["censored"]), median(),
                     *(as_percent(point["share"]) for point in figures["still_engaged"]))
 
@@ -7263,8 +7262,7 @@ def print_stats(stats):
         table(f"Coverage from {coverage['from'][:16]} to {coverage['to'][:16]} UTC (from heartbeats; unknown: the"
               " kiosk sent none)", [
                   (f"{row['consumer']}/{row['device'] or '(no device)'}", *coverage_columns(row),
-                   "-" if row["most_at_once"] is None else as_count(row["most_at_once"]),
-                   "-" if row["gaps"] is None else as_count(row["gaps"])) for row in coverage["devices"]],
+                   as_count(row["most_at_once"]), as_count(row["gaps"])) for row in coverage["devices"]],
               ("device", "on (h)", "uptime", "in use (h)", "utilisation", "sessions", "per hour on", "most at once",
                "gaps"))
         table("Coverage per day (off: no kiosk on; unknown: none sending heartbeats)", [
@@ -7365,7 +7363,7 @@ def print_devices(answer):
           " heartbeat intervals without one, in the kiosk's usual hours")
     _print_table("Devices", [
         (f"{row['consumer']}/{row['device'] or '(no device)'}", *coverage_columns(row),
-         "-" if row["gaps"] is None else as_count(row["gaps"]),
+         as_count(row["gaps"]),
          (row.get("last_heartbeat_at") or "-")[:16]) for row in answer["devices"]],
         ("device", "on (h)", "uptime", "in use (h)", "utilisation", "sessions", "per hour on", "gaps",
          "last heartbeat"))
